@@ -1,0 +1,166 @@
+"""Guest RAM: the one door through which kvmpy touches guest-physical memory.
+
+Guest RAM is a set of anonymous shared mappings in the VMM's address space,
+each registered with KVM as a memory slot. Every guest-physical address
+(GPA) the VMM dereferences goes through :class:`GuestMemory`, which checks it
+against the regions first: an address the guest supplies that is not RAM
+raises :class:`GuestMemoryError`, never touches host memory outside the
+mappings, and never crashes the VMM.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from kvmpy.errors import GuestError
+
+_CT = TypeVar("_CT", bound=ctypes.Structure)
+
+#: madvise hints (not all exported by every Python build).
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+
+
+class GuestMemoryError(GuestError):
+    """An access to guest-physical memory that is not (entirely) RAM."""
+
+    def __init__(self, gpa: int, size: int, reason: str = "not guest RAM") -> None:
+        super().__init__(f"guest memory access at {gpa:#x} (+{size:#x} bytes): {reason}")
+        self.gpa = gpa
+        self.size = size
+
+
+@dataclass(eq=False)
+class MemoryRegion:
+    """One contiguous run of guest RAM backed by one host mapping."""
+
+    gpa: int
+    size: int
+    mapping: mmap.mmap
+    view: memoryview
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def host_address(self) -> int:
+        """Host virtual address of the start of the mapping (for KVM slots)."""
+        return ctypes.addressof(ctypes.c_char.from_buffer(self.mapping))
+
+    def contains(self, gpa: int, size: int) -> bool:
+        return self.gpa <= gpa and size >= 0 and gpa + size <= self.end
+
+
+class GuestMemory:
+    """Bounds-checked access to guest RAM made of one or more regions."""
+
+    def __init__(self, regions: Sequence[MemoryRegion]) -> None:
+        ordered = sorted(regions, key=lambda r: r.gpa)
+        for a, b in zip(ordered, ordered[1:], strict=False):
+            if a.end > b.gpa:
+                raise ValueError(f"memory regions overlap at {b.gpa:#x}")
+        self._regions = ordered
+
+    @classmethod
+    def anonymous(cls, ranges: Sequence[tuple[int, int]], *, hugepages: bool = False) -> GuestMemory:
+        """Map fresh zeroed memory for each ``(gpa, size)`` range."""
+        regions = []
+        for gpa, size in ranges:
+            if size <= 0 or size % mmap.PAGESIZE or gpa % mmap.PAGESIZE:
+                raise ValueError(f"region {gpa:#x}+{size:#x} is not page aligned")
+            mapping = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+            if hugepages:
+                mapping.madvise(_MADV_HUGEPAGE)
+            regions.append(MemoryRegion(gpa, size, mapping, memoryview(mapping)))
+        return cls(regions)
+
+    # --- layout ---------------------------------------------------------------------
+    @property
+    def regions(self) -> tuple[MemoryRegion, ...]:
+        return tuple(self._regions)
+
+    @property
+    def total_size(self) -> int:
+        return sum(r.size for r in self._regions)
+
+    def __iter__(self) -> Iterator[MemoryRegion]:
+        return iter(self._regions)
+
+    def is_ram(self, gpa: int, size: int = 1) -> bool:
+        return self._find(gpa, size) is not None
+
+    def _find(self, gpa: int, size: int) -> MemoryRegion | None:
+        for region in self._regions:
+            if region.contains(gpa, size):
+                return region
+        return None
+
+    # --- raw access -------------------------------------------------------------------
+    def slice(self, gpa: int, size: int) -> memoryview:
+        """A zero-copy view of ``size`` bytes at ``gpa``; raises if not all RAM.
+
+        The range must lie inside one region (regions are not contiguous in the
+        host), which is what device data paths want anyway.
+        """
+        if size < 0 or gpa < 0:
+            raise GuestMemoryError(gpa, size, "negative address or size")
+        region = self._find(gpa, size)
+        if region is None:
+            raise GuestMemoryError(gpa, size)
+        start = gpa - region.gpa
+        return region.view[start : start + size]
+
+    def read(self, gpa: int, size: int) -> bytes:
+        return bytes(self.slice(gpa, size))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        self.slice(gpa, len(view))[:] = view
+
+    def fill(self, gpa: int, size: int, byte: int = 0) -> None:
+        self.slice(gpa, size)[:] = bytes([byte]) * size
+
+    # --- scalars --------------------------------------------------------------------
+    def read_u8(self, gpa: int) -> int:
+        return self.slice(gpa, 1)[0]
+
+    def read_u16(self, gpa: int) -> int:
+        return int(struct.unpack_from("<H", self.slice(gpa, 2))[0])
+
+    def read_u32(self, gpa: int) -> int:
+        return int(struct.unpack_from("<I", self.slice(gpa, 4))[0])
+
+    def read_u64(self, gpa: int) -> int:
+        return int(struct.unpack_from("<Q", self.slice(gpa, 8))[0])
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        struct.pack_into("<B", self.slice(gpa, 1), 0, value)
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        struct.pack_into("<H", self.slice(gpa, 2), 0, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        struct.pack_into("<I", self.slice(gpa, 4), 0, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        struct.pack_into("<Q", self.slice(gpa, 8), 0, value)
+
+    # --- typed structs ----------------------------------------------------------------
+    def read_struct(self, gpa: int, ctype: type[_CT]) -> _CT:
+        """A copy of the ctypes structure stored at ``gpa``."""
+        return ctype.from_buffer_copy(self.slice(gpa, ctypes.sizeof(ctype)))
+
+    def write_struct(self, gpa: int, value: ctypes.Structure) -> None:
+        self.write(gpa, bytes(value))
+
+    def close(self) -> None:
+        for region in self._regions:
+            region.view.release()
+            region.mapping.close()
+
+
+__all__ = ["GuestMemory", "GuestMemoryError", "MemoryRegion"]
