@@ -1,0 +1,208 @@
+"""A KVM virtual CPU: its registers, and ``run()`` that returns typed exits."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+from collections.abc import Iterable, Sequence
+
+from kvmpy.abi import kvm as abi
+from kvmpy.kvm import exits
+from kvmpy.kvm.errors import KvmError
+from kvmpy.kvm.ioctl import ioctl
+
+
+class Vcpu:
+    """One vCPU file descriptor and its shared ``kvm_run`` page."""
+
+    def __init__(self, fd: int, vcpu_id: int, mmap_size: int) -> None:
+        self.fd = fd
+        self.id = vcpu_id
+        self._mapping = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._page = memoryview(self._mapping)
+        self.run_state = abi.kvm_run.from_buffer(self._mapping)
+        base = ctypes.addressof(self.run_state)
+        self._mmio_data_offset = ctypes.addressof(self.run_state.mmio.data) - base
+        self._decoders = {
+            abi.KVM_EXIT_IO: self._decode_io,
+            abi.KVM_EXIT_MMIO: self._decode_mmio,
+            abi.KVM_EXIT_HLT: lambda: exits.Halt(),
+            abi.KVM_EXIT_SHUTDOWN: lambda: exits.Shutdown(),
+            abi.KVM_EXIT_SYSTEM_EVENT: self._decode_system_event,
+            abi.KVM_EXIT_INTERNAL_ERROR: self._decode_internal_error,
+            abi.KVM_EXIT_FAIL_ENTRY: self._decode_fail_entry,
+            abi.KVM_EXIT_INTR: lambda: exits.Interrupted(),
+            abi.KVM_EXIT_IRQ_WINDOW_OPEN: lambda: exits.IrqWindowOpen(),
+            abi.KVM_EXIT_EXCEPTION: self._decode_exception,
+        }
+
+    def close(self) -> None:
+        # ctypes keeps an export of the mapping alive through run_state; drop it first.
+        del self.run_state
+        self._page.release()
+        try:
+            self._mapping.close()
+        except BufferError:
+            pass
+        os.close(self.fd)
+
+    # --- running ----------------------------------------------------------------------
+    def run(self) -> exits.VmExit:
+        """Enter the guest until the next exit that needs userspace, and decode it."""
+        try:
+            ioctl(self.fd, abi.KVM_RUN, 0, name="KVM_RUN")
+        except InterruptedError:
+            return exits.Interrupted()
+        except KvmError as error:
+            if error.errno == 4:  # EINTR surfaced as an error by some Pythons
+                return exits.Interrupted()
+            raise
+        reason = self.run_state.exit_reason
+        decode = self._decoders.get(reason)
+        if decode is None:
+            return exits.UnknownExit(reason, self.run_state.hw.hardware_exit_reason)
+        return decode()
+
+    def set_immediate_exit(self, value: bool) -> None:
+        """With this set, KVM_RUN returns at once with EINTR: the race-free way to stop a vCPU."""
+        self.run_state.immediate_exit = int(value)
+
+    def _decode_io(self) -> exits.PortIo:
+        io = self.run_state.io
+        size, count = io.size, io.count
+        start = io.data_offset
+        length = size * count
+        if start + length > len(self._page) or size not in (1, 2, 4):
+            raise KvmError("KVM_RUN", 0, f"nonsensical I/O exit at offset {start:#x} size {size}")
+        return exits.PortIo(
+            port=io.port,
+            size=size,
+            count=count,
+            is_write=io.direction == abi.KVM_EXIT_IO_OUT,
+            data=self._page[start : start + length],
+        )
+
+    def _decode_mmio(self) -> exits.Mmio:
+        mmio = self.run_state.mmio
+        length = min(int(mmio.len), 8)
+        start = self._mmio_data_offset
+        return exits.Mmio(
+            address=mmio.phys_addr,
+            is_write=bool(mmio.is_write),
+            data=self._page[start : start + length],
+        )
+
+    def _decode_system_event(self) -> exits.SystemEvent:
+        event = self.run_state.system_event
+        count = min(int(event.ndata), 16)
+        return exits.SystemEvent(event.type, tuple(event.data[i] for i in range(count)))
+
+    def _decode_internal_error(self) -> exits.InternalError:
+        internal = self.run_state.internal
+        count = min(int(internal.ndata), 16)
+        return exits.InternalError(internal.suberror, tuple(internal.data[i] for i in range(count)))
+
+    def _decode_fail_entry(self) -> exits.FailEntry:
+        fail = self.run_state.fail_entry
+        return exits.FailEntry(fail.hardware_entry_failure_reason, fail.cpu)
+
+    def _decode_exception(self) -> exits.Exception_:
+        ex = self.run_state.ex
+        return exits.Exception_(ex.exception, ex.error_code)
+
+    # --- register state ---------------------------------------------------------------
+    def get_regs(self) -> abi.kvm_regs:
+        regs = abi.kvm_regs()
+        ioctl(self.fd, abi.KVM_GET_REGS, regs, name="KVM_GET_REGS")
+        return regs
+
+    def set_regs(self, regs: abi.kvm_regs) -> None:
+        ioctl(self.fd, abi.KVM_SET_REGS, regs, name="KVM_SET_REGS")
+
+    def get_sregs(self) -> abi.kvm_sregs:
+        sregs = abi.kvm_sregs()
+        ioctl(self.fd, abi.KVM_GET_SREGS, sregs, name="KVM_GET_SREGS")
+        return sregs
+
+    def set_sregs(self, sregs: abi.kvm_sregs) -> None:
+        ioctl(self.fd, abi.KVM_SET_SREGS, sregs, name="KVM_SET_SREGS")
+
+    def get_fpu(self) -> abi.kvm_fpu:
+        fpu = abi.kvm_fpu()
+        ioctl(self.fd, abi.KVM_GET_FPU, fpu, name="KVM_GET_FPU")
+        return fpu
+
+    def set_fpu(self, fpu: abi.kvm_fpu) -> None:
+        ioctl(self.fd, abi.KVM_SET_FPU, fpu, name="KVM_SET_FPU")
+
+    def get_msrs(self, indices: Sequence[int]) -> dict[int, int]:
+        msrs = abi.make_msrs(len(indices))
+        msrs.nmsrs = len(indices)
+        for i, index in enumerate(indices):
+            msrs.entries[i].index = index
+        got = ioctl(self.fd, abi.KVM_GET_MSRS, msrs, name="KVM_GET_MSRS")
+        return {msrs.entries[i].index: msrs.entries[i].data for i in range(got)}
+
+    def set_msrs(self, values: Iterable[tuple[int, int]]) -> None:
+        pairs = list(values)
+        msrs = abi.make_msrs(len(pairs))
+        msrs.nmsrs = len(pairs)
+        for i, (index, data) in enumerate(pairs):
+            msrs.entries[i].index = index
+            msrs.entries[i].data = data
+        done = ioctl(self.fd, abi.KVM_SET_MSRS, msrs, name="KVM_SET_MSRS")
+        if done != len(pairs):
+            failed = pairs[done][0]
+            raise KvmError("KVM_SET_MSRS", 22, f"MSR {failed:#x} was refused")
+
+    def set_cpuid(self, entries: Sequence[abi.kvm_cpuid_entry2]) -> None:
+        cpuid = abi.make_cpuid2(len(entries))
+        cpuid.nent = len(entries)
+        for i, entry in enumerate(entries):
+            cpuid.entries[i] = entry
+        ioctl(self.fd, abi.KVM_SET_CPUID2, cpuid, name="KVM_SET_CPUID2")
+
+    def get_lapic(self) -> abi.kvm_lapic_state:
+        lapic = abi.kvm_lapic_state()
+        ioctl(self.fd, abi.KVM_GET_LAPIC, lapic, name="KVM_GET_LAPIC")
+        return lapic
+
+    def set_lapic(self, lapic: abi.kvm_lapic_state) -> None:
+        ioctl(self.fd, abi.KVM_SET_LAPIC, lapic, name="KVM_SET_LAPIC")
+
+    def get_mp_state(self) -> int:
+        state = abi.kvm_mp_state()
+        ioctl(self.fd, abi.KVM_GET_MP_STATE, state, name="KVM_GET_MP_STATE")
+        return int(state.mp_state)
+
+    def set_mp_state(self, mp_state: int) -> None:
+        state = abi.kvm_mp_state(mp_state=mp_state)
+        ioctl(self.fd, abi.KVM_SET_MP_STATE, state, name="KVM_SET_MP_STATE")
+
+    def get_vcpu_events(self) -> abi.kvm_vcpu_events:
+        events = abi.kvm_vcpu_events()
+        ioctl(self.fd, abi.KVM_GET_VCPU_EVENTS, events, name="KVM_GET_VCPU_EVENTS")
+        return events
+
+    def set_vcpu_events(self, events: abi.kvm_vcpu_events) -> None:
+        ioctl(self.fd, abi.KVM_SET_VCPU_EVENTS, events, name="KVM_SET_VCPU_EVENTS")
+
+    def get_xsave(self) -> abi.kvm_xsave:
+        xsave = abi.kvm_xsave()
+        ioctl(self.fd, abi.KVM_GET_XSAVE, xsave, name="KVM_GET_XSAVE")
+        return xsave
+
+    def set_xsave(self, xsave: abi.kvm_xsave) -> None:
+        ioctl(self.fd, abi.KVM_SET_XSAVE, xsave, name="KVM_SET_XSAVE")
+
+    def get_xcrs(self) -> abi.kvm_xcrs:
+        xcrs = abi.kvm_xcrs()
+        ioctl(self.fd, abi.KVM_GET_XCRS, xcrs, name="KVM_GET_XCRS")
+        return xcrs
+
+    def set_xcrs(self, xcrs: abi.kvm_xcrs) -> None:
+        ioctl(self.fd, abi.KVM_SET_XCRS, xcrs, name="KVM_SET_XCRS")
+
+
+__all__ = ["Vcpu"]
