@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -32,6 +33,8 @@ class BusRange:
     reads: int = 0
     writes: int = 0
     bytes: int = 0
+    #: Wall time spent inside the device's read/write handlers.
+    handle_ns: int = 0
 
     @property
     def end(self) -> int:
@@ -48,6 +51,7 @@ class BusAccessStats:
     reads: int
     writes: int
     bytes: int
+    handle_ns: int
 
 
 @dataclass
@@ -105,7 +109,9 @@ class Bus:
             return False
         entry.reads += 1
         entry.bytes += len(data)
+        start = time.perf_counter_ns()
         entry.device.read(address - entry.base, data)
+        entry.handle_ns += time.perf_counter_ns() - start
         return True
 
     def write(self, address: int, data: bytes) -> bool:
@@ -116,12 +122,14 @@ class Bus:
             return False
         entry.writes += 1
         entry.bytes += len(data)
+        start = time.perf_counter_ns()
         entry.device.write(address - entry.base, data)
+        entry.handle_ns += time.perf_counter_ns() - start
         return True
 
     def stats(self) -> list[BusAccessStats]:
         return [
-            BusAccessStats(r.name, r.base, r.size, r.reads, r.writes, r.bytes) for r in self._ranges
+            BusAccessStats(r.name, r.base, r.size, r.reads, r.writes, r.bytes, r.handle_ns) for r in self._ranges
         ]
 
     @property

@@ -13,6 +13,17 @@ from kvmpy.kvm.errors import KvmError
 from kvmpy.kvm.ioctl import ioctl
 
 
+# KVM_RUN goes through libc directly: ctypes releases the GIL for the call and,
+# unlike fcntl.ioctl, never retries on EINTR, which is how a stop request
+# (immediate_exit plus a signal) gets the vCPU thread out of the guest.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc_ioctl = _libc.ioctl
+_libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+_libc_ioctl.restype = ctypes.c_int
+_EINTR = 4
+_EAGAIN = 11
+
+
 class Vcpu:
     """One vCPU file descriptor and its shared ``kvm_run`` page."""
 
@@ -50,14 +61,11 @@ class Vcpu:
     # --- running ----------------------------------------------------------------------
     def run(self) -> exits.VmExit:
         """Enter the guest until the next exit that needs userspace, and decode it."""
-        try:
-            ioctl(self.fd, abi.KVM_RUN, 0, name="KVM_RUN")
-        except InterruptedError:
-            return exits.Interrupted()
-        except KvmError as error:
-            if error.errno == 4:  # EINTR surfaced as an error by some Pythons
+        if _libc_ioctl(self.fd, abi.KVM_RUN, 0) < 0:
+            errno = ctypes.get_errno()
+            if errno in (_EINTR, _EAGAIN):
                 return exits.Interrupted()
-            raise
+            raise KvmError("KVM_RUN", errno)
         reason = self.run_state.exit_reason
         decode = self._decoders.get(reason)
         if decode is None:

@@ -1,0 +1,7 @@
+"""``python -m kvmpy``."""
+
+import sys
+
+from kvmpy.cli import main
+
+sys.exit(main())

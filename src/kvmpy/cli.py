@@ -1,0 +1,149 @@
+"""The ``kvmpy`` command line: turns arguments into a VmConfig and actions.
+
+Every error a user can cause ends in one line on stderr naming the problem,
+and a non-zero exit status; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kvmpy import __version__
+from kvmpy.errors import ConfigError, KvmpyError
+from kvmpy.vmm.config import MAX_VCPUS, OnReboot, SerialConfig, VmConfig, parse_size
+from kvmpy.vmm.stop import StopKind
+
+#: Exit status for errors of kvmpy itself (as opposed to the guest's own status).
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def _int_auto(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    run = subparsers.add_parser("run", help="boot a VM")
+    run.add_argument("--kernel", type=Path, help="ELF with a PVH note, bzImage, or flat binary")
+    run.add_argument("--initrd", type=Path, help="initial ramdisk")
+    run.add_argument("--cmdline", default="", help="kernel command line")
+    run.add_argument("--cpus", type=int, default=1, help=f"number of vCPUs (1-{MAX_VCPUS})")
+    run.add_argument("--memory", default="256M", help="guest RAM, e.g. 256M or 2G")
+    run.add_argument("--serial", default="stdio", help="stdio, none or file:PATH")
+    run.add_argument("--stats", action="store_true", help="print exit statistics at the end")
+    run.add_argument(
+        "--on-reboot",
+        choices=[mode.value for mode in OnReboot],
+        default=OnReboot.RESTART.value,
+        help="what a guest reboot does",
+    )
+    run.add_argument(
+        "--flat-address", type=_int_auto, help="load --kernel as a flat 64-bit binary at this address"
+    )
+    run.add_argument("--hugepages", action="store_true", help="back guest RAM with transparent huge pages")
+    run.set_defaults(handler=_run_command)
+
+
+def _config_from_args(args: argparse.Namespace) -> VmConfig:
+    kernel = args.kernel
+    if kernel is None:
+        kernel = _default_kernel(args)
+    return VmConfig(
+        kernel=kernel,
+        initrd=args.initrd,
+        cmdline=args.cmdline,
+        cpus=args.cpus,
+        memory=parse_size(args.memory, what="--memory"),
+        serial=SerialConfig.parse(args.serial),
+        on_reboot=OnReboot(args.on_reboot),
+        flat_address=args.flat_address,
+        hugepages=args.hugepages,
+    )
+
+
+def _default_kernel(args: argparse.Namespace) -> Path:
+    try:
+        from kvmpy.lab.image import default_image
+    except ImportError:
+        raise ConfigError("no --kernel given and no default image support is installed") from None
+    kernel, initrd = default_image()
+    if args.initrd is None:
+        args.initrd = initrd
+    if not args.cmdline:
+        args.cmdline = "console=ttyS0"
+    return Path(kernel)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    from kvmpy.vmm.runner import run_vm
+    from kvmpy.vmm.stats_report import format_stats
+
+    result = run_vm(_config_from_args(args))
+    reason = result.reason
+    if reason.kind in (StopKind.GUEST_ERROR, StopKind.HOST_ERROR):
+        print(f"kvmpy: {reason.message}", file=sys.stderr)
+        for line in reason.details:
+            print(line, file=sys.stderr)
+        if result.console_tail:
+            print("last console lines:", file=sys.stderr)
+            for line in result.console_tail[-10:]:
+                print(f"  | {line}", file=sys.stderr)
+    elif reason.kind is StopKind.INTERRUPTED:
+        print(f"kvmpy: {reason.message}", file=sys.stderr)
+    if args.stats:
+        print(format_stats(result.stats), file=sys.stderr)
+    return reason.status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvmpy", description="A virtual machine monitor in Python on Linux KVM."
+    )
+    parser.add_argument("--version", action="version", version=f"kvmpy {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_run_parser(subparsers)
+    try:
+        from kvmpy.lab import command as lab_command
+    except ImportError:
+        pass
+    else:
+        lab_command.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="kvmpy: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        status: int = args.handler(args)
+    except ConfigError as error:
+        if args.debug:
+            raise
+        print(f"kvmpy: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KvmpyError as error:
+        if args.debug:
+            raise
+        print(f"kvmpy: error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("kvmpy: interrupted", file=sys.stderr)
+        return 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

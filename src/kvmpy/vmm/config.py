@@ -1,0 +1,118 @@
+"""What a VM is made of, as plain data the CLI (and later the API) fills in."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from kvmpy.errors import ConfigError
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+MIN_MEMORY = 16 << 20
+MAX_VCPUS = 254  # APIC IDs 0..253, the IOAPIC takes the next ID
+
+
+def parse_size(text: str, *, what: str = "size") -> int:
+    """Parse ``256M``, ``1G``, ``4096`` (bytes) into a byte count."""
+    match = _SIZE_PATTERN.match(text)
+    if match is None:
+        raise ConfigError(f"invalid {what} {text!r}: use a number with an optional K, M, G or T suffix")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+
+
+class SerialMode(Enum):
+    STDIO = "stdio"
+    FILE = "file"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class SerialConfig:
+    mode: SerialMode = SerialMode.STDIO
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> SerialConfig:
+        if text in ("stdio", "none"):
+            return cls(SerialMode(text))
+        if text.startswith("file:") and len(text) > 5:
+            return cls(SerialMode.FILE, Path(text[5:]))
+        raise ConfigError(f"invalid --serial {text!r}: use stdio, none or file:PATH")
+
+
+class OnReboot(Enum):
+    RESTART = "restart"
+    EXIT = "exit"
+
+
+@dataclass(frozen=True, slots=True)
+class VmConfig:
+    """Everything needed to build one VM."""
+
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = ""
+    cpus: int = 1
+    memory: int = 256 << 20
+    serial: SerialConfig = SerialConfig()
+    on_reboot: OnReboot = OnReboot.RESTART
+    flat_address: int | None = None
+    hugepages: bool = False
+    #: Where device and error messages go besides the serial console (stderr by default).
+    quiet: bool = False
+
+    def validate(self, host_memory: int | None = None) -> None:
+        """Raise ConfigError for anything that cannot work, before touching KVM."""
+        _check_readable(self.kernel, "kernel")
+        if self.initrd is not None:
+            _check_readable(self.initrd, "initrd")
+        if not 1 <= self.cpus <= MAX_VCPUS:
+            raise ConfigError(f"--cpus {self.cpus} is out of range: use 1 to {MAX_VCPUS}")
+        if self.memory < MIN_MEMORY:
+            raise ConfigError(f"--memory {self.memory >> 20}M is too small: at least {MIN_MEMORY >> 20}M")
+        if self.memory % 4096:
+            raise ConfigError("--memory must be a multiple of 4 KiB")
+        if host_memory is not None and self.memory > host_memory:
+            raise ConfigError(
+                f"--memory {self.memory >> 20}M is more than this host has ({host_memory >> 20}M)"
+            )
+
+
+def _check_readable(path: Path, what: str) -> None:
+    if not path.exists():
+        raise ConfigError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} is not a regular file")
+    try:
+        with path.open("rb") as handle:
+            handle.read(1)
+    except OSError as error:
+        raise ConfigError(f"{what} {path} cannot be read: {error.strerror}") from None
+
+
+def host_memory_bytes() -> int | None:
+    """Total RAM of this host, from /proc/meminfo (None if unknown)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+__all__ = [
+    "MAX_VCPUS",
+    "MIN_MEMORY",
+    "OnReboot",
+    "SerialConfig",
+    "SerialMode",
+    "VmConfig",
+    "host_memory_bytes",
+    "parse_size",
+]

@@ -1,0 +1,280 @@
+"""The machine builder: the one place where KVM, memory, devices and the guest meet.
+
+``Machine(config)`` creates the VM, its RAM and memory slots, the in-kernel
+irqchip and PIT, the platform devices on their buses, the firmware tables,
+loads the kernel and prepares every vCPU. ``run()`` starts one thread per
+vCPU and returns a :class:`StopReason` once the VM is over. Nothing else in
+kvmpy wires components together.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from typing import BinaryIO
+
+from kvmpy.abi import kvm as abi
+from kvmpy.arch.x86 import boot_cpu, layout
+from kvmpy.arch.x86.acpi import build_acpi_tables, write_acpi_tables
+from kvmpy.arch.x86.cpuid import CpuidEntry, build_guest_cpuid
+from kvmpy.arch.x86.mptable import write_mptable
+from kvmpy.arch.x86.msrs import boot_msrs
+from kvmpy.bus import Bus, BusDevice, NullInterruptLine
+from kvmpy.devices.legacy.acpi_pm import AcpiPm
+from kvmpy.devices.legacy.debug_exit import DebugExit
+from kvmpy.devices.legacy.i8042 import I8042
+from kvmpy.devices.legacy.port_sinks import PostCode, QuietPorts
+from kvmpy.devices.legacy.rtc import CmosRtc
+from kvmpy.devices.legacy.serial import Uart16550
+from kvmpy.errors import HostError
+from kvmpy.kvm import System, Vcpu
+from kvmpy.loader import BootMode, BootSetup, load_kernel
+from kvmpy.memory.guest_memory import GuestMemory
+from kvmpy.vmm.config import SerialMode, VmConfig
+from kvmpy.vmm.console import ConsoleOutput
+from kvmpy.vmm.irq import KvmIrqLine
+from kvmpy.vmm.stop import StopKind, StopReason
+from kvmpy.vmm.vcpu_thread import VcpuThread
+
+log = logging.getLogger("kvmpy.machine")
+
+#: The signal that kicks a vCPU thread out of KVM_RUN.
+KICK_SIGNAL = signal.SIGUSR1
+#: How long ``run()`` waits for vCPU threads after a stop request.
+STOP_TIMEOUT = 1.0
+
+# LAPIC LVT registers and delivery modes (the way firmware leaves them for the OS).
+_APIC_LVT_LINT0 = 0x350
+_APIC_LVT_LINT1 = 0x360
+_APIC_DELIVERY_EXTINT = 0x7 << 8
+_APIC_DELIVERY_NMI = 0x4 << 8
+
+#: Port ranges Linux probes that kvmpy answers quietly (reads all-ones, writes dropped).
+QUIET_PORT_RANGES: tuple[tuple[int, int, str], ...] = (
+    (0x0C0, 0x20, "dma2"),  # second DMA controller: probed by the floppy and ISA DMA code
+    (0x081, 0x0F, "dma-page"),  # DMA page registers next to the POST port
+    (0x0F0, 0x10, "fpu-error"),  # legacy FPU error ports
+    (0x201, 0x01, "gameport"),
+    (0x278, 0x03, "lpt2"),
+    (0x378, 0x03, "lpt1"),
+    (0x3BC, 0x03, "lpt0"),
+    (0x2E8, 0x08, "com4"),
+    (0x2F8, 0x08, "com2"),
+    (0x3E8, 0x08, "com3"),
+    (0x3F0, 0x06, "floppy"),
+    (0x3C0, 0x20, "vga"),
+    (0x510, 0x0C, "fw-cfg"),  # QEMU's firmware config port, probed by its driver
+)
+
+
+class Machine:
+    """One VM built from a :class:`VmConfig`."""
+
+    def __init__(self, config: VmConfig, *, serial_sink: BinaryIO | None = None) -> None:
+        self.config = config
+        self.system = System()
+        self.vm = self.system.create_vm()
+        self.pio_bus = Bus("pio")
+        self.mmio_bus = Bus("mmio")
+        self._stop_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.stop_reason: StopReason | None = None
+        self.threads: list[VcpuThread] = []
+        self._setup_platform()
+        self.memory = self._setup_memory()
+        self.console = ConsoleOutput(self._serial_sink(serial_sink))
+        self._setup_devices()
+        self.rsdp_address = self._setup_firmware()
+        self.boot = load_kernel(
+            self.memory,
+            config.kernel,
+            initrd=config.initrd,
+            cmdline=config.cmdline,
+            flat_address=config.flat_address,
+            rsdp_address=self.rsdp_address,
+        )
+        self.vcpus = [self._setup_vcpu(i) for i in range(config.cpus)]
+        self._setup_boot_vcpu(self.vcpus[0], self.boot)
+
+    # --- building -------------------------------------------------------------------
+    def _setup_platform(self) -> None:
+        self.vm.set_tss_address(layout.KVM_TSS_START)
+        self.vm.set_identity_map_address(layout.KVM_IDENTITY_MAP_START)
+        self.vm.create_irqchip()
+        self.vm.create_pit()
+
+    def _setup_memory(self) -> GuestMemory:
+        memory = GuestMemory.anonymous(
+            layout.ram_ranges(self.config.memory), hugepages=self.config.hugepages
+        )
+        for slot, region in enumerate(memory):
+            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address())
+        return memory
+
+    def _serial_sink(self, override: BinaryIO | None) -> BinaryIO | None:
+        if override is not None:
+            return override
+        serial = self.config.serial
+        if serial.mode is SerialMode.STDIO:
+            return sys.stdout.buffer
+        if serial.mode is SerialMode.FILE:
+            assert serial.path is not None
+            try:
+                return serial.path.open("ab")
+            except OSError as error:
+                raise HostError(f"cannot open serial output {serial.path}: {error.strerror}") from None
+        return None
+
+    def _add_pio(self, base: int, size: int, device: BusDevice, name: str) -> None:
+        self.pio_bus.register(base, size, device, name)
+
+    def _setup_devices(self) -> None:
+        self.serial = Uart16550(
+            irq=KvmIrqLine(self.vm, layout.COM1_IRQ), output=self.console.write
+        )
+        self._add_pio(layout.COM1_PORT, 8, self.serial, "serial (COM1)")
+        self._add_pio(layout.DEBUG_EXIT_PORT, 1, DebugExit(on_exit=self._debug_exit), "debug-exit")
+        self._add_pio(layout.I8042_DATA_PORT, 5, I8042(on_reset=self._reset), "i8042")
+        self._add_pio(layout.RTC_PORT, 2, CmosRtc(), "rtc")
+        self._add_pio(
+            layout.ACPI_PM1_EVENT_PORT,
+            12,
+            AcpiPm(on_poweroff=self._poweroff, irq=NullInterruptLine()),
+            "acpi-pm",
+        )
+        self._add_pio(layout.POST_CODE_PORT, 1, PostCode(), "post-code (0x80)")
+        for base, size, name in QUIET_PORT_RANGES:
+            self._add_pio(base, size, QuietPorts(), name)
+
+    def _setup_firmware(self) -> int:
+        write_mptable(self.memory, self.config.cpus)
+        tables = build_acpi_tables(self.config.cpus)
+        write_acpi_tables(self.memory, tables)
+        return tables.rsdp_address
+
+    def _setup_vcpu(self, index: int) -> Vcpu:
+        vcpu = self.vm.create_vcpu(index)
+        supported = [_to_entry(e) for e in self.system.supported_cpuid()]
+        guest = build_guest_cpuid(supported, vcpu_id=index, n_vcpus=self.config.cpus)
+        vcpu.set_cpuid([_from_entry(e) for e in guest])
+        vcpu.set_msrs(boot_msrs())
+        vcpu.set_fpu(boot_cpu.boot_fpu())
+        self._setup_lapic(vcpu)
+        return vcpu
+
+    @staticmethod
+    def _setup_lapic(vcpu: Vcpu) -> None:
+        """LINT0 as ExtINT (the PIC) and LINT1 as NMI, as PC firmware leaves them."""
+        lapic = vcpu.get_lapic()
+        regs = bytearray(bytes(lapic.regs))
+        for offset, mode in ((_APIC_LVT_LINT0, _APIC_DELIVERY_EXTINT), (_APIC_LVT_LINT1, _APIC_DELIVERY_NMI)):
+            value = int.from_bytes(regs[offset : offset + 4], "little")
+            value = (value & ~0x700 & ~(1 << 16)) | mode
+            regs[offset : offset + 4] = value.to_bytes(4, "little")
+        lapic.regs[:] = list(regs) if isinstance(lapic.regs[0], int) else regs
+        vcpu.set_lapic(lapic)
+
+    def _setup_boot_vcpu(self, vcpu: Vcpu, boot: BootSetup) -> None:
+        boot_cpu.write_gdt(self.memory)
+        sregs = vcpu.get_sregs()
+        if boot.mode is BootMode.PVH:
+            boot_cpu.protected_mode_sregs(sregs)
+            regs = boot_cpu.boot_regs(boot.entry, rbx=boot.boot_info)
+        else:
+            cr3 = boot_cpu.write_identity_page_tables(self.memory)
+            boot_cpu.long_mode_sregs(sregs, cr3)
+            regs = boot_cpu.boot_regs(boot.entry, rsi=boot.boot_info)
+        vcpu.set_sregs(sregs)
+        vcpu.set_regs(regs)
+
+    # --- device callbacks -----------------------------------------------------------
+    def _debug_exit(self, code: int) -> None:
+        self.request_stop(StopReason(StopKind.DEBUG_EXIT, code, f"guest wrote {code} to debug-exit"))
+
+    def _poweroff(self) -> None:
+        self.request_stop(StopReason(StopKind.POWEROFF, 0, "guest powered off (ACPI S5)"))
+
+    def _reset(self) -> None:
+        self.request_stop(StopReason(StopKind.RESET, 0, "guest asked for a reset"))
+
+    # --- running --------------------------------------------------------------------
+    def run(self) -> StopReason:
+        """Run every vCPU until the VM stops; Ctrl-C stops it too."""
+        _install_kick_handler()
+        self.threads = [VcpuThread(self, vcpu) for vcpu in self.vcpus]
+        for thread in self.threads:
+            thread.start()
+        try:
+            while not self._stopped.wait(0.25):
+                pass
+        except KeyboardInterrupt:
+            self.request_stop(StopReason(StopKind.INTERRUPTED, 130, "interrupted from the host"))
+        self._join_threads()
+        self.console.flush()
+        assert self.stop_reason is not None
+        return self.stop_reason
+
+    def request_stop(self, reason: StopReason) -> None:
+        """Stop the VM (from any thread); the first reason given wins."""
+        with self._stop_lock:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+            for thread in self.threads:
+                thread.stopping = True
+                thread.vcpu.set_immediate_exit(True)
+            self._stopped.set()
+        current = threading.get_ident()
+        for thread in self.threads:
+            if thread.ident is not None and thread.ident != current and thread.is_alive():
+                signal.pthread_kill(thread.ident, KICK_SIGNAL)
+
+    def _join_threads(self) -> None:
+        for thread in self.threads:
+            thread.join(STOP_TIMEOUT)
+            while thread.is_alive():  # it was between the check and KVM_RUN: kick again
+                signal.pthread_kill(thread.ident or 0, KICK_SIGNAL)
+                thread.join(0.05)
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vm.close()
+        self.system.close()
+        self.memory.close()
+
+
+def _install_kick_handler() -> None:
+    """A handler for KICK_SIGNAL so it interrupts KVM_RUN instead of killing the process."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    elif signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+        raise HostError("start the VM from the main thread (kvmpy needs a SIGUSR1 handler)")
+
+
+def _to_entry(entry: abi.kvm_cpuid_entry2) -> CpuidEntry:
+    return CpuidEntry(
+        function=entry.function,
+        index=entry.index,
+        flags=entry.flags,
+        eax=entry.eax,
+        ebx=entry.ebx,
+        ecx=entry.ecx,
+        edx=entry.edx,
+    )
+
+
+def _from_entry(entry: CpuidEntry) -> abi.kvm_cpuid_entry2:
+    return abi.kvm_cpuid_entry2(
+        function=entry.function,
+        index=entry.index,
+        flags=entry.flags,
+        eax=entry.eax,
+        ebx=entry.ebx,
+        ecx=entry.ecx,
+        edx=entry.edx,
+    )
+
+
+__all__ = ["Machine"]

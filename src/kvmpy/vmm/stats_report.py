@@ -1,0 +1,107 @@
+"""The ``--stats`` table: exits by reason, by device and by unclaimed address."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvmpy.bus import Bus, BusAccessStats
+from kvmpy.vmm.exit_stats import ReasonTotal, VcpuExitStats, merge_reasons
+
+
+@dataclass(frozen=True, slots=True)
+class MachineStats:
+    """A snapshot of every counter of one VM run, as plain data."""
+
+    wall_seconds: float
+    vcpus: tuple[VcpuExitStats, ...]
+    reasons: tuple[ReasonTotal, ...]
+    pio: tuple[BusAccessStats, ...]
+    mmio: tuple[BusAccessStats, ...]
+    unhandled_pio: tuple[tuple[int, int], ...]
+    unhandled_mmio: tuple[tuple[int, int], ...]
+
+    @property
+    def total_exits(self) -> int:
+        return sum(row.count for row in self.reasons)
+
+    def device(self, name: str) -> BusAccessStats:
+        for row in self.pio + self.mmio:
+            if row.name == name:
+                return row
+        raise KeyError(name)
+
+
+def collect(wall_seconds: float, vcpus: list[VcpuExitStats], pio: Bus, mmio: Bus) -> MachineStats:
+    return MachineStats(
+        wall_seconds=wall_seconds,
+        vcpus=tuple(vcpus),
+        reasons=tuple(merge_reasons(vcpus)),
+        pio=tuple(row for row in pio.stats() if row.reads or row.writes),
+        mmio=tuple(row for row in mmio.stats() if row.reads or row.writes),
+        unhandled_pio=tuple(sorted(pio.unhandled.items())),
+        unhandled_mmio=tuple(sorted(mmio.unhandled.items())),
+    )
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest])
+    return [line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+
+
+def _us(ns: int, count: int) -> str:
+    return f"{ns / count / 1000:.1f}" if count else "-"
+
+
+def format_stats(stats: MachineStats) -> str:
+    """A human-readable report of where the VM's exits went."""
+    out = [f"kvmpy exit statistics ({stats.wall_seconds:.3f} s wall, {len(stats.vcpus)} vCPU)"]
+    total = stats.total_exits
+    guest_s = sum(v.guest_ns for v in stats.vcpus) / 1e9
+    out.append(f"exits to userspace: {total}   time in KVM_RUN: {guest_s:.3f} s (all vCPUs)")
+    out.append("")
+    out += _table(
+        ["exit reason", "count", "%", "handler us/exit"],
+        [
+            [r.reason, str(r.count), f"{100 * r.count / total:.1f}" if total else "-", _us(r.handle_ns, r.count)]
+            for r in stats.reasons
+        ],
+    )
+    for title, rows in (("port I/O", stats.pio), ("MMIO", stats.mmio)):
+        if not rows:
+            continue
+        out.append("")
+        out += _table(
+            [f"{title} device", "range", "reads", "writes", "bytes", "device us/access"],
+            [
+                [
+                    row.name,
+                    f"{row.base:#x}-{row.base + row.size - 1:#x}",
+                    str(row.reads),
+                    str(row.writes),
+                    str(row.bytes),
+                    _us(row.handle_ns, row.reads + row.writes),
+                ]
+                for row in rows
+            ],
+        )
+    for title, unhandled in (("port", stats.unhandled_pio), ("MMIO address", stats.unhandled_mmio)):
+        if not unhandled:
+            continue
+        out.append("")
+        out += _table([f"unclaimed {title}", "accesses"], [[f"{a:#x}", str(n)] for a, n in unhandled[:20]])
+        if len(unhandled) > 20:
+            out.append(f"... and {len(unhandled) - 20} more")
+    if len(stats.vcpus) > 1:
+        out.append("")
+        out += _table(
+            ["vCPU", "exits", "time in guest s"],
+            [[str(v.vcpu_id), str(v.total_exits), f"{v.guest_ns / 1e9:.3f}"] for v in stats.vcpus],
+        )
+    return "\n".join(out)
+
+
+__all__ = ["MachineStats", "collect", "format_stats"]

@@ -1,0 +1,194 @@
+"""One thread per vCPU running the trap-and-emulate loop.
+
+``KVM_RUN`` releases the GIL, so vCPUs run in parallel inside the guest;
+only exits that need a device model come back to Python, and they are
+dispatched by one ``match`` on the typed exit. The loop ends when the
+machine asks it to stop (``immediate_exit`` plus a signal) or when an exit
+says the VM is over.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from kvmpy.abi import kvm as abi
+from kvmpy.bus import Bus
+from kvmpy.errors import KvmpyError
+from kvmpy.kvm import Vcpu, exits
+from kvmpy.vmm.exit_stats import VcpuExitStats
+from kvmpy.vmm.stop import StopKind, StopReason
+
+if TYPE_CHECKING:
+    from kvmpy.vmm.machine import Machine
+
+log = logging.getLogger("kvmpy.vcpu")
+
+#: How many distinct unclaimed addresses get a log line each; the rest are only counted.
+MAX_UNHANDLED_REPORTS = 16
+
+_SYSTEM_EVENT_NAMES = {
+    abi.KVM_SYSTEM_EVENT_SHUTDOWN: "shutdown",
+    abi.KVM_SYSTEM_EVENT_RESET: "reset",
+    abi.KVM_SYSTEM_EVENT_CRASH: "crash",
+}
+
+
+class VcpuThread(threading.Thread):
+    """Runs one vCPU until the machine stops."""
+
+    def __init__(self, machine: Machine, vcpu: Vcpu) -> None:
+        super().__init__(name=f"vcpu{vcpu.id}", daemon=True)
+        self.machine = machine
+        self.vcpu = vcpu
+        self.stats = VcpuExitStats(vcpu.id)
+        self.stopping = False
+        self._pio: Bus = machine.pio_bus
+        self._mmio: Bus = machine.mmio_bus
+        self._reported: set[tuple[str, int]] = set()
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except KvmpyError as error:
+            self.machine.request_stop(self._error_stop(StopKind.HOST_ERROR, str(error)))
+        except Exception as error:  # a bug in kvmpy: stop the VM, keep the traceback in the log
+            log.exception("vCPU %d crashed", self.vcpu.id)
+            self.machine.request_stop(
+                StopReason(StopKind.HOST_ERROR, 1, f"vCPU {self.vcpu.id}: internal error: {error!r}")
+            )
+
+    def _loop(self) -> None:
+        vcpu, stats = self.vcpu, self.stats
+        clock = time.perf_counter_ns
+        while not self.stopping:
+            entered = clock()
+            exit_ = vcpu.run()
+            returned = clock()
+            stop = self._handle(exit_)
+            stats.record(exit_.reason, returned - entered, clock() - returned)
+            if stop is not None:
+                self.machine.request_stop(stop)
+                return
+
+    def _handle(self, exit_: exits.VmExit) -> StopReason | None:
+        match exit_:
+            case exits.PortIo():
+                self._port_io(exit_)
+            case exits.Mmio():
+                self._mmio_access(exit_)
+            case exits.Interrupted():
+                pass
+            case exits.SystemEvent(type=event_type):
+                return self._system_event(event_type, exit_.data)
+            case exits.Shutdown():
+                return self._error_stop(
+                    StopKind.GUEST_ERROR, f"vCPU {self.vcpu.id}: guest triple fault (KVM_EXIT_SHUTDOWN)"
+                )
+            case exits.InternalError(suberror=suberror, data=data):
+                detail = " ".join(f"{word:#x}" for word in data)
+                return self._error_stop(
+                    StopKind.GUEST_ERROR,
+                    f"vCPU {self.vcpu.id}: KVM internal error, suberror {suberror}"
+                    f" ({_internal_error_name(suberror)}) data [{detail}]",
+                )
+            case exits.FailEntry(hardware_reason=reason, cpu=cpu):
+                return self._error_stop(
+                    StopKind.GUEST_ERROR,
+                    f"vCPU {self.vcpu.id}: VM entry failed, hardware reason {reason:#x} on host CPU {cpu}",
+                )
+            case exits.Halt():
+                return self._error_stop(
+                    StopKind.GUEST_ERROR, f"vCPU {self.vcpu.id}: HLT with no in-kernel local APIC"
+                )
+            case _:
+                return self._error_stop(
+                    StopKind.GUEST_ERROR, f"vCPU {self.vcpu.id}: unhandled exit {exit_!r}"
+                )
+        return None
+
+    # --- port I/O and MMIO --------------------------------------------------------------
+    def _port_io(self, io: exits.PortIo) -> None:
+        ports = self.stats.ports
+        ports[io.port] = ports.get(io.port, 0) + 1
+        size, data = io.size, io.data
+        for i in range(io.count):
+            chunk = data[i * size : (i + 1) * size]
+            if io.is_write:
+                handled = self._pio.write(io.port, bytes(chunk))
+            else:
+                handled = self._pio.read(io.port, chunk)
+            if not handled:
+                self._report_unhandled("port", io.port, io.is_write, size)
+
+    def _mmio_access(self, mmio: exits.Mmio) -> None:
+        if mmio.is_write:
+            handled = self._mmio.write(mmio.address, bytes(mmio.data))
+        else:
+            handled = self._mmio.read(mmio.address, mmio.data)
+        if not handled:
+            self._report_unhandled("MMIO", mmio.address, mmio.is_write, len(mmio.data))
+
+    def _report_unhandled(self, kind: str, address: int, is_write: bool, size: int) -> None:
+        key = (kind, address)
+        if key in self._reported or len(self._reported) >= MAX_UNHANDLED_REPORTS:
+            return
+        self._reported.add(key)
+        rip = self.vcpu.get_regs().rip
+        access = "write to" if is_write else "read from"
+        log.warning(
+            "vCPU %d: %d-byte %s unclaimed %s %#x at RIP %#x (%s; further ones only counted)",
+            self.vcpu.id,
+            size,
+            access,
+            kind,
+            address,
+            rip,
+            "reads see all-ones" if not is_write else "dropped",
+        )
+
+    # --- the end of the VM ------------------------------------------------------------
+    def _system_event(self, event_type: int, data: tuple[int, ...]) -> StopReason:
+        name = _SYSTEM_EVENT_NAMES.get(event_type, f"type {event_type}")
+        if event_type == abi.KVM_SYSTEM_EVENT_SHUTDOWN:
+            return StopReason(StopKind.POWEROFF, 0, "guest powered off")
+        if event_type == abi.KVM_SYSTEM_EVENT_RESET:
+            return StopReason(StopKind.RESET, 0, "guest asked for a reset")
+        return self._error_stop(StopKind.GUEST_ERROR, f"vCPU {self.vcpu.id}: system event {name} {data}")
+
+    def _error_stop(self, kind: StopKind, message: str) -> StopReason:
+        details: tuple[str, ...] = ()
+        try:
+            details = describe_registers(self.vcpu)
+        except KvmpyError as error:
+            details = (f"(registers unavailable: {error})",)
+        return StopReason(kind, 1, message, details)
+
+
+def describe_registers(vcpu: Vcpu) -> tuple[str, ...]:
+    """The vCPU's general and control registers, as lines for an error report."""
+    regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+    names = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp"]
+    names += [f"r{i}" for i in range(8, 16)]
+    values = [f"{name:>3}={getattr(regs, name):016x}" for name in names]
+    lines = ["  " + "  ".join(values[i : i + 4]) for i in range(0, len(values), 4)]
+    lines.append(f"  rip={regs.rip:016x}  rflags={regs.rflags:08x}  cs={sregs.cs.selector:04x}"
+                 f"  ss={sregs.ss.selector:04x}  cpl={sregs.cs.dpl}")
+    lines.append(f"  cr0={sregs.cr0:08x}  cr2={sregs.cr2:016x}  cr3={sregs.cr3:016x}"
+                 f"  cr4={sregs.cr4:08x}  efer={sregs.efer:x}")
+    return tuple(lines)
+
+
+def _internal_error_name(suberror: int) -> str:
+    names: dict[int, str] = {
+        abi.KVM_INTERNAL_ERROR_EMULATION: "instruction emulation failed",
+        abi.KVM_INTERNAL_ERROR_SIMUL_EX: "exception while delivering an exception",
+        abi.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed",
+    }
+    return names.get(suberror, "unknown")
+
+
+
+__all__ = ["VcpuThread", "describe_registers"]
