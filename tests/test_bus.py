@@ -1,0 +1,71 @@
+"""Bus dispatch, offsets, overlap rejection and counters."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmpy.bus import Bus, BusOverlapError
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.writes: list[tuple[int, bytes]] = []
+        self.reads: list[tuple[int, int]] = []
+
+    def read(self, offset: int, data: memoryview) -> None:
+        self.reads.append((offset, len(data)))
+        data[:] = bytes([offset & 0xFF]) * len(data)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.writes.append((offset, bytes(data)))
+
+
+def test_dispatch_uses_offsets() -> None:
+    bus = Bus("pio")
+    device = Recorder()
+    bus.register(0x3F8, 8, device, "uart")
+    assert bus.write(0x3FB, b"\x80")
+    buffer = bytearray(1)
+    assert bus.read(0x3FD, memoryview(buffer))
+    assert device.writes == [(3, b"\x80")]
+    assert device.reads == [(5, 1)]
+    assert buffer == b"\x05"
+
+
+def test_unclaimed_reads_all_ones_and_counts() -> None:
+    bus = Bus("pio")
+    buffer = bytearray(4)
+    assert not bus.read(0x1234, memoryview(buffer))
+    assert buffer == b"\xff\xff\xff\xff"
+    assert not bus.write(0x1234, b"\x00")
+    assert bus.unhandled[0x1234] == 2
+
+
+def test_access_crossing_the_end_is_unclaimed() -> None:
+    bus = Bus("mmio")
+    bus.register(0x1000, 0x10, Recorder(), "dev")
+    assert not bus.write(0x100E, b"\x00" * 4)
+
+
+@pytest.mark.parametrize(("base", "size"), [(0x3F8, 1), (0x3F0, 9), (0x3FF, 4), (0x3F0, 0x20)])
+def test_overlap_rejected(base: int, size: int) -> None:
+    bus = Bus("pio")
+    bus.register(0x3F8, 8, Recorder(), "uart")
+    with pytest.raises(BusOverlapError, match="overlaps uart"):
+        bus.register(base, size, Recorder(), "other")
+
+
+def test_adjacent_ranges_allowed_and_counted() -> None:
+    bus = Bus("pio")
+    first, second = Recorder(), Recorder()
+    bus.register(0x10, 0x10, first, "first")
+    bus.register(0x20, 0x10, second, "second")
+    bus.register(0x00, 0x10, Recorder(), "zeroth")
+    for _ in range(3):
+        bus.write(0x20, b"\x01")
+    bus.write(0x1F, b"\x02")
+    stats = {row.name: row for row in bus.stats()}
+    assert stats["second"].writes == 3
+    assert stats["first"].writes == 1
+    assert second.writes[0] == (0, b"\x01")
+    assert first.writes == [(0xF, b"\x02")]
