@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 
 from kvmpy.abi import kvm as abi
 from kvmpy.kvm import exits
+from kvmpy.kvm.binary_stats import BinaryStats
 from kvmpy.kvm.errors import KvmError
 from kvmpy.kvm.ioctl import ioctl
 
@@ -118,6 +119,11 @@ class Vcpu:
     def _decode_exception(self) -> exits.Exception_:
         ex = self.run_state.ex
         return exits.Exception_(ex.exception, ex.error_code)
+
+    def open_stats(self) -> BinaryStats:
+        """KVM's in-kernel counters for this vCPU (exits, halts, I/O handled in the kernel)."""
+        fd = ioctl(self.fd, abi.KVM_GET_STATS_FD, 0, name="KVM_GET_STATS_FD")
+        return BinaryStats(fd)
 
     # --- register state ---------------------------------------------------------------
     def get_regs(self) -> abi.kvm_regs:

@@ -28,6 +28,8 @@ class VcpuExitStats:
     guest_ns: int = 0
     #: Port-I/O exits per port (one exit may carry several accesses with REP INS/OUTS).
     ports: dict[int, int] = field(default_factory=dict)
+    #: KVM's in-kernel counters for this vCPU at the end of the run (KVM_GET_STATS_FD).
+    kernel: dict[str, int] = field(default_factory=dict)
 
     def record(self, reason: str, guest_ns: int, handle_ns: int) -> None:
         counter = self.reasons.get(reason)

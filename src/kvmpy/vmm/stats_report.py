@@ -43,6 +43,32 @@ def collect(wall_seconds: float, vcpus: list[VcpuExitStats], pio: Bus, mmio: Bus
     )
 
 
+#: The KVM per-vCPU counters worth showing next to kvmpy's own.
+KERNEL_COUNTERS = (
+    "exits",
+    "io_exits",
+    "mmio_exits",
+    "halt_exits",
+    "irq_exits",
+    "signal_exits",
+    "irq_window_exits",
+    "request_irq_exits",
+    "insn_emulation",
+    "pf_taken",
+    "pf_fixed",
+    "tlb_flush",
+    "hypercalls",
+)
+
+
+def _kernel_totals(vcpus: tuple[VcpuExitStats, ...]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for vcpu in vcpus:
+        for name, value in vcpu.kernel.items():
+            totals[name] = totals.get(name, 0) + value
+    return totals
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     def line(cells: list[str]) -> str:
@@ -95,6 +121,11 @@ def format_stats(stats: MachineStats) -> str:
         out += _table([f"unclaimed {title}", "accesses"], [[f"{a:#x}", str(n)] for a, n in unhandled[:20]])
         if len(unhandled) > 20:
             out.append(f"... and {len(unhandled) - 20} more")
+    kernel = _kernel_totals(stats.vcpus)
+    if kernel:
+        out.append("")
+        out.append("in-kernel counters (KVM_GET_STATS_FD; exits KVM handled itself never reach kvmpy):")
+        out += _table(["KVM counter", "count"], [[name, str(kernel[name])] for name in KERNEL_COUNTERS if name in kernel])
     if len(stats.vcpus) > 1:
         out.append("")
         out += _table(

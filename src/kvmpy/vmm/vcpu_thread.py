@@ -18,6 +18,7 @@ from kvmpy.abi import kvm as abi
 from kvmpy.bus import Bus
 from kvmpy.errors import KvmpyError
 from kvmpy.kvm import Vcpu, exits
+from kvmpy.kvm.binary_stats import BinaryStats
 from kvmpy.vmm.exit_stats import VcpuExitStats
 from kvmpy.vmm.stop import StopKind, StopReason
 
@@ -50,6 +51,7 @@ class VcpuThread(threading.Thread):
         self._reported: set[tuple[str, int]] = set()
 
     def run(self) -> None:
+        kernel_stats = self._open_kernel_stats()
         try:
             self._loop()
         except KvmpyError as error:
@@ -59,6 +61,17 @@ class VcpuThread(threading.Thread):
             self.machine.request_stop(
                 StopReason(StopKind.HOST_ERROR, 1, f"vCPU {self.vcpu.id}: internal error: {error!r}")
             )
+        finally:
+            if kernel_stats is not None:
+                self.stats.kernel = kernel_stats.read()
+                kernel_stats.close()
+
+    def _open_kernel_stats(self) -> BinaryStats | None:
+        """KVM's own per-vCPU counters, where the kernel offers them."""
+        try:
+            return self.vcpu.open_stats()
+        except (KvmpyError, OSError):
+            return None
 
     def _loop(self) -> None:
         vcpu, stats = self.vcpu, self.stats

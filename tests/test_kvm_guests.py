@@ -1,0 +1,175 @@
+"""Boot the test guests under kvmpy on this machine's /dev/kvm.
+
+These are the foundation's end-to-end checks: real guest code, real exits,
+counted. They skip with a reason where /dev/kvm or the guest toolchain is
+missing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
+from kvmpy.vmm.runner import run_vm
+from kvmpy.vmm.stop import StopKind
+
+pytestmark = pytest.mark.kvm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _kvm_usable() -> str | None:
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm is missing"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "no permission on /dev/kvm"
+    return None
+
+
+@pytest.fixture(scope="session")
+def guests() -> Path:
+    reason = _kvm_usable()
+    if reason:
+        pytest.skip(reason)
+    from kvmpy.testing.guests import build_guests
+
+    try:
+        return build_guests()
+    except Exception as error:  # no gcc/make: say so
+        pytest.skip(f"cannot build the test guests: {error}")
+
+
+def kvmpy(*args: str, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    return subprocess.run(
+        [sys.executable, "-m", "kvmpy", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def boot(guest: Path, cmdline: str = "", **options: object):  # type: ignore[no-untyped-def]
+    sink = io.BytesIO()
+    config = VmConfig(kernel=guest, cmdline=cmdline, serial=SerialConfig(SerialMode.NONE), **options)  # type: ignore[arg-type]
+    result = run_vm(config, serial_sink=sink)
+    return result, sink.getvalue().decode("utf-8", "replace")
+
+
+def test_hello_prints_and_exits_with_its_status(guests: Path) -> None:
+    done = kvmpy("run", "--kernel", str(guests / "hello.elf"), "--cmdline", "exit=7 greeting")
+    assert done.returncode == 7, done.stderr
+    assert "Hello from a kvmpy test guest!" in done.stdout
+    assert "exit=7 greeting" in done.stdout
+
+
+def test_port_io_exits_are_counted_exactly(guests: Path) -> None:
+    result, output = boot(guests / "pio_storm.elf", "count=10000")
+    assert result.reason.kind is StopKind.DEBUG_EXIT and result.reason.status == 0, output
+    post = result.stats.device("post-code (0x80)")
+    assert post.writes == 10000
+    assert post.reads == 0
+    io_exits = next(r for r in result.stats.reasons if r.reason == "io")
+    assert io_exits.count >= 10000
+
+
+def test_port_reads_are_counted(guests: Path) -> None:
+    result, _ = boot(guests / "pio_storm.elf", "count=2500 in=1")
+    assert result.stats.device("post-code (0x80)").reads == 2500
+
+
+def test_mmio_exits_are_counted(guests: Path) -> None:
+    result, output = boot(guests / "mmio_storm.elf", "count=3000")
+    assert result.reason.status == 0, output
+    assert dict(result.stats.unhandled_mmio)[0xD0000000] == 3000
+    mmio = next(r for r in result.stats.reasons if r.reason == "mmio")
+    assert mmio.count == 3000
+
+
+def test_stats_table_from_the_command_line(guests: Path) -> None:
+    done = kvmpy("run", "--kernel", str(guests / "pio_storm.elf"), "--cmdline", "count=10000", "--stats")
+    assert done.returncode == 0, done.stderr
+    row = next(line for line in done.stderr.splitlines() if line.startswith("post-code (0x80)"))
+    assert row.split()[-4] == "10000"  # writes column
+
+
+def test_memory_touch(guests: Path) -> None:
+    result, output = boot(guests / "memtouch.elf", "mib=64", memory=128 << 20)
+    assert result.reason.status == 0, output
+    assert "memtouch ok 64 MiB" in output
+
+
+def test_hlt_with_in_kernel_lapic_timer(guests: Path) -> None:
+    result, output = boot(guests / "hlt.elf", "count=5")
+    assert result.reason.status == 0, output
+    assert "hlt woke 5 times" in output
+
+
+def test_several_vcpus_boot(guests: Path) -> None:
+    result, output = boot(guests / "hello.elf", "exit=0", cpus=4)
+    assert result.reason.kind is StopKind.DEBUG_EXIT, output
+    assert len(result.stats.vcpus) == 4
+
+
+def test_triple_fault_is_reported_with_registers(guests: Path) -> None:
+    done = kvmpy("run", "--kernel", str(guests / "fault.elf"))
+    assert done.returncode == 1
+    assert "triple fault" in done.stderr
+    assert "rip=" in done.stderr
+    assert "about to triple fault" in done.stderr  # the last console lines
+    assert "Traceback" not in done.stderr
+
+
+def test_unclaimed_io_is_answered_and_reported(guests: Path) -> None:
+    done = kvmpy("run", "--kernel", str(guests / "badio.elf"), "--stats")
+    assert done.returncode == 0, done.stderr
+    assert "unclaimed port 0x1234" in done.stderr
+    assert "unclaimed MMIO 0xd0001000" in done.stderr
+    assert "ffffffff" in done.stdout.lower()
+
+
+def test_ctrl_c_stops_the_vm_quickly(guests: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvmpy", "run", "--kernel", str(guests / "hlt.elf"),
+         "--cmdline", "count=1000000000"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    time.sleep(3)
+    assert process.poll() is None, process.communicate()
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=10)
+    assert time.monotonic() - started < 2.0
+    assert process.returncode == 130, err
+    assert b"Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--kernel", "/nonexistent"], "does not exist"),
+        (["--kernel", "/etc/hostname"], "neither"),
+        (["--kernel", "HELLO", "--memory", "1M"], "too small"),
+        (["--kernel", "HELLO", "--memory", "64T"], "more than this host has"),
+        (["--kernel", "HELLO", "--memory", "lots"], "invalid --memory"),
+        (["--kernel", "HELLO", "--serial", "tcp:1"], "invalid --serial"),
+    ],
+)
+def test_bad_input_is_one_line(guests: Path, args: list[str], message: str) -> None:
+    args = [str(guests / "hello.elf") if a == "HELLO" else a for a in args]
+    done = kvmpy("run", *args)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
