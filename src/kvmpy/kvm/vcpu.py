@@ -11,16 +11,11 @@ from kvmpy.abi import kvm as abi
 from kvmpy.kvm import exits
 from kvmpy.kvm.binary_stats import BinaryStats
 from kvmpy.kvm.errors import KvmError
-from kvmpy.kvm.ioctl import ioctl
+from kvmpy.kvm.ioctl import ioctl, libc_ioctl
 
 
-# KVM_RUN goes through libc directly: ctypes releases the GIL for the call and,
-# unlike fcntl.ioctl, never retries on EINTR, which is how a stop request
-# (immediate_exit plus a signal) gets the vCPU thread out of the guest.
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc_ioctl = _libc.ioctl
-_libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
-_libc_ioctl.restype = ctypes.c_int
+# KVM_RUN goes through libc directly and is not retried on EINTR: that is how a
+# stop request (immediate_exit plus a signal) gets the vCPU thread out of the guest.
 _EINTR = 4
 _EAGAIN = 11
 
@@ -62,7 +57,7 @@ class Vcpu:
     # --- running ----------------------------------------------------------------------
     def run(self) -> exits.VmExit:
         """Enter the guest until the next exit that needs userspace, and decode it."""
-        if _libc_ioctl(self.fd, abi.KVM_RUN, 0) < 0:
+        if libc_ioctl(self.fd, abi.KVM_RUN, 0) < 0:
             errno = ctypes.get_errno()
             if errno in (_EINTR, _EAGAIN):
                 return exits.Interrupted()
