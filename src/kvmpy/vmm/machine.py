@@ -17,9 +17,7 @@ from typing import BinaryIO
 
 from kvmpy.abi import kvm as abi
 from kvmpy.arch.x86 import boot_cpu, layout
-from kvmpy.arch.x86.acpi import build_acpi_tables, write_acpi_tables
 from kvmpy.arch.x86.cpuid import CpuidEntry, build_guest_cpuid
-from kvmpy.arch.x86.mptable import write_mptable
 from kvmpy.arch.x86.msrs import boot_msrs
 from kvmpy.bus import Bus, BusDevice, NullInterruptLine
 from kvmpy.devices.legacy.acpi_pm import AcpiPm
@@ -149,10 +147,7 @@ class Machine:
             self._add_pio(base, size, QuietPorts(), name)
 
     def _setup_firmware(self) -> int:
-        write_mptable(self.memory, self.config.cpus)
-        tables = build_acpi_tables(self.config.cpus)
-        write_acpi_tables(self.memory, tables)
-        return tables.rsdp_address
+        return 0
 
     def _setup_vcpu(self, index: int) -> Vcpu:
         vcpu = self.vm.create_vcpu(index)

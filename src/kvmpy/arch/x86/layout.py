@@ -20,6 +20,7 @@ BOOT_GDT_START = 0x500
 BOOT_IDT_START = 0x520
 #: PVH start_info structure (struct hvm_start_info) and its memory map.
 PVH_START_INFO = 0x6000
+PVH_MODLIST_START = 0x6040
 PVH_MEMMAP_START = 0x6100
 PVH_MEMMAP_MAX_ENTRIES = 32
 #: Linux boot: the zero page (struct boot_params).

@@ -1,0 +1,145 @@
+"""Enough of the i8042 keyboard controller for Linux to probe it and to reset through it.
+
+Linux's i8042 driver reads the status port, flushes the output buffer,
+reads and writes the command byte and runs the controller self-test; its
+reboot path pulses the CPU reset line with command 0xFE. No keyboard is
+attached: port tests report "no device", so the driver gives up quietly.
+
+Port 0x61 (system control port B, offset 1 here) sits inside the range: it
+reads the refresh-toggle bit 4 flipping on each read, which is what old
+delay loops poll, and the PIT channel 2 gate bits the guest wrote.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from dataclasses import dataclass
+
+DATA = 0  # port 0x60
+PORT_B = 1  # port 0x61
+COMMAND_STATUS = 4  # port 0x64
+
+STATUS_OUTPUT_FULL = 0x01
+STATUS_SYSTEM_FLAG = 0x04
+STATUS_COMMAND = 0x08  # last write was to the command port
+
+CMD_READ_COMMAND_BYTE = 0x20
+CMD_WRITE_COMMAND_BYTE = 0x60
+CMD_DISABLE_AUX = 0xA7
+CMD_ENABLE_AUX = 0xA8
+CMD_TEST_AUX = 0xA9
+CMD_SELF_TEST = 0xAA
+CMD_TEST_KBD = 0xAB
+CMD_DISABLE_KBD = 0xAD
+CMD_ENABLE_KBD = 0xAE
+CMD_READ_OUTPUT_PORT = 0xD0
+CMD_WRITE_OUTPUT_PORT = 0xD1
+CMD_WRITE_AUX = 0xD4
+CMD_PULSE_RESET = 0xFE
+
+SELF_TEST_OK = 0x55
+PORT_TEST_NO_DEVICE = 0x01  # "clock line stuck low": nothing plugged in
+OUTPUT_BUFFER_LIMIT = 16
+
+
+@dataclass(frozen=True, slots=True)
+class I8042State:
+    command_byte: int
+    output_port: int
+    pending_command: int
+    output: bytes
+    port_b: int
+
+
+class I8042:
+    """The controller's registers; ``on_reset`` is called for a CPU reset request."""
+
+    def __init__(self, on_reset: Callable[[], None]) -> None:
+        self._on_reset = on_reset
+        self._command_byte = 0x45  # translate, system flag, keyboard interrupt on
+        self._output_port = 0x01  # A20 gate... bit 0 = not in reset
+        self._pending_command = 0
+        self._output: collections.deque[int] = collections.deque(maxlen=OUTPUT_BUFFER_LIMIT)
+        self._port_b = 0
+        self._last_was_command = False
+
+    def read(self, offset: int, data: memoryview) -> None:
+        value = 0xFF
+        if offset == DATA:
+            value = self._output.popleft() if self._output else 0
+        elif offset == COMMAND_STATUS:
+            value = self._status()
+        elif offset == PORT_B:
+            self._port_b ^= 0x10  # refresh toggle
+            value = self._port_b
+        data[:] = bytes([value]) * len(data)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if not data:
+            return
+        value = data[0]
+        if offset == DATA:
+            self._last_was_command = False
+            self._write_data(value)
+        elif offset == COMMAND_STATUS:
+            self._last_was_command = True
+            self._command(value)
+        elif offset == PORT_B:
+            self._port_b = (self._port_b & 0x10) | (value & 0x0F)
+
+    def _status(self) -> int:
+        status = STATUS_SYSTEM_FLAG
+        if self._output:
+            status |= STATUS_OUTPUT_FULL
+        if self._last_was_command:
+            status |= STATUS_COMMAND
+        return status
+
+    def _command(self, command: int) -> None:
+        if command == CMD_READ_COMMAND_BYTE:
+            self._output.append(self._command_byte)
+        elif command in (CMD_WRITE_COMMAND_BYTE, CMD_WRITE_OUTPUT_PORT, CMD_WRITE_AUX):
+            self._pending_command = command
+        elif command == CMD_SELF_TEST:
+            self._output.append(SELF_TEST_OK)
+        elif command in (CMD_TEST_KBD, CMD_TEST_AUX):
+            self._output.append(PORT_TEST_NO_DEVICE)
+        elif command == CMD_DISABLE_KBD:
+            self._command_byte |= 0x10
+        elif command == CMD_ENABLE_KBD:
+            self._command_byte &= ~0x10
+        elif command == CMD_DISABLE_AUX:
+            self._command_byte |= 0x20
+        elif command == CMD_ENABLE_AUX:
+            self._command_byte &= ~0x20
+        elif command == CMD_READ_OUTPUT_PORT:
+            self._output.append(self._output_port)
+        elif 0xF0 <= command <= 0xFF and not command & 0x01:  # CMD_PULSE_RESET and kin
+            self._on_reset()  # pulse output-port bit 0 low: CPU reset
+
+    def _write_data(self, value: int) -> None:
+        command, self._pending_command = self._pending_command, 0
+        if command == CMD_WRITE_COMMAND_BYTE:
+            self._command_byte = value
+        elif command == CMD_WRITE_OUTPUT_PORT:
+            self._output_port = value
+            if not value & 0x01:
+                self._on_reset()
+        # Bytes for a (missing) keyboard or mouse are dropped: nothing answers them.
+
+    def save(self) -> I8042State:
+        return I8042State(
+            self._command_byte, self._output_port, self._pending_command, bytes(self._output), self._port_b
+        )
+
+    def restore(self, state: I8042State) -> None:
+        values = (state.command_byte, state.output_port, state.pending_command, state.port_b)
+        if any(not 0 <= v <= 0xFF for v in values) or len(state.output) > OUTPUT_BUFFER_LIMIT:
+            raise ValueError("i8042 state out of range")
+        self._command_byte, self._output_port = state.command_byte, state.output_port
+        self._pending_command, self._port_b = state.pending_command, state.port_b
+        self._output = collections.deque(state.output, maxlen=OUTPUT_BUFFER_LIMIT)
+
+
+__all__ = ["I8042", "I8042State"]
