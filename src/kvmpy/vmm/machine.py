@@ -9,8 +9,10 @@ kvmpy wires components together.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
+import struct
 import sys
 import threading
 from typing import BinaryIO
@@ -48,6 +50,7 @@ _APIC_LVT_LINT0 = 0x350
 _APIC_LVT_LINT1 = 0x360
 _APIC_DELIVERY_EXTINT = 0x7 << 8
 _APIC_DELIVERY_NMI = 0x4 << 8
+_APIC_LVT_MASKED = 1 << 16
 
 #: Port ranges Linux probes that kvmpy answers quietly (reads all-ones, writes dropped).
 QUIET_PORT_RANGES: tuple[tuple[int, int, str], ...] = (
@@ -163,12 +166,11 @@ class Machine:
     def _setup_lapic(vcpu: Vcpu) -> None:
         """LINT0 as ExtINT (the PIC) and LINT1 as NMI, as PC firmware leaves them."""
         lapic = vcpu.get_lapic()
-        regs = bytearray(bytes(lapic.regs))
+        registers = (ctypes.c_uint8 * ctypes.sizeof(lapic)).from_buffer(lapic)
         for offset, mode in ((_APIC_LVT_LINT0, _APIC_DELIVERY_EXTINT), (_APIC_LVT_LINT1, _APIC_DELIVERY_NMI)):
-            value = int.from_bytes(regs[offset : offset + 4], "little")
-            value = (value & ~0x700 & ~(1 << 16)) | mode
-            regs[offset : offset + 4] = value.to_bytes(4, "little")
-        lapic.regs[:] = list(regs) if isinstance(lapic.regs[0], int) else regs
+            value = struct.unpack_from("<I", registers, offset)[0]
+            value = (value & ~0x700 & ~_APIC_LVT_MASKED) | mode
+            struct.pack_into("<I", registers, offset, value)
         vcpu.set_lapic(lapic)
 
     def _setup_boot_vcpu(self, vcpu: Vcpu, boot: BootSetup) -> None:
