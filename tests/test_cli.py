@@ -30,7 +30,9 @@ def test_bad_memory_size(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
 def test_unknown_option_is_usage_error() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "kvmpy", "run", "--frobnicate"],
-        capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT / "src")},
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr

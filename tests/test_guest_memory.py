@@ -68,9 +68,9 @@ def test_any_guest_address_is_checked(gpa: int, size: int) -> None:
     try:
         view = mem.slice(gpa, size)
     except GuestMemoryError:
-        assert not (0 <= gpa and 0 <= size and gpa + size <= 64 * 1024)
+        assert not (gpa >= 0 and size >= 0 and gpa + size <= 64 * 1024)
     else:
-        assert len(view) == size and 0 <= gpa and gpa + size <= 64 * 1024
+        assert len(view) == size and gpa >= 0 and gpa + size <= 64 * 1024
         view.release()
     mem.close()
 

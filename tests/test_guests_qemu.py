@@ -24,10 +24,31 @@ def guests() -> Path:
 
 def qemu(guest: Path, cmdline: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [QEMU, "-M", "pc", "-cpu", "max", "-m", "256", "-display", "none", "-monitor", "none",
-         "-serial", "stdio", "-no-reboot", "-kernel", str(guest), "-append", cmdline,
-         "-device", "isa-debug-exit,iobase=0x501,iosize=2"],
-        capture_output=True, text=True, timeout=60,
+        [
+            QEMU,
+            "-M",
+            "pc",
+            "-cpu",
+            "max",
+            "-m",
+            "256",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-kernel",
+            str(guest),
+            "-append",
+            cmdline,
+            "-device",
+            "isa-debug-exit,iobase=0x501,iosize=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

@@ -142,9 +142,20 @@ def test_unclaimed_io_is_answered_and_reported(guests: Path) -> None:
 def test_ctrl_c_stops_the_vm_quickly(guests: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     process = subprocess.Popen(
-        [sys.executable, "-m", "kvmpy", "run", "--kernel", str(guests / "hlt.elf"),
-         "--cmdline", "count=1000000000"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        [
+            sys.executable,
+            "-m",
+            "kvmpy",
+            "run",
+            "--kernel",
+            str(guests / "hlt.elf"),
+            "--cmdline",
+            "count=1000000000",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
     )
     time.sleep(3)
     assert process.poll() is None, process.communicate()

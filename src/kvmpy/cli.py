@@ -7,6 +7,7 @@ and a non-zero exit status; ``--debug`` shows tracebacks.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -111,9 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(subparsers)
     try:
-        from kvmpy.lab import command as lab_command
+        lab_command = importlib.import_module("kvmpy.lab.command")
     except ImportError:
-        pass
+        pass  # the lab is an optional part of kvmpy
     else:
         lab_command.register(subparsers)
     return parser

@@ -129,7 +129,8 @@ class Bus:
 
     def stats(self) -> list[BusAccessStats]:
         return [
-            BusAccessStats(r.name, r.base, r.size, r.reads, r.writes, r.bytes, r.handle_ns) for r in self._ranges
+            BusAccessStats(r.name, r.base, r.size, r.reads, r.writes, r.bytes, r.handle_ns)
+            for r in self._ranges
         ]
 
     @property

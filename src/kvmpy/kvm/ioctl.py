@@ -15,7 +15,7 @@ import fcntl
 
 from kvmpy.kvm.errors import KvmError
 
-Buffer = ctypes.Structure | ctypes.Union | ctypes.Array | bytearray  # type: ignore[type-arg]
+Buffer = ctypes.Structure | ctypes.Union | ctypes.Array | ctypes.c_uint64 | bytearray  # type: ignore[type-arg]
 
 _libc = ctypes.CDLL(None, use_errno=True)
 #: Raw libc ioctl with an integer argument; returns -1 and sets errno on failure,

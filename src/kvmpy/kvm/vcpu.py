@@ -5,14 +5,13 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from kvmpy.abi import kvm as abi
 from kvmpy.kvm import exits
 from kvmpy.kvm.binary_stats import BinaryStats
 from kvmpy.kvm.errors import KvmError
 from kvmpy.kvm.ioctl import ioctl, libc_ioctl
-
 
 # KVM_RUN goes through libc directly and is not retried on EINTR: that is how a
 # stop request (immediate_exit plus a signal) gets the vCPU thread out of the guest.
@@ -31,7 +30,7 @@ class Vcpu:
         self.run_state = abi.kvm_run.from_buffer(self._mapping)
         base = ctypes.addressof(self.run_state)
         self._mmio_data_offset = ctypes.addressof(self.run_state.mmio.data) - base
-        self._decoders = {
+        self._decoders: dict[int, Callable[[], exits.VmExit]] = {
             abi.KVM_EXIT_IO: self._decode_io,
             abi.KVM_EXIT_MMIO: self._decode_mmio,
             abi.KVM_EXIT_HLT: lambda: exits.Halt(),

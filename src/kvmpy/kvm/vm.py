@@ -124,9 +124,7 @@ class Vm:
             flags |= abi.KVM_IOEVENTFD_FLAG_DATAMATCH
         if deassign:
             flags |= abi.KVM_IOEVENTFD_FLAG_DEASSIGN
-        event = abi.kvm_ioeventfd(
-            datamatch=datamatch or 0, addr=address, len=length, fd=eventfd, flags=flags
-        )
+        event = abi.kvm_ioeventfd(datamatch=datamatch or 0, addr=address, len=length, fd=eventfd, flags=flags)
         ioctl(self.fd, abi.KVM_IOEVENTFD, event, name="KVM_IOEVENTFD")
 
     def set_gsi_routing(self, routes: Sequence[MsiRoute | IrqchipRoute]) -> None:

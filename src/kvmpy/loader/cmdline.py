@@ -11,9 +11,7 @@ def write_cmdline(mem: GuestMemory, cmdline: str, limit: int = layout.CMDLINE_MA
     """Write ``cmdline`` NUL-terminated at layout.CMDLINE_START; returns its address."""
     data = cmdline.encode("utf-8") + b"\0"
     if len(data) > limit:
-        raise ConfigError(
-            f"kernel command line is {len(data) - 1} bytes, over the limit of {limit - 1}"
-        )
+        raise ConfigError(f"kernel command line is {len(data) - 1} bytes, over the limit of {limit - 1}")
     mem.write(layout.CMDLINE_START, data)
     return layout.CMDLINE_START
 

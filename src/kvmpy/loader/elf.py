@@ -50,11 +50,11 @@ def parse_segments(data: bytes, name: str) -> list[Segment]:
     if elf_class == 2:
         if len(data) < 64:
             raise ConfigError(f"kernel {name} is truncated (ELF header)")
-        phoff, = struct.unpack_from("<Q", data, 32)
+        (phoff,) = struct.unpack_from("<Q", data, 32)
         phentsize, phnum = struct.unpack_from("<HH", data, 54)
         layout_fmt, min_entry = "<IIQQQQQQ", 56
     elif elf_class == 1:
-        phoff, = struct.unpack_from("<I", data, 28)
+        (phoff,) = struct.unpack_from("<I", data, 28)
         phentsize, phnum = struct.unpack_from("<HH", data, 42)
         layout_fmt, min_entry = "<IIIIIIII", 32
     else:

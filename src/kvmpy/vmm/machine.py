@@ -107,9 +107,7 @@ class Machine:
         self.vm.create_pit()
 
     def _setup_memory(self) -> GuestMemory:
-        memory = GuestMemory.anonymous(
-            layout.ram_ranges(self.config.memory), hugepages=self.config.hugepages
-        )
+        memory = GuestMemory.anonymous(layout.ram_ranges(self.config.memory), hugepages=self.config.hugepages)
         for slot, region in enumerate(memory):
             self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address())
         return memory
@@ -132,9 +130,7 @@ class Machine:
         self.pio_bus.register(base, size, device, name)
 
     def _setup_devices(self) -> None:
-        self.serial = Uart16550(
-            irq=KvmIrqLine(self.vm, layout.COM1_IRQ), output=self.console.write
-        )
+        self.serial = Uart16550(irq=KvmIrqLine(self.vm, layout.COM1_IRQ), output=self.console.write)
         self._add_pio(layout.COM1_PORT, 8, self.serial, "serial (COM1)")
         self._add_pio(layout.DEBUG_EXIT_PORT, 1, DebugExit(on_exit=self._debug_exit), "debug-exit")
         self._add_pio(layout.I8042_DATA_PORT, 5, I8042(on_reset=self._reset), "i8042")

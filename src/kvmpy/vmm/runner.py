@@ -48,9 +48,7 @@ def run_vm(
             return result
 
 
-def _boot_once(
-    config: VmConfig, serial_sink: BinaryIO | None, stdin_fd: int | None, boots: int
-) -> RunResult:
+def _boot_once(config: VmConfig, serial_sink: BinaryIO | None, stdin_fd: int | None, boots: int) -> RunResult:
     machine = Machine(config, serial_sink=serial_sink)
     try:
         pump = InputPump(stdin_fd, machine.serial.enqueue_input) if stdin_fd is not None else None

@@ -71,10 +71,12 @@ def _kernel_totals(vcpus: tuple[VcpuExitStats, ...]) -> dict[str, int]:
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
     def line(cells: list[str]) -> str:
         first = cells[0].ljust(widths[0])
         rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
         return "  ".join([first, *rest])
+
     return [line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
 
 
@@ -92,7 +94,12 @@ def format_stats(stats: MachineStats) -> str:
     out += _table(
         ["exit reason", "count", "%", "handler us/exit"],
         [
-            [r.reason, str(r.count), f"{100 * r.count / total:.1f}" if total else "-", _us(r.handle_ns, r.count)]
+            [
+                r.reason,
+                str(r.count),
+                f"{100 * r.count / total:.1f}" if total else "-",
+                _us(r.handle_ns, r.count),
+            ]
             for r in stats.reasons
         ],
     )
@@ -125,7 +132,10 @@ def format_stats(stats: MachineStats) -> str:
     if kernel:
         out.append("")
         out.append("in-kernel counters (KVM_GET_STATS_FD; exits KVM handled itself never reach kvmpy):")
-        out += _table(["KVM counter", "count"], [[name, str(kernel[name])] for name in KERNEL_COUNTERS if name in kernel])
+        out += _table(
+            ["KVM counter", "count"],
+            [[name, str(kernel[name])] for name in KERNEL_COUNTERS if name in kernel],
+        )
     if len(stats.vcpus) > 1:
         out.append("")
         out += _table(

@@ -187,10 +187,14 @@ def describe_registers(vcpu: Vcpu) -> tuple[str, ...]:
     names += [f"r{i}" for i in range(8, 16)]
     values = [f"{name:>3}={getattr(regs, name):016x}" for name in names]
     lines = ["  " + "  ".join(values[i : i + 4]) for i in range(0, len(values), 4)]
-    lines.append(f"  rip={regs.rip:016x}  rflags={regs.rflags:08x}  cs={sregs.cs.selector:04x}"
-                 f"  ss={sregs.ss.selector:04x}  cpl={sregs.cs.dpl}")
-    lines.append(f"  cr0={sregs.cr0:08x}  cr2={sregs.cr2:016x}  cr3={sregs.cr3:016x}"
-                 f"  cr4={sregs.cr4:08x}  efer={sregs.efer:x}")
+    lines.append(
+        f"  rip={regs.rip:016x}  rflags={regs.rflags:08x}  cs={sregs.cs.selector:04x}"
+        f"  ss={sregs.ss.selector:04x}  cpl={sregs.cs.dpl}"
+    )
+    lines.append(
+        f"  cr0={sregs.cr0:08x}  cr2={sregs.cr2:016x}  cr3={sregs.cr3:016x}"
+        f"  cr4={sregs.cr4:08x}  efer={sregs.efer:x}"
+    )
     return tuple(lines)
 
 
@@ -201,7 +205,6 @@ def _internal_error_name(suberror: int) -> str:
         abi.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed",
     }
     return names.get(suberror, "unknown")
-
 
 
 __all__ = ["VcpuThread", "describe_registers"]

@@ -35,9 +35,7 @@ def build_e820(mem: GuestMemory) -> list[E820Entry]:
             start = min(layout.HIGH_MEMORY_START, end)
         if start < end:
             entries.append(E820Entry(start, end - start, E820_RAM))
-    entries.append(
-        E820Entry(layout.EBDA_START, layout.HIGH_MEMORY_START - layout.EBDA_START, E820_RESERVED)
-    )
+    entries.append(E820Entry(layout.EBDA_START, layout.HIGH_MEMORY_START - layout.EBDA_START, E820_RESERVED))
     return sorted(entries, key=lambda entry: entry.address)
 
 

@@ -35,7 +35,16 @@ B_BINARY = 0x04
 B_SET = 0x80
 D_VALID_RAM_TIME = 0x80
 
-_TIME_REGISTERS = (REG_SECONDS, REG_MINUTES, REG_HOURS, REG_WEEKDAY, REG_DAY, REG_MONTH, REG_YEAR, REG_CENTURY)
+_TIME_REGISTERS = (
+    REG_SECONDS,
+    REG_MINUTES,
+    REG_HOURS,
+    REG_WEEKDAY,
+    REG_DAY,
+    REG_MONTH,
+    REG_YEAR,
+    REG_CENTURY,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +148,12 @@ class CmosRtc:
         """Setting the clock moves the guest's offset from host time."""
         now = self._now()
         fields = {
-            "second": now.second, "minute": now.minute, "hour": now.hour,
-            "day": now.day, "month": now.month, "year": now.year,
+            "second": now.second,
+            "minute": now.minute,
+            "hour": now.hour,
+            "day": now.day,
+            "month": now.month,
+            "year": now.year,
         }
         if index == REG_HOURS and not self._cmos[REG_B] & B_24_HOUR:
             pm = bool(value & 0x80)
@@ -148,8 +161,13 @@ class CmosRtc:
             decoded = hour + 12 if pm else hour
         else:
             decoded = self._decode(value)
-        names = {REG_SECONDS: "second", REG_MINUTES: "minute", REG_HOURS: "hour",
-                 REG_DAY: "day", REG_MONTH: "month"}
+        names = {
+            REG_SECONDS: "second",
+            REG_MINUTES: "minute",
+            REG_HOURS: "hour",
+            REG_DAY: "day",
+            REG_MONTH: "month",
+        }
         if index in names:
             fields[names[index]] = decoded
         elif index == REG_YEAR:
@@ -170,7 +188,11 @@ class CmosRtc:
     def restore(self, state: CmosRtcState) -> None:
         if len(state.cmos) != 128 or not 0 <= state.index < 0x80:
             raise ValueError("CMOS state must hold 128 bytes and an index below 0x80")
-        self._index, self._cmos, self._offset = state.index, bytearray(state.cmos), float(state.offset_seconds)
+        self._index, self._cmos, self._offset = (
+            state.index,
+            bytearray(state.cmos),
+            float(state.offset_seconds),
+        )
 
 
 __all__ = ["CmosRtc", "CmosRtcState"]

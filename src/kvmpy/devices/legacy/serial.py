@@ -318,8 +318,17 @@ class Uart16550:
             )
 
     def restore(self, state: Uart16550State) -> None:
-        registers = (state.ier, state.fcr, state.lcr, state.mcr, state.lsr_errors,
-                     state.msr_deltas, state.scr, state.dll, state.dlm)
+        registers = (
+            state.ier,
+            state.fcr,
+            state.lcr,
+            state.mcr,
+            state.lsr_errors,
+            state.msr_deltas,
+            state.scr,
+            state.dll,
+            state.dlm,
+        )
         if any(not 0 <= value <= 0xFF for value in registers):
             raise ValueError("UART state has a register value outside 0..255")
         if len(state.rx_fifo) > FIFO_SIZE:
