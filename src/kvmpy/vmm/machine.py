@@ -19,9 +19,12 @@ from typing import BinaryIO
 
 from kvmpy.abi import kvm as abi
 from kvmpy.arch.x86 import boot_cpu, layout
+from kvmpy.arch.x86.acpi import build_acpi_tables, write_acpi_tables
 from kvmpy.arch.x86.cpuid import CpuidEntry, build_guest_cpuid
+from kvmpy.arch.x86.mptable import write_mptable
 from kvmpy.arch.x86.msrs import boot_msrs
-from kvmpy.bus import Bus, BusDevice, NullInterruptLine
+from kvmpy.bus import Bus, BusDevice
+from kvmpy.devices.legacy import acpi_pm
 from kvmpy.devices.legacy.acpi_pm import AcpiPm
 from kvmpy.devices.legacy.debug_exit import DebugExit
 from kvmpy.devices.legacy.i8042 import I8042
@@ -137,8 +140,10 @@ class Machine:
         self._add_pio(layout.RTC_PORT, 2, CmosRtc(), "rtc")
         self._add_pio(
             layout.ACPI_PM1_EVENT_PORT,
-            12,
-            AcpiPm(on_poweroff=self._poweroff, irq=NullInterruptLine()),
+            acpi_pm.SIZE,
+            AcpiPm(
+                on_poweroff=self._poweroff, on_reset=self._reset, irq=KvmIrqLine(self.vm, layout.ACPI_SCI_IRQ)
+            ),
             "acpi-pm",
         )
         self._add_pio(layout.POST_CODE_PORT, 1, PostCode(), "post-code (0x80)")
@@ -146,7 +151,11 @@ class Machine:
             self._add_pio(base, size, QuietPorts(), name)
 
     def _setup_firmware(self) -> int:
-        return 0
+        """MP table and ACPI tables; returns the RSDP address for the boot information."""
+        write_mptable(self.memory, self.config.cpus)
+        tables = build_acpi_tables(self.config.cpus)
+        write_acpi_tables(self.memory, tables)
+        return tables.rsdp_address
 
     def _setup_vcpu(self, index: int) -> Vcpu:
         vcpu = self.vm.create_vcpu(index)

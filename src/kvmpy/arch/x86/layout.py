@@ -42,6 +42,9 @@ LOW_MEMORY_END = 0xA0000
 BIOS_AREA_START = 0xE0000
 ACPI_TABLES_START = 0xE0000
 RSDP_START = 0xF0000 - 0x100
+#: Intel MP table: floating pointer and configuration table (Linux scans 0xF0000-0xFFFFF).
+MPTABLE_START = 0xF0000
+MPTABLE_END = 0x100000
 BIOS_AREA_END = 0x100000
 
 # --- high memory ---------------------------------------------------------------------
@@ -83,6 +86,8 @@ RTC_IRQ = 8
 ACPI_PM1_EVENT_PORT = 0x600  # PM1a event block (status + enable), 4 bytes
 ACPI_PM1_CONTROL_PORT = 0x604  # PM1a control block, 2 bytes
 ACPI_PM_TIMER_PORT = 0x608
+ACPI_RESET_PORT = 0x60C  # FADT RESET_REG (part of the ACPI PM device's block)
+ACPI_RESET_VALUE = 0x06
 ACPI_SCI_IRQ = 9
 PCI_CONFIG_ADDRESS_PORT = 0xCF8
 PCI_CONFIG_DATA_PORT = 0xCFC

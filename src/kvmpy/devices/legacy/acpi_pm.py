@@ -5,7 +5,8 @@ control register is how ``poweroff`` ends a VM; the PM timer is a 24-bit
 counter at 3.579545 MHz Linux can use as a clocksource.
 
 Offsets (from the PM1a event block, layout.ACPI_PM1_EVENT_PORT):
-0-1 PM1_STS, 2-3 PM1_EN, 4-5 PM1_CNT, 8-11 PM_TMR.
+0-1 PM1_STS, 2-3 PM1_EN, 4-5 PM1_CNT, 8-11 PM_TMR, 12 the FADT's RESET_REG
+(writing RESET_VALUE asks for a reboot: Linux's first choice of reboot method).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ PM1_STATUS = 0
 PM1_ENABLE = 2
 PM1_CONTROL = 4
 PM_TIMER = 8
-SIZE = 12
+RESET_REGISTER = 12
+SIZE = 13
+RESET_VALUE = 0x06
 
 #: The SLP_TYP value the DSDT's \_S5 package names; writing it with SLP_EN powers off.
 S5_SLP_TYP = 5
@@ -46,10 +49,13 @@ class AcpiPm:
     def __init__(
         self,
         on_poweroff: Callable[[], None],
+        on_reset: Callable[[], None],
         irq: InterruptLine,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._on_poweroff = on_poweroff
+        self._on_reset = on_reset
+        self._irq_level = False
         self._irq = irq
         self._clock = clock
         self._start = clock()
@@ -65,6 +71,7 @@ class AcpiPm:
             + self._control.to_bytes(2, "little")
             + b"\0\0"
             + ticks.to_bytes(4, "little")
+            + b"\0"
         )
 
     def read(self, offset: int, data: memoryview) -> None:
@@ -89,7 +96,12 @@ class AcpiPm:
         elif offset in (PM1_CONTROL, PM1_CONTROL + 1):
             shift = 8 * (offset - PM1_CONTROL)
             self._control = (self._control & ~(0xFF << shift)) | (byte << shift)
-        self._irq.set_level(bool(self._status & self._enable))
+        elif offset == RESET_REGISTER and byte == RESET_VALUE:
+            self._on_reset()
+        level = bool(self._status & self._enable)
+        if level != self._irq_level:
+            self._irq_level = level
+            self._irq.set_level(level)
 
     def _check_sleep(self) -> None:
         if self._control & SLP_EN:
