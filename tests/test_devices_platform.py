@@ -1,0 +1,110 @@
+"""debug-exit, i8042, CMOS RTC, ACPI PM and the port sinks, register by register."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvmpy.devices.legacy import acpi_pm, i8042, rtc
+from kvmpy.devices.legacy.acpi_pm import AcpiPm
+from kvmpy.devices.legacy.debug_exit import DebugExit
+from kvmpy.devices.legacy.i8042 import I8042
+from kvmpy.devices.legacy.port_sinks import PostCode, QuietPorts
+from kvmpy.devices.legacy.rtc import CmosRtc
+from kvmpy.testing.fakes import PortAccessor, RecordingInterruptLine
+
+
+def test_debug_exit_reports_the_code() -> None:
+    codes: list[int] = []
+    PortAccessor(DebugExit(codes.append)).outb(0, 42)
+    assert codes == [42]
+
+
+def test_i8042_self_test_command_byte_and_reset() -> None:
+    resets: list[bool] = []
+    port = PortAccessor(I8042(lambda: resets.append(True)))
+    port.outb(i8042.COMMAND_STATUS, i8042.CMD_SELF_TEST)
+    assert port.inb(i8042.COMMAND_STATUS) & i8042.STATUS_OUTPUT_FULL
+    assert port.inb(i8042.DATA) == i8042.SELF_TEST_OK
+    port.outb(i8042.COMMAND_STATUS, i8042.CMD_WRITE_COMMAND_BYTE)
+    port.outb(i8042.DATA, 0x47)
+    port.outb(i8042.COMMAND_STATUS, i8042.CMD_READ_COMMAND_BYTE)
+    assert port.inb(i8042.DATA) == 0x47
+    port.outb(i8042.COMMAND_STATUS, i8042.CMD_TEST_KBD)
+    assert port.inb(i8042.DATA) == i8042.PORT_TEST_NO_DEVICE
+    assert not resets
+    port.outb(i8042.COMMAND_STATUS, 0xFE)
+    assert resets == [True]
+
+
+def test_rtc_reads_the_clock_in_bcd_and_binary() -> None:
+    moment = datetime.datetime(2026, 11, 24, 13, 45, 59, tzinfo=datetime.UTC).timestamp()
+    port = PortAccessor(CmosRtc(clock=lambda: moment))
+
+    def register(index: int) -> int:
+        port.outb(rtc.INDEX, index | 0x80)  # NMI-disable bit must not change the index
+        return port.inb(rtc.DATA)
+
+    assert [register(i) for i in (rtc.REG_HOURS, rtc.REG_MINUTES, rtc.REG_SECONDS)] == [0x13, 0x45, 0x59]
+    assert (register(rtc.REG_DAY), register(rtc.REG_MONTH), register(rtc.REG_YEAR)) == (0x24, 0x11, 0x26)
+    assert register(rtc.REG_CENTURY) == 0x20
+    assert not register(rtc.REG_A) & 0x80  # UIP never set
+    assert register(rtc.REG_D) & rtc.D_VALID_RAM_TIME
+    port.outb(rtc.INDEX, rtc.REG_B)
+    port.outb(rtc.DATA, rtc.B_24_HOUR | rtc.B_BINARY)
+    assert register(rtc.REG_HOURS) == 13
+
+
+def test_rtc_setting_the_time_moves_an_offset_only() -> None:
+    device = CmosRtc(clock=lambda: 0.0)
+    port = PortAccessor(device)
+    port.outb(rtc.INDEX, rtc.REG_YEAR)
+    port.outb(rtc.DATA, 0x99)
+    port.outb(rtc.INDEX, rtc.REG_YEAR)
+    assert port.inb(rtc.DATA) == 0x99
+    assert device.save().offset_seconds != 0
+
+
+def test_acpi_pm_poweroff_and_reset() -> None:
+    events: list[str] = []
+    device = AcpiPm(lambda: events.append("off"), lambda: events.append("reset"), RecordingInterruptLine())
+    value = (acpi_pm.S5_SLP_TYP << acpi_pm.SLP_TYP_SHIFT) | acpi_pm.SLP_EN
+    device.write(acpi_pm.PM1_CONTROL, (value & 0xFFFF).to_bytes(2, "little"))
+    assert events == ["off"]
+    device.write(acpi_pm.PM1_CONTROL, ((1 << acpi_pm.SLP_TYP_SHIFT) | acpi_pm.SLP_EN).to_bytes(2, "little"))
+    assert events == ["off"]  # S1 is not poweroff
+    device.write(acpi_pm.RESET_REGISTER, bytes([acpi_pm.RESET_VALUE]))
+    assert events == ["off", "reset"]
+
+
+def test_acpi_pm_timer_counts_at_3_58_mhz() -> None:
+    now = [100.0]
+    device = AcpiPm(lambda: None, lambda: None, RecordingInterruptLine(), clock=lambda: now[0])
+    data = bytearray(4)
+    now[0] += 1.0
+    device.read(acpi_pm.PM_TIMER, memoryview(data))
+    assert int.from_bytes(data, "little") == acpi_pm.PM_TIMER_HZ & 0xFFFFFF
+
+
+def test_post_code_and_quiet_ports() -> None:
+    post = PortAccessor(PostCode())
+    post.outb(0, 0x3C)
+    assert post.inb(0) == 0x3C
+    assert PortAccessor(QuietPorts()).inb(0) == 0xFF
+
+
+@pytest.mark.parametrize("factory", [
+    lambda: I8042(lambda: None),
+    lambda: CmosRtc(),
+    lambda: AcpiPm(lambda: None, lambda: None, RecordingInterruptLine()),
+    lambda: DebugExit(lambda code: None),
+])
+@given(accesses=st.lists(st.tuples(st.integers(0, 15), st.integers(1, 8), st.integers(0, 255)), max_size=100))
+def test_hostile_traffic_never_raises(factory, accesses) -> None:  # type: ignore[no-untyped-def]
+    device = factory()
+    for offset, size, value in accesses:
+        device.write(offset, bytes([value]) * size)
+        device.read(offset, memoryview(bytearray(size)))
