@@ -1,0 +1,143 @@
+"""Run a command inside the lab: boot QEMU/TCG with SVM, stream the output, return the status."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from kvmpy.lab import LabError
+from kvmpy.lab.assets import lab_assets
+
+QEMU = "qemu-system-x86_64"
+#: Environment variables carried from the caller into the lab command.
+PASSED_ENVIRONMENT = ("PATH", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "VIRTUAL_ENV", "TERM", "CI")
+SHARE_IN_LAB = "/tmp/kvmpy-lab-share"
+POLL_SECONDS = 0.2
+
+
+def command_script(command: Sequence[str], cwd: Path, env: Mapping[str, str]) -> str:
+    """The shell script the lab runs in the chroot: environment, directory, command."""
+    lines = ["#!/bin/sh"]
+    for name, value in sorted(env.items()):
+        lines.append(f"export {name}={shlex.quote(value)}")
+    lines.append(f"export KVMPY_LAB_SHARE={SHARE_IN_LAB}")
+    lines.append(f"cd {shlex.quote(str(cwd))} || exit 126")
+    lines.append("exec " + " ".join(shlex.quote(arg) for arg in command))
+    return "\n".join(lines) + "\n"
+
+
+def qemu_command(
+    kernel: Path, initrd: Path, share: Path, *, npt: bool, cpus: int, memory_mib: int
+) -> list[str]:
+    virtfs = "security_model=none,multidevs=remap"
+    return [
+        QEMU,
+        "-accel", "tcg,thread=multi",
+        "-M", "pc",
+        "-cpu", "max",
+        "-smp", str(cpus),
+        "-m", str(memory_mib),
+        "-display", "none",
+        "-monitor", "none",
+        "-no-reboot",
+        "-serial", f"file:{share / 'console.log'}",
+        "-kernel", str(kernel),
+        "-initrd", str(initrd),
+        "-append", f"console=ttyS0 quiet panic=-1 kvmpy.npt={int(npt)}",
+        "-virtfs", f"local,path=/,mount_tag=hostroot,readonly=on,{virtfs}",
+        "-virtfs", f"local,path={share},mount_tag=share,{virtfs}",
+    ]  # fmt: skip
+
+
+class _OutputTail:
+    """Copies new bytes of a growing file to ``sink``."""
+
+    def __init__(self, path: Path, sink: BinaryIO) -> None:
+        self._path = path
+        self._sink = sink
+        self._offset = 0
+
+    def pump(self) -> None:
+        try:
+            with self._path.open("rb") as handle:
+                handle.seek(self._offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return
+        if data:
+            self._offset += len(data)
+            self._sink.write(data)
+            self._sink.flush()
+
+
+def run_in_lab(
+    command: Sequence[str],
+    *,
+    cwd: Path | None = None,
+    npt: bool = True,
+    cpus: int = 2,
+    memory_mib: int = 3072,
+    timeout: float | None = None,
+    env: Mapping[str, str] | None = None,
+    output: BinaryIO | None = None,
+) -> int:
+    """Run ``command`` in the lab and return its exit status; its output goes to ``output``."""
+    if shutil.which(QEMU) is None:
+        raise LabError(f"{QEMU} is not installed (run scripts/setup)")
+    if not command:
+        raise LabError("no command given to run in the lab")
+    assets = lab_assets()
+    sink = output if output is not None else sys.stdout.buffer
+    environment = {
+        k: v for k, v in (env if env is not None else os.environ).items() if k in PASSED_ENVIRONMENT
+    }
+    with tempfile.TemporaryDirectory(prefix="kvmpy-lab-") as temporary:
+        share = Path(temporary)
+        (share / "command.sh").write_text(command_script(command, cwd or Path.cwd(), environment))
+        qemu = subprocess.Popen(
+            qemu_command(assets.kernel, assets.initrd, share, npt=npt, cpus=cpus, memory_mib=memory_mib),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        tail = _OutputTail(share / "output", sink)
+        started = time.monotonic()
+        try:
+            while qemu.poll() is None:
+                tail.pump()
+                if timeout is not None and time.monotonic() - started > timeout:
+                    raise LabError(f"the lab command did not finish within {timeout:.0f} s")
+                time.sleep(POLL_SECONDS)
+        finally:
+            if qemu.poll() is None:
+                qemu.kill()
+            qemu_output = qemu.communicate()[0].decode("utf-8", "replace") if qemu.stdout else ""
+        tail.pump()
+        return _status(share, qemu.returncode, qemu_output)
+
+
+def _status(share: Path, qemu_status: int, qemu_output: str) -> int:
+    error = share / "lab-error"
+    console = share / "console.log"
+    log_tail = ""
+    if console.exists():
+        lines = console.read_text("utf-8", "replace").splitlines()[-15:]
+        log_tail = "\n".join(f"  | {line}" for line in lines)
+    if error.exists():
+        raise LabError(f"the lab failed while {error.read_text().strip()}\n{log_tail}")
+    status = share / "status"
+    if not status.exists():
+        reason = qemu_output.strip().splitlines()[-1] if qemu_output.strip() else f"QEMU exit {qemu_status}"
+        raise LabError(f"the lab ended before the command finished ({reason})\n{log_tail}")
+    return int(status.read_text().strip() or "1")
+
+
+__all__ = ["command_script", "qemu_command", "run_in_lab"]
