@@ -31,7 +31,7 @@ def _run(command: list[str], what: str, cwd: Path | None = None) -> str:
 
 def resolve_kernel_package(name: str) -> str:
     """The versioned package behind a meta package such as linux-image-amd64."""
-    if re.search(r"\d", name):
+    if re.match(r"linux-image-\d", name):
         return name
     output = _run(["apt-cache", "depends", name], f"looking up {name}")
     for line in output.splitlines():
