@@ -96,7 +96,7 @@ def _run_command(args: argparse.Namespace) -> int:
             print("last console lines:", file=sys.stderr)
             for line in result.console_tail[-10:]:
                 print(f"  | {line}", file=sys.stderr)
-    elif reason.kind is StopKind.INTERRUPTED:
+    elif reason.kind in (StopKind.INTERRUPTED, StopKind.RESET):
         print(f"kvmpy: {reason.message}", file=sys.stderr)
     if args.stats:
         print(format_stats(result.stats), file=sys.stderr)

@@ -32,7 +32,8 @@ def _image_build(args: argparse.Namespace) -> int:
 
     modules = args.modules.split(",") if args.modules else None
     image = build_image(out=args.out, kernel_package=args.kernel_package, modules=modules)
-    print(f"kernel: {image.kernel}\nvmlinux: {image.vmlinux}\ninitrd: {image.initrd}")
+    vmlinux = image.vmlinux or "(not extracted: unsupported compression)"
+    print(f"kernel: {image.kernel}\nvmlinux: {vmlinux}\ninitrd: {image.initrd}")
     return 0
 
 

@@ -57,7 +57,9 @@ exec setsid cttyhack sh
 @dataclass(frozen=True, slots=True)
 class GuestImage:
     kernel: Path
-    vmlinux: Path
+    #: The uncompressed ELF for the PVH route; None when the payload's compression
+    #: (LZ4 in Debian's cloud kernels, for one) is not one Python can undo.
+    vmlinux: Path | None
     initrd: Path
 
 
@@ -114,15 +116,18 @@ def build_image(
     ).hexdigest()[:16]
     directory = out or cache_dir() / "images" / f"{package}-{key}"
     directory.mkdir(parents=True, exist_ok=True)
-    image = GuestImage(
-        directory / tree.vmlinuz.name, directory / f"vmlinux-{tree.version}", directory / "initrd.cpio.gz"
-    )
-    if not image.kernel.exists():
-        shutil.copyfile(tree.vmlinuz, image.kernel)
-    if not image.vmlinux.exists():
-        image.vmlinux.write_bytes(extract_vmlinux(tree.vmlinuz))
-    if not image.initrd.exists():
-        image.initrd.write_bytes(build_initramfs(busybox_root, tree, wanted, GUEST_INIT))
+    kernel, initrd = directory / tree.vmlinuz.name, directory / "initrd.cpio.gz"
+    vmlinux: Path | None = directory / f"vmlinux-{tree.version}"
+    if not kernel.exists():
+        shutil.copyfile(tree.vmlinuz, kernel)
+    if vmlinux is not None and not vmlinux.exists():
+        try:
+            vmlinux.write_bytes(extract_vmlinux(tree.vmlinuz))
+        except LabError:
+            vmlinux = None
+    if not initrd.exists():
+        initrd.write_bytes(build_initramfs(busybox_root, tree, wanted, GUEST_INIT))
+    image = GuestImage(kernel, vmlinux, initrd)
     return image
 
 

@@ -199,7 +199,7 @@ class Machine:
         self.request_stop(StopReason(StopKind.POWEROFF, 0, "guest powered off (ACPI S5)"))
 
     def _reset(self) -> None:
-        self.request_stop(StopReason(StopKind.RESET, 0, "guest asked for a reset"))
+        self.request_stop(StopReason(StopKind.RESET, 0, "guest rebooted"))
 
     # --- running --------------------------------------------------------------------
     def run(self) -> StopReason:

@@ -1,0 +1,155 @@
+"""Guest boot scenarios run inside the lab, many per lab boot.
+
+A lab boot costs seconds of emulation, a Linux boot inside it tens of
+seconds; so tests and benchmarks hand this module a list of scenarios,
+``run_in_lab`` runs ``python -m kvmpy.lab.scenarios SPEC_JSON`` once, and each
+scenario reports facts (exit status, how many times the guest reached its
+init, when, the console tail) as one JSON line. Assertions stay with the
+caller.
+
+The same scenario can run under kvmpy or under QEMU/KVM (``vmm="qemu"``),
+so boot times are measured side by side on the same kernel and initramfs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kvmpy.lab.image import READY_MARKER, encode_command
+
+RESULT_PREFIX = "kvmpy-scenario-result "
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kernel: str
+    initrd: str | None
+    command: str  # shell command the guest's init runs (kvmpy.cmd)
+    vmm: str = "kvmpy"  # or "qemu"
+    cpus: int = 1
+    memory: str = "512M"
+    args: tuple[str, ...] = ()
+    #: Send SIGINT once the guest has reached its init this many times (0: never).
+    interrupt_after_ready: int = 0
+    timeout: float = 300.0
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    status: int | None
+    readies: int
+    ready_seconds: float | None
+    wall_seconds: float
+    output: str
+    stderr: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _kvmpy_command(scenario: Scenario) -> list[str]:
+    command = [sys.executable, "-m", "kvmpy", "run", "--kernel", scenario.kernel]
+    if scenario.initrd:
+        command += ["--initrd", scenario.initrd]
+    cmdline = f"console=ttyS0 {encode_command(scenario.command)}"
+    return [
+        *command,
+        "--cmdline",
+        cmdline,
+        "--cpus",
+        str(scenario.cpus),
+        "--memory",
+        scenario.memory,
+        *scenario.args,
+    ]
+
+
+def _qemu_command(scenario: Scenario) -> list[str]:
+    command = ["qemu-system-x86_64", "-enable-kvm", "-M", "pc", "-cpu", "host", "-smp", str(scenario.cpus)]
+    command += [
+        "-m",
+        scenario.memory,
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+    ]
+    command += ["-kernel", scenario.kernel, "-append", f"console=ttyS0 {encode_command(scenario.command)}"]
+    if scenario.initrd:
+        command += ["-initrd", scenario.initrd]
+    return [*command, *scenario.args]
+
+
+def run_scenario(scenario: Scenario) -> ScenarioResult:
+    command = _qemu_command(scenario) if scenario.vmm == "qemu" else _kvmpy_command(scenario)
+    started = time.monotonic()
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=os.environ.copy(),
+    )
+    assert process.stdout is not None
+    output = bytearray()
+    readies, ready_at = 0, None
+    marker = READY_MARKER.encode()
+    try:
+        for line in iter(process.stdout.readline, b""):
+            output += line
+            if marker in line:
+                readies += 1
+                ready_at = ready_at or time.monotonic() - started
+                if scenario.interrupt_after_ready and readies >= scenario.interrupt_after_ready:
+                    process.send_signal(signal.SIGINT)
+            if time.monotonic() - started > scenario.timeout:
+                process.kill()
+                break
+        status = process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        status = None
+    stderr = process.stderr.read().decode("utf-8", "replace") if process.stderr else ""
+    text = output.decode("utf-8", "replace")
+    return ScenarioResult(
+        name=scenario.name,
+        status=status,
+        readies=readies,
+        ready_seconds=ready_at,
+        wall_seconds=time.monotonic() - started,
+        output="\n".join(text.splitlines()[-40:]),
+        stderr="\n".join(stderr.splitlines()[-60:]),
+    )
+
+
+def parse_results(text: str) -> dict[str, ScenarioResult]:
+    """Results printed by :func:`main`, from the lab's output."""
+    results = {}
+    for line in text.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            data = json.loads(line[len(RESULT_PREFIX) :])
+            results[data["name"]] = ScenarioResult(**data)
+    return results
+
+
+def main(argv: list[str]) -> int:
+    specs = json.loads(Path(argv[0]).read_text() if argv[0].endswith(".json") else argv[0])
+    for spec in specs:
+        spec["args"] = tuple(spec.get("args", ()))
+        result = run_scenario(Scenario(**spec))
+        print(RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
