@@ -96,12 +96,15 @@ def test_post_code_and_quiet_ports() -> None:
     assert PortAccessor(QuietPorts()).inb(0) == 0xFF
 
 
-@pytest.mark.parametrize("factory", [
-    lambda: I8042(lambda: None),
-    lambda: CmosRtc(),
-    lambda: AcpiPm(lambda: None, lambda: None, RecordingInterruptLine()),
-    lambda: DebugExit(lambda code: None),
-])
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: I8042(lambda: None),
+        lambda: CmosRtc(),
+        lambda: AcpiPm(lambda: None, lambda: None, RecordingInterruptLine()),
+        lambda: DebugExit(lambda code: None),
+    ],
+)
 @given(accesses=st.lists(st.tuples(st.integers(0, 15), st.integers(1, 8), st.integers(0, 255)), max_size=100))
 def test_hostile_traffic_never_raises(factory, accesses) -> None:  # type: ignore[no-untyped-def]
     device = factory()

@@ -130,7 +130,11 @@ def test_save_restore_roundtrip() -> None:
     assert other_irq.level
 
 
-@given(st.lists(st.tuples(st.integers(0, 7), st.integers(1, 8), st.integers(0, 255), st.booleans()), max_size=200))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 7), st.integers(1, 8), st.integers(0, 255), st.booleans()), max_size=200
+    )
+)
 def test_hostile_register_traffic_never_raises(accesses: list[tuple[int, int, int, bool]]) -> None:
     device, _, _, out = make()
     for offset, size, value, is_write in accesses:

@@ -95,7 +95,9 @@ def _supported() -> list[CpuidEntry]:
 @pytest.mark.parametrize("n_vcpus", [1, 2, 3, 4])
 def test_cpuid_topology(n_vcpus: int) -> None:
     for vcpu in range(n_vcpus):
-        by_key = {(e.function, e.index): e for e in build_guest_cpuid(_supported(), vcpu_id=vcpu, n_vcpus=n_vcpus)}
+        by_key = {
+            (e.function, e.index): e for e in build_guest_cpuid(_supported(), vcpu_id=vcpu, n_vcpus=n_vcpus)
+        }
         leaf1 = by_key[(1, 0)]
         assert leaf1.ebx >> 24 == vcpu
         assert (leaf1.ebx >> 16) & 0xFF == n_vcpus

@@ -20,16 +20,22 @@ from kvmpy.memory.guest_memory import GuestMemory
 MiB = 1 << 20
 
 
-def elf64(entry_note: int | None, load_at: int = 0x100000, code: bytes = b"\x90" * 16, bss: int = 64) -> bytes:
+def elf64(
+    entry_note: int | None, load_at: int = 0x100000, code: bytes = b"\x90" * 16, bss: int = 64
+) -> bytes:
     """A minimal ELF64 with one PT_LOAD and, optionally, a PVH note."""
     note = b""
     if entry_note is not None:
-        note = struct.pack("<III", 4, 8, pvh.XEN_ELFNOTE_PHYS32_ENTRY) + b"Xen\0" + struct.pack("<Q", entry_note)
+        note = (
+            struct.pack("<III", 4, 8, pvh.XEN_ELFNOTE_PHYS32_ENTRY) + b"Xen\0" + struct.pack("<Q", entry_note)
+        )
     phnum = 2 if note else 1
     header_size, ph_size = 64, 56
     data_offset = header_size + ph_size * phnum
     header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
-    header += struct.pack("<HHIQQQIHHHHHH", 2, 0x3E, 1, load_at, header_size, 0, 0, 64, ph_size, phnum, 64, 0, 0)
+    header += struct.pack(
+        "<HHIQQQIHHHHHH", 2, 0x3E, 1, load_at, header_size, 0, 0, 64, ph_size, phnum, 64, 0, 0
+    )
     phdrs = struct.pack("<IIQQQQQQ", 1, 7, data_offset, load_at, load_at, len(code), len(code) + bss, 0x1000)
     if note:
         note_offset = data_offset + len(code)

@@ -1,0 +1,112 @@
+"""Stock Debian Linux under kvmpy, inside the lab (real AMD SVM under QEMU TCG).
+
+All scenarios share one lab boot: the fixture builds the guest images on the
+host, runs ``python -m kvmpy.lab.scenarios`` in the lab once, and each test
+checks one scenario's facts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from kvmpy.lab.scenarios import Scenario, ScenarioResult, parse_results
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parents[1]
+PRINT_NPROC = "echo NPROC=$(nproc); poweroff -f"
+
+
+def _scenarios() -> list[Scenario]:
+    from kvmpy.lab.image import build_image
+
+    generic = build_image()
+    cloud = build_image(kernel_package="linux-image-cloud-amd64")
+    kernel, initrd = str(generic.kernel), str(generic.initrd)
+    scenarios = [
+        Scenario("smp1", kernel, initrd, PRINT_NPROC, cpus=1),
+        Scenario("smp2", kernel, initrd, PRINT_NPROC, cpus=2, args=("--stats",)),
+        Scenario("smp4", kernel, initrd, PRINT_NPROC, cpus=4),
+        Scenario("cloud_no_mpparse", str(cloud.kernel), str(cloud.initrd), PRINT_NPROC, cpus=2),
+        Scenario("reboot_exit", kernel, initrd, "reboot -f", args=("--on-reboot", "exit")),
+        Scenario("reboot_restart", kernel, initrd, "reboot -f", interrupt_after_ready=2),
+        Scenario("qemu_smp2", kernel, initrd, PRINT_NPROC, vmm="qemu", cpus=2),
+    ]
+    if generic.vmlinux is not None:
+        scenarios.append(Scenario("pvh_smp2", str(generic.vmlinux), initrd, PRINT_NPROC, cpus=2))
+    return scenarios
+
+
+@pytest.fixture(scope="session")
+def lab_results() -> dict[str, ScenarioResult]:
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (run scripts/setup)")
+    from kvmpy.lab.runner import run_in_lab
+
+    specs = json.dumps([asdict(s) for s in _scenarios()])
+    output = io.BytesIO()
+    status = run_in_lab(
+        [sys.executable, "-m", "kvmpy.lab.scenarios", specs], cwd=ROOT, output=output, timeout=1800
+    )
+    text = output.getvalue().decode("utf-8", "replace")
+    assert status == 0, text[-3000:]
+    results = parse_results(text)
+    for result in results.values():  # the figures, for the log and the README
+        print(
+            f"{result.name}: status {result.status}, ready after {result.ready_seconds} s, "
+            f"wall {result.wall_seconds:.1f} s"
+        )
+    return results
+
+
+def _check_boot(result: ScenarioResult, cpus: int) -> None:
+    detail = result.output + "\n" + result.stderr
+    assert result.readies == 1, detail
+    assert f"NPROC={cpus}" in result.output, detail
+    assert result.status == 0, detail
+
+
+@pytest.mark.parametrize(("name", "cpus"), [("smp1", 1), ("smp2", 2), ("smp4", 4)])
+def test_bzimage_boots_with_n_vcpus_and_powers_off(
+    lab_results: dict[str, ScenarioResult], name: str, cpus: int
+) -> None:
+    _check_boot(lab_results[name], cpus)
+
+
+def test_pvh_vmlinux_boots(lab_results: dict[str, ScenarioResult]) -> None:
+    if "pvh_smp2" not in lab_results:
+        pytest.skip("this kernel's vmlinux could not be extracted")
+    _check_boot(lab_results["pvh_smp2"], 2)
+
+
+def test_kernel_without_mptable_support_sees_all_vcpus(lab_results: dict[str, ScenarioResult]) -> None:
+    _check_boot(lab_results["cloud_no_mpparse"], 2)
+
+
+def test_stats_after_a_linux_boot(lab_results: dict[str, ScenarioResult]) -> None:
+    stderr = lab_results["smp2"].stderr
+    assert "kvmpy exit statistics" in stderr
+    assert "serial (COM1)" in stderr and "acpi-pm" in stderr
+
+
+def test_reboot_with_on_reboot_exit(lab_results: dict[str, ScenarioResult]) -> None:
+    result = lab_results["reboot_exit"]
+    assert result.status == 0 and result.readies == 1, result.output + result.stderr
+    assert "guest rebooted" in result.stderr
+
+
+def test_reboot_restarts_the_vm(lab_results: dict[str, ScenarioResult]) -> None:
+    result = lab_results["reboot_restart"]
+    assert result.readies == 2, result.output + result.stderr
+    assert result.status == 130
+
+
+def test_qemu_boots_the_same_image(lab_results: dict[str, ScenarioResult]) -> None:
+    _check_boot(lab_results["qemu_smp2"], 2)
