@@ -38,6 +38,7 @@ def _scenarios() -> list[Scenario]:
         Scenario("reboot_exit", kernel, initrd, "reboot -f", args=("--on-reboot", "exit")),
         Scenario("reboot_restart", kernel, initrd, "reboot -f", interrupt_after_ready=2),
         Scenario("qemu_smp2", kernel, initrd, PRINT_NPROC, vmm="qemu", cpus=2),
+        Scenario("panic", kernel, initrd, "echo c > /proc/sysrq-trigger"),
     ]
     if generic.vmlinux is not None:
         scenarios.append(Scenario("pvh_smp2", str(generic.vmlinux), initrd, PRINT_NPROC, cpus=2))
@@ -110,3 +111,12 @@ def test_reboot_restarts_the_vm(lab_results: dict[str, ScenarioResult]) -> None:
 
 def test_qemu_boots_the_same_image(lab_results: dict[str, ScenarioResult]) -> None:
     _check_boot(lab_results["qemu_smp2"], 2)
+
+
+def test_guest_panic_is_reported(lab_results: dict[str, ScenarioResult]) -> None:
+    result = lab_results["panic"]
+    assert result.status == 1, result.output + result.stderr
+    assert "guest kernel panicked (pvpanic)" in result.stderr
+    assert "rip=" in result.stderr and "last console lines:" in result.stderr
+    assert "sysrq" in result.stderr.lower()  # the panic message is among the last console lines
+    assert "Traceback" not in result.stderr

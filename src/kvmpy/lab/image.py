@@ -27,7 +27,15 @@ from kvmpy.lab.modules import KernelTree, load_order
 DEFAULT_KERNEL_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 #: Modules for kvmpy's devices (virtio arrives with the I/O issue; absent ones are skipped).
-DEFAULT_MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio_rng", "ext4"]
+DEFAULT_MODULES = [
+    "pvpanic_mmio",  # reports a guest panic to the VMM (ACPI QEMU0001)
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_net",
+    "virtio_console",
+    "virtio_rng",
+    "ext4",
+]
 READY_MARKER = "kvmpy-init: ready"
 
 GUEST_INIT = r"""#!/bin/sh

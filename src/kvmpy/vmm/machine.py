@@ -29,6 +29,7 @@ from kvmpy.devices.legacy.acpi_pm import AcpiPm
 from kvmpy.devices.legacy.debug_exit import DebugExit
 from kvmpy.devices.legacy.i8042 import I8042
 from kvmpy.devices.legacy.port_sinks import PostCode, QuietPorts
+from kvmpy.devices.legacy.pvpanic import PvPanic
 from kvmpy.devices.legacy.rtc import CmosRtc
 from kvmpy.devices.legacy.serial import Uart16550
 from kvmpy.errors import HostError
@@ -70,6 +71,8 @@ QUIET_PORT_RANGES: tuple[tuple[int, int, str], ...] = (
     (0x3F0, 0x06, "floppy"),
     (0x3C0, 0x20, "vga"),
     (0x510, 0x0C, "fw-cfg"),  # QEMU's firmware config port, probed by its driver
+    (0x02E, 0x02, "superio-2e"),  # Super I/O configuration ports, probed by watchdog/hwmon drivers
+    (0x04E, 0x02, "superio-4e"),
 )
 
 
@@ -146,6 +149,7 @@ class Machine:
             ),
             "acpi-pm",
         )
+        self._add_pio(layout.PVPANIC_PORT, 1, PvPanic(on_panic=self._panic), "pvpanic")
         self._add_pio(layout.POST_CODE_PORT, 1, PostCode(), "post-code (0x80)")
         for base, size, name in QUIET_PORT_RANGES:
             self._add_pio(base, size, QuietPorts(), name)
@@ -197,6 +201,9 @@ class Machine:
 
     def _poweroff(self) -> None:
         self.request_stop(StopReason(StopKind.POWEROFF, 0, "guest powered off (ACPI S5)"))
+
+    def _panic(self) -> None:
+        self.request_stop(StopReason(StopKind.GUEST_ERROR, 1, "guest kernel panicked (pvpanic)"))
 
     def _reset(self) -> None:
         self.request_stop(StopReason(StopKind.RESET, 0, "guest rebooted"))

@@ -98,7 +98,12 @@ def build_dsdt() -> bytes:
             ),
         ),
     )
-    return _table(b"DSDT", 2, s5 + aml.scope("\\_SB_", com1, rtc, keyboard))
+    pvpanic = aml.device(
+        "PEVT",
+        aml.name("_HID", aml.string("QEMU0001")),
+        aml.name("_CRS", aml.resource_template(aml.io_port(layout.PVPANIC_PORT, 1))),
+    )
+    return _table(b"DSDT", 2, s5 + aml.scope("\\_SB_", com1, rtc, keyboard, pvpanic))
 
 
 def build_facs() -> bytes:
