@@ -52,13 +52,15 @@ mount -t devtmpfs devtmpfs /host/dev || fail "mounting /dev in the chroot"
 mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts devpts /host/dev/pts
 mount -t tmpfs tmpfs /host/dev/shm
-mount -t tmpfs tmpfs /host/tmp || fail "mounting /tmp in the chroot"
+# The host's /tmp stays visible (read-only: checkouts may live there); writable
+# scratch space is a tmpfs on /run, which the command gets as TMPDIR.
 mount -t tmpfs tmpfs /host/run || fail "mounting /run in the chroot"
-mkdir -p /host/tmp/kvmpy-lab-share
-mount --bind /share /host/tmp/kvmpy-lab-share || fail "binding the share into the chroot"
+mkdir -p /host/run/tmp /host/run/kvmpy-lab-share
+chmod 1777 /host/run/tmp
+mount --bind /share /host/run/kvmpy-lab-share || fail "binding the share into the chroot"
 [ -e /dev/kvm ] || fail "/dev/kvm is missing after loading kvm_amd (no SVM?)"
 echo "kvmpy-lab: ready (npt=$npt)"
-chroot /host /bin/sh /tmp/kvmpy-lab-share/command.sh > /share/output 2>&1 < /dev/null
+chroot /host /bin/sh /run/kvmpy-lab-share/command.sh > /share/output 2>&1 < /dev/null
 echo $? > /share/status
 sync
 poweroff -f

@@ -19,7 +19,8 @@ from kvmpy.lab.assets import lab_assets
 QEMU = "qemu-system-x86_64"
 #: Environment variables carried from the caller into the lab command.
 PASSED_ENVIRONMENT = ("PATH", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "VIRTUAL_ENV", "TERM", "CI")
-SHARE_IN_LAB = "/tmp/kvmpy-lab-share"
+SHARE_IN_LAB = "/run/kvmpy-lab-share"
+SCRATCH_IN_LAB = "/run/tmp"
 POLL_SECONDS = 0.2
 
 
@@ -29,6 +30,7 @@ def command_script(command: Sequence[str], cwd: Path, env: Mapping[str, str]) ->
     for name, value in sorted(env.items()):
         lines.append(f"export {name}={shlex.quote(value)}")
     lines.append(f"export KVMPY_LAB_SHARE={SHARE_IN_LAB}")
+    lines.append(f"export TMPDIR={SCRATCH_IN_LAB}")
     lines.append(f"cd {shlex.quote(str(cwd))} || exit 126")
     lines.append("exec " + " ".join(shlex.quote(arg) for arg in command))
     return "\n".join(lines) + "\n"
