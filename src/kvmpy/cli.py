@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kvmpy import __version__
 from kvmpy.errors import ConfigError, KvmpyError
-from kvmpy.vmm.config import MAX_VCPUS, OnReboot, SerialConfig, VmConfig, parse_size
+from kvmpy.vmm.config import MAX_VCPUS, DiskConfig, OnReboot, SerialConfig, VmConfig, parse_size
 from kvmpy.vmm.stop import StopKind
 
 #: Exit status for errors of kvmpy itself (as opposed to the guest's own status).
@@ -49,6 +49,13 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "--flat-address", type=_int_auto, help="load --kernel as a flat 64-bit binary at this address"
     )
     run.add_argument("--hugepages", action="store_true", help="back guest RAM with transparent huge pages")
+    run.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        help="virtio-blk disk: PATH[,readonly=on][,id=NAME] (repeatable)",
+    )
+    run.add_argument("--rng", action="store_true", help="a virtio-rng device fed by the host's getrandom()")
     run.set_defaults(handler=_run_command)
 
 
@@ -66,6 +73,8 @@ def _config_from_args(args: argparse.Namespace) -> VmConfig:
         on_reboot=OnReboot(args.on_reboot),
         flat_address=args.flat_address,
         hugepages=args.hugepages,
+        disks=tuple(DiskConfig.parse(text) for text in args.disk),
+        rng=args.rng,
     )
 
 

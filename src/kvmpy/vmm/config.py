@@ -44,6 +44,32 @@ class SerialConfig:
         raise ConfigError(f"invalid --serial {text!r}: use stdio, none or file:PATH")
 
 
+@dataclass(frozen=True, slots=True)
+class DiskConfig:
+    """A virtio-blk disk: a raw image file."""
+
+    path: Path
+    read_only: bool = False
+    id: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> DiskConfig:
+        """``PATH[,readonly=on|off][,id=NAME]``."""
+        path, *options = text.split(",")
+        if not path:
+            raise ConfigError(f"invalid --disk {text!r}: it needs a path")
+        read_only, name = False, ""
+        for option in options:
+            key, _, value = option.partition("=")
+            if key == "readonly" and value in ("on", "off"):
+                read_only = value == "on"
+            elif key == "id" and value:
+                name = value
+            else:
+                raise ConfigError(f"invalid --disk option {option!r}: use readonly=on|off or id=NAME")
+        return cls(Path(path), read_only, name)
+
+
 class OnReboot(Enum):
     RESTART = "restart"
     EXIT = "exit"
@@ -62,6 +88,8 @@ class VmConfig:
     on_reboot: OnReboot = OnReboot.RESTART
     flat_address: int | None = None
     hugepages: bool = False
+    disks: tuple[DiskConfig, ...] = ()
+    rng: bool = False
     #: Where device and error messages go besides the serial console (stderr by default).
     quiet: bool = False
 
@@ -70,6 +98,8 @@ class VmConfig:
         _check_readable(self.kernel, "kernel")
         if self.initrd is not None:
             _check_readable(self.initrd, "initrd")
+        for disk in self.disks:
+            _check_readable(disk.path, "disk")
         if not 1 <= self.cpus <= MAX_VCPUS:
             raise ConfigError(f"--cpus {self.cpus} is out of range: use 1 to {MAX_VCPUS}")
         if self.memory < MIN_MEMORY:
@@ -108,6 +138,7 @@ def host_memory_bytes() -> int | None:
 
 __all__ = [
     "MAX_VCPUS",
+    "DiskConfig",
     "MIN_MEMORY",
     "OnReboot",
     "SerialConfig",

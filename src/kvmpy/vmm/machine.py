@@ -36,11 +36,15 @@ from kvmpy.errors import HostError
 from kvmpy.kvm import System, Vcpu
 from kvmpy.loader import BootMode, BootSetup, load_kernel
 from kvmpy.memory.guest_memory import GuestMemory
+from kvmpy.virtio.devices.blk import VirtioBlock
+from kvmpy.virtio.devices.rng import VirtioRng
 from kvmpy.vmm.config import SerialMode, VmConfig
 from kvmpy.vmm.console import ConsoleOutput
+from kvmpy.vmm.event_loop import EventLoop
 from kvmpy.vmm.irq import KvmIrqLine
+from kvmpy.vmm.pci_platform import PciPlatform
 from kvmpy.vmm.stop import StopKind, StopReason
-from kvmpy.vmm.vcpu_thread import VcpuThread
+from kvmpy.vmm.vcpu_thread import VcpuThread, describe_registers
 
 log = logging.getLogger("kvmpy.machine")
 
@@ -93,6 +97,9 @@ class Machine:
         self.memory = self._setup_memory()
         self.console = ConsoleOutput(self._serial_sink(serial_sink))
         self._setup_devices()
+        self.events = EventLoop()
+        self.pci = PciPlatform(self.vm, self.memory, self.pio_bus, self.mmio_bus, self.events)
+        self._setup_virtio()
         self.rsdp_address = self._setup_firmware()
         self.boot = load_kernel(
             self.memory,
@@ -154,6 +161,13 @@ class Machine:
         for base, size, name in QUIET_PORT_RANGES:
             self._add_pio(base, size, QuietPorts(), name)
 
+    def _setup_virtio(self) -> None:
+        for number, disk in enumerate(self.config.disks):
+            device = VirtioBlock(disk.path, read_only=disk.read_only, device_id=disk.id)
+            self.pci.add_virtio(device, f"virtio-blk{number}")
+        if self.config.rng:
+            self.pci.add_virtio(VirtioRng(), "virtio-rng")
+
     def _setup_firmware(self) -> int:
         """MP table and ACPI tables; returns the RSDP address for the boot information."""
         write_mptable(self.memory, self.config.cpus)
@@ -203,7 +217,11 @@ class Machine:
         self.request_stop(StopReason(StopKind.POWEROFF, 0, "guest powered off (ACPI S5)"))
 
     def _panic(self) -> None:
-        self.request_stop(StopReason(StopKind.GUEST_ERROR, 1, "guest kernel panicked (pvpanic)"))
+        thread = threading.current_thread()
+        details: tuple[str, ...] = ()
+        if isinstance(thread, VcpuThread):  # device callbacks run on the vCPU that exited
+            details = describe_registers(thread.vcpu)
+        self.request_stop(StopReason(StopKind.GUEST_ERROR, 1, "guest kernel panicked (pvpanic)", details))
 
     def _reset(self) -> None:
         self.request_stop(StopReason(StopKind.RESET, 0, "guest rebooted"))
@@ -212,6 +230,7 @@ class Machine:
     def run(self) -> StopReason:
         """Run every vCPU until the VM stops; Ctrl-C stops it too."""
         _install_kick_handler()
+        self.events.start()
         self.threads = [VcpuThread(self, vcpu) for vcpu in self.vcpus]
         for thread in self.threads:
             thread.start()
@@ -221,6 +240,7 @@ class Machine:
         except KeyboardInterrupt:
             self.request_stop(StopReason(StopKind.INTERRUPTED, 130, "interrupted from the host"))
         self._join_threads()
+        self.events.stop()
         self.console.flush()
         assert self.stop_reason is not None
         return self.stop_reason
@@ -247,6 +267,7 @@ class Machine:
                 thread.join(0.05)
 
     def close(self) -> None:
+        self.pci.close()
         for vcpu in self.vcpus:
             vcpu.close()
         self.vm.close()

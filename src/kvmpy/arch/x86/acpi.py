@@ -103,7 +103,35 @@ def build_dsdt() -> bytes:
         aml.name("_HID", aml.string("QEMU0001")),
         aml.name("_CRS", aml.resource_template(aml.io_port(layout.PVPANIC_PORT, 1))),
     )
-    return _table(b"DSDT", 2, s5 + aml.scope("\\_SB_", com1, rtc, keyboard, pvpanic))
+    return _table(b"DSDT", 2, s5 + aml.scope("\\_SB_", pci_root_bridge(), com1, rtc, keyboard, pvpanic))
+
+
+def pci_root_bridge() -> bytes:
+    """PCI0: the PCIe root bridge of bus 0, its bus range and the windows its BARs may use."""
+    return aml.device(
+        "PCI0",
+        aml.name("_HID", aml.eisa_id("PNP0A08")),
+        aml.name("_CID", aml.eisa_id("PNP0A03")),
+        aml.name("_UID", aml.integer(0)),
+        aml.name("_SEG", aml.integer(0)),
+        aml.name("_BBN", aml.integer(0)),
+        aml.name(
+            "_CRS",
+            aml.resource_template(
+                aml.word_bus_number(0, 0xFF),
+                aml.io_port(layout.PCI_CONFIG_ADDRESS_PORT, 8),
+                aml.word_io(0x0000, 0x0CF7),
+                aml.word_io(0x0D00, 0xFFFF),
+                aml.dword_memory(layout.PCI_MMIO32_START, layout.PCI_MMIO32_END - 1),
+            ),
+        ),
+    )
+
+
+def build_mcfg() -> bytes:
+    """MCFG: where the ECAM window of segment 0 is, covering buses 0-255."""
+    entry = struct.pack("<QHBBI", layout.PCI_ECAM_START, 0, 0, 0xFF, 0)
+    return _table(b"MCFG", 1, bytes(8) + entry)
 
 
 def build_facs() -> bytes:
@@ -178,7 +206,8 @@ def build_acpi_tables(
     dsdt = place(build_dsdt())
     fadt = place(build_fadt(facs, dsdt))
     madt = place(build_madt(n_cpus))
-    xsdt = place(_table(b"XSDT", 1, struct.pack("<QQ", fadt, madt)))
+    mcfg = place(build_mcfg())
+    xsdt = place(_table(b"XSDT", 1, struct.pack("<QQQ", fadt, madt, mcfg)))
     if cursor > rsdp_at:
         raise ConfigError(f"ACPI tables for {n_cpus} vCPUs overflow their area")
     rsdp = bytearray(struct.pack("<8sB6sBIIQB3x", b"RSD PTR ", 0, OEM_ID, 2, 0, 36, xsdt, 0))

@@ -119,6 +119,36 @@ def irq_no_flags(irq: int) -> bytes:
     return struct.pack("<BH", 0x22, 1 << irq)
 
 
+# Address space descriptors, as a resource producer (a bridge window) with fixed bounds.
+_PRODUCER_FIXED = 0x0C  # _MAF | _MIF, positive decode, producer
+_SPACE_MEMORY, _SPACE_IO, _SPACE_BUS = 0, 1, 2
+
+
+def _word_address(space: int, type_flags: int, minimum: int, maximum: int) -> bytes:
+    body = struct.pack(
+        "<BBBHHHHH", space, _PRODUCER_FIXED, type_flags, 0, minimum, maximum, 0, maximum - minimum + 1
+    )
+    return struct.pack("<BH", 0x88, len(body)) + body
+
+
+def word_bus_number(minimum: int, maximum: int) -> bytes:
+    """WordBusNumber(ResourceProducer, MinFixed, MaxFixed, ...): the buses behind a bridge."""
+    return _word_address(_SPACE_BUS, 0, minimum, maximum)
+
+
+def word_io(minimum: int, maximum: int) -> bytes:
+    """WordIO(ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange, ...)."""
+    return _word_address(_SPACE_IO, 0x03, minimum, maximum)
+
+
+def dword_memory(minimum: int, maximum: int) -> bytes:
+    """DWordMemory(ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite, ...)."""
+    body = struct.pack(
+        "<BBBIIIII", _SPACE_MEMORY, _PRODUCER_FIXED, 0x01, 0, minimum, maximum, 0, maximum - minimum + 1
+    )
+    return struct.pack("<BH", 0x87, len(body)) + body
+
+
 def resource_template(*descriptors: bytes) -> bytes:
     """A ResourceTemplate buffer, terminated by an end tag with a zero checksum."""
     return buffer(b"".join(descriptors) + b"\x79\x00")
@@ -126,6 +156,7 @@ def resource_template(*descriptors: bytes) -> bytes:
 
 __all__ = [
     "device",
+    "dword_memory",
     "eisa_id",
     "integer",
     "io_port",
@@ -136,4 +167,6 @@ __all__ = [
     "resource_template",
     "scope",
     "string",
+    "word_bus_number",
+    "word_io",
 ]

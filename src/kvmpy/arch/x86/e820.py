@@ -36,6 +36,8 @@ def build_e820(mem: GuestMemory) -> list[E820Entry]:
         if start < end:
             entries.append(E820Entry(start, end - start, E820_RAM))
     entries.append(E820Entry(layout.EBDA_START, layout.HIGH_MEMORY_START - layout.EBDA_START, E820_RESERVED))
+    # The PCIe ECAM window: Linux only trusts MCFG when its region is reserved.
+    entries.append(E820Entry(layout.PCI_ECAM_START, layout.PCI_ECAM_SIZE, E820_RESERVED))
     return sorted(entries, key=lambda entry: entry.address)
 
 

@@ -60,9 +60,17 @@ MMIO_HOLE_END = 0x1_0000_0000
 #: PCI ECAM window (256 buses x 32 devices x 8 functions x 4 KiB = 256 MiB).
 PCI_ECAM_START = 0xE000_0000
 PCI_ECAM_SIZE = 0x1000_0000
-#: 32-bit PCI BAR window.
+#: 32-bit PCI BAR window; kvmpy places each device's BARs in its own 64 KiB slice.
 PCI_MMIO32_START = 0xC000_0000
 PCI_MMIO32_END = 0xE000_0000
+PCI_DEVICE_WINDOW = 0x1_0000
+
+
+def pci_bar_window(slot: int) -> int:
+    """Start of the 64 KiB of BAR space kvmpy gives PCI slot ``slot`` at boot."""
+    return PCI_MMIO32_START + slot * PCI_DEVICE_WINDOW
+
+
 #: IOAPIC and local APIC default addresses (in-kernel when KVM_CREATE_IRQCHIP is used).
 IOAPIC_START = 0xFEC0_0000
 LAPIC_START = 0xFEE0_0000

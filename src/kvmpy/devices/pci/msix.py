@@ -1,0 +1,126 @@
+"""MSI-X: a per-vector table of (address, data, mask) in a BAR, and a pending-bit array.
+
+The device asks for vector N; if MSI-X is enabled and neither the function
+nor the vector is masked, the message goes to an injected
+:class:`MsiSender` (the VMM routes it into KVM through irqfd); otherwise the
+pending bit is set and the message is sent when the guest unmasks.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from typing import Protocol
+
+from kvmpy.devices.pci.config_space import PciConfigSpace
+
+CAP_ID_MSIX = 0x11
+ENTRY_SIZE = 16
+CONTROL_ENABLE = 1 << 15
+CONTROL_FUNCTION_MASK = 1 << 14
+VECTOR_MASKED = 1
+NO_VECTOR = 0xFFFF
+#: Where the table and PBA sit in their BAR.
+TABLE_OFFSET = 0x0
+PBA_OFFSET = 0x800
+BAR_SIZE = 0x1000
+MAX_VECTORS = PBA_OFFSET // ENTRY_SIZE
+
+
+class MsiSender(Protocol):
+    """Delivers MSI messages: ``send(vector, address, data)``; ``changed`` when an entry moves."""
+
+    def send(self, vector: int, address: int, data: int) -> None: ...
+
+    def changed(self, vector: int, address: int, data: int) -> None: ...
+
+
+class MsixTable:
+    """The table and PBA of one function (a BAR device), plus the capability in its config space."""
+
+    def __init__(self, config: PciConfigSpace, vectors: int, bar: int, sender: MsiSender) -> None:
+        if not 0 < vectors <= MAX_VECTORS:
+            raise ValueError(f"MSI-X vector count {vectors} out of range")
+        self.vectors = vectors
+        self._config = config
+        self._sender = sender
+        self._lock = threading.Lock()
+        self._table = bytearray(ENTRY_SIZE * vectors)
+        for vector in range(vectors):
+            self._table[vector * ENTRY_SIZE + 12] = VECTOR_MASKED
+        self._pending = [False] * vectors
+        body = struct.pack("<HII", vectors - 1, TABLE_OFFSET | bar, PBA_OFFSET | bar)
+        writable = struct.pack("<HII", CONTROL_ENABLE | CONTROL_FUNCTION_MASK, 0, 0)
+        self.cap_offset = config.add_capability(CAP_ID_MSIX, body, writable)
+
+    def _control(self) -> int:
+        return int(struct.unpack("<H", self._config.raw(self.cap_offset + 2, 2))[0])
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._control() & CONTROL_ENABLE)
+
+    def _entry(self, vector: int) -> tuple[int, int, bool]:
+        address, data, control = struct.unpack_from("<QII", self._table, vector * ENTRY_SIZE)
+        return address, data, bool(control & VECTOR_MASKED)
+
+    def _blocked(self, vector: int) -> bool:
+        return bool(self._control() & CONTROL_FUNCTION_MASK) or self._entry(vector)[2]
+
+    def signal(self, vector: int) -> bool:
+        """Raise ``vector``; returns False if MSI-X is off or the vector invalid."""
+        if vector == NO_VECTOR or not 0 <= vector < self.vectors or not self.enabled:
+            return False
+        with self._lock:
+            if self._blocked(vector):
+                self._pending[vector] = True
+                return True
+            address, data, _ = self._entry(vector)
+        self._sender.send(vector, address, data)
+        return True
+
+    def config_written(self) -> None:
+        """The capability's control word may have changed: deliver what unmasking released."""
+        self._deliver_pending()
+
+    def _deliver_pending(self) -> None:
+        ready = []
+        with self._lock:
+            for vector in range(self.vectors):
+                if self._pending[vector] and self.enabled and not self._blocked(vector):
+                    self._pending[vector] = False
+                    ready.append((vector, *self._entry(vector)[:2]))
+        for vector, address, data in ready:
+            self._sender.send(vector, address, data)
+
+    # --- the BAR ----------------------------------------------------------------------
+    def read(self, offset: int, data: memoryview) -> None:
+        size = len(data)
+        if size not in (4, 8) or offset % 4:
+            data[:] = b"\xff" * size
+            return
+        with self._lock:
+            if offset + size <= len(self._table):
+                data[:] = self._table[offset : offset + size]
+            elif PBA_OFFSET <= offset < PBA_OFFSET + 8 * ((self.vectors + 63) // 64):
+                bits = sum(1 << i for i, p in enumerate(self._pending) if p)
+                qword = (offset - PBA_OFFSET) // 8
+                value = (bits >> (64 * qword)) & ((1 << 64) - 1)
+                shift = (offset - PBA_OFFSET) % 8
+                data[:] = (value >> (8 * shift)).to_bytes(8, "little")[:size]
+            else:
+                data[:] = b"\0" * size
+
+    def write(self, offset: int, data: bytes) -> None:
+        size = len(data)
+        if size not in (4, 8) or offset % 4 or offset + size > len(self._table):
+            return  # the PBA is read-only; odd accesses are dropped
+        with self._lock:
+            self._table[offset : offset + size] = data
+            vector = offset // ENTRY_SIZE
+            address, data_word, _ = self._entry(vector)
+        self._sender.changed(vector, address, data_word)
+        self._deliver_pending()
+
+
+__all__ = ["BAR_SIZE", "CAP_ID_MSIX", "NO_VECTOR", "MsiSender", "MsixTable"]

@@ -1,0 +1,60 @@
+"""virtio-rng (virtio 1.x, 5.4): the guest's /dev/hwrng, filled from the host's getrandom()."""
+
+from __future__ import annotations
+
+import os
+
+from kvmpy.memory.guest_memory import GuestMemory
+from kvmpy.virtio.device import COMMON_FEATURES, TYPE_RNG, Interrupt
+from kvmpy.virtio.queue import SplitQueue
+
+#: Bytes handed out per request at most, so one request cannot make us read megabytes.
+MAX_REQUEST = 64 * 1024
+
+
+class VirtioRng:
+    device_type = TYPE_RNG
+    queue_sizes: tuple[int, ...] = (256,)
+    features = COMMON_FEATURES
+
+    def __init__(self) -> None:
+        self._mem: GuestMemory | None = None
+        self._queue: SplitQueue | None = None
+        self._interrupt: Interrupt | None = None
+        self.bytes_served = 0
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return bytes(size)  # no configuration space
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        pass
+
+    def activate(
+        self, mem: GuestMemory, queues: list[SplitQueue], acked_features: int, interrupt: Interrupt
+    ) -> None:
+        self._mem, self._queue, self._interrupt = mem, queues[0], interrupt
+
+    def reset(self) -> None:
+        self._mem = self._queue = self._interrupt = None
+
+    def queue_notify(self, index: int) -> None:
+        mem, queue, interrupt = self._mem, self._queue, self._interrupt
+        if mem is None or queue is None or interrupt is None:
+            return
+        served = False
+        while (chain := queue.pop(mem)) is not None:
+            written = 0
+            for buffer in chain.writable:
+                length = min(len(buffer), MAX_REQUEST - written)
+                if length <= 0:
+                    break
+                buffer[:length] = os.getrandom(length)
+                written += length
+            self.bytes_served += written
+            queue.push(mem, chain.head, written)
+            served = True
+        if served and queue.needs_interrupt(mem):
+            interrupt(0)
+
+
+__all__ = ["VirtioRng"]

@@ -1,0 +1,199 @@
+"""The split virtqueue (virtio 1.x, 2.7): the device side of the rings in guest memory.
+
+The driver publishes descriptor chains in the available ring; the device
+walks them, does the work and returns them through the used ring. All three
+areas are guest memory, so everything read from them is untrusted: indexes
+are checked against the queue size, chains are bounded (no loops, no
+indirect table inside an indirect table), and every buffer is checked to lie
+in guest RAM before a memoryview of it is handed to a device. A violation
+raises :class:`QueueError`; the transport marks the device as needing reset.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from kvmpy.errors import GuestError
+from kvmpy.memory.guest_memory import GuestMemory, GuestMemoryError
+
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1
+DESCRIPTOR_SIZE = 16
+MAX_QUEUE_SIZE = 32768
+#: An indirect table may not be larger than this many descriptors.
+MAX_INDIRECT = 1024
+
+
+class QueueError(GuestError):
+    """The driver broke the virtqueue rules."""
+
+
+@dataclass(slots=True)
+class DescriptorChain:
+    """One request: the head index and its buffers, split into device-readable and -writable."""
+
+    head: int
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+
+    @property
+    def readable_length(self) -> int:
+        return sum(len(b) for b in self.readable)
+
+    @property
+    def writable_length(self) -> int:
+        return sum(len(b) for b in self.writable)
+
+    def read_all(self) -> bytes:
+        return b"".join(bytes(b) for b in self.readable)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    size: int
+    ready: bool
+    desc_addr: int
+    driver_addr: int
+    device_addr: int
+    last_avail_idx: int
+    next_used_idx: int
+    event_idx: bool
+
+
+class SplitQueue:
+    """Device-side state of one split virtqueue."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        self.size = max_size
+        self.ready = False
+        self.desc_addr = 0
+        self.driver_addr = 0
+        self.device_addr = 0
+        self.last_avail_idx = 0
+        self.next_used_idx = 0
+        self.event_idx = False
+        self._signalled_used: int | None = None
+
+    def reset(self) -> None:
+        self.__init__(self.max_size)  # type: ignore[misc]
+
+    # --- ring accessors ----------------------------------------------------------------
+    def _avail_idx(self, mem: GuestMemory) -> int:
+        return mem.read_u16(self.driver_addr + 2)
+
+    def _avail_ring(self, mem: GuestMemory, position: int) -> int:
+        return mem.read_u16(self.driver_addr + 4 + 2 * (position % self.size))
+
+    def _read_descriptor(self, mem: GuestMemory, table: int, index: int) -> tuple[int, int, int, int]:
+        addr, length, flags, next_index = struct.unpack(
+            "<QIHH", mem.read(table + DESCRIPTOR_SIZE * index, 16)
+        )
+        return addr, length, flags, next_index
+
+    def check_layout(self, mem: GuestMemory) -> None:
+        """Raise QueueError unless all three ring areas lie in guest RAM and the size is valid."""
+        if not 0 < self.size <= self.max_size or self.size & (self.size - 1):
+            raise QueueError(f"queue size {self.size} is not a power of two up to {self.max_size}")
+        areas = (
+            (self.desc_addr, DESCRIPTOR_SIZE * self.size),
+            (self.driver_addr, 6 + 2 * self.size),
+            (self.device_addr, 6 + 8 * self.size),
+        )
+        for address, length in areas:
+            if not mem.is_ram(address, length):
+                raise QueueError(f"virtqueue area {address:#x}+{length:#x} is not guest RAM")
+
+    # --- device operations -------------------------------------------------------------
+    def pending(self, mem: GuestMemory) -> int:
+        """How many chains the driver has made available that the device has not taken."""
+        count = (self._avail_idx(mem) - self.last_avail_idx) & 0xFFFF
+        if count > self.size:
+            raise QueueError(f"available index ran {count} entries ahead of a queue of {self.size}")
+        return count
+
+    def pop(self, mem: GuestMemory) -> DescriptorChain | None:
+        """The next available chain, or None."""
+        if not self.ready or self.pending(mem) == 0:
+            return None
+        head = self._avail_ring(mem, self.last_avail_idx)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        if self.event_idx:
+            mem.write_u16(self.device_addr + 4 + 8 * self.size, self.last_avail_idx)  # avail_event
+        return self._walk(mem, head)
+
+    def _walk(self, mem: GuestMemory, head: int) -> DescriptorChain:
+        if head >= self.size:
+            raise QueueError(f"descriptor head {head} is outside a queue of {self.size}")
+        chain = DescriptorChain(head)
+        table, table_size, index = self.desc_addr, self.size, head
+        in_indirect = False
+        for _ in range(self.size + MAX_INDIRECT + 1):
+            addr, length, flags, next_index = self._read_descriptor(mem, table, index)
+            if flags & DESC_F_INDIRECT:
+                if in_indirect:
+                    raise QueueError("indirect descriptor inside an indirect table")
+                if length % DESCRIPTOR_SIZE or not 0 < length // DESCRIPTOR_SIZE <= MAX_INDIRECT:
+                    raise QueueError(f"indirect table of {length} bytes")
+                if not mem.is_ram(addr, length):
+                    raise QueueError(f"indirect table at {addr:#x} is not guest RAM")
+                table, table_size, index, in_indirect = addr, length // DESCRIPTOR_SIZE, 0, True
+                continue
+            try:
+                buffer = mem.slice(addr, length)
+            except GuestMemoryError:
+                raise QueueError(f"descriptor buffer {addr:#x}+{length:#x} is not guest RAM") from None
+            (chain.writable if flags & DESC_F_WRITE else chain.readable).append(buffer)
+            if not flags & DESC_F_NEXT:
+                return chain
+            if next_index >= table_size:
+                raise QueueError(f"descriptor next {next_index} is outside its table of {table_size}")
+            index = next_index
+        raise QueueError("descriptor chain loops")
+
+    def push(self, mem: GuestMemory, head: int, written: int) -> None:
+        """Return chain ``head`` to the driver with ``written`` bytes filled in."""
+        slot = self.device_addr + 4 + 8 * (self.next_used_idx % self.size)
+        mem.write(slot, struct.pack("<II", head, written))
+        self.next_used_idx = (self.next_used_idx + 1) & 0xFFFF
+        mem.write_u16(self.device_addr + 2, self.next_used_idx)  # after the entry: x86 keeps store order
+
+    def needs_interrupt(self, mem: GuestMemory) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last one."""
+        old = self._signalled_used if self._signalled_used is not None else (self.next_used_idx - 1) & 0xFFFF
+        new = self.next_used_idx
+        self._signalled_used = new
+        if self.event_idx:
+            used_event = mem.read_u16(self.driver_addr + 4 + 2 * self.size)
+            return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
+        return not mem.read_u16(self.driver_addr) & AVAIL_F_NO_INTERRUPT
+
+    # --- state -------------------------------------------------------------------------
+    def save(self) -> QueueState:
+        return QueueState(
+            self.size, self.ready, self.desc_addr, self.driver_addr, self.device_addr,
+            self.last_avail_idx, self.next_used_idx, self.event_idx,
+        )  # fmt: skip
+
+    def restore(self, state: QueueState) -> None:
+        if not 0 < state.size <= self.max_size or state.size & (state.size - 1):
+            raise ValueError(f"saved queue size {state.size} is invalid")
+        if not (0 <= state.last_avail_idx <= 0xFFFF and 0 <= state.next_used_idx <= 0xFFFF):
+            raise ValueError("saved queue indexes are out of range")
+        self.size, self.ready = state.size, state.ready
+        self.desc_addr, self.driver_addr, self.device_addr = (
+            state.desc_addr,
+            state.driver_addr,
+            state.device_addr,
+        )
+        self.last_avail_idx, self.next_used_idx, self.event_idx = (
+            state.last_avail_idx,
+            state.next_used_idx,
+            state.event_idx,
+        )
+
+
+__all__ = ["DescriptorChain", "QueueError", "QueueState", "SplitQueue"]
