@@ -7,9 +7,12 @@ checks one scenario's facts.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import shutil
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +27,29 @@ ROOT = Path(__file__).resolve().parents[1]
 PRINT_NPROC = "echo NPROC=$(nproc); poweroff -f"
 
 
-def _scenarios() -> list[Scenario]:
+VIRTIO_COMMAND = (
+    "mount /dev/vda /mnt && md5sum /mnt/data.bin && echo hello-from-guest > /mnt/out.txt && umount /mnt; "
+    "echo RO=$(cat /sys/block/vdb/ro) SERIAL=$(cat /sys/block/vdb/serial); "
+    "dd if=/dev/zero of=/dev/vdb bs=512 count=1 2>&1 | tail -1; "
+    "echo RNG=$(head -c 64 /dev/hwrng | wc -c); poweroff -f"
+)
+
+
+def _disk_image(directory: Path) -> tuple[Path, str]:
+    """An ext4 image holding data.bin (random bytes); returns it and the file's md5."""
+    data = directory / "data.bin"
+    data.write_bytes(os.urandom(256 * 1024))
+    image = directory / "disk.img"
+    with image.open("wb") as handle:
+        handle.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(
+        ["debugfs", "-w", "-R", f"write {data} data.bin", str(image)], check=True, capture_output=True
+    )
+    return image, hashlib.md5(data.read_bytes()).hexdigest()
+
+
+def _scenarios(disk: Path) -> list[Scenario]:
     from kvmpy.lab.image import build_image
 
     generic = build_image()
@@ -39,6 +64,15 @@ def _scenarios() -> list[Scenario]:
         Scenario("reboot_restart", kernel, initrd, "reboot -f", interrupt_after_ready=2),
         Scenario("qemu_smp2", kernel, initrd, PRINT_NPROC, vmm="qemu", cpus=2),
         Scenario("panic", kernel, initrd, "echo c > /proc/sysrq-trigger"),
+        Scenario(
+            "virtio_blk_rng",
+            kernel,
+            initrd,
+            VIRTIO_COMMAND,
+            args=("--disk", "{tmp}/disk.img", "--disk", f"{disk},readonly=on,id=ro-disk", "--rng", "--stats"),
+            prepare=f"cp {disk} {{tmp}}/disk.img",
+            verify="debugfs -R 'cat /out.txt' {tmp}/disk.img",
+        ),
     ]
     if generic.vmlinux is not None:
         scenarios.append(Scenario("pvh_smp2", str(generic.vmlinux), initrd, PRINT_NPROC, cpus=2))
@@ -46,12 +80,19 @@ def _scenarios() -> list[Scenario]:
 
 
 @pytest.fixture(scope="session")
-def lab_results() -> dict[str, ScenarioResult]:
+def disk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    if shutil.which("mkfs.ext4") is None or shutil.which("debugfs") is None:
+        pytest.skip("e2fsprogs is not installed (run scripts/setup)")
+    return _disk_image(tmp_path_factory.mktemp("disk"))
+
+
+@pytest.fixture(scope="session")
+def lab_results(disk: tuple[Path, str]) -> dict[str, ScenarioResult]:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed (run scripts/setup)")
     from kvmpy.lab.runner import run_in_lab
 
-    specs = json.dumps([asdict(s) for s in _scenarios()])
+    specs = json.dumps([asdict(s) for s in _scenarios(disk[0])])
     output = io.BytesIO()
     status = run_in_lab(
         [sys.executable, "-m", "kvmpy.lab.scenarios", specs], cwd=ROOT, output=output, timeout=1800
@@ -120,3 +161,17 @@ def test_guest_panic_is_reported(lab_results: dict[str, ScenarioResult]) -> None
     assert "rip=" in result.stderr and "last console lines:" in result.stderr
     assert "sysrq" in result.stderr.lower()  # the panic message is among the last console lines
     assert "Traceback" not in result.stderr
+
+
+def test_virtio_blk_ext4_read_write_and_rng(
+    lab_results: dict[str, ScenarioResult], disk: tuple[Path, str]
+) -> None:
+    result = lab_results["virtio_blk_rng"]
+    detail = result.output + result.stderr + "\n".join(result.notes)
+    assert result.status == 0, detail
+    assert f"{disk[1]}  /mnt/data.bin" in result.output, detail  # the guest read what the host wrote
+    assert "hello-from-guest" in result.notes[-1], detail  # the host reads what the guest wrote
+    assert "RO=1 SERIAL=ro-disk" in result.output, detail
+    assert "Operation not permitted" in result.output or "Read-only" in result.output, detail
+    assert "RNG=64" in result.output, detail
+    assert "virtio-blk0 BAR0" in result.stderr  # configuration accesses counted per device

@@ -34,6 +34,7 @@ DEFAULT_MODULES = [
     "virtio_net",
     "virtio_console",
     "virtio_rng",
+    "crc32c_generic",  # ext4's checksums (a soft dependency modinfo does not list)
     "ext4",
 ]
 READY_MARKER = "kvmpy-init: ready"

@@ -13,11 +13,14 @@ so boot times are measured side by side on the same kernel and initramfs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +43,10 @@ class Scenario:
     #: Send SIGINT once the guest has reached its init this many times (0: never).
     interrupt_after_ready: int = 0
     timeout: float = 300.0
+    #: Shell commands run in the lab before and after the VM; "{tmp}" in them and in
+    #: ``args`` is a writable scratch directory. Their output lands in ``notes``.
+    prepare: str = ""
+    verify: str = ""
 
 
 @dataclass
@@ -90,7 +97,27 @@ def _qemu_command(scenario: Scenario) -> list[str]:
     return [*command, *scenario.args]
 
 
+def _shell(command: str, scratch: str) -> str:
+    if not command:
+        return ""
+    done = subprocess.run(
+        ["sh", "-c", command.replace("{tmp}", scratch)], capture_output=True, text=True, timeout=300
+    )
+    return f"$ {command}\n{done.stdout}{done.stderr}(exit {done.returncode})"
+
+
 def run_scenario(scenario: Scenario) -> ScenarioResult:
+    scratch = tempfile.mkdtemp(prefix=f"{scenario.name}-")
+    scenario = dataclasses.replace(scenario, args=tuple(a.replace("{tmp}", scratch) for a in scenario.args))
+    notes = [_shell(scenario.prepare, scratch)]
+    result = _run_vm(scenario)
+    notes.append(_shell(scenario.verify, scratch))
+    result.notes = [note for note in notes if note]
+    shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+def _run_vm(scenario: Scenario) -> ScenarioResult:
     command = _qemu_command(scenario) if scenario.vmm == "qemu" else _kvmpy_command(scenario)
     started = time.monotonic()
     process = subprocess.Popen(

@@ -1,0 +1,179 @@
+"""PCI configuration access, BAR sizing and placement, MSI-X, and the virtio-pci transport."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmpy.bus import Bus
+from kvmpy.devices.pci.config_space import COMMAND_MEMORY
+from kvmpy.devices.pci.host_bridge import HostBridge
+from kvmpy.devices.pci.root import ConfigMechanism1, Ecam, PciRoot
+from kvmpy.memory.guest_memory import GuestMemory
+from kvmpy.virtio import pci_transport as vp
+from kvmpy.virtio.device import F_VERSION_1
+from kvmpy.virtio.devices.rng import VirtioRng
+
+RAM = 1 << 24
+BAR0 = 0xC001_0000
+
+
+class RecordingSender:
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, int, int]] = []
+
+    def send(self, vector: int, address: int, data: int) -> None:
+        self.sent.append((vector, address, data))
+
+    def changed(self, vector: int, address: int, data: int) -> None:
+        pass
+
+
+class Platform:
+    def __init__(self) -> None:
+        self.mem = GuestMemory.anonymous([(0, RAM)])
+        self.pio, self.mmio = Bus("pio"), Bus("mmio")
+        self.root = PciRoot(self.pio, self.mmio, self.mem.is_ram)
+        self.cf8 = ConfigMechanism1(self.root)
+        self.root.add(HostBridge(), slot=0)
+        self.sender = RecordingSender()
+        self.notify_areas: list[list[tuple[int, int, int]]] = []
+        self.transport = vp.VirtioPciTransport(
+            VirtioRng(), self.mem, self.sender, BAR0, BAR0 + vp.BAR0_SIZE, self.notify_areas.append
+        )
+        self.root.add(self.transport, slot=1, name="rng")
+
+    def cfg_read(self, slot: int, offset: int, size: int = 4) -> int:
+        self.cf8.write(0, struct.pack("<I", 0x8000_0000 | slot << 11 | (offset & 0xFC)))
+        data = bytearray(size)
+        self.cf8.read(4 + (offset & 3), memoryview(data))
+        return int.from_bytes(data, "little")
+
+    def cfg_write(self, slot: int, offset: int, value: int, size: int = 4) -> None:
+        self.cf8.write(0, struct.pack("<I", 0x8000_0000 | slot << 11 | (offset & 0xFC)))
+        self.cf8.write(4 + (offset & 3), value.to_bytes(size, "little"))
+
+    def bar0_read(self, offset: int, size: int) -> int:
+        data = bytearray(size)
+        assert self.mmio.read(BAR0 + offset, memoryview(data))
+        return int.from_bytes(data, "little")
+
+    def bar0_write(self, offset: int, value: int, size: int) -> None:
+        assert self.mmio.write(BAR0 + offset, value.to_bytes(size, "little"))
+
+
+@pytest.fixture
+def platform() -> Platform:
+    return Platform()
+
+
+def test_enumeration(platform: Platform) -> None:
+    assert platform.cfg_read(0, 0) == 0x0008_1B36
+    assert platform.cfg_read(1, 0) == 0x1044_1AF4  # virtio vendor, modern rng
+    assert platform.cfg_read(5, 0) == 0xFFFF_FFFF  # empty slot
+    ecam = Ecam(platform.root)
+    data = bytearray(4)
+    ecam.read(1 << 15, memoryview(data))
+    assert int.from_bytes(data, "little") == 0x1044_1AF4
+
+
+def test_capability_list_has_the_virtio_structures(platform: Platform) -> None:
+    pointer = platform.cfg_read(1, 0x34, 1)
+    kinds = []
+    while pointer:
+        cap_id = platform.cfg_read(1, pointer, 1)
+        kinds.append((cap_id, platform.cfg_read(1, pointer + 3, 1) if cap_id == 9 else None))
+        pointer = platform.cfg_read(1, pointer + 1, 1)
+    assert kinds == [(9, 1), (9, 3), (9, 4), (9, 2), (0x11, None)]
+
+
+def test_bar_sizing_and_moving(platform: Platform) -> None:
+    assert platform.mmio.find(BAR0) is None  # memory decoding is off until the guest enables it
+    platform.cfg_write(1, 0x04, COMMAND_MEMORY, 2)
+    assert platform.mmio.find(BAR0) is not None
+    assert platform.notify_areas[-1][0] == (BAR0 + vp.NOTIFY_OFFSET, 2, 0)
+    platform.cfg_write(1, 0x10, 0xFFFF_FFFF)
+    assert platform.cfg_read(1, 0x10) == (~(vp.BAR0_SIZE - 1)) & 0xFFFF_FFFF
+    assert platform.mmio.find(BAR0) is None  # unmapped while sizing
+    platform.cfg_write(1, 0x10, 0xC800_0000)
+    assert platform.mmio.find(0xC800_0000) is not None
+    assert platform.notify_areas[-1][0][0] == 0xC800_0000 + vp.NOTIFY_OFFSET
+
+
+def test_bar_over_ram_or_another_device_is_refused(platform: Platform) -> None:
+    platform.cfg_write(1, 0x04, COMMAND_MEMORY, 2)
+    platform.cfg_write(1, 0x10, 0x0010_0000)  # guest RAM
+    assert platform.mmio.find(0x0010_0000) is None
+    platform.cfg_write(1, 0x10, BAR0 + vp.BAR0_SIZE)  # on top of its own MSI-X BAR
+    assert platform.mmio.find(BAR0 + vp.BAR0_SIZE).name.endswith("BAR1")  # type: ignore[union-attr]
+    assert platform.root.refused_bars == 2
+
+
+def negotiate(platform: Platform, features: int) -> int:
+    platform.cfg_write(1, 0x04, COMMAND_MEMORY, 2)
+    platform.bar0_write(20, vp.STATUS_ACKNOWLEDGE | vp.STATUS_DRIVER, 1)
+    for select in (0, 1):
+        platform.bar0_write(8, select, 4)
+        platform.bar0_write(12, (features >> (32 * select)) & 0xFFFF_FFFF, 4)
+    platform.bar0_write(20, vp.STATUS_ACKNOWLEDGE | vp.STATUS_DRIVER | vp.STATUS_FEATURES_OK, 1)
+    return platform.bar0_read(20, 1)
+
+
+def test_feature_negotiation(platform: Platform) -> None:
+    platform.cfg_write(1, 0x04, COMMAND_MEMORY, 2)
+    platform.bar0_write(0, 1, 4)
+    assert platform.bar0_read(4, 4) & 1  # VERSION_1 is bit 32
+    assert negotiate(platform, F_VERSION_1) & vp.STATUS_FEATURES_OK
+
+
+def test_unoffered_features_are_refused() -> None:
+    platform = Platform()
+    assert not negotiate(platform, F_VERSION_1 | (1 << 50)) & vp.STATUS_FEATURES_OK
+    platform = Platform()
+    assert not negotiate(platform, 0) & vp.STATUS_FEATURES_OK  # legacy drivers are not served
+
+
+def test_bad_ring_address_needs_reset(platform: Platform) -> None:
+    negotiate(platform, F_VERSION_1)
+    platform.bar0_write(22, 0, 2)  # queue_select
+    platform.bar0_write(32, RAM + 0x1000, 8)  # descriptors outside RAM
+    platform.bar0_write(28, 1, 2)  # queue_enable
+    assert platform.bar0_read(20, 1) & vp.STATUS_NEEDS_RESET
+    assert platform.bar0_read(28, 2) == 0
+    platform.bar0_write(20, 0, 1)  # reset recovers
+    assert platform.bar0_read(20, 1) == 0
+
+
+def test_msix_delivery_and_masking(platform: Platform) -> None:
+    platform.cfg_write(1, 0x04, COMMAND_MEMORY, 2)
+    msix = platform.transport.msix
+    table = BAR0 + vp.BAR0_SIZE
+    entry = struct.pack("<QII", 0xFEE0_0000, 0x41, 1)  # vector 1, masked
+    for word in range(4):  # drivers write the table a dword at a time
+        platform.mmio.write(table + 16 + 4 * word, entry[4 * word : 4 * word + 4])
+    platform.transport.queue_vectors[0] = 1
+    control = msix.cap_offset + 2
+    platform.cfg_write(1, control, 1 << 15, 2)  # MSI-X enable
+    platform.transport.interrupt(0)
+    assert platform.sender.sent == []  # masked: pending
+    platform.mmio.write(table + 16 + 12, struct.pack("<I", 0))  # unmask
+    assert platform.sender.sent == [(1, 0xFEE0_0000, 0x41)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 0x4000), st.sampled_from([1, 2, 4, 8]), st.integers(0, (1 << 64) - 1)),
+        max_size=60,
+    )
+)
+def test_hostile_register_writes(writes: list[tuple[int, int, int]]) -> None:
+    platform = Platform()
+    platform.cfg_write(1, 0x04, COMMAND_MEMORY, 2)
+    for offset, size, value in writes:
+        platform.mmio.write(BAR0 + offset, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
+        platform.mmio.read(BAR0 + offset, memoryview(bytearray(size)))
+        platform.cfg_write(1, offset & 0xFF, value & 0xFFFF_FFFF)
