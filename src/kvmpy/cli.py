@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kvmpy import __version__
 from kvmpy.errors import ConfigError, KvmpyError
-from kvmpy.vmm.config import MAX_VCPUS, DiskConfig, OnReboot, SerialConfig, VmConfig, parse_size
+from kvmpy.vmm.config import MAX_VCPUS, DiskConfig, NetConfig, OnReboot, SerialConfig, VmConfig, parse_size
 from kvmpy.vmm.stop import StopKind
 
 #: Exit status for errors of kvmpy itself (as opposed to the guest's own status).
@@ -55,7 +55,13 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         default=[],
         help="virtio-blk disk: PATH[,readonly=on][,id=NAME] (repeatable)",
     )
+    run.add_argument("--net", action="append", default=[], help="virtio-net on a tap: tap=IFNAME[,mac=MAC]")
     run.add_argument("--rng", action="store_true", help="a virtio-rng device fed by the host's getrandom()")
+    run.add_argument(
+        "--console",
+        default="serial",
+        help="serial: the terminal is the 16550A (ttyS0); virtio: it is virtio-console (hvc0)",
+    )
     run.set_defaults(handler=_run_command)
 
 
@@ -75,6 +81,8 @@ def _config_from_args(args: argparse.Namespace) -> VmConfig:
         hugepages=args.hugepages,
         disks=tuple(DiskConfig.parse(text) for text in args.disk),
         rng=args.rng,
+        nets=tuple(NetConfig.parse(text) for text in args.net),
+        console=args.console,
     )
 
 

@@ -47,6 +47,8 @@ class Scenario:
     #: ``args`` is a writable scratch directory. Their output lands in ``notes``.
     prepare: str = ""
     verify: str = ""
+    #: Kernel command line before the kvmpy.cmd word.
+    kernel_args: str = "console=ttyS0"
 
 
 @dataclass
@@ -65,7 +67,7 @@ def _kvmpy_command(scenario: Scenario) -> list[str]:
     command = [sys.executable, "-m", "kvmpy", "run", "--kernel", scenario.kernel]
     if scenario.initrd:
         command += ["--initrd", scenario.initrd]
-    cmdline = f"console=ttyS0 {encode_command(scenario.command)}"
+    cmdline = f"{scenario.kernel_args} {encode_command(scenario.command)}"
     return [
         *command,
         "--cmdline",
@@ -91,7 +93,12 @@ def _qemu_command(scenario: Scenario) -> list[str]:
         "stdio",
         "-no-reboot",
     ]
-    command += ["-kernel", scenario.kernel, "-append", f"console=ttyS0 {encode_command(scenario.command)}"]
+    command += [
+        "-kernel",
+        scenario.kernel,
+        "-append",
+        f"{scenario.kernel_args} {encode_command(scenario.command)}",
+    ]
     if scenario.initrd:
         command += ["-initrd", scenario.initrd]
     return [*command, *scenario.args]

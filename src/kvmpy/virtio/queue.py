@@ -125,6 +125,10 @@ class SplitQueue:
             mem.write_u16(self.device_addr + 4 + 8 * self.size, self.last_avail_idx)  # avail_event
         return self._walk(mem, head)
 
+    def unpop(self) -> None:
+        """Give back the chain just popped (the device could not use it yet)."""
+        self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+
     def _walk(self, mem: GuestMemory, head: int) -> DescriptorChain:
         if head >= self.size:
             raise QueueError(f"descriptor head {head} is outside a queue of {self.size}")

@@ -70,6 +70,30 @@ class DiskConfig:
         return cls(Path(path), read_only, name)
 
 
+@dataclass(frozen=True, slots=True)
+class NetConfig:
+    """A virtio-net interface on a tap device."""
+
+    tap: str
+    mac: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> NetConfig:
+        """``tap=IFNAME[,mac=MAC]``."""
+        tap, mac = "", ""
+        for option in text.split(","):
+            key, _, value = option.partition("=")
+            if key == "tap" and value:
+                tap = value
+            elif key == "mac" and value:
+                mac = value
+            else:
+                raise ConfigError(f"invalid --net option {option!r}: use tap=IFNAME[,mac=MAC]")
+        if not tap:
+            raise ConfigError(f"invalid --net {text!r}: it needs tap=IFNAME")
+        return cls(tap, mac)
+
+
 class OnReboot(Enum):
     RESTART = "restart"
     EXIT = "exit"
@@ -90,6 +114,9 @@ class VmConfig:
     hugepages: bool = False
     disks: tuple[DiskConfig, ...] = ()
     rng: bool = False
+    nets: tuple[NetConfig, ...] = ()
+    #: Where the terminal connects: the emulated 16550A or its virtio twin (hvc0).
+    console: str = "serial"
     #: Where device and error messages go besides the serial console (stderr by default).
     quiet: bool = False
 
@@ -100,6 +127,8 @@ class VmConfig:
             _check_readable(self.initrd, "initrd")
         for disk in self.disks:
             _check_readable(disk.path, "disk")
+        if self.console not in ("serial", "virtio"):
+            raise ConfigError(f"invalid --console {self.console!r}: use serial or virtio")
         if not 1 <= self.cpus <= MAX_VCPUS:
             raise ConfigError(f"--cpus {self.cpus} is out of range: use 1 to {MAX_VCPUS}")
         if self.memory < MIN_MEMORY:
@@ -139,6 +168,7 @@ def host_memory_bytes() -> int | None:
 __all__ = [
     "MAX_VCPUS",
     "DiskConfig",
+    "NetConfig",
     "MIN_MEMORY",
     "OnReboot",
     "SerialConfig",

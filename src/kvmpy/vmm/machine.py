@@ -15,6 +15,7 @@ import signal
 import struct
 import sys
 import threading
+from collections.abc import Callable
 from typing import BinaryIO
 
 from kvmpy.abi import kvm as abi
@@ -37,7 +38,10 @@ from kvmpy.kvm import System, Vcpu
 from kvmpy.loader import BootMode, BootSetup, load_kernel
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.virtio.devices.blk import VirtioBlock
+from kvmpy.virtio.devices.console import VirtioConsole
+from kvmpy.virtio.devices.net import VirtioNet, parse_mac
 from kvmpy.virtio.devices.rng import VirtioRng
+from kvmpy.virtio.devices.tap import Tap
 from kvmpy.vmm.config import SerialMode, VmConfig
 from kvmpy.vmm.console import ConsoleOutput
 from kvmpy.vmm.event_loop import EventLoop
@@ -165,8 +169,23 @@ class Machine:
         for number, disk in enumerate(self.config.disks):
             device = VirtioBlock(disk.path, read_only=disk.read_only, device_id=disk.id)
             self.pci.add_virtio(device, f"virtio-blk{number}")
+        for number, net in enumerate(self.config.nets):
+            mac = parse_mac(net.mac) if net.mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + number])
+            nic = VirtioNet(Tap(net.tap), mac, watch=self.events.add, unwatch=self.events.remove)
+            self.pci.add_virtio(nic, f"virtio-net{number}")
         if self.config.rng:
             self.pci.add_virtio(VirtioRng(), "virtio-rng")
+        self.virtio_console: VirtioConsole | None = None
+        if self.config.console == "virtio":
+            self.virtio_console = VirtioConsole(self.console.write)
+            self.pci.add_virtio(self.virtio_console, "virtio-console")
+
+    @property
+    def console_input(self) -> Callable[[bytes], int]:
+        """Where host terminal input goes: the device the console is on."""
+        if self.virtio_console is not None:
+            return self.virtio_console.enqueue_input
+        return self.serial.enqueue_input
 
     def _setup_firmware(self) -> int:
         """MP table and ACPI tables; returns the RSDP address for the boot information."""

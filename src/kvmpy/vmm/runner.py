@@ -51,7 +51,7 @@ def run_vm(
 def _boot_once(config: VmConfig, serial_sink: BinaryIO | None, stdin_fd: int | None, boots: int) -> RunResult:
     machine = Machine(config, serial_sink=serial_sink)
     try:
-        pump = InputPump(stdin_fd, machine.serial.enqueue_input) if stdin_fd is not None else None
+        pump = InputPump(stdin_fd, machine.console_input) if stdin_fd is not None else None
         mode = terminal_input_mode(stdin_fd) if stdin_fd is not None else contextlib.nullcontext()
         started = time.monotonic()
         with mode:
