@@ -15,6 +15,7 @@ from typing import BinaryIO
 
 from kvmpy.lab import LabError
 from kvmpy.lab.assets import lab_assets
+from kvmpy.lab.debian import cache_dir
 
 QEMU = "qemu-system-x86_64"
 #: Environment variables carried from the caller into the lab command.
@@ -129,6 +130,8 @@ def run_in_lab(
 def _status(share: Path, qemu_status: int, qemu_output: str) -> int:
     error = share / "lab-error"
     console = share / "console.log"
+    if console.exists():  # kept for post-mortems: the share itself is deleted
+        shutil.copyfile(console, cache_dir() / "lab" / "last-console.log")
     log_tail = ""
     if console.exists():
         lines = console.read_text("utf-8", "replace").splitlines()[-15:]
@@ -138,8 +141,12 @@ def _status(share: Path, qemu_status: int, qemu_output: str) -> int:
     status = share / "status"
     if not status.exists():
         reason = qemu_output.strip().splitlines()[-1] if qemu_output.strip() else f"QEMU exit {qemu_status}"
-        raise LabError(f"the lab ended before the command finished ({reason})\n{log_tail}")
+        raise LabEndedError(f"the lab ended before the command finished ({reason})\n{log_tail}")
     return int(status.read_text().strip() or "1")
 
 
-__all__ = ["command_script", "qemu_command", "run_in_lab"]
+class LabEndedError(LabError):
+    """The lab machine itself went down (reset or crash) while the command ran."""
+
+
+__all__ = ["LabEndedError", "command_script", "qemu_command", "run_in_lab"]
