@@ -209,3 +209,15 @@ def test_console_exits_serial_vs_virtio(guests: Path) -> None:
     assert serial.stats.device("serial (COM1)").writes >= 16384
     assert serial.stats.total_exits > 16384
     assert virtio.stats.total_exits < 200
+
+
+def test_guest_scribbling_over_its_rings(guests: Path, tmp_path: Path) -> None:
+    """Garbage rings mark the device DEVICE_NEEDS_RESET; the VMM goes on and ends the VM cleanly."""
+    from kvmpy.vmm.config import DiskConfig
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(64 * 512))
+    result, output = boot(guests / "virtio_scribble.elf", "", disks=(DiskConfig(image),))
+    assert result.reason.kind is StopKind.DEBUG_EXIT and result.reason.status == 0, output
+    assert "device status 0x000000000000004f" in output
+    assert image.read_bytes() == bytes(64 * 512)

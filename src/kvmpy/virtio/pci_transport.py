@@ -145,6 +145,8 @@ class VirtioPciTransport:
         """Queue ``index`` was kicked (from an ioeventfd or an exit)."""
         if not 0 <= index < len(self.queues) or not self.status & STATUS_DRIVER_OK:
             return
+        if self.status & STATUS_NEEDS_RESET:
+            return  # a broken device stays quiet until the driver resets it
         try:
             self.device.queue_notify(index)
         except GuestError as error:
