@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from kvmpy.lab.scenarios import Scenario, ScenarioResult, parse_results
 pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The whole lab batch, retries included, ends within this (CI allows 90 minutes in all).
+LAB_DEADLINE_SECONDS = 50 * 60
 PRINT_NPROC = "echo NPROC=$(nproc); poweroff -f"
 
 
@@ -132,28 +135,42 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
 def lab_results(disk: tuple[Path, str, str]) -> dict[str, ScenarioResult]:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed (run scripts/setup)")
+    from kvmpy.lab import LabError
     from kvmpy.lab.runner import LabEndedError, run_in_lab
 
     scenarios = _scenarios(disk[0])
     results: dict[str, ScenarioResult] = {}
-    # The lab is an emulated machine running nested SVM; if it goes down mid-run (seen
-    # rarely under TCG), the scenarios it had not finished run again in a fresh lab boot.
+    failures: list[str] = []
+    # The lab is an emulated machine running nested SVM; if it goes down or stalls
+    # mid-run (seen rarely under TCG), the scenarios it had not finished run again
+    # in a fresh lab boot.
+    deadline = time.monotonic() + LAB_DEADLINE_SECONDS
     for _attempt in range(3):
         remaining = [s for s in scenarios if s.name not in results]
-        if not remaining:
+        if not remaining or time.monotonic() > deadline - 120:
             break
         specs = json.dumps([asdict(s) for s in remaining])
         output = io.BytesIO()
+        budget = min(sum(s.timeout for s in remaining) + 300, deadline - time.monotonic())
         try:
             status = run_in_lab(
-                [sys.executable, "-m", "kvmpy.lab.scenarios", specs], cwd=ROOT, output=output, timeout=1800
+                [sys.executable, "-m", "kvmpy.lab.scenarios", specs], cwd=ROOT, output=output, timeout=budget
             )
         except LabEndedError as error:
-            print(f"lab went down, retrying the rest: {error}")
+            failures.append(f"lab went down: {error}")
+            status = 0
+        except LabError as error:
+            failures.append(f"lab failed: {error}")
             status = 0
         text = output.getvalue().decode("utf-8", "replace")
         assert status == 0, text[-3000:]
-        results.update(parse_results(text))
+        found = parse_results(text)
+        if not found:
+            failures.append("no scenario finished; the lab's output ends with:\n" + text[-2000:])
+            break
+        results.update(found)
+    missing = [s.name for s in scenarios if s.name not in results]
+    assert not missing, f"scenarios never finished: {missing}\n" + "\n".join(failures)
     for result in results.values():  # the figures, for the log and the README
         print(
             f"{result.name}: status {result.status}, ready after {result.ready_seconds} s, "

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ class Scenario:
     args: tuple[str, ...] = ()
     #: Send SIGINT once the guest has reached its init this many times (0: never).
     interrupt_after_ready: int = 0
-    timeout: float = 300.0
+    timeout: float = 240.0
     #: Shell commands run in the lab before and after the VM; "{tmp}" in them and in
     #: ``args`` is a writable scratch directory. Their output lands in ``notes``.
     prepare: str = ""
@@ -134,7 +135,15 @@ def _run_vm(scenario: Scenario) -> ScenarioResult:
         stderr=subprocess.PIPE,
         env=os.environ.copy(),
     )
-    assert process.stdout is not None
+    assert process.stdout is not None and process.stderr is not None
+    # A guest that hangs silently must not hang the whole batch: a watchdog kills
+    # the VMM after the scenario's timeout, and stderr drains on its own thread.
+    watchdog = threading.Timer(scenario.timeout, process.kill)
+    watchdog.start()
+    errors = bytearray()
+    error_stream = process.stderr
+    drain = threading.Thread(target=lambda: errors.extend(error_stream.read()), daemon=True)
+    drain.start()
     output = bytearray()
     readies, ready_at = 0, None
     marker = READY_MARKER.encode()
@@ -146,14 +155,17 @@ def _run_vm(scenario: Scenario) -> ScenarioResult:
                 ready_at = ready_at or time.monotonic() - started
                 if scenario.interrupt_after_ready and readies >= scenario.interrupt_after_ready:
                     process.send_signal(signal.SIGINT)
-            if time.monotonic() - started > scenario.timeout:
-                process.kill()
-                break
-        status = process.wait(timeout=30)
+        status: int | None = process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
         status = None
-    stderr = process.stderr.read().decode("utf-8", "replace") if process.stderr else ""
+    finally:
+        watchdog.cancel()
+    drain.join(timeout=10)
+    timed_out = time.monotonic() - started >= scenario.timeout
+    stderr = errors.decode("utf-8", "replace")
+    if timed_out:
+        stderr += f"\nkvmpy.lab.scenarios: killed after {scenario.timeout:.0f} s"
     text = output.decode("utf-8", "replace")
     return ScenarioResult(
         name=scenario.name,
