@@ -163,12 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(subparsers)
     _add_demo_parser(subparsers)
-    try:
-        lab_command = importlib.import_module("kvmpy.lab.command")
-    except ImportError:
-        pass  # the lab is an optional part of kvmpy
-    else:
-        lab_command.register(subparsers)
+    for optional in ("kvmpy.lab.command", "kvmpy.bench.command"):
+        try:
+            module = importlib.import_module(optional)
+        except ImportError:
+            continue  # the lab and the benchmarks are optional parts of kvmpy
+        module.register(subparsers)
     return parser
 
 

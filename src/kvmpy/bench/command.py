@@ -1,0 +1,123 @@
+"""``kvmpy bench``: run the suites, write the Markdown report, plots and raw samples."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvmpy.errors import HostError
+
+if TYPE_CHECKING:  # the suites load only when the command runs: ``kvmpy run`` starts faster
+    from kvmpy.bench.local import LocalPlan
+    from kvmpy.bench.metric import Metric
+
+PREAMBLE = """
+kvmpy against QEMU/KVM on identical guests, measured in the same run, the two
+VMMs alternating. Figures are medians over the runs (n in the metric column);
+ratio is kvmpy's median over QEMU's. "This machine" rows run the test guests of
+guests/ on the host's KVM (PVM here: every exit costs tens of microseconds,
+whoever the VMM is); QEMU runs them on its microvm machine, which like kvmpy
+boots a PVH kernel without firmware. "Lab" rows boot Debian's stock kernel with
+the default image's initramfs inside the lab (QEMU TCG with AMD SVM and a real
+KVM), QEMU on its default PC machine with SeaBIOS; absolute lab figures are
+TCG's, the ratios are what carry over. Regenerate with `{command}`.
+"""
+
+
+def _progress(message: str) -> None:
+    print(f"kvmpy bench: {message}", file=sys.stderr, flush=True)
+
+
+def _check_host() -> None:
+    if shutil.which("qemu-system-x86_64") is None:
+        raise HostError(
+            "kvmpy bench compares with QEMU: qemu-system-x86_64 is not installed (run scripts/setup)"
+        )
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        raise HostError("kvmpy bench needs read and write access to /dev/kvm")
+
+
+def _profiles(metrics: list[Metric], plan: LocalPlan) -> str:
+    """py-spy profiles for the targets kvmpy missed on this machine."""
+    from kvmpy.bench.profile import profile_run
+    from kvmpy.testing.guests import guest_path
+
+    sections = []
+    missed = {m.key for m in metrics if m.met() is False}
+    if missed & {"start_to_first_output"}:
+        sections.append(profile_run(guest_path("hello"), "", "start-up (hello guest)"))
+    if missed & {"pio_storm_round_trip", "mmio_storm_round_trip"}:
+        sections.append(
+            profile_run(guest_path("pio_storm"), f"count={plan.exits * 5}", "port I/O exits (pio_storm)")
+        )
+    return "\n".join(sections)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from kvmpy.bench.local import LocalPlan, run_local_suite
+    from kvmpy.bench.report import render, write_plots
+
+    _check_host()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    plan = LocalPlan.quick() if args.quick else LocalPlan.full()
+    if args.repetitions:
+        plan = LocalPlan(repetitions=args.repetitions, exits=plan.exits)
+    started = time.monotonic()
+    metrics = run_local_suite(plan, _progress)
+    if not args.quick and not args.no_lab:
+        from kvmpy.bench.lab import LabPlan, run_lab_suite
+
+        metrics += run_lab_suite(LabPlan.full(), _progress)
+    appendix = _profiles(metrics, plan)
+    plots = write_plots(metrics, out)
+    invocation = "kvmpy bench" + (" --quick" if args.quick else "") + (" --no-lab" if args.no_lab else "")
+    report = render(
+        metrics,
+        title="kvmpy benchmarks" + (" (quick)" if args.quick else ""),
+        preamble=PREAMBLE.format(command=f"{invocation} --out {out}"),
+        plots=plots,
+        appendix=appendix,
+    )
+    (out / "benchmarks.md").write_text(report)
+    (out / "benchmarks.json").write_text(json.dumps([_sample_record(m) for m in metrics], indent=1))
+    _progress(f"done in {time.monotonic() - started:.0f} s: {out / 'benchmarks.md'}")
+    print(report)
+    return 0
+
+
+def _sample_record(metric: Metric) -> dict[str, object]:
+    record = asdict(metric)
+    record["better"] = metric.better.value
+    record["ratio"] = metric.ratio
+    record["met"] = metric.met()
+    return record
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    bench = subparsers.add_parser("bench", help="benchmark kvmpy against QEMU/KVM on identical guests")
+    bench.add_argument("--quick", action="store_true", help="fewer runs, this machine only (under 5 minutes)")
+    bench.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for the report")
+    bench.add_argument("--no-lab", action="store_true", help="skip the Linux benchmarks in the lab")
+    bench.add_argument("--repetitions", type=_positive, help="runs per VMM for each figure on this machine")
+    bench.set_defaults(handler=_bench)
+
+
+__all__ = ["register"]

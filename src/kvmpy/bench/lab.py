@@ -1,0 +1,320 @@
+"""Benchmarks in the lab (real AMD SVM under QEMU TCG): stock Debian Linux under kvmpy and QEMU/KVM.
+
+Both VMMs boot the same kernel and initramfs with the same command line, one
+after the other, in one lab boot per paging mode. The guest side of each I/O
+and memory workload is ``kvmpy-bench`` (guests/linux/kvmpy_bench.c), appended
+to the default image's initramfs; it times itself with the guest's clock and
+prints "BENCH key=value" lines.
+
+Absolute figures in the lab are TCG's, many times slower than hardware; the
+ratios between the two VMMs on the same emulated machine are what carry over.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from kvmpy.bench.metric import Better, Metric, Target
+from kvmpy.errors import HostError
+from kvmpy.lab import cpio
+from kvmpy.lab.debian import cache_dir
+from kvmpy.lab.image import build_image
+from kvmpy.lab.scenarios import Scenario, ScenarioResult, parse_results
+from kvmpy.testing.guests import build_guests
+
+TOOL = "/bin/kvmpy-bench"
+TAP = "kvmbench0"
+HOST_ADDRESS, GUEST_ADDRESS = "10.0.3.1", "10.0.3.15"
+MAC = "52:54:00:12:34:56"
+DISK_MIB = 128
+VMMS = ("kvmpy", "qemu")
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class LabPlan:
+    boots: int  # boot-time repetitions per VMM
+    blk_mib: int
+    random_reads: int
+    net_mib: int
+    round_trips: int
+    console_kib: int
+    forks: int
+    maps: int
+    tlb_reads: int
+
+    @classmethod
+    def full(cls) -> LabPlan:
+        return cls(
+            boots=3,
+            blk_mib=64,
+            random_reads=2000,
+            net_mib=32,
+            round_trips=500,
+            console_kib=256,
+            forks=200,
+            maps=40,
+            tlb_reads=2_000_000,
+        )
+
+
+def bench_initrd() -> tuple[Path, Path]:
+    """The default image's kernel, and its initramfs with kvmpy-bench appended (a second archive)."""
+    image = build_image()
+    tool = build_guests() / "kvmpy-bench"
+    extra = cpio.gzipped([cpio.regular(TOOL.lstrip("/"), tool.read_bytes(), executable=True)])
+    initrd = cache_dir() / "bench" / "initrd-with-kvmpy-bench.cpio.gz"
+    initrd.parent.mkdir(parents=True, exist_ok=True)
+    initrd.write_bytes(image.initrd.read_bytes() + extra)
+    return image.kernel, initrd
+
+
+def _disk_args(vmm: str) -> tuple[str, ...]:
+    disk = "{tmp}/bench.img"
+    if vmm == "qemu":  # page-cache backed on the host, as kvmpy's, no vhost
+        return ("-drive", f"file={disk},if=virtio,format=raw,cache=writeback,aio=threads")
+    return ("--disk", disk)
+
+
+def _net_args(vmm: str) -> tuple[str, ...]:
+    if vmm == "qemu":
+        return (
+            "-netdev",
+            f"tap,id=net0,ifname={TAP},script=no,downscript=no,vhost=off",
+            "-device",
+            f"virtio-net-pci,netdev=net0,mac={MAC}",
+        )
+    return ("--net", f"tap={TAP},mac={MAC}")
+
+
+def _net_prepare() -> str:
+    peer = f"{sys.executable} -m kvmpy.bench.net_peer {HOST_ADDRESS}"
+    return (
+        f"ip tuntap add dev {TAP} mode tap vnet_hdr && ip addr add {HOST_ADDRESS}/24 dev {TAP} && "
+        f"ip link set {TAP} up && ({peer} > {{tmp}}/peer.log 2>&1 & echo $! > {{tmp}}/peer.pid); sleep 1"
+    )
+
+
+def _net_cleanup() -> str:
+    return f"kill $(cat {{tmp}}/peer.pid); ip link del {TAP}"
+
+
+def io_scenarios(kernel: str, initrd: str, plan: LabPlan) -> list[Scenario]:
+    """Boot, block, network and console workloads under both VMMs, alternating."""
+    base = Scenario("", kernel, initrd, "", cpus=2, memory="512M", timeout=300.0)
+    scenarios = []
+    for index in range(plan.boots):
+        for vmm in VMMS:
+            scenarios.append(replace(base, name=f"boot-{vmm}-{index}", vmm=vmm, command="poweroff -f"))
+    blk = (
+        f"{TOOL} blk-write /dev/vda {plan.blk_mib}; {TOOL} blk-read /dev/vda {plan.blk_mib}; "
+        f"{TOOL} blk-randread /dev/vda {plan.random_reads}; poweroff -f"
+    )
+    net = (
+        f"ip link set eth0 up && ip addr add {GUEST_ADDRESS}/24 dev eth0 && "
+        f"{TOOL} tcp-send {HOST_ADDRESS} 5001 {plan.net_mib}; "
+        f"{TOOL} tcp-recv {HOST_ADDRESS} 5002 {plan.net_mib}; "
+        f"{TOOL} tcp-rr {HOST_ADDRESS} 5003 {plan.round_trips}; poweroff -f"
+    )
+    for vmm in VMMS:
+        scenarios.append(
+            replace(
+                base,
+                name=f"blk-{vmm}",
+                vmm=vmm,
+                command=blk,
+                args=_disk_args(vmm),
+                prepare=f"dd if=/dev/urandom of={{tmp}}/bench.img bs=1M count={DISK_MIB} 2>/dev/null",
+            )
+        )
+        scenarios.append(
+            replace(
+                base,
+                name=f"net-{vmm}",
+                vmm=vmm,
+                command=net,
+                args=_net_args(vmm),
+                prepare=_net_prepare(),
+                verify=_net_cleanup(),
+            )
+        )
+    for device, console in (("serial", "ttyS0"), ("virtio", "hvc0")):
+        scenarios.append(
+            replace(
+                base,
+                name=f"console-{device}",
+                command=f"{TOOL} console /dev/{console} {plan.console_kib}; poweroff -f",
+                args=("--console", device, "--stats"),
+                kernel_args=f"console={console} quiet",
+            )
+        )
+    return scenarios
+
+
+def paging_scenarios(kernel: str, initrd: str, plan: LabPlan) -> list[Scenario]:
+    """Page-table-heavy and TLB-heavy workloads, under both VMMs (run once per paging mode)."""
+    command = (
+        f"{TOOL} forkexec {plan.forks}; {TOOL} mmap {plan.maps} 16; "
+        f"{TOOL} tlb 256 {plan.tlb_reads}; poweroff -f"
+    )
+    base = Scenario("", kernel, initrd, command, cpus=1, memory="768M", timeout=600.0)
+    return [replace(base, name=f"paging-{vmm}", vmm=vmm) for vmm in VMMS]
+
+
+def bench_lines(result: ScenarioResult) -> dict[str, dict[str, float]]:
+    """The guest's "BENCH name key=value ..." lines, by name."""
+    found: dict[str, dict[str, float]] = {}
+    for match in re.finditer(r"BENCH (\S+)((?: \w+=[\d.]+)+)", result.output):
+        values = dict(pair.split("=") for pair in match.group(2).split())
+        found[match.group(1)] = {key: float(value) for key, value in values.items()}
+    return found
+
+
+def run_lab_batch(scenarios: list[Scenario], *, npt: bool, progress: Progress) -> dict[str, ScenarioResult]:
+    """Run ``scenarios`` in one lab boot; the guest consoles stream to ``progress``."""
+    from kvmpy.lab.runner import run_in_lab
+
+    specs = cache_dir() / "bench" / f"scenarios-npt{int(npt)}.json"
+    specs.write_text(json.dumps([asdict(s) for s in scenarios]))
+    log = cache_dir() / "bench" / f"lab-npt{int(npt)}.log"
+    progress(f"lab (npt={'on' if npt else 'off'}): {len(scenarios)} guest boots, output in {log}")
+    with log.open("wb") as sink:
+        status = run_in_lab(
+            [sys.executable, "-m", "kvmpy.lab.scenarios", str(specs)],
+            npt=npt,
+            cpus=2,
+            memory_mib=3072,
+            timeout=sum(s.timeout for s in scenarios) + 300,
+            output=sink,
+        )
+    results = parse_results(log.read_text("utf-8", "replace"))
+    if status != 0 or not results:
+        raise HostError(f"the lab benchmark batch failed (status {status}); see {log}")
+    return results
+
+
+def _fail_unless_ok(results: Iterable[ScenarioResult]) -> None:
+    for result in results:
+        if result.status != 0:
+            raise HostError(
+                f"lab benchmark {result.name} ended with status {result.status}:\n"
+                + "\n".join((result.output + "\n" + result.stderr).splitlines()[-15:])
+            )
+
+
+def _exits(stderr: str) -> float | None:
+    for line in stderr.splitlines():
+        if line.startswith("exits to userspace:"):
+            return float(line.split()[3])
+    return None
+
+
+WHERE = "lab (SVM, npt=on)"
+
+
+def io_metrics(results: dict[str, ScenarioResult], plan: LabPlan) -> list[Metric]:
+    _fail_unless_ok(results.values())
+    boot = Metric("boot_to_init", "Linux boot to init (smp2)", "s", WHERE, target=Target(ratio=0.8))
+    off = Metric("boot_to_poweroff", "Linux boot to poweroff, VMM exit (smp2)", "s", WHERE)
+    for name, result in results.items():
+        if name.startswith("boot-"):
+            vmm = name.split("-")[1]
+            if result.ready_seconds is not None:
+                getattr(boot, vmm).append(result.ready_seconds)
+            getattr(off, vmm).append(result.wall_seconds)
+    metrics = [boot, off]
+    rows = [
+        ("blk", "blk-read", "mbps", "virtio-blk sequential read, 1 MiB O_DIRECT", "MB/s", Target(ratio=1.0)),
+        (
+            "blk",
+            "blk-write",
+            "mbps",
+            "virtio-blk sequential write, 1 MiB O_DIRECT",
+            "MB/s",
+            Target(ratio=1.0),
+        ),
+        (
+            "blk",
+            "blk-randread",
+            "iops",
+            "virtio-blk 4 KiB random read, O_DIRECT, QD1",
+            "IOPS",
+            Target(ratio=1.0),
+        ),
+        ("net", "tcp-send", "mbitps", "virtio-net TCP guest → host", "Mbit/s", Target(ratio=0.8)),
+        ("net", "tcp-recv", "mbitps", "virtio-net TCP host → guest", "Mbit/s", Target(ratio=0.8)),
+        ("net", "tcp-rr", "rtt_us", "virtio-net TCP 1-byte round trip", "µs", None),
+    ]
+    for scenario, line, key, title, unit, target in rows:
+        better = Better.LOWER if unit == "µs" else Better.HIGHER
+        metric = Metric(line, title, unit, WHERE, better=better, target=target)
+        for vmm in VMMS:
+            value = bench_lines(results[f"{scenario}-{vmm}"]).get(line, {}).get(key)
+            if value is not None:
+                getattr(metric, vmm).append(value)
+        metrics.append(metric)
+    metrics += _console_metrics(results, plan)
+    return metrics
+
+
+def _console_metrics(results: dict[str, ScenarioResult], plan: LabPlan) -> list[Metric]:
+    metrics = []
+    for device, label in (("serial", "16550A serial (ttyS0)"), ("virtio", "virtio-console (hvc0)")):
+        result = results[f"console-{device}"]
+        exits = _exits(result.stderr)
+        line = bench_lines(result).get("console", {})
+        note = "kvmpy only; exits counted over the whole boot, which itself costs about 78,000"
+        per_kib = Metric(f"console_{device}_exits", f"{label}: exits per KiB written", "exits/KiB", WHERE)
+        if exits is not None:
+            per_kib.kvmpy.append(exits / plan.console_kib)
+            per_kib.note = note
+        speed = Metric(
+            f"console_{device}_speed", f"{label}: throughput", "KiB/s", WHERE, better=Better.HIGHER
+        )
+        if "kibps" in line:
+            speed.kvmpy.append(line["kibps"])
+        metrics += [per_kib, speed]
+    return metrics
+
+
+def paging_metrics(by_mode: dict[str, dict[str, ScenarioResult]]) -> list[Metric]:
+    rows = [
+        ("forkexec", "us_each", "fork + exec + wait", "µs"),
+        ("mmap", "us_each", "mmap 16 MiB, touch, munmap", "µs"),
+        ("tlb", "ns_each", "random dependent read over 256 MiB", "ns"),
+    ]
+    metrics = []
+    for mode, results in by_mode.items():
+        _fail_unless_ok(results.values())
+        where = f"lab (SVM, npt={mode})"
+        paging = "nested paging" if mode == "on" else "shadow paging"
+        for line, key, title, unit in rows:
+            metric = Metric(f"{line}_npt_{mode}", f"{title}, {paging}", unit, where)
+            for vmm in VMMS:
+                value = bench_lines(results[f"paging-{vmm}"]).get(line, {}).get(key)
+                if value is not None:
+                    getattr(metric, vmm).append(value)
+            metrics.append(metric)
+    return metrics
+
+
+def run_lab_suite(plan: LabPlan, progress: Progress) -> list[Metric]:
+    kernel, initrd = bench_initrd()
+    io = io_scenarios(str(kernel), str(initrd), plan)
+    paging = paging_scenarios(str(kernel), str(initrd), plan)
+    with_npt = run_lab_batch(io + paging, npt=True, progress=progress)
+    without_npt = run_lab_batch(paging, npt=False, progress=progress)
+    metrics = io_metrics({k: v for k, v in with_npt.items() if not k.startswith("paging-")}, plan)
+    paging_results = {
+        "on": {k: v for k, v in with_npt.items() if k.startswith("paging-")},
+        "off": without_npt,
+    }
+    return metrics + paging_metrics(paging_results)
+
+
+__all__ = ["LabPlan", "bench_initrd", "bench_lines", "run_lab_suite"]

@@ -1,0 +1,124 @@
+"""Benchmarks on this machine's KVM: kvmpy and QEMU alternate on the same test-guest ELFs.
+
+Each figure is a median over repetitions. Per-exit costs come from paired runs:
+the same guest with N accesses and with none, so VMM start-up and guest set-up
+cancel out and what remains is N exit round trips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from kvmpy.bench.measure import Sample, run
+from kvmpy.bench.metric import Metric, Target, per_unit
+from kvmpy.errors import HostError
+from kvmpy.testing.guests import guest_path
+
+WHERE = "this machine"
+VMMS = ("kvmpy", "qemu")
+MEMTOUCH_MIB = 64
+GUEST_RAM_MIB = 256
+
+
+@dataclass(frozen=True, slots=True)
+class LocalPlan:
+    repetitions: int
+    exits: int  # guest accesses per storm run
+
+    @classmethod
+    def quick(cls) -> LocalPlan:
+        return cls(repetitions=3, exits=4000)
+
+    @classmethod
+    def full(cls) -> LocalPlan:
+        return cls(repetitions=9, exits=20000)
+
+
+Progress = Callable[[str], None]
+
+
+def _checked(sample: Sample, guest: str) -> Sample:
+    if sample.status != 0:
+        tail = sample.output.decode("utf-8", "replace").strip().splitlines()[-3:]
+        raise HostError(f"{sample.vmm} ran the {guest} guest with status {sample.status}: {tail}")
+    return sample
+
+
+def _alternate(guest: str, cmdline: str, repetitions: int, progress: Progress) -> dict[str, list[Sample]]:
+    """Run ``guest`` under each VMM in turn, ``repetitions`` times."""
+    path = guest_path(guest)
+    samples: dict[str, list[Sample]] = {vmm: [] for vmm in VMMS}
+    for index in range(repetitions):
+        for vmm in VMMS:
+            samples[vmm].append(_checked(run(vmm, path, cmdline, GUEST_RAM_MIB), guest))
+        progress(f"{guest} {cmdline or '(no arguments)'}: {index + 1}/{repetitions}")
+    return samples
+
+
+def _start_metrics(plan: LocalPlan, progress: Progress) -> list[Metric]:
+    samples = _alternate("hello", "", plan.repetitions, progress)
+    first = Metric(
+        "start_to_first_output",
+        "VMM start to the guest's first serial byte (hello guest)",
+        "ms",
+        WHERE,
+        target=Target(ratio=1.0),
+        note="stands in for 'first guest instruction': the guest's first act is to print",
+    )
+    whole = Metric("start_to_exit", "VMM start to guest exit (hello guest)", "ms", WHERE)
+    for vmm in VMMS:
+        first_outputs = [s.first_output * 1000 for s in samples[vmm] if s.first_output is not None]
+        getattr(first, vmm).extend(first_outputs)
+        getattr(whole, vmm).extend(s.wall * 1000 for s in samples[vmm])
+    return [first, whole]
+
+
+def _storm_metrics(guest: str, label: str, extra: str, plan: LocalPlan, progress: Progress) -> list[Metric]:
+    loaded = _alternate(guest, f"count={plan.exits} {extra}".strip(), plan.repetitions, progress)
+    empty = _alternate(guest, f"count=0 {extra}".strip(), plan.repetitions, progress)
+    wall = Metric(
+        f"{guest}_round_trip",
+        f"{label} exit round trip, wall time per exit",
+        "µs",
+        WHERE,
+        target=Target(ratio=1.2),
+    )
+    cpu = Metric(
+        f"{guest}_cpu_per_exit",
+        f"{label} exit, VMM CPU time per exit (user + system)",
+        "µs",
+        WHERE,
+    )
+    for vmm in VMMS:
+        walls = per_unit([s.wall for s in loaded[vmm]], [s.wall for s in empty[vmm]], plan.exits)
+        cpus = per_unit([s.cpu for s in loaded[vmm]], [s.cpu for s in empty[vmm]], plan.exits)
+        getattr(wall, vmm).extend(w * 1e6 for w in walls)
+        getattr(cpu, vmm).extend(c * 1e6 for c in cpus)
+    return [wall, cpu]
+
+
+def _memory_metric(plan: LocalPlan, progress: Progress) -> Metric:
+    samples = _alternate("memtouch", f"mib={MEMTOUCH_MIB}", plan.repetitions, progress)
+    metric = Metric(
+        "vmm_overhead",
+        f"VMM resident memory minus the {MEMTOUCH_MIB} MiB the guest touched",
+        "MiB",
+        WHERE,
+        target=Target(absolute=40),
+        note="peak RSS of the VMM process (getrusage), guest RAM 256 MiB",
+    )
+    for vmm in VMMS:
+        getattr(metric, vmm).extend(s.max_rss / (1 << 20) - MEMTOUCH_MIB for s in samples[vmm])
+    return metric
+
+
+def run_local_suite(plan: LocalPlan, progress: Progress) -> list[Metric]:
+    metrics = _start_metrics(plan, progress)
+    metrics += _storm_metrics("pio_storm", "Port I/O (OUT to 0x80)", "", plan, progress)
+    metrics += _storm_metrics("mmio_storm", "MMIO (4-byte write, unassigned)", "", plan, progress)
+    metrics.append(_memory_metric(plan, progress))
+    return metrics
+
+
+__all__ = ["LocalPlan", "run_local_suite"]

@@ -1,0 +1,148 @@
+"""The benchmark suite: figures, targets, the report, the lab plan, and a quick run against QEMU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmpy.bench.lab import LabPlan, bench_lines, io_scenarios, paging_metrics, paging_scenarios
+from kvmpy.bench.metric import Better, Metric, Target, per_unit
+from kvmpy.bench.profile import leaf_shares
+from kvmpy.bench.report import markdown_table, render
+from kvmpy.lab.scenarios import ScenarioResult
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _metric(kvmpy: list[float], qemu: list[float], **kwargs: object) -> Metric:
+    return Metric("k", "a figure", "µs", "here", kvmpy=kvmpy, qemu=qemu, **kwargs)  # type: ignore[arg-type]
+
+
+def test_ratio_is_kvmpy_median_over_qemu_median() -> None:
+    metric = _metric([1.0, 9.0, 3.0], [2.0, 2.0, 100.0])
+    assert metric.kvmpy_median == 3.0 and metric.qemu_median == 2.0
+    assert metric.ratio == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize(
+    ("better", "bound", "met"),
+    [
+        (Better.LOWER, 1.2, False),
+        (Better.LOWER, 1.6, True),
+        (Better.HIGHER, 1.0, True),
+        (Better.HIGHER, 2.0, False),
+    ],
+)
+def test_ratio_targets_follow_the_direction_of_better(better: Better, bound: float, met: bool) -> None:
+    metric = _metric([3.0], [2.0], better=better, target=Target(ratio=bound))
+    assert metric.met() is met
+
+
+def test_absolute_target_and_missing_figures() -> None:
+    assert _metric([30.0], [], target=Target(absolute=40)).met() is True
+    assert _metric([50.0], [], target=Target(absolute=40)).met() is False
+    assert _metric([], [], target=Target(ratio=1.0)).met() is None
+    assert _metric([1.0], [1.0]).met() is None  # no target
+
+
+def test_per_unit_subtracts_the_empty_run() -> None:
+    assert per_unit([1.0, 2.0], [0.5, 1.0], 10) == pytest.approx([0.05, 0.1])
+    with pytest.raises(ValueError):
+        per_unit([1.0], [], 10)
+
+
+def test_report_says_plainly_which_targets_are_missed() -> None:
+    missed = _metric([3.0], [1.0], target=Target(ratio=1.2))
+    met = Metric("m", "memory", "MiB", "here", kvmpy=[20.0], target=Target(absolute=40))
+    table = markdown_table([missed, met], "2026-01-01")
+    assert (
+        "| a figure (µs, n=1) | 3.00 | 1.00 | 3.00× | ≤ 1.2× QEMU: **missed** | here | 2026-01-01 |" in table
+    )
+    assert "≤ 40 MiB: met" in table
+    report = render([missed, met], title="t", preamble="p", plots=[], appendix="### Profile")
+    assert "Targets missed: a figure (kvmpy 3 µs vs QEMU 1 µs, 3.00×)." in report
+    assert report.rstrip().endswith("### Profile")
+
+
+def test_profile_charges_imports_to_the_module_that_runs() -> None:
+    raw = (
+        "main (kvmpy/cli.py:1);_find_and_load (<frozen>:1);<module> (kvmpy/abi/x.py:3);"
+        "_call_with_frames_removed (<frozen>:2) 30\n"
+        "run (threading.py:1);Vcpu.run (kvmpy/kvm/vcpu.py:59) 70\n"
+    )
+    shares = dict(leaf_shares(raw))
+    assert shares == {"Vcpu.run (kvmpy/kvm/vcpu.py:59)": 0.7, "<module> (kvmpy/abi/x.py:3)": 0.3}
+
+
+def _result(name: str, output: str, status: int = 0) -> ScenarioResult:
+    return ScenarioResult(name, status, 1, 1.0, 2.0, output)
+
+
+def test_bench_lines_are_parsed_from_the_guest_console() -> None:
+    output = (
+        "noise\nBENCH blk-read mib=64 seconds=0.5 mbps=134.2\r\nBENCH tlb mib=256 reads=10 ns_each=9.5 (3)\n"
+    )
+    lines = bench_lines(_result("x", output))
+    assert lines["blk-read"] == {"mib": 64.0, "seconds": 0.5, "mbps": 134.2}
+    assert lines["tlb"]["ns_each"] == 9.5
+
+
+def test_lab_plan_alternates_vmms_on_the_same_kernel_and_initrd() -> None:
+    plan = LabPlan.full()
+    scenarios = io_scenarios("/k", "/i", plan) + paging_scenarios("/k", "/i", plan)
+    names = [s.name for s in scenarios]
+    assert len(names) == len(set(names))
+    assert names[:2] == ["boot-kvmpy-0", "boot-qemu-0"]
+    assert {(s.kernel, s.initrd) for s in scenarios} == {("/k", "/i")}
+    by_name = {s.name: s for s in scenarios}
+    assert "--disk" in by_name["blk-kvmpy"].args and "-drive" in by_name["blk-qemu"].args
+    assert by_name["blk-kvmpy"].command == by_name["blk-qemu"].command
+    assert "vhost=off" in " ".join(by_name["net-qemu"].args)
+
+
+def test_paging_metrics_put_both_modes_side_by_side() -> None:
+    def results(factor: float) -> dict[str, ScenarioResult]:
+        line = f"BENCH forkexec count=1 seconds=1 us_each={100 * factor}\n"
+        return {f"paging-{vmm}": _result(f"paging-{vmm}", line) for vmm in ("kvmpy", "qemu")}
+
+    metrics = {m.key: m for m in paging_metrics({"on": results(1), "off": results(3)})}
+    assert metrics["forkexec_npt_on"].kvmpy == [100.0]
+    assert metrics["forkexec_npt_off"].qemu == [300.0]
+    assert metrics["tlb_npt_on"].kvmpy == []  # no line, no figure (and no crash)
+
+
+def test_bench_rejects_bad_arguments_in_one_line() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "kvmpy", "bench", "--repetitions", "zero"], capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "--repetitions: not a number: 'zero'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.kvm
+def test_quick_bench_against_qemu_writes_the_report(tmp_path: Path) -> None:
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("needs /dev/kvm")
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("needs qemu-system-x86_64 (run scripts/setup)")
+    done = subprocess.run(
+        [sys.executable, "-m", "kvmpy", "bench", "--quick", "--repetitions", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = (tmp_path / "benchmarks.md").read_text()
+    for row in ("exit round trip, wall time per exit", "VMM resident memory", "first serial byte"):
+        assert row in report
+    pio = next(line for line in report.splitlines() if line.startswith("| Port I/O") and "wall" in line)
+    kvmpy_us, qemu_us = (float(cell.replace(",", "")) for cell in pio.split("|")[2:4])
+    assert 1 < kvmpy_us < 10_000 and 1 < qemu_us < 10_000  # both VMMs really took exits
+    assert (tmp_path / "benchmarks.json").exists()
