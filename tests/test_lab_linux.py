@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,11 @@ VIRTIO_COMMAND = (
 )
 
 
+#: With MSI off (pci=nomsi) the virtio drivers fall back to INTx through the IOAPIC.
+INTX_COMMAND = (
+    "mount -o ro /dev/vda /mnt && md5sum /mnt/data.bin; grep virtio /proc/interrupts; "
+    "head -c 64 /mnt/data.bin > /dev/null; poweroff -f"
+)
 CONSOLE_BYTES = 64 * 1024
 CONSOLE_COMMAND = f"yes x | head -c {CONSOLE_BYTES} > /dev/console; poweroff -f"
 NET_PREPARE = (
@@ -118,6 +124,24 @@ def _scenarios(disk: Path) -> list[Scenario]:
             prepare=f"cp {disk} {{tmp}}/disk.img",
             verify="debugfs -R 'cat /out.txt' {tmp}/disk.img",
         ),
+        Scenario(
+            "virtio_intx",
+            kernel,
+            initrd,
+            INTX_COMMAND,
+            args=("--disk", f"{disk},readonly=on"),
+            kernel_args="console=ttyS0 pci=nomsi",
+        ),
+        Scenario(
+            "hvc0_shell",
+            kernel,
+            initrd,
+            "",  # no command: init starts a shell on the console
+            args=("--console", "virtio"),
+            kernel_args="console=hvc0",
+            typed=("echo SHELL-$((6*7)) on $(tty)", "poweroff -f"),
+            timeout=180.0,
+        ),
     ]
     if generic.vmlinux is not None:
         scenarios.append(Scenario("pvh_smp2", str(generic.vmlinux), initrd, PRINT_NPROC, cpus=2))
@@ -136,9 +160,13 @@ def lab_results(disk: tuple[Path, str, str]) -> dict[str, ScenarioResult]:
     if shutil.which("qemu-system-x86_64") is None:
         pytest.skip("qemu-system-x86_64 is not installed (run scripts/setup)")
     from kvmpy.lab import LabError
+    from kvmpy.lab.debian import cache_dir
     from kvmpy.lab.runner import LabEndedError, run_in_lab
 
     scenarios = _scenarios(disk[0])
+    only = os.environ.get("KVMPY_LAB_ONLY")  # e.g. "smp4,virtio_net" while working on those
+    if only:
+        scenarios = [s for s in scenarios if s.name in only.split(",")]
     results: dict[str, ScenarioResult] = {}
     failures: list[str] = []
     # The lab is an emulated machine running nested SVM; if it goes down or stalls
@@ -163,6 +191,9 @@ def lab_results(disk: tuple[Path, str, str]) -> dict[str, ScenarioResult]:
             failures.append(f"lab failed: {error}")
             status = 0
         text = output.getvalue().decode("utf-8", "replace")
+        (cache_dir() / "lab" / "last-scenarios.log").write_text(
+            text
+        )  # the whole batch's output, for post-mortems
         assert status == 0, text[-3000:]
         found = parse_results(text)
         if not found:
@@ -179,6 +210,12 @@ def lab_results(disk: tuple[Path, str, str]) -> dict[str, ScenarioResult]:
     return results
 
 
+def _result(results: dict[str, ScenarioResult], name: str) -> ScenarioResult:
+    if name not in results and os.environ.get("KVMPY_LAB_ONLY"):
+        pytest.skip(f"{name} is not in KVMPY_LAB_ONLY")
+    return results[name]
+
+
 def _check_boot(result: ScenarioResult, cpus: int) -> None:
     detail = result.output + "\n" + result.stderr
     assert result.readies == 1, detail
@@ -190,43 +227,43 @@ def _check_boot(result: ScenarioResult, cpus: int) -> None:
 def test_bzimage_boots_with_n_vcpus_and_powers_off(
     lab_results: dict[str, ScenarioResult], name: str, cpus: int
 ) -> None:
-    _check_boot(lab_results[name], cpus)
+    _check_boot(_result(lab_results, name), cpus)
 
 
 def test_pvh_vmlinux_boots(lab_results: dict[str, ScenarioResult]) -> None:
     if "pvh_smp2" not in lab_results:
         pytest.skip("this kernel's vmlinux could not be extracted")
-    _check_boot(lab_results["pvh_smp2"], 2)
+    _check_boot(_result(lab_results, "pvh_smp2"), 2)
 
 
 def test_kernel_without_mptable_support_sees_all_vcpus(lab_results: dict[str, ScenarioResult]) -> None:
-    _check_boot(lab_results["cloud_no_mpparse"], 2)
+    _check_boot(_result(lab_results, "cloud_no_mpparse"), 2)
 
 
 def test_stats_after_a_linux_boot(lab_results: dict[str, ScenarioResult]) -> None:
-    stderr = lab_results["smp2"].stderr
+    stderr = _result(lab_results, "smp2").stderr
     assert "kvmpy exit statistics" in stderr
     assert "serial (COM1)" in stderr and "acpi-pm" in stderr
 
 
 def test_reboot_with_on_reboot_exit(lab_results: dict[str, ScenarioResult]) -> None:
-    result = lab_results["reboot_exit"]
+    result = _result(lab_results, "reboot_exit")
     assert result.status == 0 and result.readies == 1, result.output + result.stderr
     assert "guest rebooted" in result.stderr
 
 
 def test_reboot_restarts_the_vm(lab_results: dict[str, ScenarioResult]) -> None:
-    result = lab_results["reboot_restart"]
+    result = _result(lab_results, "reboot_restart")
     assert result.readies == 2, result.output + result.stderr
     assert result.status == 130
 
 
 def test_qemu_boots_the_same_image(lab_results: dict[str, ScenarioResult]) -> None:
-    _check_boot(lab_results["qemu_smp2"], 2)
+    _check_boot(_result(lab_results, "qemu_smp2"), 2)
 
 
 def test_guest_panic_is_reported(lab_results: dict[str, ScenarioResult]) -> None:
-    result = lab_results["panic"]
+    result = _result(lab_results, "panic")
     assert result.status == 1, result.output + result.stderr
     assert "guest kernel panicked (pvpanic)" in result.stderr
     assert "rip=" in result.stderr and "last console lines:" in result.stderr
@@ -237,7 +274,7 @@ def test_guest_panic_is_reported(lab_results: dict[str, ScenarioResult]) -> None
 def test_virtio_blk_ext4_read_write_and_rng(
     lab_results: dict[str, ScenarioResult], disk: tuple[Path, str]
 ) -> None:
-    result = lab_results["virtio_blk_rng"]
+    result = _result(lab_results, "virtio_blk_rng")
     detail = result.output + result.stderr + "\n".join(result.notes)
     assert result.status == 0, detail
     assert f"{disk[1]}  /mnt/data.bin" in result.output, detail  # the guest read what the host wrote
@@ -254,7 +291,7 @@ def _exits(stderr: str) -> int:
 
 
 def test_virtio_console_costs_fewer_exits_than_the_uart(lab_results: dict[str, ScenarioResult]) -> None:
-    serial, virtio = lab_results["console_serial"], lab_results["console_virtio"]
+    serial, virtio = _result(lab_results, "console_serial"), _result(lab_results, "console_virtio")
     for result in (serial, virtio):
         assert result.status == 0, result.output + result.stderr
         assert "x\nx\nx\nx" in result.output  # the bytes reached the host terminal
@@ -265,9 +302,24 @@ def test_virtio_console_costs_fewer_exits_than_the_uart(lab_results: dict[str, S
 
 
 def test_virtio_net_ping_and_tcp(lab_results: dict[str, ScenarioResult]) -> None:
-    result = lab_results["virtio_net"]
+    result = _result(lab_results, "virtio_net")
     detail = result.output + result.stderr + "\n".join(result.notes)
     assert result.status == 0, detail
     assert "3 packets transmitted, 3 packets received" in result.output, detail
     guest_md5 = next(line.split()[0] for line in result.output.splitlines() if line.endswith("/tmp/blob"))
     assert f"{guest_md5} 1000000" in result.notes[-1], detail
+
+
+def test_virtio_with_legacy_intx(lab_results: dict[str, ScenarioResult], disk: tuple[Path, str]) -> None:
+    result = _result(lab_results, "virtio_intx")
+    detail = result.output + result.stderr
+    assert result.status == 0, detail
+    assert f"{disk[1]}  /mnt/data.bin" in result.output, detail
+    assert re.search(r"IO-APIC\s+\d+-fasteoi\s+virtio", result.output), detail  # INTx, not PCI-MSI
+
+
+def test_hvc0_carries_an_interactive_shell(lab_results: dict[str, ScenarioResult]) -> None:
+    result = _result(lab_results, "hvc0_shell")
+    detail = result.output + result.stderr
+    assert result.status == 0, detail
+    assert "SHELL-42 on /dev/hvc0" in result.output, detail

@@ -34,6 +34,7 @@ class RecordingSender:
 
 class Platform:
     def __init__(self) -> None:
+        self.intx: list[bool] = []
         self.mem = GuestMemory.anonymous([(0, RAM)])
         self.pio, self.mmio = Bus("pio"), Bus("mmio")
         self.root = PciRoot(self.pio, self.mmio, self.mem.is_ram)
@@ -42,7 +43,14 @@ class Platform:
         self.sender = RecordingSender()
         self.notify_areas: list[list[tuple[int, int, int]]] = []
         self.transport = vp.VirtioPciTransport(
-            VirtioRng(), self.mem, self.sender, BAR0, BAR0 + vp.BAR0_SIZE, self.notify_areas.append
+            VirtioRng(),
+            self.mem,
+            self.sender,
+            BAR0,
+            BAR0 + vp.BAR0_SIZE,
+            self.notify_areas.append,
+            intx=self.intx.append,
+            interrupt_line=17,
         )
         self.root.add(self.transport, slot=1, name="rng")
 
@@ -161,6 +169,28 @@ def test_msix_delivery_and_masking(platform: Platform) -> None:
     assert platform.sender.sent == []  # masked: pending
     platform.mmio.write(table + 16 + 12, struct.pack("<I", 0))  # unmask
     assert platform.sender.sent == [(1, 0xFEE0_0000, 0x41)]
+
+
+def test_intx_follows_the_isr_while_msix_is_off(platform: Platform) -> None:
+    assert platform.cfg_read(1, 0x3C, 2) == 0x0111  # INTA#, line 17
+    platform.cfg_write(1, 0x04, COMMAND_MEMORY, 2)
+    platform.transport.interrupt(0)
+    platform.transport.interrupt(0)
+    assert platform.intx == [True]  # level-triggered: raised once, held
+    assert platform.bar0_read(vp.ISR_OFFSET, 1) == 1
+    assert platform.intx == [True, False]  # the ISR read acknowledged it
+    assert platform.bar0_read(vp.ISR_OFFSET, 1) == 0
+    platform.transport.fail("test")  # configuration change: ISR bit 1, INTx again
+    assert platform.intx == [True, False, True]
+    platform.cfg_write(1, 0x04, COMMAND_MEMORY | 1 << 10, 2)  # Interrupt Disable
+    assert platform.intx == [True, False, True, False]
+
+
+def test_no_intx_once_msix_is_enabled(platform: Platform) -> None:
+    platform.cfg_write(1, 0x04, COMMAND_MEMORY, 2)
+    platform.cfg_write(1, platform.transport.msix.cap_offset + 2, 1 << 15, 2)
+    platform.transport.interrupt(0)
+    assert platform.intx == []
 
 
 @settings(max_examples=200, deadline=None)

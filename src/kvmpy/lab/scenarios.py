@@ -29,6 +29,7 @@ from pathlib import Path
 from kvmpy.lab.image import READY_MARKER, encode_command
 
 RESULT_PREFIX = "kvmpy-scenario-result "
+TYPING_PAUSE_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class Scenario:
     verify: str = ""
     #: Kernel command line before the kvmpy.cmd word.
     kernel_args: str = "console=ttyS0"
+    #: Lines typed on the VMM's stdin (the guest console), the first a few seconds after
+    #: the guest reached its init, the others two seconds apart.
+    typed: tuple[str, ...] = ()
 
 
 @dataclass
@@ -130,7 +134,7 @@ def _run_vm(scenario: Scenario) -> ScenarioResult:
     started = time.monotonic()
     process = subprocess.Popen(
         command,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE if scenario.typed else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=os.environ.copy(),
@@ -153,6 +157,8 @@ def _run_vm(scenario: Scenario) -> ScenarioResult:
             if marker in line:
                 readies += 1
                 ready_at = ready_at or time.monotonic() - started
+                if scenario.typed and readies == 1:
+                    threading.Thread(target=_type, args=(process, scenario.typed), daemon=True).start()
                 if scenario.interrupt_after_ready and readies >= scenario.interrupt_after_ready:
                     process.send_signal(signal.SIGINT)
         status: int | None = process.wait(timeout=30)
@@ -178,6 +184,18 @@ def _run_vm(scenario: Scenario) -> ScenarioResult:
     )
 
 
+def _type(process: subprocess.Popen[bytes], lines: tuple[str, ...]) -> None:
+    """Type ``lines`` at the guest's console once its shell has had time to start."""
+    assert process.stdin is not None
+    try:
+        for line in lines:
+            time.sleep(TYPING_PAUSE_SECONDS)
+            process.stdin.write(line.encode() + b"\n")
+            process.stdin.flush()
+    except OSError:
+        pass  # the VMM is gone; the result says why
+
+
 def parse_results(text: str) -> dict[str, ScenarioResult]:
     """Results printed by :func:`main`, from the lab's output."""
     results = {}
@@ -192,6 +210,8 @@ def main(argv: list[str]) -> int:
     specs = json.loads(Path(argv[0]).read_text() if argv[0].endswith(".json") else argv[0])
     for spec in specs:
         spec["args"] = tuple(spec.get("args", ()))
+        spec["typed"] = tuple(spec.get("typed", ()))
+        print(f"kvmpy-scenario-start {spec['name']}", flush=True)  # shows which one a stalled lab was on
         result = run_scenario(Scenario(**spec))
         print(RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
     return 0

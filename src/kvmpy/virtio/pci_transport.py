@@ -6,7 +6,9 @@ capability; BAR 1 holds the MSI-X table and PBA. Queue notifications are
 meant to reach the device through ioeventfds the VMM registers at the
 notify addresses (``notify_areas``), so the vCPU thread never sees them;
 writes that do exit are handled the same way. Interrupts are MSI-X
-vectors, one per queue, delivered through the VMM's MsiSender.
+vectors, one per queue, delivered through the VMM's MsiSender; a driver
+that leaves MSI-X off gets legacy INTx instead: a level-triggered line
+raised with the ISR bits and lowered when the driver reads the ISR.
 
 Everything the driver writes is checked: an invalid queue setup or a
 broken ring marks the device DEVICE_NEEDS_RESET, logs once and leaves the
@@ -21,7 +23,13 @@ import threading
 from collections.abc import Callable
 
 from kvmpy.bus import BusDevice
-from kvmpy.devices.pci.config_space import Bar, BarKind, PciConfigSpace
+from kvmpy.devices.pci.config_space import (
+    COMMAND_INTX_DISABLE,
+    INTERRUPT_LINE,
+    Bar,
+    BarKind,
+    PciConfigSpace,
+)
 from kvmpy.devices.pci.msix import BAR_SIZE as MSIX_BAR_SIZE
 from kvmpy.devices.pci.msix import NO_VECTOR, MsiSender, MsixTable
 from kvmpy.errors import GuestError
@@ -54,6 +62,8 @@ CLASS_BY_TYPE = {1: 0x020000, 2: 0x010000, 3: 0x078000, 4: 0x00FF00}
 
 #: Registers the notify addresses with the VMM (ioeventfd): (address, length, queue) -> None.
 NotifyWiring = Callable[[list[tuple[int, int, int]]], None]
+#: Drives the function's INTx line (True: asserted); the VMM routes it to an IOAPIC pin.
+IntxLine = Callable[[bool], None]
 
 
 class VirtioPciTransport:
@@ -67,10 +77,14 @@ class VirtioPciTransport:
         bar0_address: int,
         bar1_address: int,
         wire_notify: NotifyWiring,
+        intx: IntxLine | None = None,
+        interrupt_line: int = 0xFF,
     ) -> None:
         self.device = device
         self._mem = mem
         self._wire_notify = wire_notify
+        self._intx = intx
+        self._intx_level = False
         self._lock = threading.RLock()
         self.config = PciConfigSpace(
             vendor_id=VENDOR_VIRTIO,
@@ -79,7 +93,9 @@ class VirtioPciTransport:
             revision=1,
             subsystem_vendor_id=VENDOR_VIRTIO,
             subsystem_id=0x40 + device.device_type,
+            interrupt_pin=1 if intx is not None else 0,  # INTA#
         )
+        self.config.write(INTERRUPT_LINE, 1, interrupt_line)
         self.config.add_bar(Bar(0, BAR0_SIZE, BarKind.MEM32), bar0_address)
         self.config.add_bar(Bar(1, MSIX_BAR_SIZE, BarKind.MEM32), bar1_address)
         for cfg_type, offset, length in (
@@ -117,6 +133,7 @@ class VirtioPciTransport:
         for queue in self.queues:
             queue.reset()
         self.queue_vectors = [NO_VECTOR] * len(self.queues)
+        self._update_intx()
 
     # --- PciFunction ---------------------------------------------------------------------
     def bar_device(self, index: int) -> BusDevice | None:
@@ -126,6 +143,8 @@ class VirtioPciTransport:
 
     def config_written(self, offset: int, size: int) -> None:
         self.msix.config_written()
+        with self._lock:
+            self._update_intx()  # MSI-X enable and INTx disable both live in config space
 
     def bar_mapped(self, index: int, address: int | None) -> None:
         if index != 0:
@@ -157,6 +176,7 @@ class VirtioPciTransport:
         with self._lock:
             self.isr |= 1
             vector = self.queue_vectors[index] if 0 <= index < len(self.queue_vectors) else NO_VECTOR
+            self._update_intx()
         self.msix.signal(vector)
 
     def fail(self, why: str) -> None:
@@ -168,7 +188,18 @@ class VirtioPciTransport:
             self.status |= STATUS_NEEDS_RESET
             self.isr |= 2
             self.config_generation = (self.config_generation + 1) & 0xFF
+            self._update_intx()
         self.msix.signal(self.config_vector)
+
+    def _update_intx(self) -> None:
+        """Drive INTx from the ISR while MSI-X is off and INTx is not disabled (lock held)."""
+        if self._intx is None:
+            return
+        enabled = not self.msix.enabled and not self.config.command & COMMAND_INTX_DISABLE
+        level = enabled and bool(self.isr)
+        if level != self._intx_level:
+            self._intx_level = level
+            self._intx(level)
 
     # --- common configuration ----------------------------------------------------------
     def _selected(self) -> SplitQueue | None:
@@ -271,8 +302,10 @@ class VirtioPciTransport:
             self.device.activate(self._mem, self.queues, self.driver_features, self.interrupt)
 
     def read_isr(self) -> int:
+        """Reading the ISR acknowledges it: the bits clear and INTx drops."""
         with self._lock:
             value, self.isr = self.isr, 0
+            self._update_intx()
         return value
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable
 
 from kvmpy.arch.x86 import layout
@@ -39,6 +40,8 @@ class PciPlatform:
         self.transports: list[VirtioPciTransport] = []
         self._senders: list[IrqfdMsiSender] = []
         self._notifiers: dict[int, list[tuple[int, int, EventFd]]] = {}
+        self._intx_lock = threading.Lock()
+        self._intx_holders: dict[int, int] = {}  # GSI -> functions holding INTx high
 
     def add_virtio(self, device: VirtioDevice, name: str) -> VirtioPciTransport:
         slot = len(self.transports) + 1
@@ -51,11 +54,20 @@ class PciPlatform:
             bar0_address=window,
             bar1_address=window + BAR0_SIZE,
             wire_notify=functools.partial(self._wire, slot),
+            intx=functools.partial(self._set_intx, layout.pci_intx_gsi(slot, 0)),
+            interrupt_line=layout.pci_intx_gsi(slot, 0),
         )
         self._senders.append(sender)
         self.transports.append(transport)
         self.root.add(transport, slot=slot, name=name)
         return transport
+
+    def _set_intx(self, gsi: int, level: bool) -> None:
+        """A function's INTx changed: the shared, level-triggered pin is high while any holds it."""
+        with self._intx_lock:
+            held = self._intx_holders.get(gsi, 0) + (1 if level else -1)
+            self._intx_holders[gsi] = max(held, 0)
+            self._vm.set_irq_line(gsi, self._intx_holders[gsi] > 0)
 
     def _wire(self, slot: int, areas: list[tuple[int, int, int]]) -> None:
         """Replace slot's ioeventfds with one per notify register in ``areas``."""

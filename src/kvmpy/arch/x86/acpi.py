@@ -106,8 +106,23 @@ def build_dsdt() -> bytes:
     return _table(b"DSDT", 2, s5 + aml.scope("\\_SB_", pci_root_bridge(), com1, rtc, keyboard, pvpanic))
 
 
+def pci_routing_table() -> bytes:
+    """_PRT: the IOAPIC pin (GSI) each slot's INTA#-INTD# reaches, for drivers that use no MSI."""
+    entries = [
+        aml.package(
+            aml.integer(slot << 16 | 0xFFFF),
+            aml.integer(pin),
+            aml.integer(0),
+            aml.integer(layout.pci_intx_gsi(slot, pin)),
+        )
+        for slot in range(1, layout.PCI_SLOTS)
+        for pin in range(4)
+    ]
+    return aml.name("_PRT", aml.package(*entries))
+
+
 def pci_root_bridge() -> bytes:
-    """PCI0: the PCIe root bridge of bus 0, its bus range and the windows its BARs may use."""
+    """PCI0: the root bridge of bus 0: bus range, interrupt routing, the windows its BARs may use."""
     return aml.device(
         "PCI0",
         aml.name("_HID", aml.eisa_id("PNP0A08")),
@@ -115,6 +130,7 @@ def pci_root_bridge() -> bytes:
         aml.name("_UID", aml.integer(0)),
         aml.name("_SEG", aml.integer(0)),
         aml.name("_BBN", aml.integer(0)),
+        pci_routing_table(),
         aml.name(
             "_CRS",
             aml.resource_template(

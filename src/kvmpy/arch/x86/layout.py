@@ -71,6 +71,18 @@ def pci_bar_window(slot: int) -> int:
     return PCI_MMIO32_START + slot * PCI_DEVICE_WINDOW
 
 
+#: Legacy PCI interrupts (INTx) use IOAPIC pins 16-23, level-triggered and shared,
+#: spread over slots and pins as the PCI-to-PCI bridge swizzle does; ACPI _PRT says so.
+PCI_SLOTS = 32
+PCI_INTX_FIRST_GSI = 16
+PCI_INTX_GSIS = 8
+
+
+def pci_intx_gsi(slot: int, pin: int) -> int:
+    """The GSI of INTA# (pin 0) to INTD# (pin 3) of the function in ``slot``."""
+    return PCI_INTX_FIRST_GSI + (slot + pin) % PCI_INTX_GSIS
+
+
 #: IOAPIC and local APIC default addresses (in-kernel when KVM_CREATE_IRQCHIP is used).
 IOAPIC_START = 0xFEC0_0000
 LAPIC_START = 0xFEE0_0000
