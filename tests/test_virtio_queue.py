@@ -64,6 +64,23 @@ def test_event_index_suppresses_interrupts(mem: GuestMemory) -> None:
     assert mem.read_u16(avail_event) == 7  # and we ask to be kicked at the next new entry
 
 
+def test_event_index_interrupts_for_a_batch_that_crosses_used_event(mem: GuestMemory) -> None:
+    """Regression: a first batch of 9 used entries with used_event 0 must interrupt (virtio-net RX)."""
+    queue = SplitQueue(16)
+    driver = MockDriver(mem, queue, 0x10000)
+    queue.event_idx = True
+    for _ in range(9):
+        driver.add([Buffer(0x41000, 8, writable=True)])
+    while (chain := queue.pop(mem)) is not None:
+        queue.push(mem, chain.head, 0)
+    assert queue.needs_interrupt(mem)  # used_event 0 lies inside the batch 0..8
+    driver.add([Buffer(0x41000, 8, writable=True)])
+    chain = queue.pop(mem)
+    assert chain is not None
+    queue.push(mem, chain.head, 0)
+    assert not queue.needs_interrupt(mem)  # the driver has not moved used_event since
+
+
 def test_no_interrupt_flag_without_event_index(mem: GuestMemory) -> None:
     queue = SplitQueue(16)
     driver = MockDriver(mem, queue, 0x10000)

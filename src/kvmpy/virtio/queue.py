@@ -76,7 +76,9 @@ class SplitQueue:
         self.last_avail_idx = 0
         self.next_used_idx = 0
         self.event_idx = False
-        self._signalled_used: int | None = None
+        #: The used index when the driver was last considered for an interrupt; None after
+        #: a restore, when the next push interrupts unconditionally (a spurious one is harmless).
+        self._signalled_used: int | None = 0
 
     def reset(self) -> None:
         self.__init__(self.max_size)  # type: ignore[misc]
@@ -167,9 +169,10 @@ class SplitQueue:
 
     def needs_interrupt(self, mem: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
-        old = self._signalled_used if self._signalled_used is not None else (self.next_used_idx - 1) & 0xFFFF
-        new = self.next_used_idx
+        old, new = self._signalled_used, self.next_used_idx
         self._signalled_used = new
+        if old is None:
+            return True
         if self.event_idx:
             used_event = mem.read_u16(self.driver_addr + 4 + 2 * self.size)
             return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
@@ -198,6 +201,7 @@ class SplitQueue:
             state.next_used_idx,
             state.event_idx,
         )
+        self._signalled_used = None
 
 
 __all__ = ["DescriptorChain", "QueueError", "QueueState", "SplitQueue"]
