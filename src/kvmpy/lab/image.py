@@ -49,6 +49,9 @@ mount -t devtmpfs devtmpfs /dev
 while read -r name file; do
     insmod "/modules/$file" 2>/dev/null || echo "kvmpy-init: module $name did not load"
 done < /modules.list
+# The kernel opened init's console before virtio_console existed: with console=hvc0 that
+# open failed. Now that the modules are in, open it again (a no-op on ttyS0).
+if (: > /dev/console) 2>/dev/null; then exec </dev/console >/dev/console 2>&1; fi
 echo "kvmpy-init: ready"
 cmd=""
 for word in $(cat /proc/cmdline); do
