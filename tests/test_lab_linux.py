@@ -44,7 +44,9 @@ INTX_COMMAND = (
     "mount -o ro /dev/vda /mnt && md5sum /mnt/data.bin; grep virtio /proc/interrupts; "
     "head -c 64 /mnt/data.bin > /dev/null; poweroff -f"
 )
-CONSOLE_BYTES = 64 * 1024
+#: Small: in the lab every 16550A exit costs about 0.5 ms and the 8250 driver takes ~6 per byte,
+#: and hvc0 waits for each 16-byte chunk to come back (see docs/lab.md).
+CONSOLE_BYTES = 4 * 1024
 CONSOLE_COMMAND = f"yes x | head -c {CONSOLE_BYTES} > /dev/console; poweroff -f"
 NET_PREPARE = (
     "ip tuntap add dev kvmtap0 mode tap vnet_hdr && ip addr add 10.0.2.1/24 dev kvmtap0 && "
@@ -287,9 +289,12 @@ def test_virtio_blk_ext4_read_write_and_rng(
     assert "virtio-blk0 BAR0" in result.stderr  # configuration accesses counted per device
 
 
-def _exits(stderr: str) -> int:
-    line = next(line for line in stderr.splitlines() if line.startswith("exits to userspace:"))
-    return int(line.split()[3])
+def _device_accesses(stderr: str, device: str) -> int:
+    """Reads plus writes on ``device``'s rows of the --stats table (0 if it has none)."""
+    pattern = re.compile(
+        rf"^{re.escape(device)}\S*(?: BAR\d)?\s+0x[0-9a-f]+-0x[0-9a-f]+\s+(\d+)\s+(\d+)", re.M
+    )
+    return sum(int(reads) + int(writes) for reads, writes in pattern.findall(stderr))
 
 
 def test_virtio_console_costs_fewer_exits_than_the_uart(lab_results: dict[str, ScenarioResult]) -> None:
@@ -297,10 +302,11 @@ def test_virtio_console_costs_fewer_exits_than_the_uart(lab_results: dict[str, S
     for result in (serial, virtio):
         assert result.status == 0, result.output + result.stderr
         assert "x\nx\nx\nx" in result.output  # the bytes reached the host terminal
-    serial_exits, virtio_exits = _exits(serial.stderr), _exits(virtio.stderr)
-    print(f"console exits for {CONSOLE_BYTES} bytes: serial {serial_exits}, virtio {virtio_exits}")
-    assert serial_exits > CONSOLE_BYTES  # at least one exit per byte through the 16550A
-    assert virtio_exits * 10 < serial_exits
+    uart = _device_accesses(serial.stderr, "serial (COM1)")
+    hvc = _device_accesses(virtio.stderr, "virtio-console")
+    print(f"console exits for {CONSOLE_BYTES} bytes: 16550A {uart}, virtio-console {hvc}")
+    assert uart > CONSOLE_BYTES  # at least one exit per byte through the 16550A
+    assert 0 < hvc < CONSOLE_BYTES / 16  # set-up only: the kicks end in an ioeventfd
 
 
 def test_virtio_net_ping_and_tcp(lab_results: dict[str, ScenarioResult]) -> None:

@@ -56,7 +56,7 @@ class LabPlan:
             random_reads=2000,
             net_mib=32,
             round_trips=500,
-            console_kib=256,
+            console_kib=8,
             forks=200,
             maps=40,
             tlb_reads=2_000_000,
