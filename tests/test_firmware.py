@@ -106,3 +106,12 @@ def test_cpuid_topology(n_vcpus: int) -> None:
         assert (1 << by_key[(0xB, 1)].eax) >= n_vcpus
         assert by_key[(0x8000_0008, 0)].ecx & 0xFF == n_vcpus - 1
         assert (0x4000_0000, 0) in by_key
+
+
+def test_mcfg_covers_exactly_the_buses_kvmpy_has() -> None:
+    """An MCFG reaching past bus 0 makes Linux probe every further bus through 0xCF8/0xCFC."""
+    mcfg = tables(1)[b"MCFG"]
+    assert sum(mcfg) & 0xFF == 0 and struct.unpack_from("<I", mcfg, 4)[0] == len(mcfg) == 60
+    base, segment, first_bus, last_bus = struct.unpack_from("<QHBB", mcfg, 44)
+    assert (base, segment, first_bus, last_bus) == (layout.PCI_ECAM_START, 0, 0, layout.PCI_LAST_BUS)
+    assert (last_bus - first_bus + 1) << 20 == layout.PCI_ECAM_SIZE

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 from kvmpy.abi import kvm as abi
 from kvmpy.kvm import exits
 from kvmpy.kvm.binary_stats import BinaryStats
+from kvmpy.kvm.coalesced_ring import CoalescedRing
 from kvmpy.kvm.errors import KvmError
 from kvmpy.kvm.ioctl import ioctl, libc_ioctl
 
@@ -28,6 +29,7 @@ class Vcpu:
         self._mapping = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._page = memoryview(self._mapping)
         self.run_state = abi.kvm_run.from_buffer(self._mapping)
+        self._ring: CoalescedRing | None = None
         base = ctypes.addressof(self.run_state)
         self._mmio_data_offset = ctypes.addressof(self.run_state.mmio.data) - base
         self._decoders: dict[int, Callable[[], exits.VmExit]] = {
@@ -43,9 +45,18 @@ class Vcpu:
             abi.KVM_EXIT_EXCEPTION: self._decode_exception,
         }
 
+    def coalesced_ring(self) -> CoalescedRing | None:
+        """The VM's coalesced MMIO/PIO ring, mapped with this vCPU (None if KVM has none)."""
+        offset = abi.KVM_COALESCED_MMIO_PAGE_OFFSET * mmap.PAGESIZE
+        if self._ring is None and len(self._mapping) >= offset + mmap.PAGESIZE:
+            self._ring = CoalescedRing(self._mapping, offset)
+        return self._ring
+
     def close(self) -> None:
         # ctypes keeps an export of the mapping alive through run_state; drop it first.
         del self.run_state
+        if self._ring is not None:
+            self._ring.close()
         self._page.release()
         try:
             self._mapping.close()

@@ -127,6 +127,15 @@ class Vm:
         event = abi.kvm_ioeventfd(datamatch=datamatch or 0, addr=address, len=length, fd=eventfd, flags=flags)
         ioctl(self.fd, abi.KVM_IOEVENTFD, event, name="KVM_IOEVENTFD")
 
+    def register_coalesced_pio(self, port: int, size: int) -> bool:
+        """Buffer guest writes to ports ``port..port+size-1`` in the coalesced ring instead of
+        exiting (see :mod:`kvmpy.kvm.coalesced_ring`); False where KVM cannot."""
+        if not self.check_extension(abi.KVM_CAP_COALESCED_PIO):
+            return False
+        zone = abi.kvm_coalesced_mmio_zone(addr=port, size=size, pio=1)
+        ioctl(self.fd, abi.KVM_REGISTER_COALESCED_MMIO, zone, name="KVM_REGISTER_COALESCED_MMIO")
+        return True
+
     def set_gsi_routing(self, routes: Sequence[MsiRoute | IrqchipRoute]) -> None:
         """Replace the whole GSI routing table."""
         table = abi.make_irq_routing(len(routes))

@@ -67,12 +67,18 @@ class GuestMemory:
 
     @classmethod
     def anonymous(cls, ranges: Sequence[tuple[int, int]], *, hugepages: bool = False) -> GuestMemory:
-        """Map fresh zeroed memory for each ``(gpa, size)`` range."""
+        """Map fresh zeroed memory for each ``(gpa, size)`` range.
+
+        Private anonymous memory, as QEMU's and Firecracker's: shared anonymous memory is
+        shmem, which takes transparent huge pages only where the host's shmem_enabled
+        allows them, so ``hugepages`` (MADV_HUGEPAGE, as QEMU does for guest RAM) would
+        be a silent no-op on most hosts.
+        """
         regions = []
         for gpa, size in ranges:
             if size <= 0 or size % mmap.PAGESIZE or gpa % mmap.PAGESIZE:
                 raise ValueError(f"region {gpa:#x}+{size:#x} is not page aligned")
-            mapping = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+            mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             if hugepages:
                 mapping.madvise(_MADV_HUGEPAGE)
             regions.append(MemoryRegion(gpa, size, mapping, memoryview(mapping)))

@@ -39,6 +39,10 @@ class ConsoleOutput:
 
     def _remember(self, data: bytes) -> None:
         self._partial += data
+        if b"\n" not in data:  # the serial port's common case: one byte, mid-line
+            if len(self._partial) > 8192:
+                del self._partial[:-4096]
+            return
         *complete, rest = self._partial.split(b"\n")
         self._lines.extend(bytes(line) for line in complete)
         self._partial = bytearray(rest[-4096:])

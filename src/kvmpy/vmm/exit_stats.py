@@ -28,6 +28,8 @@ class VcpuExitStats:
     guest_ns: int = 0
     #: Port-I/O exits per port (one exit may carry several accesses with REP INS/OUTS).
     ports: dict[int, int] = field(default_factory=dict)
+    #: Writes KVM buffered in the coalesced ring instead of exiting, replayed by this vCPU.
+    coalesced: int = 0
     #: KVM's in-kernel counters for this vCPU at the end of the run (KVM_GET_STATS_FD).
     kernel: dict[str, int] = field(default_factory=dict)
 

@@ -114,6 +114,9 @@ class Machine:
             rsdp_address=self.rsdp_address,
         )
         self.vcpus = [self._setup_vcpu(i) for i in range(config.cpus)]
+        #: Writes KVM buffered instead of exiting; every vCPU thread replays them before its exit.
+        self.coalesced = self.vcpus[0].coalesced_ring() if self.pci.coalesced_pio else None
+        self.coalesced_lock = threading.Lock()
         self._setup_boot_vcpu(self.vcpus[0], self.boot)
 
     # --- building -------------------------------------------------------------------

@@ -90,6 +90,9 @@ def format_stats(stats: MachineStats) -> str:
     total = stats.total_exits
     guest_s = sum(v.guest_ns for v in stats.vcpus) / 1e9
     out.append(f"exits to userspace: {total}   time in KVM_RUN: {guest_s:.3f} s (all vCPUs)")
+    coalesced = sum(v.coalesced for v in stats.vcpus)
+    if coalesced:
+        out.append(f"writes buffered by KVM instead of exiting (coalesced PIO, 0xcf8): {coalesced}")
     out.append("")
     out += _table(
         ["exit reason", "count", "%", "handler us/exit"],

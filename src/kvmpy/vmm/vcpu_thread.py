@@ -19,6 +19,7 @@ from kvmpy.bus import Bus
 from kvmpy.errors import KvmpyError
 from kvmpy.kvm import Vcpu, exits
 from kvmpy.kvm.binary_stats import BinaryStats
+from kvmpy.kvm.coalesced_ring import CoalescedRing
 from kvmpy.vmm.exit_stats import VcpuExitStats
 from kvmpy.vmm.stop import StopKind, StopReason
 
@@ -74,12 +75,14 @@ class VcpuThread(threading.Thread):
             return None
 
     def _loop(self) -> None:
-        vcpu, stats = self.vcpu, self.stats
+        vcpu, stats, ring = self.vcpu, self.stats, self.machine.coalesced
         clock = time.perf_counter_ns
         while not self.stopping:
             entered = clock()
             exit_ = vcpu.run()
             returned = clock()
+            if ring is not None and ring.pending():
+                self._replay_coalesced(ring)
             stop = self._handle(exit_)
             stats.record(exit_.reason, returned - entered, clock() - returned)
             if stop is not None:
@@ -123,6 +126,20 @@ class VcpuThread(threading.Thread):
         return None
 
     # --- port I/O and MMIO --------------------------------------------------------------
+    def _replay_coalesced(self, ring: CoalescedRing) -> None:
+        """Apply the writes KVM buffered (from any vCPU) before this exit is handled."""
+        with self.machine.coalesced_lock:
+            for write in ring.drain():
+                self.stats.coalesced += 1
+                if write.is_pio:
+                    handled = self._pio.write(write.address, write.data)
+                else:
+                    handled = self._mmio.write(write.address, write.data)
+                if not handled:
+                    self._report_unhandled(
+                        "port" if write.is_pio else "MMIO", write.address, True, len(write.data)
+                    )
+
     def _port_io(self, io: exits.PortIo) -> None:
         ports = self.stats.ports
         ports[io.port] = ports.get(io.port, 0) + 1

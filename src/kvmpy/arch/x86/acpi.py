@@ -134,7 +134,7 @@ def pci_root_bridge() -> bytes:
         aml.name(
             "_CRS",
             aml.resource_template(
-                aml.word_bus_number(0, 0xFF),
+                aml.word_bus_number(0, layout.PCI_LAST_BUS),
                 aml.io_port(layout.PCI_CONFIG_ADDRESS_PORT, 8),
                 aml.word_io(0x0000, 0x0CF7),
                 aml.word_io(0x0D00, 0xFFFF),
@@ -145,8 +145,8 @@ def pci_root_bridge() -> bytes:
 
 
 def build_mcfg() -> bytes:
-    """MCFG: where the ECAM window of segment 0 is, covering buses 0-255."""
-    entry = struct.pack("<QHBBI", layout.PCI_ECAM_START, 0, 0, 0xFF, 0)
+    """MCFG: where the ECAM window of segment 0 is, for the buses kvmpy has."""
+    entry = struct.pack("<QHBBI", layout.PCI_ECAM_START, 0, 0, layout.PCI_LAST_BUS, 0)
     return _table(b"MCFG", 1, bytes(8) + entry)
 
 

@@ -57,9 +57,13 @@ FLAT_LOAD_ADDRESS = 0x100000
 #: RAM above this address is moved above 4 GiB; the hole is left for device MMIO.
 MMIO_HOLE_START = 0xC000_0000
 MMIO_HOLE_END = 0x1_0000_0000
-#: PCI ECAM window (256 buses x 32 devices x 8 functions x 4 KiB = 256 MiB).
+#: kvmpy has one PCI bus and no bridges. Firmware tables say so (MCFG end bus, the root
+#: bridge's bus range): Linux scans every bus the MCFG covers for peer host bridges through
+#: ports 0xCF8/0xCFC, 16,000 exits for 255 empty buses.
+PCI_LAST_BUS = 0
+#: PCI ECAM window: 1 MiB per bus (32 devices x 8 functions x 4 KiB).
 PCI_ECAM_START = 0xE000_0000
-PCI_ECAM_SIZE = 0x1000_0000
+PCI_ECAM_SIZE = (PCI_LAST_BUS + 1) << 20
 #: 32-bit PCI BAR window; kvmpy places each device's BARs in its own 64 KiB slice.
 PCI_MMIO32_START = 0xC000_0000
 PCI_MMIO32_END = 0xE000_0000
