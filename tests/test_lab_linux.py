@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy.lab.scenarios import Scenario, ScenarioResult, parse_results
+from kvmpy.vmm.stats_report import device_accesses
 
 pytestmark = pytest.mark.lab
 
@@ -289,21 +290,13 @@ def test_virtio_blk_ext4_read_write_and_rng(
     assert "virtio-blk0 BAR0" in result.stderr  # configuration accesses counted per device
 
 
-def _device_accesses(stderr: str, device: str) -> int:
-    """Reads plus writes on ``device``'s rows of the --stats table (0 if it has none)."""
-    pattern = re.compile(
-        rf"^{re.escape(device)}\S*(?: BAR\d)?\s+0x[0-9a-f]+-0x[0-9a-f]+\s+(\d+)\s+(\d+)", re.M
-    )
-    return sum(int(reads) + int(writes) for reads, writes in pattern.findall(stderr))
-
-
 def test_virtio_console_costs_fewer_exits_than_the_uart(lab_results: dict[str, ScenarioResult]) -> None:
     serial, virtio = _result(lab_results, "console_serial"), _result(lab_results, "console_virtio")
     for result in (serial, virtio):
         assert result.status == 0, result.output + result.stderr
         assert "x\nx\nx\nx" in result.output  # the bytes reached the host terminal
-    uart = _device_accesses(serial.stderr, "serial (COM1)")
-    hvc = _device_accesses(virtio.stderr, "virtio-console")
+    uart = device_accesses(serial.stderr, "serial (COM1)")
+    hvc = device_accesses(virtio.stderr, "virtio-console")
     print(f"console exits for {CONSOLE_BYTES} bytes: 16550A {uart}, virtio-console {hvc}")
     assert uart > CONSOLE_BYTES  # at least one exit per byte through the 16550A
     assert 0 < hvc < CONSOLE_BYTES / 16  # set-up only: the kicks end in an ioeventfd

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kvmpy.bus import Bus
 from kvmpy.vmm.exit_stats import VcpuExitStats, merge_reasons
-from kvmpy.vmm.stats_report import collect, format_stats
+from kvmpy.vmm.stats_report import collect, device_accesses, format_stats
 
 
 class Sink:
@@ -38,3 +38,20 @@ def test_merge_and_format() -> None:
     assert row.split()[3:5] == ["0", "4"]
     assert "0x1234" in text
     assert "halt_exits" in text
+
+
+def test_device_accesses_are_read_back_from_the_printed_report() -> None:
+    """Lab scenarios and benchmarks only see the printed table: reads and writes per device."""
+    pio, mmio = Bus("pio"), Bus("mmio")
+    pio.register(0x3F8, 8, Sink(), "serial (COM1)")
+    mmio.register(0xC001_0000, 0x1000, Sink(), "virtio-console BAR0")
+    mmio.register(0xC001_1000, 0x1000, Sink(), "virtio-console BAR1")
+    for _ in range(5):
+        pio.write(0x3FD, b"\x01")
+    pio.read(0x3FD, memoryview(bytearray(1)))
+    mmio.read(0xC001_0004, memoryview(bytearray(4)))
+    mmio.write(0xC001_1000, b"\0\0")
+    text = format_stats(collect(1.0, [VcpuExitStats(0)], pio, mmio))
+    assert device_accesses(text, "serial (COM1)") == 6
+    assert device_accesses(text, "virtio-console") == 2
+    assert device_accesses(text, "virtio-net") == 0

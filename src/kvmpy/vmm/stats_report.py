@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from kvmpy.bus import Bus, BusAccessStats
@@ -148,4 +149,12 @@ def format_stats(stats: MachineStats) -> str:
     return "\n".join(out)
 
 
-__all__ = ["MachineStats", "collect", "format_stats"]
+def device_accesses(report: str, device: str) -> int:
+    """Reads plus writes on ``device``'s rows (its BARs too) of a printed :func:`format_stats`."""
+    pattern = re.compile(
+        rf"^{re.escape(device)}\S*(?: BAR\d)?\s+0x[0-9a-f]+-0x[0-9a-f]+\s+(\d+)\s+(\d+)", re.M
+    )
+    return sum(int(reads) + int(writes) for reads, writes in pattern.findall(report))
+
+
+__all__ = ["device_accesses", "MachineStats", "collect", "format_stats"]
