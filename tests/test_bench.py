@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy.bench.lab import LabPlan, bench_lines, io_scenarios, paging_metrics, paging_scenarios
+from kvmpy.bench.lab import LabPlan, bench_lines, io_metrics, io_scenarios, paging_metrics, paging_scenarios
 from kvmpy.bench.metric import Better, Metric, Target, per_unit
 from kvmpy.bench.profile import leaf_shares
 from kvmpy.bench.report import markdown_table, render
@@ -114,6 +114,22 @@ def test_paging_metrics_put_both_modes_side_by_side() -> None:
     assert metrics["forkexec_npt_on"].kvmpy == [100.0]
     assert metrics["forkexec_npt_off"].qemu == [300.0]
     assert metrics["tlb_npt_on"].kvmpy == []  # no line, no figure (and no crash)
+
+
+def test_a_guest_that_hangs_costs_its_samples_not_the_run() -> None:
+    plan = LabPlan.full()
+    results = {
+        s.name: _result(s.name, "BENCH blk-read mib=1 seconds=1 mbps=10\n")
+        for s in io_scenarios("/k", "/i", plan)
+    }
+    results["boot-qemu-1"] = _result("boot-qemu-1", "evm: security.SM", status=-9)
+    del results["net-kvmpy"]
+    metrics = {m.key: m for m in io_metrics(results, plan)}
+    boot = metrics["boot_to_init"]
+    assert len(boot.kvmpy) == plan.boots and len(boot.qemu) == plan.boots - 1
+    assert "boot-qemu-1 did not finish (status -9" in boot.note and "security.SM" in boot.note
+    assert metrics["blk-read"].kvmpy == [10.0] and metrics["blk-read"].qemu == [10.0]
+    assert "net-kvmpy never ran" in metrics["tcp-send"].note
 
 
 def test_bench_rejects_bad_arguments_in_one_line() -> None:

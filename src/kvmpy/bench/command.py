@@ -62,11 +62,8 @@ def _profiles(metrics: list[Metric], plan: LocalPlan) -> str:
 
 def _bench(args: argparse.Namespace) -> int:
     from kvmpy.bench.local import LocalPlan, run_local_suite
-    from kvmpy.bench.report import render, write_plots
 
     _check_host()
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     plan = LocalPlan.quick() if args.quick else LocalPlan.full()
     if args.repetitions:
         plan = LocalPlan(repetitions=args.repetitions, exits=plan.exits)
@@ -76,21 +73,30 @@ def _bench(args: argparse.Namespace) -> int:
         from kvmpy.bench.lab import LabPlan, run_lab_suite
 
         metrics += run_lab_suite(LabPlan.full(), _progress)
+    invocation = "kvmpy bench" + (" --quick" if args.quick else "") + (" --no-lab" if args.no_lab else "")
+    report = write_report(metrics, plan, args.out, invocation=invocation, quick=args.quick)
+    _progress(f"done in {time.monotonic() - started:.0f} s: {args.out / 'benchmarks.md'}")
+    print(report)
+    return 0
+
+
+def write_report(metrics: list[Metric], plan: LocalPlan, out: Path, *, invocation: str, quick: bool) -> str:
+    """benchmarks.md (with profiles of missed targets), benchmarks.json and the plots in ``out``."""
+    from kvmpy.bench.report import render, write_plots
+
+    out.mkdir(parents=True, exist_ok=True)
     appendix = _profiles(metrics, plan)
     plots = write_plots(metrics, out)
-    invocation = "kvmpy bench" + (" --quick" if args.quick else "") + (" --no-lab" if args.no_lab else "")
     report = render(
         metrics,
-        title="kvmpy benchmarks" + (" (quick)" if args.quick else ""),
+        title="kvmpy benchmarks" + (" (quick)" if quick else ""),
         preamble=PREAMBLE.format(command=f"{invocation} --out {out}"),
         plots=plots,
         appendix=appendix,
     )
     (out / "benchmarks.md").write_text(report)
     (out / "benchmarks.json").write_text(json.dumps([_sample_record(m) for m in metrics], indent=1))
-    _progress(f"done in {time.monotonic() - started:.0f} s: {out / 'benchmarks.md'}")
-    print(report)
-    return 0
+    return report
 
 
 def _sample_record(metric: Metric) -> dict[str, object]:
@@ -120,4 +126,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     bench.set_defaults(handler=_bench)
 
 
-__all__ = ["register"]
+__all__ = ["register", "write_report"]
