@@ -12,9 +12,9 @@ import pytest
 
 from kvmpy.bench.lab import LabPlan, bench_lines, io_metrics, io_scenarios, paging_metrics, paging_scenarios
 from kvmpy.bench.metric import Better, Metric, Target, per_unit
-from kvmpy.bench.profile import leaf_shares
 from kvmpy.bench.report import markdown_table, render
 from kvmpy.lab.scenarios import ScenarioResult
+from kvmpy.pyspy import leaf_shares
 
 ROOT = Path(__file__).resolve().parents[1]
 

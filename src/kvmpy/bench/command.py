@@ -69,23 +69,29 @@ def _bench(args: argparse.Namespace) -> int:
         plan = LocalPlan(repetitions=args.repetitions, exits=plan.exits)
     started = time.monotonic()
     metrics = run_local_suite(plan, _progress)
+    lab_appendix = ""
     if not args.quick and not args.no_lab:
         from kvmpy.bench.lab import LabPlan, run_lab_suite
 
-        metrics += run_lab_suite(LabPlan.full(), _progress)
+        lab, lab_appendix = run_lab_suite(LabPlan.full(), _progress)
+        metrics += lab
     invocation = "kvmpy bench" + (" --quick" if args.quick else "") + (" --no-lab" if args.no_lab else "")
-    report = write_report(metrics, plan, args.out, invocation=invocation, quick=args.quick)
+    report = write_report(
+        metrics, plan, args.out, invocation=invocation, quick=args.quick, lab_appendix=lab_appendix
+    )
     _progress(f"done in {time.monotonic() - started:.0f} s: {args.out / 'benchmarks.md'}")
     print(report)
     return 0
 
 
-def write_report(metrics: list[Metric], plan: LocalPlan, out: Path, *, invocation: str, quick: bool) -> str:
+def write_report(
+    metrics: list[Metric], plan: LocalPlan, out: Path, *, invocation: str, quick: bool, lab_appendix: str = ""
+) -> str:
     """benchmarks.md (with profiles of missed targets), benchmarks.json and the plots in ``out``."""
     from kvmpy.bench.report import render, write_plots
 
     out.mkdir(parents=True, exist_ok=True)
-    appendix = _profiles(metrics, plan)
+    appendix = "\n".join(filter(None, [_profiles(metrics, plan), lab_appendix]))
     plots = write_plots(metrics, out)
     report = render(
         metrics,

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from kvmpy.bench.metric import Better, Metric, Target
+from kvmpy.bench.profile import profile_table
 from kvmpy.errors import HostError
 from kvmpy.lab import cpio
 from kvmpy.lab.debian import cache_dir
@@ -144,6 +145,10 @@ def io_scenarios(kernel: str, initrd: str, plan: LabPlan) -> list[Scenario]:
                 verify=_net_cleanup(),
             )
         )
+    # Where kvmpy's time goes, in runs of their own (py-spy's sampling would cost the measured ones).
+    by_name = {s.name: s for s in scenarios}
+    for what, part in (("boot-kvmpy-0", "boot"), ("blk-kvmpy", "workload"), ("net-kvmpy", "workload")):
+        scenarios.append(replace(by_name[what], name=f"profile-{what.split('-')[0]}", profile=part))
     for device, console in (("serial", "ttyS0"), ("virtio", "hvc0")):
         scenarios.append(
             replace(
@@ -323,13 +328,35 @@ def paging_metrics(by_mode: dict[str, dict[str, ScenarioResult]]) -> list[Metric
     return metrics
 
 
-def run_lab_suite(plan: LabPlan, progress: Progress) -> list[Metric]:
+def run_lab_suite(plan: LabPlan, progress: Progress) -> tuple[list[Metric], str]:
+    """The lab figures, and the Markdown profiles of where kvmpy's time went there."""
     kernel, initrd = bench_initrd()
     io = io_scenarios(str(kernel), str(initrd), plan)
     paging = paging_scenarios(str(kernel), str(initrd), plan)
     with_npt = run_lab_batch(io + paging, npt=True, progress=progress)
     without_npt = run_lab_batch(paging, npt=False, progress=progress)
-    return lab_metrics(with_npt, without_npt, plan)
+    return lab_metrics(with_npt, without_npt, plan), lab_profiles(with_npt)
+
+
+PROFILE_TITLES = {
+    "profile-boot": "Linux boot to poweroff in the lab (smp2), whole run",
+    "profile-blk": "the virtio-blk workload in the lab, from the guest's init on",
+    "profile-net": "the virtio-net workload in the lab, from the guest's init on",
+}
+
+
+def lab_profiles(results: dict[str, ScenarioResult]) -> str:
+    """py-spy tables of the profiling runs (kvmpy under py-spy inside the lab)."""
+    sections = []
+    for name, title in PROFILE_TITLES.items():
+        result = results.get(name)
+        if result is None:
+            continue
+        if result.status != 0:
+            sections.append(f"### Profile: {title}\n\nThe profiled run failed (status {result.status}).\n")
+        else:
+            sections.append(profile_table(title, result.profile))
+    return "\n".join(sections)
 
 
 def lab_metrics(
@@ -344,4 +371,4 @@ def lab_metrics(
     return metrics + paging_metrics(paging_results)
 
 
-__all__ = ["LabPlan", "bench_initrd", "bench_lines", "lab_metrics", "run_lab_suite"]
+__all__ = ["LabPlan", "bench_initrd", "bench_lines", "lab_metrics", "lab_profiles", "run_lab_suite"]

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kvmpy.lab.image import READY_MARKER, encode_command
+from kvmpy.pyspy import leaf_shares, py_spy, record_command
 
 RESULT_PREFIX = "kvmpy-scenario-result "
 TYPING_PAUSE_SECONDS = 3.0
@@ -57,6 +58,9 @@ class Scenario:
     #: Boot again (up to this many times) when the guest triple-faults: a 4-vCPU guest on
     #: the 2-vCPU lab does so now and then under kvmpy (see docs/lab.md), not under QEMU.
     retries_on_triple_fault: int = 0
+    #: Sample kvmpy with py-spy and report the innermost frames (kvmpy only): "boot" from
+    #: the start, "workload" from the guest's init on (what its command does).
+    profile: str = ""
 
 
 @dataclass
@@ -69,6 +73,8 @@ class ScenarioResult:
     output: str
     stderr: str = ""
     notes: list[str] = field(default_factory=list)
+    #: With ``Scenario.profile``: (innermost frame, share of py-spy samples), largest first.
+    profile: list[tuple[str, float]] = field(default_factory=list)
 
 
 def _kvmpy_command(scenario: Scenario) -> list[str]:
@@ -125,20 +131,29 @@ def run_scenario(scenario: Scenario) -> ScenarioResult:
     scratch = tempfile.mkdtemp(prefix=f"{scenario.name}-")
     scenario = dataclasses.replace(scenario, args=tuple(a.replace("{tmp}", scratch) for a in scenario.args))
     notes = [_shell(scenario.prepare, scratch)]
-    result = _run_vm(scenario)
+    raw_profile = Path(scratch) / "profile.raw" if scenario.profile and scenario.vmm == "kvmpy" else None
+    if raw_profile is not None and py_spy() is None:
+        notes.append("py-spy is not installed: no profile")
+        raw_profile = None
+    result = _run_vm(scenario, raw_profile)
     for _ in range(scenario.retries_on_triple_fault):
         if "guest triple fault" not in result.stderr:
             break
         notes.append(f"boot {result.wall_seconds:.0f} s ended in a guest triple fault; booting again")
-        result = _run_vm(scenario)
+        result = _run_vm(scenario, raw_profile)
     notes.append(_shell(scenario.verify, scratch))
     result.notes = [note for note in notes if note]
+    if raw_profile is not None and raw_profile.exists():
+        result.profile = leaf_shares(raw_profile.read_text(), limit=15)
     shutil.rmtree(scratch, ignore_errors=True)
     return result
 
 
-def _run_vm(scenario: Scenario) -> ScenarioResult:
+def _run_vm(scenario: Scenario, raw_profile: Path | None = None) -> ScenarioResult:
     command = _qemu_command(scenario) if scenario.vmm == "qemu" else _kvmpy_command(scenario)
+    py_spy_path = py_spy() if raw_profile is not None else None
+    if py_spy_path is not None and raw_profile is not None and scenario.profile == "boot":
+        command = record_command(py_spy_path, raw_profile, command)
     started = time.monotonic()
     process = subprocess.Popen(
         command,
@@ -158,6 +173,7 @@ def _run_vm(scenario: Scenario) -> ScenarioResult:
     drain.start()
     output = bytearray()
     readies, ready_at = 0, None
+    sampler: subprocess.Popen[bytes] | None = None
     marker = READY_MARKER.encode()
     try:
         for line in iter(process.stdout.readline, b""):
@@ -165,6 +181,8 @@ def _run_vm(scenario: Scenario) -> ScenarioResult:
             if marker in line:
                 readies += 1
                 ready_at = ready_at or time.monotonic() - started
+                if readies == 1 and py_spy_path and raw_profile and scenario.profile == "workload":
+                    sampler = _attach_sampler(py_spy_path, raw_profile, process.pid)
                 if scenario.typed and readies == 1:
                     threading.Thread(target=_type, args=(process, scenario.typed), daemon=True).start()
                 if scenario.interrupt_after_ready and readies >= scenario.interrupt_after_ready:
@@ -176,6 +194,11 @@ def _run_vm(scenario: Scenario) -> ScenarioResult:
     finally:
         watchdog.cancel()
     drain.join(timeout=10)
+    if sampler is not None:
+        try:
+            sampler.wait(timeout=30)  # py-spy writes its file once the VMM is gone
+        except subprocess.TimeoutExpired:
+            sampler.kill()
     timed_out = time.monotonic() - started >= scenario.timeout
     stderr = errors.decode("utf-8", "replace")
     if timed_out:
@@ -190,6 +213,12 @@ def _run_vm(scenario: Scenario) -> ScenarioResult:
         output="\n".join(text.splitlines()[-40:]),
         stderr="\n".join(stderr.splitlines()[-60:]),
     )
+
+
+def _attach_sampler(py_spy_path: str, raw_profile: Path, pid: int) -> subprocess.Popen[bytes]:
+    """py-spy attached to the running VMM until it exits (sampling without stopping it)."""
+    command = record_command(py_spy_path, raw_profile, pid=pid)
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _type(process: subprocess.Popen[bytes], lines: tuple[str, ...]) -> None:
@@ -210,6 +239,7 @@ def parse_results(text: str) -> dict[str, ScenarioResult]:
     for line in text.splitlines():
         if line.startswith(RESULT_PREFIX):
             data = json.loads(line[len(RESULT_PREFIX) :])
+            data["profile"] = [(frame, share) for frame, share in data.get("profile", [])]
             results[data["name"]] = ScenarioResult(**data)
     return results
 

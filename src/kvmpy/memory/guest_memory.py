@@ -14,7 +14,7 @@ import ctypes
 import mmap
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from kvmpy.errors import GuestError
@@ -42,10 +42,11 @@ class MemoryRegion:
     size: int
     mapping: mmap.mmap
     view: memoryview
+    #: First guest-physical address past the region (a field: bounds checks sit on every access).
+    end: int = field(init=False)
 
-    @property
-    def end(self) -> int:
-        return self.gpa + self.size
+    def __post_init__(self) -> None:
+        self.end = self.gpa + self.size
 
     def host_address(self) -> int:
         """Host virtual address of the start of the mapping (for KVM slots)."""
@@ -100,8 +101,10 @@ class GuestMemory:
         return self._find(gpa, size) is not None
 
     def _find(self, gpa: int, size: int) -> MemoryRegion | None:
+        # Inline bounds check, not region.contains(): this runs for every guest access.
+        end = gpa + size
         for region in self._regions:
-            if region.contains(gpa, size):
+            if region.gpa <= gpa and gpa <= end <= region.end:
                 return region
         return None
 

@@ -22,6 +22,7 @@ DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 DESCRIPTOR_SIZE = 16
+_DESCRIPTOR = struct.Struct("<QIHH")  # addr, len, flags, next
 MAX_QUEUE_SIZE = 32768
 #: An indirect table may not be larger than this many descriptors.
 MAX_INDIRECT = 1024
@@ -91,8 +92,8 @@ class SplitQueue:
         return mem.read_u16(self.driver_addr + 4 + 2 * (position % self.size))
 
     def _read_descriptor(self, mem: GuestMemory, table: int, index: int) -> tuple[int, int, int, int]:
-        addr, length, flags, next_index = struct.unpack(
-            "<QIHH", mem.read(table + DESCRIPTOR_SIZE * index, 16)
+        addr, length, flags, next_index = _DESCRIPTOR.unpack_from(
+            mem.slice(table + DESCRIPTOR_SIZE * index, DESCRIPTOR_SIZE)
         )
         return addr, length, flags, next_index
 
