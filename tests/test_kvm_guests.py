@@ -237,3 +237,62 @@ def test_pci_address_writes_are_coalesced(guests: Path, tmp_path: Path) -> None:
     address_exits = sum(v.ports.get(0xCF8, 0) for v in result.stats.vcpus)
     assert coalesced > 20 and latch.writes >= coalesced
     assert address_exits < coalesced  # reads of 0xCF8 still exit; its dword writes did not
+
+
+def test_console_on_a_unix_socket(guests: Path, tmp_path: Path) -> None:
+    """--serial unix:PATH: kvmpy waits for a client, which types at the guest and reads its replies."""
+    import socket
+
+    path = tmp_path / "console.sock"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kvmpy",
+            "run",
+            "--kernel",
+            str(guests / "serial_echo.elf"),
+            "--serial",
+            f"unix:{path}",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))
+        client.settimeout(30)
+        received = b""
+        while b"serial_echo ready" not in received:
+            received += client.recv(4096)
+        client.sendall(b"over the socket\n")
+        while b"echo: over the socket" not in received:
+            received += client.recv(4096)
+        client.sendall(b"quit\n")
+        while chunk := client.recv(4096):  # EOF once the VM is gone
+            received += chunk
+        client.close()
+        assert process.wait(timeout=30) == 7
+    finally:
+        process.kill()
+        process.wait()
+    assert process.stdout is not None and process.stdout.read() == ""  # nothing leaked to stdout
+    assert not path.exists()
+
+
+def test_console_socket_path_that_is_not_a_socket(guests: Path, tmp_path: Path) -> None:
+    taken = tmp_path / "notes.txt"
+    taken.write_text("keep me")
+    done = kvmpy("run", "--kernel", str(guests / "hello.elf"), "--serial", f"unix:{taken}")
+    assert (
+        done.returncode != 0
+        and "is not a socket" in done.stderr
+        and len(done.stderr.strip().splitlines()) == 1
+    )
+    assert taken.read_text() == "keep me"

@@ -37,7 +37,11 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     run.add_argument("--cmdline", default="", help="kernel command line")
     run.add_argument("--cpus", type=int, default=1, help=f"number of vCPUs (1-{MAX_VCPUS})")
     run.add_argument("--memory", default="256M", help="guest RAM, e.g. 256M or 2G")
-    run.add_argument("--serial", default="stdio", help="stdio, none or file:PATH")
+    run.add_argument(
+        "--serial",
+        default="stdio",
+        help="where the console goes: stdio, none, file:PATH, or unix:PATH (a socket kvmpy listens on)",
+    )
     run.add_argument("--stats", action="store_true", help="print exit statistics at the end")
     run.add_argument(
         "--on-reboot",

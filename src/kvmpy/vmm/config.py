@@ -27,6 +27,7 @@ def parse_size(text: str, *, what: str = "size") -> int:
 class SerialMode(Enum):
     STDIO = "stdio"
     FILE = "file"
+    UNIX = "unix"
     NONE = "none"
 
 
@@ -41,7 +42,9 @@ class SerialConfig:
             return cls(SerialMode(text))
         if text.startswith("file:") and len(text) > 5:
             return cls(SerialMode.FILE, Path(text[5:]))
-        raise ConfigError(f"invalid --serial {text!r}: use stdio, none or file:PATH")
+        if text.startswith("unix:") and len(text) > 5:
+            return cls(SerialMode.UNIX, Path(text[5:]))
+        raise ConfigError(f"invalid --serial {text!r}: use stdio, none, file:PATH or unix:PATH")
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,13 +15,21 @@ import select
 import termios
 import threading
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from typing import Protocol
+
+
+class ConsoleSink(Protocol):
+    """Where console bytes go: a binary file (stdout, a log) or a socket client."""
+
+    def write(self, data: bytes, /) -> object: ...
+
+    def flush(self) -> None: ...
 
 
 class ConsoleOutput:
     """Where the guest's console bytes go, keeping the last lines for reports."""
 
-    def __init__(self, sink: BinaryIO | None, keep_lines: int = 20) -> None:
+    def __init__(self, sink: ConsoleSink | None, keep_lines: int = 20) -> None:
         self._sink = sink
         self._lines: collections.deque[bytes] = collections.deque(maxlen=keep_lines)
         self._partial = bytearray()
@@ -127,4 +135,4 @@ class InputPump(threading.Thread):
                 return
 
 
-__all__ = ["ConsoleOutput", "InputPump", "terminal_input_mode"]
+__all__ = ["ConsoleOutput", "ConsoleSink", "InputPump", "terminal_input_mode"]

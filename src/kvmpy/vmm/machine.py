@@ -16,7 +16,6 @@ import struct
 import sys
 import threading
 from collections.abc import Callable
-from typing import BinaryIO
 
 from kvmpy.abi import kvm as abi
 from kvmpy.arch.x86 import boot_cpu, layout
@@ -43,7 +42,7 @@ from kvmpy.virtio.devices.net import VirtioNet, parse_mac
 from kvmpy.virtio.devices.rng import VirtioRng
 from kvmpy.virtio.devices.tap import Tap
 from kvmpy.vmm.config import SerialMode, VmConfig
-from kvmpy.vmm.console import ConsoleOutput
+from kvmpy.vmm.console import ConsoleOutput, ConsoleSink
 from kvmpy.vmm.event_loop import EventLoop
 from kvmpy.vmm.irq import KvmIrqLine
 from kvmpy.vmm.pci_platform import PciPlatform
@@ -87,7 +86,7 @@ QUIET_PORT_RANGES: tuple[tuple[int, int, str], ...] = (
 class Machine:
     """One VM built from a :class:`VmConfig`."""
 
-    def __init__(self, config: VmConfig, *, serial_sink: BinaryIO | None = None) -> None:
+    def __init__(self, config: VmConfig, *, serial_sink: ConsoleSink | None = None) -> None:
         self.config = config
         self.system = System()
         self.vm = self.system.create_vm()
@@ -132,7 +131,7 @@ class Machine:
             self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address())
         return memory
 
-    def _serial_sink(self, override: BinaryIO | None) -> BinaryIO | None:
+    def _serial_sink(self, override: ConsoleSink | None) -> ConsoleSink | None:
         if override is not None:
             return override
         serial = self.config.serial

@@ -6,10 +6,10 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from kvmpy.vmm.config import OnReboot, SerialMode, VmConfig, host_memory_bytes
-from kvmpy.vmm.console import InputPump, terminal_input_mode
+from kvmpy.vmm.console import ConsoleSink, InputPump, terminal_input_mode
+from kvmpy.vmm.console_socket import ConsoleSocket
 from kvmpy.vmm.machine import Machine
 from kvmpy.vmm.stats_report import MachineStats, collect
 from kvmpy.vmm.stop import StopKind, StopReason
@@ -27,7 +27,7 @@ class RunResult:
 
 
 def run_vm(
-    config: VmConfig, *, serial_sink: BinaryIO | None = None, stdin_fd: int | None = None
+    config: VmConfig, *, serial_sink: ConsoleSink | None = None, stdin_fd: int | None = None
 ) -> RunResult:
     """Boot ``config`` and run it until it powers off, exits or fails.
 
@@ -38,6 +38,22 @@ def run_vm(
     config.validate(host_memory_bytes())
     if stdin_fd is None and config.serial.mode is SerialMode.STDIO and serial_sink is None:
         stdin_fd = _stdin_fd()
+    console_socket = None
+    if config.serial.mode is SerialMode.UNIX and serial_sink is None:
+        assert config.serial.path is not None
+        console_socket = ConsoleSocket(config.serial.path)
+    try:
+        if console_socket is not None:
+            serial_sink, stdin_fd = console_socket.accept()
+        return _boot_until_done(config, serial_sink, stdin_fd)
+    finally:
+        if console_socket is not None:
+            console_socket.close()
+
+
+def _boot_until_done(
+    config: VmConfig, serial_sink: ConsoleSink | None, stdin_fd: int | None
+) -> RunResult:
     boots = 0
     while True:
         boots += 1
@@ -48,7 +64,9 @@ def run_vm(
             return result
 
 
-def _boot_once(config: VmConfig, serial_sink: BinaryIO | None, stdin_fd: int | None, boots: int) -> RunResult:
+def _boot_once(
+    config: VmConfig, serial_sink: ConsoleSink | None, stdin_fd: int | None, boots: int
+) -> RunResult:
     machine = Machine(config, serial_sink=serial_sink)
     try:
         pump = InputPump(stdin_fd, machine.console_input) if stdin_fd is not None else None
