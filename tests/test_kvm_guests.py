@@ -296,3 +296,16 @@ def test_console_socket_path_that_is_not_a_socket(guests: Path, tmp_path: Path) 
         and len(done.stderr.strip().splitlines()) == 1
     )
     assert taken.read_text() == "keep me"
+
+
+def test_lab_scenario_watchdog_ends_a_guest_that_never_finishes(guests: Path) -> None:
+    """The scenario runner the lab batches use: a silent guest is killed at its timeout."""
+    from kvmpy.lab.scenarios import Scenario, run_scenario
+
+    waiting = run_scenario(
+        Scenario("echo", str(guests / "serial_echo.elf"), None, "x", memory="64M", timeout=3)
+    )
+    assert waiting.status == -signal.SIGKILL and "killed after 3 s" in waiting.stderr
+    assert "serial_echo ready" in waiting.output and 3 <= waiting.wall_seconds < 30
+    hello = run_scenario(Scenario("hello", str(guests / "hello.elf"), None, "x", memory="64M"))
+    assert hello.status == 0 and "Hello from a kvmpy test guest!" in hello.output

@@ -31,6 +31,7 @@ from kvmpy.pyspy import leaf_shares, py_spy, record_command
 
 RESULT_PREFIX = "kvmpy-scenario-result "
 TYPING_PAUSE_SECONDS = 3.0
+KILL_GRACE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -171,28 +172,23 @@ def _run_vm(scenario: Scenario, raw_profile: Path | None = None) -> ScenarioResu
     error_stream = process.stderr
     drain = threading.Thread(target=lambda: errors.extend(error_stream.read()), daemon=True)
     drain.start()
-    output = bytearray()
-    readies, ready_at = 0, None
-    sampler: subprocess.Popen[bytes] | None = None
-    marker = READY_MARKER.encode()
+    watch = _ConsoleWatch(scenario, process, started, py_spy_path, raw_profile)
+    reader = threading.Thread(target=watch.follow, daemon=True)
+    reader.start()
+    # A VMM stuck in the kernel survives SIGKILL and keeps its pipes open: give up on it
+    # a minute after the watchdog fired rather than wait for its EOF for ever.
+    reader.join(scenario.timeout + KILL_GRACE_SECONDS)
+    status: int | None = None
     try:
-        for line in iter(process.stdout.readline, b""):
-            output += line
-            if marker in line:
-                readies += 1
-                ready_at = ready_at or time.monotonic() - started
-                if readies == 1 and py_spy_path and raw_profile and scenario.profile == "workload":
-                    sampler = _attach_sampler(py_spy_path, raw_profile, process.pid)
-                if scenario.typed and readies == 1:
-                    threading.Thread(target=_type, args=(process, scenario.typed), daemon=True).start()
-                if scenario.interrupt_after_ready and readies >= scenario.interrupt_after_ready:
-                    process.send_signal(signal.SIGINT)
-        status: int | None = process.wait(timeout=30)
+        if not reader.is_alive():
+            status = process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         process.kill()
-        status = None
     finally:
         watchdog.cancel()
+    readies, ready_at, sampler, output = watch.readies, watch.ready_at, watch.sampler, watch.output
+    if reader.is_alive():
+        errors += b"\nkvmpy.lab.scenarios: the VMM outlived SIGKILL (stuck in the kernel); abandoned"
     drain.join(timeout=10)
     if sampler is not None:
         try:
@@ -213,6 +209,44 @@ def _run_vm(scenario: Scenario, raw_profile: Path | None = None) -> ScenarioResu
         output="\n".join(text.splitlines()[-40:]),
         stderr="\n".join(stderr.splitlines()[-60:]),
     )
+
+
+class _ConsoleWatch:
+    """Follows the VMM's console: counts the guest's readiness markers and acts on the first."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        process: subprocess.Popen[bytes],
+        started: float,
+        py_spy_path: str | None,
+        raw_profile: Path | None,
+    ) -> None:
+        self.scenario, self.process, self.started = scenario, process, started
+        self.py_spy_path, self.raw_profile = py_spy_path, raw_profile
+        self.output = bytearray()
+        self.readies = 0
+        self.ready_at: float | None = None
+        self.sampler: subprocess.Popen[bytes] | None = None
+
+    def follow(self) -> None:
+        assert self.process.stdout is not None
+        marker = READY_MARKER.encode()
+        for line in iter(self.process.stdout.readline, b""):
+            self.output += line
+            if marker in line:
+                self.readies += 1
+                self.ready_at = self.ready_at or time.monotonic() - self.started
+                self._on_ready()
+
+    def _on_ready(self) -> None:
+        scenario, process = self.scenario, self.process
+        if self.readies == 1 and self.py_spy_path and self.raw_profile and scenario.profile == "workload":
+            self.sampler = _attach_sampler(self.py_spy_path, self.raw_profile, process.pid)
+        if scenario.typed and self.readies == 1:
+            threading.Thread(target=_type, args=(process, scenario.typed), daemon=True).start()
+        if scenario.interrupt_after_ready and self.readies >= scenario.interrupt_after_ready:
+            process.send_signal(signal.SIGINT)
 
 
 def _attach_sampler(py_spy_path: str, raw_profile: Path, pid: int) -> subprocess.Popen[bytes]:

@@ -51,9 +51,7 @@ def run_vm(
             console_socket.close()
 
 
-def _boot_until_done(
-    config: VmConfig, serial_sink: ConsoleSink | None, stdin_fd: int | None
-) -> RunResult:
+def _boot_until_done(config: VmConfig, serial_sink: ConsoleSink | None, stdin_fd: int | None) -> RunResult:
     boots = 0
     while True:
         boots += 1
