@@ -54,7 +54,9 @@ def qemu_command(
         "-serial", f"file:{share / 'console.log'}",
         "-kernel", str(kernel),
         "-initrd", str(initrd),
-        "-append", f"console=ttyS0 quiet panic=-1 kvmpy.npt={int(npt)}",
+        # No transparent huge pages in the lab: its khugepaged, collapsing a nested guest's
+        # RAM under TCG, locked up a lab CPU for minutes and hung that guest (docs/lab.md).
+        "-append", f"console=ttyS0 quiet panic=-1 transparent_hugepage=never kvmpy.npt={int(npt)}",
         "-virtfs", f"local,path=/,mount_tag=hostroot,readonly=on,{virtfs}",
         "-virtfs", f"local,path={share},mount_tag=share,{virtfs}",
     ]  # fmt: skip
