@@ -60,6 +60,18 @@ def kvmpy(*args: str, timeout: float = 60, **kwargs: object) -> subprocess.Compl
     )
 
 
+def start_kvmpy(*args: str) -> subprocess.Popen[str]:
+    """``kvmpy ARGS`` in the background, its output in pipes."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvmpy", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+    )
+
+
 def boot(guest: Path, cmdline: str = "", **options: object):  # type: ignore[no-untyped-def]
     sink = io.BytesIO()
     config = VmConfig(kernel=guest, cmdline=cmdline, serial=SerialConfig(SerialMode.NONE), **options)  # type: ignore[arg-type]
@@ -140,23 +152,7 @@ def test_unclaimed_io_is_answered_and_reported(guests: Path) -> None:
 
 
 def test_ctrl_c_stops_the_vm_quickly(guests: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kvmpy",
-            "run",
-            "--kernel",
-            str(guests / "hlt.elf"),
-            "--cmdline",
-            "count=1000000000",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
+    process = start_kvmpy("run", "--kernel", str(guests / "hlt.elf"), "--cmdline", "count=1000000000")
     time.sleep(3)
     assert process.poll() is None, process.communicate()
     started = time.monotonic()
@@ -164,7 +160,7 @@ def test_ctrl_c_stops_the_vm_quickly(guests: Path) -> None:
     out, err = process.communicate(timeout=10)
     assert time.monotonic() - started < 2.0
     assert process.returncode == 130, err
-    assert b"Traceback" not in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -244,23 +240,7 @@ def test_console_on_a_unix_socket(guests: Path, tmp_path: Path) -> None:
     import socket
 
     path = tmp_path / "console.sock"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kvmpy",
-            "run",
-            "--kernel",
-            str(guests / "serial_echo.elf"),
-            "--serial",
-            f"unix:{path}",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
-    )
+    process = start_kvmpy("run", "--kernel", str(guests / "serial_echo.elf"), "--serial", f"unix:{path}")
     try:
         deadline = time.monotonic() + 30
         while not path.exists() and time.monotonic() < deadline:

@@ -222,6 +222,16 @@ def _finished(results: dict[str, ScenarioResult], name: str, metric: Metric) -> 
     return None
 
 
+def _add_bench_value(
+    metric: Metric, vmm: str, results: dict[str, ScenarioResult], name: str, line: str, key: str
+) -> None:
+    """Append ``key`` of the guest's "BENCH ``line``" in run ``name`` to ``vmm``'s samples, if it finished."""
+    result = _finished(results, name, metric)
+    value = bench_lines(result).get(line, {}).get(key) if result else None
+    if value is not None:
+        getattr(metric, vmm).append(value)
+
+
 WHERE = "lab (SVM, npt=on)"
 
 
@@ -264,10 +274,7 @@ def io_metrics(results: dict[str, ScenarioResult], plan: LabPlan) -> list[Metric
         better = Better.LOWER if unit == "µs" else Better.HIGHER
         metric = Metric(line, title, unit, WHERE, better=better, target=target)
         for vmm in VMMS:
-            result = _finished(results, f"{scenario}-{vmm}", metric)
-            value = bench_lines(result).get(line, {}).get(key) if result else None
-            if value is not None:
-                getattr(metric, vmm).append(value)
+            _add_bench_value(metric, vmm, results, f"{scenario}-{vmm}", line, key)
         metrics.append(metric)
     metrics += _console_metrics(results, plan)
     return metrics
@@ -320,10 +327,7 @@ def paging_metrics(by_mode: dict[str, dict[str, ScenarioResult]]) -> list[Metric
         for line, key, title, unit in rows:
             metric = Metric(f"{line}_npt_{mode}", f"{title}, {paging}", unit, where)
             for vmm in VMMS:
-                result = _finished(results, f"paging-{vmm}", metric)
-                value = bench_lines(result).get(line, {}).get(key) if result else None
-                if value is not None:
-                    getattr(metric, vmm).append(value)
+                _add_bench_value(metric, vmm, results, f"paging-{vmm}", line, key)
             metrics.append(metric)
     return metrics
 
