@@ -102,6 +102,10 @@ def test_lab_plan_alternates_vmms_on_the_same_kernel_and_initrd() -> None:
     by_name = {s.name: s for s in scenarios}
     assert "--disk" in by_name["blk-kvmpy"].args and "-drive" in by_name["blk-qemu"].args
     assert by_name["blk-kvmpy"].command == by_name["blk-qemu"].command
+    # the same host cache mode under both: page cache, then O_DIRECT (QEMU's cache=none)
+    assert "cache=writeback" in " ".join(by_name["blk-qemu"].args)
+    assert "cache=none" in " ".join(by_name["blk-direct-qemu"].args)
+    assert "{direct}/bench.img,direct=on" in by_name["blk-direct-kvmpy"].args
     assert "vhost=off" in " ".join(by_name["net-qemu"].args)
 
 
@@ -129,6 +133,7 @@ def test_a_guest_that_hangs_costs_its_samples_not_the_run() -> None:
     assert len(boot.kvmpy) == plan.boots and len(boot.qemu) == plan.boots - 1
     assert "boot-qemu-1 did not finish (status -9" in boot.note and "security.SM" in boot.note
     assert metrics["blk-read"].kvmpy == [10.0] and metrics["blk-read"].qemu == [10.0]
+    assert metrics["blk-read-direct"].kvmpy == [10.0] and "O_DIRECT" in metrics["blk-read-direct"].title
     assert "net-kvmpy never ran" in metrics["tcp-send"].note
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy.errors import ConfigError
-from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig, parse_size
+from kvmpy.vmm.config import DiskConfig, SerialConfig, SerialMode, VmConfig, parse_size
 
 
 @pytest.mark.parametrize(
@@ -29,6 +29,15 @@ def test_serial_parse() -> None:
     assert SerialConfig.parse("file:/tmp/x").path == Path("/tmp/x")
     with pytest.raises(ConfigError):
         SerialConfig.parse("tcp:1234")
+
+
+def test_disk_parse() -> None:
+    assert DiskConfig.parse("a.img") == DiskConfig(Path("a.img"))
+    disk = DiskConfig.parse("a.img,readonly=on,direct=on,id=boot")
+    assert disk == DiskConfig(Path("a.img"), read_only=True, id="boot", direct=True)
+    for bad in ("", ",direct=on", "a.img,direct=yes", "a.img,cache=none"):
+        with pytest.raises(ConfigError, match="invalid --disk"):
+            DiskConfig.parse(bad)
 
 
 def test_validate(tmp_path: Path) -> None:

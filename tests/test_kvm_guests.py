@@ -182,13 +182,15 @@ def test_bad_input_is_one_line(guests: Path, args: list[str], message: str) -> N
     assert len(lines) == 1 and message in lines[0], done.stderr
 
 
-def test_ring3_virtio_blk_driver(guests: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["page-cache", "o-direct"])
+def test_ring3_virtio_blk_driver(guests: Path, tmp_path: Path, direct: bool) -> None:
     """A minimal driver in the guest kit drives virtio-blk; kicks go through ioeventfd."""
     from kvmpy.vmm.config import DiskConfig
 
     image = tmp_path / "disk.img"
     image.write_bytes(b"".join(bytes([sector]) * 512 for sector in range(64)))
-    result, output = boot(guests / "virtio_blk.elf", "reads=50", disks=(DiskConfig(image),))
+    disk = DiskConfig(image, direct=direct)
+    result, output = boot(guests / "virtio_blk.elf", "reads=50", disks=(disk,))
     assert result.reason.status == 0, output
     assert "virtio_blk ok, capacity 64 sectors" in output
     assert image.read_bytes()[5 * 512 : 6 * 512] == b"\xa5" * 512  # the guest's write reached the file

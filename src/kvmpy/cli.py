@@ -57,7 +57,7 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "--disk",
         action="append",
         default=[],
-        help="virtio-blk disk: PATH[,readonly=on][,id=NAME] (repeatable)",
+        help="virtio-blk disk: PATH[,readonly=on][,direct=on][,id=NAME] (repeatable; direct=on: O_DIRECT)",
     )
     run.add_argument("--net", action="append", default=[], help="virtio-net on a tap: tap=IFNAME[,mac=MAC]")
     run.add_argument("--rng", action="store_true", help="a virtio-rng device fed by the host's getrandom()")

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from kvmpy.bench.metric import Better, Metric, Target
 from kvmpy.bench.profile import profile_table
@@ -76,11 +77,21 @@ def bench_initrd() -> tuple[Path, Path]:
     return image.kernel, initrd
 
 
-def _disk_args(vmm: str) -> tuple[str, ...]:
-    disk = "{tmp}/bench.img"
-    if vmm == "qemu":  # page-cache backed on the host, as kvmpy's, no vhost
-        return ("-drive", f"file={disk},if=virtio,format=raw,cache=writeback,aio=threads")
-    return ("--disk", disk)
+#: The host side of the benchmark disk: through the lab's page cache, or with O_DIRECT.
+DISK_MODES = ("cached", "direct")
+
+
+def _disk_image(mode: str) -> str:
+    return "{direct}/bench.img" if mode == "direct" else "{tmp}/bench.img"
+
+
+def _disk_args(vmm: str, mode: str) -> tuple[str, ...]:
+    """The same cache mode under both VMMs, no vhost: QEMU's writeback or none (O_DIRECT)."""
+    disk = _disk_image(mode)
+    if vmm == "qemu":
+        cache = "none" if mode == "direct" else "writeback"
+        return ("-drive", f"file={disk},if=virtio,format=raw,cache={cache},aio=threads")
+    return ("--disk", f"{disk},direct=on" if mode == "direct" else disk)
 
 
 def _net_args(vmm: str) -> tuple[str, ...]:
@@ -124,16 +135,18 @@ def io_scenarios(kernel: str, initrd: str, plan: LabPlan) -> list[Scenario]:
         f"{TOOL} tcp-rr {HOST_ADDRESS} 5003 {plan.round_trips}; poweroff -f"
     )
     for vmm in VMMS:
-        scenarios.append(
-            replace(
-                base,
-                name=f"blk-{vmm}",
-                vmm=vmm,
-                command=blk,
-                args=_disk_args(vmm),
-                prepare=f"dd if=/dev/urandom of={{tmp}}/bench.img bs=1M count={DISK_MIB} 2>/dev/null",
+        for mode in DISK_MODES:
+            image = _disk_image(mode)
+            scenarios.append(
+                replace(
+                    base,
+                    name=f"blk-{vmm}" if mode == "cached" else f"blk-{mode}-{vmm}",
+                    vmm=vmm,
+                    command=blk,
+                    args=_disk_args(vmm, mode),
+                    prepare=f"dd if=/dev/urandom of={image} bs=1M count={DISK_MIB} 2>/dev/null",
+                )
             )
-        )
         scenarios.append(
             replace(
                 base,
@@ -248,36 +261,54 @@ def io_metrics(results: dict[str, ScenarioResult], plan: LabPlan) -> list[Metric
                 getattr(boot, vmm).append(result.ready_seconds)
             getattr(off, vmm).append(result.wall_seconds)
     metrics = [boot, off]
+    net = "net"
     rows = [
-        ("blk", "blk-read", "mbps", "virtio-blk sequential read, 1 MiB O_DIRECT", "MB/s", Target(ratio=1.0)),
-        (
-            "blk",
-            "blk-write",
-            "mbps",
-            "virtio-blk sequential write, 1 MiB O_DIRECT",
-            "MB/s",
-            Target(ratio=1.0),
-        ),
-        (
-            "blk",
-            "blk-randread",
-            "iops",
-            "virtio-blk 4 KiB random read, O_DIRECT, QD1",
-            "IOPS",
-            Target(ratio=1.0),
-        ),
-        ("net", "tcp-send", "mbitps", "virtio-net TCP guest → host", "Mbit/s", Target(ratio=0.8)),
-        ("net", "tcp-recv", "mbitps", "virtio-net TCP host → guest", "Mbit/s", Target(ratio=0.8)),
-        ("net", "tcp-rr", "rtt_us", "virtio-net TCP 1-byte round trip", "µs", None),
+        *_blk_rows("blk", "host page cache", ""),
+        *_blk_rows("blk-direct", "host O_DIRECT", "-direct"),
+        _Row(net, "tcp-send", "mbitps", "virtio-net TCP guest → host", "Mbit/s", Target(ratio=0.8)),
+        _Row(net, "tcp-recv", "mbitps", "virtio-net TCP host → guest", "Mbit/s", Target(ratio=0.8)),
+        _Row(net, "tcp-rr", "rtt_us", "virtio-net TCP 1-byte round trip", "µs", None),
     ]
-    for scenario, line, key, title, unit, target in rows:
-        better = Better.LOWER if unit == "µs" else Better.HIGHER
-        metric = Metric(line, title, unit, WHERE, better=better, target=target)
+    for row in rows:
+        better = Better.LOWER if row.unit == "µs" else Better.HIGHER
+        metric = Metric(row.line + row.suffix, row.title, row.unit, WHERE, better=better, target=row.target)
         for vmm in VMMS:
-            _add_bench_value(metric, vmm, results, f"{scenario}-{vmm}", line, key)
+            _add_bench_value(metric, vmm, results, f"{row.scenario}-{vmm}", row.line, row.key)
         metrics.append(metric)
     metrics += _console_metrics(results, plan)
     return metrics
+
+
+class _Row(NamedTuple):
+    """One figure the guest's kvmpy-bench prints: in which runs, which BENCH line and key."""
+
+    scenario: str
+    line: str
+    key: str
+    title: str
+    unit: str
+    target: Target | None
+    suffix: str = ""  # added to the metric's name (one BENCH line, several host set-ups)
+
+
+def _blk_rows(scenario: str, host: str, suffix: str) -> list[_Row]:
+    """The three virtio-blk figures of one host cache mode (the guest always uses O_DIRECT)."""
+    same = Target(ratio=1.0)
+    return [
+        _Row(scenario, "blk-read", "mbps", f"virtio-blk sequential read 1 MiB, {host}", "MB/s", same, suffix),
+        _Row(
+            scenario, "blk-write", "mbps", f"virtio-blk sequential write 1 MiB, {host}", "MB/s", same, suffix
+        ),
+        _Row(
+            scenario,
+            "blk-randread",
+            "iops",
+            f"virtio-blk 4 KiB random read QD1, {host}",
+            "IOPS",
+            same,
+            suffix,
+        ),
+    ]
 
 
 def _console_metrics(results: dict[str, ScenarioResult], plan: LabPlan) -> list[Metric]:

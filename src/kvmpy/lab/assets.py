@@ -12,13 +12,18 @@ from kvmpy.lab.modules import KernelTree
 
 LAB_KERNEL_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
-#: What the lab kernel needs: virtio PCI, 9p over virtio, KVM for AMD SVM, tun for networking.
+#: What the lab kernel needs: virtio PCI, 9p over virtio, KVM for AMD SVM, tun for networking,
+#: and ext4 on a loop device for O_DIRECT scratch space (its tmpfs has no O_DIRECT; ext4
+#: wants the crc32c algorithm at mount time, which nothing in the lab would load on demand).
 LAB_MODULES = [
     "virtio_pci",
     "9pnet_virtio",
     "9p",
     "kvm_amd",
     "tun",
+    "loop",
+    "crc32c_generic",
+    "ext4",
 ]
 
 LAB_INIT = r"""#!/bin/sh

@@ -26,6 +26,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kvmpy.errors import HostError
+from kvmpy.lab.direct_scratch import direct_scratch_root
 from kvmpy.lab.image import READY_MARKER, encode_command
 from kvmpy.pyspy import leaf_shares, py_spy, record_command
 
@@ -48,7 +50,8 @@ class Scenario:
     interrupt_after_ready: int = 0
     timeout: float = 240.0
     #: Shell commands run in the lab before and after the VM; "{tmp}" in them and in
-    #: ``args`` is a writable scratch directory. Their output lands in ``notes``.
+    #: ``args`` is a writable scratch directory, "{direct}" one on a file system that
+    #: supports O_DIRECT (for ``direct=on`` disks). Their output lands in ``notes``.
     prepare: str = ""
     verify: str = ""
     #: Kernel command line before the kvmpy.cmd word.
@@ -119,20 +122,41 @@ def _qemu_command(scenario: Scenario) -> list[str]:
     return [*command, *scenario.args]
 
 
-def _shell(command: str, scratch: str) -> str:
+class _Scratch:
+    """The scenario's scratch directories, and "{tmp}"/"{direct}" replaced by them."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.tmp = tempfile.mkdtemp(prefix=f"{scenario.name}-")
+        self.direct = ""
+        self.error = ""
+        uses_direct = any("{direct}" in text for text in (scenario.prepare, scenario.verify, *scenario.args))
+        if uses_direct:
+            try:
+                self.direct = tempfile.mkdtemp(prefix=f"{scenario.name}-", dir=direct_scratch_root())
+            except (HostError, OSError) as error:
+                self.error = f"no O_DIRECT scratch space: {error}"
+                self.direct = self.tmp
+
+    def fill(self, text: str) -> str:
+        return text.replace("{tmp}", self.tmp).replace("{direct}", self.direct)
+
+    def remove(self) -> None:
+        for directory in filter(None, (self.tmp, self.direct)):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _shell(command: str, scratch: _Scratch) -> str:
     if not command:
         return ""
-    done = subprocess.run(
-        ["sh", "-c", command.replace("{tmp}", scratch)], capture_output=True, text=True, timeout=300
-    )
+    done = subprocess.run(["sh", "-c", scratch.fill(command)], capture_output=True, text=True, timeout=300)
     return f"$ {command}\n{done.stdout}{done.stderr}(exit {done.returncode})"
 
 
 def run_scenario(scenario: Scenario) -> ScenarioResult:
-    scratch = tempfile.mkdtemp(prefix=f"{scenario.name}-")
-    scenario = dataclasses.replace(scenario, args=tuple(a.replace("{tmp}", scratch) for a in scenario.args))
-    notes = [_shell(scenario.prepare, scratch)]
-    raw_profile = Path(scratch) / "profile.raw" if scenario.profile and scenario.vmm == "kvmpy" else None
+    scratch = _Scratch(scenario)
+    scenario = dataclasses.replace(scenario, args=tuple(scratch.fill(a) for a in scenario.args))
+    notes = [scratch.error, _shell(scenario.prepare, scratch)]
+    raw_profile = Path(scratch.tmp) / "profile.raw" if scenario.profile and scenario.vmm == "kvmpy" else None
     if raw_profile is not None and py_spy() is None:
         notes.append("py-spy is not installed: no profile")
         raw_profile = None
@@ -146,7 +170,7 @@ def run_scenario(scenario: Scenario) -> ScenarioResult:
     result.notes = [note for note in notes if note]
     if raw_profile is not None and raw_profile.exists():
         result.profile = leaf_shares(raw_profile.read_text(), limit=15)
-    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.remove()
     return result
 
 

@@ -49,28 +49,33 @@ class SerialConfig:
 
 @dataclass(frozen=True, slots=True)
 class DiskConfig:
-    """A virtio-blk disk: a raw image file."""
+    """A virtio-blk disk: a raw image file, through the host's page cache or with O_DIRECT."""
 
     path: Path
     read_only: bool = False
     id: str = ""
+    direct: bool = False
 
     @classmethod
     def parse(cls, text: str) -> DiskConfig:
-        """``PATH[,readonly=on|off][,id=NAME]``."""
+        """``PATH[,readonly=on|off][,direct=on|off][,id=NAME]``."""
         path, *options = text.split(",")
         if not path:
             raise ConfigError(f"invalid --disk {text!r}: it needs a path")
-        read_only, name = False, ""
+        read_only, direct, name = False, False, ""
         for option in options:
             key, _, value = option.partition("=")
             if key == "readonly" and value in ("on", "off"):
                 read_only = value == "on"
+            elif key == "direct" and value in ("on", "off"):
+                direct = value == "on"
             elif key == "id" and value:
                 name = value
             else:
-                raise ConfigError(f"invalid --disk option {option!r}: use readonly=on|off or id=NAME")
-        return cls(Path(path), read_only, name)
+                raise ConfigError(
+                    f"invalid --disk option {option!r}: use readonly=on|off, direct=on|off or id=NAME"
+                )
+        return cls(Path(path), read_only, name, direct)
 
 
 @dataclass(frozen=True, slots=True)

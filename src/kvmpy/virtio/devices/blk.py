@@ -1,8 +1,9 @@
 """virtio-blk (virtio 1.x, 5.2) on a raw image file.
 
 Requests carry a 16-byte header (type, sector), data buffers and a status
-byte. Data moves with ``os.preadv``/``os.pwritev`` straight between the file
-and memoryviews of guest RAM: no copies. Flush is fsync. A request the
+byte. Data moves straight between the image file (through the host's page
+cache, or with O_DIRECT: see :mod:`disk_file`) and memoryviews of guest RAM:
+no copies. Flush is fsync. A request the
 driver got wrong (short header, a read-only device written, sectors past
 the end) completes with an error status; only a broken ring resets the
 device.
@@ -10,13 +11,12 @@ device.
 
 from __future__ import annotations
 
-import os
 import struct
 from pathlib import Path
 
-from kvmpy.errors import ConfigError
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.virtio.device import COMMON_FEATURES, TYPE_BLOCK, Interrupt
+from kvmpy.virtio.devices.disk_file import DiskFile
 from kvmpy.virtio.queue import DescriptorChain, SplitQueue
 
 SECTOR = 512
@@ -32,27 +32,25 @@ S_OK, S_IOERR, S_UNSUPP = 0, 1, 2
 ID_BYTES = 20
 SEG_MAX = 126
 MAX_DISCARD_SECTORS = 1 << 22
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
 
 
 class VirtioBlock:
     device_type = TYPE_BLOCK
     queue_sizes: tuple[int, ...] = (256,)
 
-    def __init__(self, path: Path, *, read_only: bool = False, device_id: str = "") -> None:
-        try:
-            self._fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
-        except OSError as error:
-            raise ConfigError(f"disk {path} cannot be opened: {error.strerror}") from None
-        size = os.fstat(self._fd).st_size
-        self.capacity = size // SECTOR
+    def __init__(
+        self, path: Path, *, read_only: bool = False, device_id: str = "", direct: bool = False
+    ) -> None:
+        self._file = DiskFile(path, read_only=read_only, direct=direct)
+        block_size = self._file.alignment
+        # Whole blocks only: an O_DIRECT write of a partial last block would grow the file.
+        self.capacity = self._file.size // block_size * block_size // SECTOR
         self.read_only = read_only
         self.device_id = (device_id or path.name).encode()[:ID_BYTES]
         self.features = COMMON_FEATURES | F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES
         if read_only:
             self.features |= F_RO
-        self._config = struct.pack("<QII", self.capacity, 0, SEG_MAX) + bytes(4) + struct.pack("<I", SECTOR)
+        self._config = struct.pack("<QII4xI", self.capacity, 0, SEG_MAX, block_size)
         self._config = self._config.ljust(36, b"\0")
         # discard and write-zeroes limits (offsets 36-59)
         self._config += struct.pack("<IIIIIB3x", MAX_DISCARD_SECTORS, 1, 1, MAX_DISCARD_SECTORS, 1, 1)
@@ -62,8 +60,13 @@ class VirtioBlock:
         self.requests = 0
         self.errors = 0
 
+    @property
+    def bounced(self) -> int:
+        """Requests copied through an aligned buffer (direct mode, misaligned guest memory)."""
+        return self._file.bounced
+
     def close(self) -> None:
-        os.close(self._fd)
+        self._file.close()
 
     def read_config(self, offset: int, size: int) -> bytes:
         return self._config[offset : offset + size]
@@ -122,16 +125,16 @@ class VirtioBlock:
             length = sum(len(b) for b in data_out)
             if not self._in_range(sector, length):
                 return S_IOERR, 0
-            return S_OK, os.preadv(self._fd, data_out, sector * SECTOR)
+            return S_OK, self._file.read(sector * SECTOR, data_out)
         if request_type == T_OUT:
             length = sum(len(b) for b in payload)
             if self.read_only or not self._in_range(sector, length):
                 return S_IOERR, 0
-            os.pwritev(self._fd, payload, sector * SECTOR)
+            self._file.write(sector * SECTOR, payload)
             return S_OK, 0
         if request_type == T_FLUSH:
             if not self.read_only:
-                os.fsync(self._fd)
+                self._file.flush()
             return S_OK, 0
         if request_type == T_GET_ID:
             if not data_out:
@@ -152,7 +155,7 @@ class VirtioBlock:
             sector, count, _flags = struct.unpack_from("<QII", data, offset)
             if count > MAX_DISCARD_SECTORS or sector + count > self.capacity:
                 return S_IOERR
-            _punch_hole(self._fd, sector * SECTOR, count * SECTOR)
+            self._file.punch_hole(sector * SECTOR, count * SECTOR)
         return S_OK
 
 
@@ -166,20 +169,6 @@ def _skip(buffers: list[memoryview], count: int) -> list[memoryview]:
         out.append(buffer[count:])
         count = 0
     return out
-
-
-def _punch_hole(fd: int, offset: int, length: int) -> None:
-    """Deallocate a range (reads as zeroes afterwards); falls back to writing zeroes."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-        if libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) == 0:
-            return
-    except OSError:
-        pass
-    os.pwrite(fd, bytes(length), offset)
 
 
 __all__ = ["VirtioBlock"]
