@@ -114,7 +114,8 @@ class Machine:
         )
         self.vcpus = [self._setup_vcpu(i) for i in range(config.cpus)]
         #: Writes KVM buffered instead of exiting; every vCPU thread replays them before its exit.
-        self.coalesced = self.vcpus[0].coalesced_ring() if self.pci.coalesced_pio else None
+        coalescing = self.pci.coalesced_pio or any(self._coalescing)
+        self.coalesced = self.vcpus[0].coalesced_ring() if coalescing else None
         self.coalesced_lock = threading.Lock()
         self._setup_boot_vcpu(self.vcpus[0], self.boot)
 
@@ -154,6 +155,14 @@ class Machine:
         self._add_pio(layout.DEBUG_EXIT_PORT, 1, DebugExit(on_exit=self._debug_exit), "debug-exit")
         self._add_pio(layout.I8042_DATA_PORT, 5, I8042(on_reset=self._reset), "i8042")
         self._add_pio(layout.RTC_PORT, 2, CmosRtc(), "rtc")
+        # Writes whose effect the guest only sees at its next access to the device, which
+        # exits, wait in KVM's coalesced ring instead of exiting: a byte for the 16550A's THR
+        # (Linux reads LSR before each byte, and IIR after each burst from its interrupt
+        # handler) and the CMOS index (the data port access follows). Half the exits of a
+        # serial console; QEMU buffers the CMOS index and PCI's 0xCF8 the same way.
+        self._coalescing = [
+            self.vm.register_coalesced_pio(port, 1) for port in (layout.COM1_PORT, layout.RTC_PORT)
+        ]
         self._add_pio(
             layout.ACPI_PM1_EVENT_PORT,
             acpi_pm.SIZE,
@@ -261,6 +270,8 @@ class Machine:
         except KeyboardInterrupt:
             self.request_stop(StopReason(StopKind.INTERRUPTED, 130, "interrupted from the host"))
         self._join_threads()
+        if self.threads:  # writes buffered after the last exit: the console's last bytes
+            self.threads[0].replay_coalesced()
         self.events.stop()
         self.console.flush()
         assert self.stop_reason is not None

@@ -93,7 +93,10 @@ def format_stats(stats: MachineStats) -> str:
     out.append(f"exits to userspace: {total}   time in KVM_RUN: {guest_s:.3f} s (all vCPUs)")
     coalesced = sum(v.coalesced for v in stats.vcpus)
     if coalesced:
-        out.append(f"writes buffered by KVM instead of exiting (coalesced PIO, 0xcf8): {coalesced}")
+        out.append(
+            "writes buffered by KVM instead of exiting (coalesced PIO: 0xcf8, COM1 THR, CMOS index):"
+            f" {coalesced}"
+        )
     out.append("")
     out += _table(
         ["exit reason", "count", "%", "handler us/exit"],

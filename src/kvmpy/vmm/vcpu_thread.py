@@ -19,7 +19,6 @@ from kvmpy.bus import Bus
 from kvmpy.errors import KvmpyError
 from kvmpy.kvm import Vcpu, exits
 from kvmpy.kvm.binary_stats import BinaryStats
-from kvmpy.kvm.coalesced_ring import CoalescedRing
 from kvmpy.vmm.exit_stats import VcpuExitStats
 from kvmpy.vmm.stop import StopKind, StopReason
 
@@ -82,7 +81,7 @@ class VcpuThread(threading.Thread):
             exit_ = vcpu.run()
             returned = clock()
             if ring is not None and ring.pending():
-                self._replay_coalesced(ring)
+                self.replay_coalesced()
             stop = self._handle(exit_)
             stats.record(exit_.reason, returned - entered, clock() - returned)
             if stop is not None:
@@ -126,8 +125,11 @@ class VcpuThread(threading.Thread):
         return None
 
     # --- port I/O and MMIO --------------------------------------------------------------
-    def _replay_coalesced(self, ring: CoalescedRing) -> None:
+    def replay_coalesced(self) -> None:
         """Apply the writes KVM buffered (from any vCPU) before this exit is handled."""
+        ring = self.machine.coalesced
+        if ring is None:
+            return
         with self.machine.coalesced_lock:
             for write in ring.drain():
                 self.stats.coalesced += 1
