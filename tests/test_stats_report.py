@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kvmpy.bus import Bus
 from kvmpy.vmm.exit_stats import VcpuExitStats, merge_reasons
-from kvmpy.vmm.stats_report import collect, device_accesses, format_stats
+from kvmpy.vmm.stats_report import collect, device_accesses, device_exits, format_stats
 
 
 class Sink:
@@ -51,7 +51,12 @@ def test_device_accesses_are_read_back_from_the_printed_report() -> None:
     pio.read(0x3FD, memoryview(bytearray(1)))
     mmio.read(0xC001_0004, memoryview(bytearray(4)))
     mmio.write(0xC001_1000, b"\0\0")
-    text = format_stats(collect(1.0, [VcpuExitStats(0)], pio, mmio))
+    vcpu = VcpuExitStats(0)
+    vcpu.buffered = {(True, 0x3FD): 4}  # four of the five writes waited in KVM's coalesced ring
+    text = format_stats(collect(1.0, [vcpu], pio, mmio))
+    assert "coalesced, at 0x3fd): 4" in text
     assert device_accesses(text, "serial (COM1)") == 6
+    assert device_exits(text, "serial (COM1)") == 2
+    assert device_exits(text, "virtio-console") == 2
     assert device_accesses(text, "virtio-console") == 2
     assert device_accesses(text, "virtio-net") == 0

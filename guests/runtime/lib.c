@@ -4,7 +4,11 @@
 static const struct hvm_start_info *info;
 static const char *command_line = "";
 
-void serial_putc(char c) { outb(COM1, (u8)c); }
+void serial_putc(char c) {
+    while (!(inb(COM1 + 5) & 0x20)) /* LSR.THRE: the holding register is free */
+        ;
+    outb(COM1, (u8)c);
+}
 
 void serial_puts(const char *s) {
     while (*s)

@@ -29,8 +29,10 @@ static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v)
 static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
 static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
 
-/* Serial output on COM1. We do not poll LSR.THRE before each byte: both kvmpy's
- * and QEMU's UART transmit instantly, and skipping the poll halves the exits. */
+/* Serial output on COM1, as Linux's console driver does it: LSR is read until THR
+ * is empty, then the byte is written. kvmpy has KVM buffer THR writes in its
+ * coalesced ring, so a byte costs one exit (the LSR read), which also delivers
+ * the bytes buffered before it. */
 void serial_putc(char c);
 void serial_puts(const char *s);
 void print_u64(u64 v);

@@ -1,6 +1,7 @@
 """Typed VM exits: what ``Vcpu.run()`` returns instead of the raw ``kvm_run`` union.
 
-Each exit is a small frozen dataclass. Port I/O and MMIO exits carry a
+Each exit is a small dataclass, frozen except for the two taken thousands of
+times a second (a frozen dataclass pays a setattr call per field). Port I/O and MMIO exits carry a
 ``memoryview`` into the shared ``kvm_run`` page: for an OUT or MMIO write it
 holds the bytes the guest wrote, for an IN or MMIO read the handler fills it
 and the value reaches the guest on the next ``run()``.
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PortIo:
     """IN/OUT (or INS/OUTS) to an I/O port: ``count`` accesses of ``size`` bytes."""
 
@@ -24,7 +25,7 @@ class PortIo:
     reason = "io"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Mmio:
     """A load or store to a guest-physical address that is not RAM."""
 

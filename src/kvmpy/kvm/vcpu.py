@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import struct
 from collections.abc import Callable, Iterable, Sequence
 
 from kvmpy.abi import kvm as abi
@@ -18,6 +19,13 @@ from kvmpy.kvm.ioctl import ioctl, libc_ioctl
 # stop request (immediate_exit plus a signal) gets the vCPU thread out of the guest.
 _EINTR = 4
 _EAGAIN = 11
+
+# The exits taken most often are decoded with one struct.unpack_from on the kvm_run page
+# (a ctypes field read builds an object per access); the offsets come from the ABI.
+_EXIT_REASON = struct.Struct(f"<{abi.kvm_run.exit_reason.offset}xI")
+_IO = struct.Struct(f"<{abi.kvm_run.io.offset}xBBHIQ")  # direction, size, port, count, data_offset
+_MMIO = struct.Struct(f"<{abi.kvm_run.mmio.offset}xQ8xIB")  # phys_addr, data[8], len, is_write
+assert _IO.size - abi.kvm_run.io.offset == ctypes.sizeof(abi.kvm_run__u0_io)
 
 
 class Vcpu:
@@ -72,7 +80,7 @@ class Vcpu:
             if errno in (_EINTR, _EAGAIN):
                 return exits.Interrupted()
             raise KvmError("KVM_RUN", errno)
-        reason = self.run_state.exit_reason
+        reason = _EXIT_REASON.unpack_from(self._page)[0]
         decode = self._decoders.get(reason)
         if decode is None:
             return exits.UnknownExit(reason, self.run_state.hw.hardware_exit_reason)
@@ -83,29 +91,18 @@ class Vcpu:
         self.run_state.immediate_exit = int(value)
 
     def _decode_io(self) -> exits.PortIo:
-        io = self.run_state.io
-        size, count = io.size, io.count
-        start = io.data_offset
+        direction, size, port, count, start = _IO.unpack_from(self._page)
         length = size * count
         if start + length > len(self._page) or size not in (1, 2, 4):
             raise KvmError("KVM_RUN", 0, f"nonsensical I/O exit at offset {start:#x} size {size}")
         return exits.PortIo(
-            port=io.port,
-            size=size,
-            count=count,
-            is_write=io.direction == abi.KVM_EXIT_IO_OUT,
-            data=self._page[start : start + length],
+            port, size, count, direction == abi.KVM_EXIT_IO_OUT, self._page[start : start + length]
         )
 
     def _decode_mmio(self) -> exits.Mmio:
-        mmio = self.run_state.mmio
-        length = min(int(mmio.len), 8)
+        address, length, is_write = _MMIO.unpack_from(self._page)
         start = self._mmio_data_offset
-        return exits.Mmio(
-            address=mmio.phys_addr,
-            is_write=bool(mmio.is_write),
-            data=self._page[start : start + length],
-        )
+        return exits.Mmio(address, bool(is_write), self._page[start : start + min(length, 8)])
 
     def _decode_system_event(self) -> exits.SystemEvent:
         event = self.run_state.system_event

@@ -30,6 +30,8 @@ class VcpuExitStats:
     ports: dict[int, int] = field(default_factory=dict)
     #: Writes KVM buffered in the coalesced ring instead of exiting, replayed by this vCPU.
     coalesced: int = 0
+    #: The same by (is port I/O, address).
+    buffered: dict[tuple[bool, int], int] = field(default_factory=dict)
     #: KVM's in-kernel counters for this vCPU at the end of the run (KVM_GET_STATS_FD).
     kernel: dict[str, int] = field(default_factory=dict)
 

@@ -81,6 +81,14 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return [line(headers), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
 
 
+def _buffered_totals(vcpus: tuple[VcpuExitStats, ...]) -> dict[tuple[bool, int], int]:
+    totals: dict[tuple[bool, int], int] = {}
+    for vcpu in vcpus:
+        for key, count in vcpu.buffered.items():
+            totals[key] = totals.get(key, 0) + count
+    return totals
+
+
 def _us(ns: int, count: int) -> str:
     return f"{ns / count / 1000:.1f}" if count else "-"
 
@@ -91,11 +99,11 @@ def format_stats(stats: MachineStats) -> str:
     total = stats.total_exits
     guest_s = sum(v.guest_ns for v in stats.vcpus) / 1e9
     out.append(f"exits to userspace: {total}   time in KVM_RUN: {guest_s:.3f} s (all vCPUs)")
-    coalesced = sum(v.coalesced for v in stats.vcpus)
-    if coalesced:
+    buffered = _buffered_totals(stats.vcpus)
+    if buffered:
+        where = ", ".join(f"{address:#x}" for _, address in sorted(buffered))
         out.append(
-            "writes buffered by KVM instead of exiting (coalesced PIO: 0xcf8, COM1 THR, CMOS index):"
-            f" {coalesced}"
+            f"writes buffered by KVM instead of exiting (coalesced, at {where}): {sum(buffered.values())}"
         )
     out.append("")
     out += _table(
@@ -110,24 +118,39 @@ def format_stats(stats: MachineStats) -> str:
             for r in stats.reasons
         ],
     )
-    for title, rows in (("port I/O", stats.pio), ("MMIO", stats.mmio)):
+    for title, rows, is_pio in (("port I/O", stats.pio, True), ("MMIO", stats.mmio, False)):
         if not rows:
             continue
         out.append("")
-        out += _table(
-            [f"{title} device", "range", "reads", "writes", "bytes", "device us/access"],
-            [
+        table = []
+        for row in rows:
+            held = sum(
+                n for (pio, a), n in buffered.items() if pio == is_pio and row.base <= a < row.base + row.size
+            )
+            accesses = row.reads + row.writes
+            table.append(
                 [
                     row.name,
                     f"{row.base:#x}-{row.base + row.size - 1:#x}",
                     str(row.reads),
                     str(row.writes),
+                    str(held),
+                    str(accesses - held),
                     str(row.bytes),
-                    _us(row.handle_ns, row.reads + row.writes),
+                    _us(row.handle_ns, accesses),
                 ]
-                for row in rows
-            ],
-        )
+            )
+        headers = [
+            f"{title} device",
+            "range",
+            "reads",
+            "writes",
+            "buffered",
+            "exits",
+            "bytes",
+            "device us/access",
+        ]
+        out += _table(headers, table)
     for title, unhandled in (("port", stats.unhandled_pio), ("MMIO address", stats.unhandled_mmio)):
         if not unhandled:
             continue
@@ -152,12 +175,23 @@ def format_stats(stats: MachineStats) -> str:
     return "\n".join(out)
 
 
-def device_accesses(report: str, device: str) -> int:
-    """Reads plus writes on ``device``'s rows (its BARs too) of a printed :func:`format_stats`."""
+def _device_rows(report: str, device: str) -> list[tuple[str, str, str, str]]:
+    """(reads, writes, buffered, exits) of ``device``'s rows (its BARs too) in a printed report."""
     pattern = re.compile(
-        rf"^{re.escape(device)}\S*(?: BAR\d)?\s+0x[0-9a-f]+-0x[0-9a-f]+\s+(\d+)\s+(\d+)", re.M
+        rf"^{re.escape(device)}\S*(?: BAR\d)?\s+0x[0-9a-f]+-0x[0-9a-f]+\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)",
+        re.M,
     )
-    return sum(int(reads) + int(writes) for reads, writes in pattern.findall(report))
+    return pattern.findall(report)
 
 
-__all__ = ["device_accesses", "MachineStats", "collect", "format_stats"]
+def device_accesses(report: str, device: str) -> int:
+    """Reads plus writes on ``device``'s rows of a printed :func:`format_stats`."""
+    return sum(int(reads) + int(writes) for reads, writes, _, _ in _device_rows(report, device))
+
+
+def device_exits(report: str, device: str) -> int:
+    """The accesses to ``device`` that exited to kvmpy (not buffered by KVM), from a printed report."""
+    return sum(int(exits) for _, _, _, exits in _device_rows(report, device))
+
+
+__all__ = ["device_accesses", "device_exits", "MachineStats", "collect", "format_stats"]

@@ -130,9 +130,12 @@ class VcpuThread(threading.Thread):
         ring = self.machine.coalesced
         if ring is None:
             return
+        buffered = self.stats.buffered
         with self.machine.coalesced_lock:
             for write in ring.drain():
                 self.stats.coalesced += 1
+                key = (write.is_pio, write.address)
+                buffered[key] = buffered.get(key, 0) + 1
                 if write.is_pio:
                     handled = self._pio.write(write.address, write.data)
                 else:

@@ -105,7 +105,7 @@ class VirtioBlock:
         if len(status_buffer) > 1:  # the status shares its buffer with data
             data_out = [*data_out, status_buffer[:-1]]
             status_buffer = status_buffer[-1:]
-        header = b"".join(bytes(b) for b in chain.readable)[:16]
+        header = _head(chain.readable, 16)
         if len(header) < 16:
             status_buffer[0] = S_IOERR
             self.errors += 1
@@ -157,6 +157,18 @@ class VirtioBlock:
                 return S_IOERR
             self._file.punch_hole(sector * SECTOR, count * SECTOR)
         return S_OK
+
+
+def _head(buffers: list[memoryview], count: int) -> bytes:
+    """The first ``count`` bytes of ``buffers`` (fewer if they are shorter), copying no more."""
+    if buffers and len(buffers[0]) >= count:
+        return bytes(buffers[0][:count])  # the usual case: a buffer of its own for the header
+    out = bytearray()
+    for buffer in buffers:
+        out += buffer[: count - len(out)]
+        if len(out) >= count:
+            break
+    return bytes(out)
 
 
 def _skip(buffers: list[memoryview], count: int) -> list[memoryview]:
