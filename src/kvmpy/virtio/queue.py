@@ -91,11 +91,13 @@ class SplitQueue:
     def _avail_ring(self, mem: GuestMemory, position: int) -> int:
         return mem.read_u16(self.driver_addr + 4 + 2 * (position % self.size))
 
-    def _read_descriptor(self, mem: GuestMemory, table: int, index: int) -> tuple[int, int, int, int]:
-        addr, length, flags, next_index = _DESCRIPTOR.unpack_from(
-            mem.slice(table + DESCRIPTOR_SIZE * index, DESCRIPTOR_SIZE)
-        )
-        return addr, length, flags, next_index
+    @staticmethod
+    def _table(mem: GuestMemory, address: int, count: int) -> memoryview:
+        """A view of ``count`` descriptors at ``address``."""
+        try:
+            return mem.slice(address, DESCRIPTOR_SIZE * count)
+        except GuestMemoryError:
+            raise QueueError(f"descriptor table at {address:#x} is not guest RAM") from None
 
     def check_layout(self, mem: GuestMemory) -> None:
         """Raise QueueError unless all three ring areas lie in guest RAM and the size is valid."""
@@ -136,18 +138,20 @@ class SplitQueue:
         if head >= self.size:
             raise QueueError(f"descriptor head {head} is outside a queue of {self.size}")
         chain = DescriptorChain(head)
-        table, table_size, index = self.desc_addr, self.size, head
+        # One view of the whole table, descriptors unpacked from it: no lookup per descriptor.
+        table_size, index = self.size, head
+        table = self._table(mem, self.desc_addr, table_size)
+        unpack = _DESCRIPTOR.unpack_from
         in_indirect = False
         for _ in range(self.size + MAX_INDIRECT + 1):
-            addr, length, flags, next_index = self._read_descriptor(mem, table, index)
+            addr, length, flags, next_index = unpack(table, DESCRIPTOR_SIZE * index)
             if flags & DESC_F_INDIRECT:
                 if in_indirect:
                     raise QueueError("indirect descriptor inside an indirect table")
                 if length % DESCRIPTOR_SIZE or not 0 < length // DESCRIPTOR_SIZE <= MAX_INDIRECT:
                     raise QueueError(f"indirect table of {length} bytes")
-                if not mem.is_ram(addr, length):
-                    raise QueueError(f"indirect table at {addr:#x} is not guest RAM")
-                table, table_size, index, in_indirect = addr, length // DESCRIPTOR_SIZE, 0, True
+                table_size, index, in_indirect = length // DESCRIPTOR_SIZE, 0, True
+                table = self._table(mem, addr, table_size)
                 continue
             try:
                 buffer = mem.slice(addr, length)
