@@ -88,8 +88,8 @@ def test_bench_lines_are_parsed_from_the_guest_console() -> None:
         "noise\nBENCH blk-read mib=64 seconds=0.5 mbps=134.2\r\nBENCH tlb mib=256 reads=10 ns_each=9.5 (3)\n"
     )
     lines = bench_lines(_result("x", output))
-    assert lines["blk-read"] == {"mib": 64.0, "seconds": 0.5, "mbps": 134.2}
-    assert lines["tlb"]["ns_each"] == 9.5
+    assert lines["blk-read"] == [{"mib": 64.0, "seconds": 0.5, "mbps": 134.2}]
+    assert lines["tlb"][0]["ns_each"] == 9.5
 
 
 def test_lab_plan_alternates_vmms_on_the_same_kernel_and_initrd() -> None:
@@ -99,6 +99,8 @@ def test_lab_plan_alternates_vmms_on_the_same_kernel_and_initrd() -> None:
     assert len(names) == len(set(names))
     assert names[:2] == ["boot-kvmpy-0", "boot-qemu-0"]
     assert {(s.kernel, s.initrd) for s in scenarios} == {("/k", "/i")}
+    assert all(s.command.endswith("poweroff -f") for s in scenarios)
+    assert f"-lt {plan.rounds}" in next(s for s in scenarios if s.name == "blk-qemu").command
     by_name = {s.name: s for s in scenarios}
     assert "--disk" in by_name["blk-kvmpy"].args and "-drive" in by_name["blk-qemu"].args
     assert by_name["blk-kvmpy"].command == by_name["blk-qemu"].command
@@ -116,6 +118,8 @@ def test_paging_metrics_put_both_modes_side_by_side() -> None:
 
     metrics = {m.key: m for m in paging_metrics({"on": results(1), "off": results(3)})}
     assert metrics["forkexec_npt_on"].kvmpy == [100.0]
+    rounds = {"paging-kvmpy": _result("paging-kvmpy", "BENCH tlb ns_each=5\nBENCH tlb ns_each=7\n")}
+    assert paging_metrics({"on": rounds})[2].kvmpy == [5.0, 7.0]  # one sample per round
     assert metrics["forkexec_npt_off"].qemu == [300.0]
     assert metrics["tlb_npt_on"].kvmpy == []  # no line, no figure (and no crash)
 

@@ -29,6 +29,8 @@ pytestmark = pytest.mark.lab
 ROOT = Path(__file__).resolve().parents[1]
 #: The whole lab batch, retries included, ends within this (CI allows 90 minutes in all).
 LAB_DEADLINE_SECONDS = 50 * 60
+#: The batch prints a heartbeat every 30 s; this long without one is a hung lab kernel.
+LAB_STALL_SECONDS = 180.0
 PRINT_NPROC = "echo NPROC=$(nproc); poweroff -f"
 
 
@@ -200,7 +202,11 @@ def lab_results(disk: tuple[Path, str, str]) -> dict[str, ScenarioResult]:
         budget = min(sum(s.timeout for s in remaining) + 300, deadline - time.monotonic())
         try:
             status = run_in_lab(
-                [sys.executable, "-m", "kvmpy.lab.scenarios", specs], cwd=ROOT, output=output, timeout=budget
+                [sys.executable, "-m", "kvmpy.lab.scenarios", specs],
+                cwd=ROOT,
+                output=output,
+                timeout=budget,
+                stall_seconds=LAB_STALL_SECONDS,
             )
         except LabEndedError as error:
             failures.append(f"lab went down: {error}")
@@ -343,3 +349,14 @@ def test_hvc0_carries_an_interactive_shell(lab_results: dict[str, ScenarioResult
     detail = result.output + result.stderr
     assert result.status == 0, detail
     assert "SHELL-42 on /dev/hvc0" in result.output, detail
+
+
+def test_a_silent_lab_counts_as_hung() -> None:
+    """A lab whose command prints nothing (as a soft-locked lab kernel) ends in LabStalledError
+    after stall_seconds, so the batch can boot a fresh lab instead of waiting out its budget."""
+    from kvmpy.lab.runner import LabStalledError, run_in_lab
+
+    started = time.monotonic()
+    with pytest.raises(LabStalledError, match="printed nothing for 40 s"):
+        run_in_lab(["sleep", "600"], cwd=ROOT, output=io.BytesIO(), timeout=300, stall_seconds=40)
+    assert time.monotonic() - started < 120

@@ -50,6 +50,8 @@ class LabPlan:
     forks: int
     maps: int
     tlb_reads: int
+    #: Each workload runs this many times in one guest boot: that many samples per VMM.
+    rounds: int = 3
 
     @classmethod
     def full(cls) -> LabPlan:
@@ -124,15 +126,16 @@ def io_scenarios(kernel: str, initrd: str, plan: LabPlan) -> list[Scenario]:
     for index in range(plan.boots):
         for vmm in VMMS:
             scenarios.append(replace(base, name=f"boot-{vmm}-{index}", vmm=vmm, command="poweroff -f"))
-    blk = (
+    blk = _rounds(
+        plan,
         f"{TOOL} blk-write /dev/vda {plan.blk_mib}; {TOOL} blk-read /dev/vda {plan.blk_mib}; "
-        f"{TOOL} blk-randread /dev/vda {plan.random_reads}; poweroff -f"
+        f"{TOOL} blk-randread /dev/vda {plan.random_reads}",
     )
-    net = (
-        f"ip link set eth0 up && ip addr add {GUEST_ADDRESS}/24 dev eth0 && "
+    net = f"ip link set eth0 up && ip addr add {GUEST_ADDRESS}/24 dev eth0 && " + _rounds(
+        plan,
         f"{TOOL} tcp-send {HOST_ADDRESS} 5001 {plan.net_mib}; "
         f"{TOOL} tcp-recv {HOST_ADDRESS} 5002 {plan.net_mib}; "
-        f"{TOOL} tcp-rr {HOST_ADDRESS} 5003 {plan.round_trips}; poweroff -f"
+        f"{TOOL} tcp-rr {HOST_ADDRESS} 5003 {plan.round_trips}",
     )
     for vmm in VMMS:
         for mode in DISK_MODES:
@@ -177,43 +180,65 @@ def io_scenarios(kernel: str, initrd: str, plan: LabPlan) -> list[Scenario]:
 
 def paging_scenarios(kernel: str, initrd: str, plan: LabPlan) -> list[Scenario]:
     """Page-table-heavy and TLB-heavy workloads, under both VMMs (run once per paging mode)."""
-    command = (
-        f"{TOOL} forkexec {plan.forks}; {TOOL} mmap {plan.maps} 16; "
-        f"{TOOL} tlb 256 {plan.tlb_reads}; poweroff -f"
+    command = _rounds(
+        plan, f"{TOOL} forkexec {plan.forks}; {TOOL} mmap {plan.maps} 16; {TOOL} tlb 256 {plan.tlb_reads}"
     )
     base = Scenario("", kernel, initrd, command, cpus=1, memory="768M", timeout=600.0)
     return [replace(base, name=f"paging-{vmm}", vmm=vmm) for vmm in VMMS]
 
 
-def bench_lines(result: ScenarioResult) -> dict[str, dict[str, float]]:
-    """The guest's "BENCH name key=value ..." lines, by name."""
-    found: dict[str, dict[str, float]] = {}
+def _rounds(plan: LabPlan, workload: str) -> str:
+    """The guest command: ``workload`` ``plan.rounds`` times, then power off."""
+    return f"i=0; while [ $i -lt {plan.rounds} ]; do {workload}; i=$((i+1)); done; poweroff -f"
+
+
+def bench_lines(result: ScenarioResult) -> dict[str, list[dict[str, float]]]:
+    """The guest's "BENCH name key=value ..." lines, by name, in the order printed."""
+    found: dict[str, list[dict[str, float]]] = {}
     for match in re.finditer(r"BENCH (\S+)((?: \w+=[\d.]+)+)", result.output):
         values = dict(pair.split("=") for pair in match.group(2).split())
-        found[match.group(1)] = {key: float(value) for key, value in values.items()}
+        found.setdefault(match.group(1), []).append({key: float(value) for key, value in values.items()})
     return found
 
 
-def run_lab_batch(scenarios: list[Scenario], *, npt: bool, progress: Progress) -> dict[str, ScenarioResult]:
-    """Run ``scenarios`` in one lab boot; the guest consoles stream to ``progress``."""
-    from kvmpy.lab.runner import run_in_lab
+#: A lab that prints no heartbeat for this long has hung (see kvmpy.lab.scenarios).
+STALL_SECONDS = 180.0
+ATTEMPTS = 2
 
-    specs = cache_dir() / "bench" / f"scenarios-npt{int(npt)}.json"
-    specs.write_text(json.dumps([asdict(s) for s in scenarios]))
-    log = cache_dir() / "bench" / f"lab-npt{int(npt)}.log"
-    progress(f"lab (npt={'on' if npt else 'off'}): {len(scenarios)} guest boots, output in {log}")
-    with log.open("wb") as sink:
-        status = run_in_lab(
-            [sys.executable, "-m", "kvmpy.lab.scenarios", str(specs)],
-            npt=npt,
-            cpus=2,
-            memory_mib=3072,
-            timeout=sum(s.timeout for s in scenarios) + 300,
-            output=sink,
-        )
-    results = parse_results(log.read_text("utf-8", "replace"))
-    if status != 0 or not results:
-        raise HostError(f"the lab benchmark batch failed (status {status}); see {log}")
+
+def run_lab_batch(scenarios: list[Scenario], *, npt: bool, progress: Progress) -> dict[str, ScenarioResult]:
+    """Run ``scenarios`` in one lab boot (a second one for those left if the lab hangs)."""
+    from kvmpy.lab.runner import LabStalledError, run_in_lab
+
+    results: dict[str, ScenarioResult] = {}
+    for attempt in range(ATTEMPTS):
+        remaining = [s for s in scenarios if s.name not in results]
+        if not remaining:
+            break
+        specs = cache_dir() / "bench" / f"scenarios-npt{int(npt)}.json"
+        specs.write_text(json.dumps([asdict(s) for s in remaining]))
+        log = cache_dir() / "bench" / f"lab-npt{int(npt)}-{attempt}.log"
+        progress(f"lab (npt={'on' if npt else 'off'}): {len(remaining)} guest boots, output in {log}")
+        status: int | str
+        with log.open("wb") as sink:
+            try:
+                status = run_in_lab(
+                    [sys.executable, "-m", "kvmpy.lab.scenarios", str(specs)],
+                    npt=npt,
+                    cpus=2,
+                    memory_mib=3072,
+                    timeout=sum(s.timeout for s in remaining) + 300,
+                    output=sink,
+                    stall_seconds=STALL_SECONDS,
+                )
+            except LabStalledError as error:
+                status = str(error).splitlines()[0]
+                progress(f"lab: {status}; booting it again for the rest")
+        results.update(parse_results(log.read_text("utf-8", "replace")))
+        if status == 0:
+            break
+    if not results:
+        raise HostError(f"the lab benchmark batch failed; see {cache_dir() / 'bench'}")
     return results
 
 
@@ -238,11 +263,12 @@ def _finished(results: dict[str, ScenarioResult], name: str, metric: Metric) -> 
 def _add_bench_value(
     metric: Metric, vmm: str, results: dict[str, ScenarioResult], name: str, line: str, key: str
 ) -> None:
-    """Append ``key`` of the guest's "BENCH ``line``" in run ``name`` to ``vmm``'s samples, if it finished."""
+    """Add ``key`` of each of the guest's "BENCH ``line``" in run ``name`` to ``vmm``'s samples,
+    if it finished."""
     result = _finished(results, name, metric)
-    value = bench_lines(result).get(line, {}).get(key) if result else None
-    if value is not None:
-        getattr(metric, vmm).append(value)
+    for values in bench_lines(result).get(line, []) if result else []:
+        if key in values:
+            getattr(metric, vmm).append(values[key])
 
 
 WHERE = "lab (SVM, npt=on)"
@@ -336,7 +362,7 @@ def _console_metrics(results: dict[str, ScenarioResult], plan: LabPlan) -> list[
         if result is None:
             metrics += [per_kib, speed]
             continue
-        line = bench_lines(result).get("console", {})
+        line = next(iter(bench_lines(result).get("console", [])), {})
         exits = device_exits(result.stderr, rows)
         if exits:
             per_kib.kvmpy.append(exits / plan.console_kib)

@@ -70,17 +70,19 @@ class _OutputTail:
         self._sink = sink
         self._offset = 0
 
-    def pump(self) -> None:
+    def pump(self) -> int:
+        """Copy what is new; returns how many bytes that was."""
         try:
             with self._path.open("rb") as handle:
                 handle.seek(self._offset)
                 data = handle.read()
         except FileNotFoundError:
-            return
+            return 0
         if data:
             self._offset += len(data)
             self._sink.write(data)
             self._sink.flush()
+        return len(data)
 
 
 def run_in_lab(
@@ -93,8 +95,13 @@ def run_in_lab(
     timeout: float | None = None,
     env: Mapping[str, str] | None = None,
     output: BinaryIO | None = None,
+    stall_seconds: float | None = None,
 ) -> int:
-    """Run ``command`` in the lab and return its exit status; its output goes to ``output``."""
+    """Run ``command`` in the lab and return its exit status; its output goes to ``output``.
+
+    With ``stall_seconds``, a command that prints nothing for that long counts as a hung lab
+    (:class:`LabStalledError`): for commands that print a heartbeat, as scenario batches do.
+    """
     if shutil.which(QEMU) is None:
         raise LabError(f"{QEMU} is not installed (run scripts/setup)")
     if not command:
@@ -114,12 +121,18 @@ def run_in_lab(
             stderr=subprocess.STDOUT,
         )
         tail = _OutputTail(share / "output", sink)
-        started = time.monotonic()
+        started = last_output = time.monotonic()
         try:
             while qemu.poll() is None:
-                tail.pump()
-                if timeout is not None and time.monotonic() - started > timeout:
+                now = time.monotonic()
+                if tail.pump():
+                    last_output = now
+                if timeout is not None and now - started > timeout:
                     raise LabError(f"the lab command did not finish within {timeout:.0f} s")
+                if stall_seconds is not None and now - last_output > stall_seconds:
+                    raise LabStalledError(
+                        f"the lab printed nothing for {stall_seconds:.0f} s: hung\n{_console_tail(share)}"
+                    )
                 time.sleep(POLL_SECONDS)
         finally:
             if qemu.poll() is None:
@@ -134,10 +147,7 @@ def _status(share: Path, qemu_status: int, qemu_output: str) -> int:
     console = share / "console.log"
     if console.exists():  # kept for post-mortems: the share itself is deleted
         shutil.copyfile(console, cache_dir() / "lab" / "last-console.log")
-    log_tail = ""
-    if console.exists():
-        lines = console.read_text("utf-8", "replace").splitlines()[-15:]
-        log_tail = "\n".join(f"  | {line}" for line in lines)
+    log_tail = _console_tail(share)
     if error.exists():
         raise LabError(f"the lab failed while {error.read_text().strip()}\n{log_tail}")
     status = share / "status"
@@ -147,8 +157,20 @@ def _status(share: Path, qemu_status: int, qemu_output: str) -> int:
     return int(status.read_text().strip() or "1")
 
 
+def _console_tail(share: Path) -> str:
+    console = share / "console.log"
+    if not console.exists():
+        return ""
+    lines = console.read_text("utf-8", "replace").splitlines()[-15:]
+    return "\n".join(f"  | {line}" for line in lines)
+
+
 class LabEndedError(LabError):
     """The lab machine itself went down (reset or crash) while the command ran."""
 
 
-__all__ = ["LabEndedError", "command_script", "qemu_command", "run_in_lab"]
+class LabStalledError(LabEndedError):
+    """The lab stopped making progress (its kernel hung) while the command ran."""
+
+
+__all__ = ["LabEndedError", "LabStalledError", "command_script", "qemu_command", "run_in_lab"]

@@ -32,6 +32,10 @@ from kvmpy.lab.image import READY_MARKER, encode_command
 from kvmpy.pyspy import leaf_shares, py_spy, record_command
 
 RESULT_PREFIX = "kvmpy-scenario-result "
+#: While a VM runs the batch prints a line this often, so the host can tell a busy lab from
+#: a hung one (the lab kernel soft-locked under TCG now and then: docs/lab.md).
+HEARTBEAT_SECONDS = 30.0
+SHELL_TIMEOUT_SECONDS = 300.0
 TYPING_PAUSE_SECONDS = 3.0
 KILL_GRACE_SECONDS = 60.0
 
@@ -148,8 +152,21 @@ class _Scratch:
 def _shell(command: str, scratch: _Scratch) -> str:
     if not command:
         return ""
-    done = subprocess.run(["sh", "-c", scratch.fill(command)], capture_output=True, text=True, timeout=300)
-    return f"$ {command}\n{done.stdout}{done.stderr}(exit {done.returncode})"
+    process = subprocess.Popen(
+        ["sh", "-c", scratch.fill(command)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    started = time.monotonic()
+    while True:
+        try:
+            output, _ = process.communicate(timeout=HEARTBEAT_SECONDS)
+            break
+        except subprocess.TimeoutExpired:
+            if time.monotonic() - started > SHELL_TIMEOUT_SECONDS:
+                process.kill()
+                output, _ = process.communicate()
+                break
+            print(f"kvmpy-scenario-alive {command[:40]!r} {time.monotonic() - started:.0f} s", flush=True)
+    return f"$ {command}\n{output}(exit {process.returncode})"
 
 
 def run_scenario(scenario: Scenario) -> ScenarioResult:
@@ -201,7 +218,11 @@ def _run_vm(scenario: Scenario, raw_profile: Path | None = None) -> ScenarioResu
     reader.start()
     # A VMM stuck in the kernel survives SIGKILL and keeps its pipes open: give up on it
     # a minute after the watchdog fired rather than wait for its EOF for ever.
-    reader.join(scenario.timeout + KILL_GRACE_SECONDS)
+    give_up = started + scenario.timeout + KILL_GRACE_SECONDS
+    while reader.is_alive() and time.monotonic() < give_up:
+        reader.join(min(HEARTBEAT_SECONDS, max(0.0, give_up - time.monotonic())))
+        if reader.is_alive():
+            print(f"kvmpy-scenario-alive {scenario.name} {time.monotonic() - started:.0f} s", flush=True)
     status: int | None = None
     try:
         if not reader.is_alive():
