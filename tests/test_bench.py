@@ -132,13 +132,18 @@ def test_a_guest_that_hangs_costs_its_samples_not_the_run() -> None:
     }
     results["boot-qemu-1"] = _result("boot-qemu-1", "evm: security.SM", status=-9)
     del results["net-kvmpy"]
+    crashed = _result("blk-direct-kvmpy", "BENCH blk-read mbps=9\n", status=1)
+    crashed.stderr = "kvmpy: vCPU 1: guest triple fault (KVM_EXIT_SHUTDOWN)\n"
+    results["blk-direct-kvmpy"] = crashed
     metrics = {m.key: m for m in io_metrics(results, plan)}
     boot = metrics["boot_to_init"]
     assert len(boot.kvmpy) == plan.boots and len(boot.qemu) == plan.boots - 1
     assert "boot-qemu-1 did not finish (status -9" in boot.note and "security.SM" in boot.note
     assert metrics["blk-read"].kvmpy == [10.0] and metrics["blk-read"].qemu == [10.0]
-    assert metrics["blk-read-direct"].kvmpy == [10.0] and "O_DIRECT" in metrics["blk-read-direct"].title
+    assert metrics["blk-read-direct"].qemu == [10.0] and "O_DIRECT" in metrics["blk-read-direct"].title
     assert "net-kvmpy never ran" in metrics["tcp-send"].note
+    direct = metrics["blk-read-direct"]  # a run that stopped part-way keeps what its guest measured
+    assert direct.kvmpy == [9.0] and "guest triple fault" in direct.note and "1 samples" in direct.note
 
 
 def test_bench_rejects_bad_arguments_in_one_line() -> None:
@@ -171,3 +176,31 @@ def test_quick_bench_against_qemu_writes_the_report(tmp_path: Path) -> None:
     kvmpy_us, qemu_us = (float(cell.replace(",", "")) for cell in pio.split("|")[2:4])
     assert 1 < kvmpy_us < 10_000 and 1 < qemu_us < 10_000  # both VMMs really took exits
     assert (tmp_path / "benchmarks.json").exists()
+
+
+def test_report_only_rebuilds_the_report_from_saved_samples(tmp_path: Path) -> None:
+    """--report-only re-renders benchmarks.md from benchmarks.json without running anything."""
+    from kvmpy.bench.command import write_report
+    from kvmpy.bench.local import LocalPlan
+    from kvmpy.bench.metric import Metric, Target
+
+    metric = Metric(
+        "vmm_overhead", "VMM memory", "MiB", "this machine", kvmpy=[20.0, 22.0], target=Target(absolute=40)
+    )
+    write_report([metric], LocalPlan.full(), tmp_path, invocation="kvmpy bench --no-lab", quick=False)
+    (tmp_path / "benchmarks.md").unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", "kvmpy", "bench", "--report-only", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    report = (tmp_path / "benchmarks.md").read_text()
+    assert "| VMM memory (MiB, n=2) | 21.0 |" in report and "≤ 40 MiB: met" in report
+    (tmp_path / "benchmarks.json").write_text("[{}]")
+    done = subprocess.run(
+        [sys.executable, "-m", "kvmpy", "bench", "--report-only", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0 and "malformed record" in done.stderr and "Traceback" not in done.stderr

@@ -63,6 +63,8 @@ def _profiles(metrics: list[Metric], plan: LocalPlan) -> str:
 def _bench(args: argparse.Namespace) -> int:
     from kvmpy.bench.local import LocalPlan, run_local_suite
 
+    if args.report_only:
+        return _report_only(args)
     _check_host()
     plan = LocalPlan.quick() if args.quick else LocalPlan.full()
     if args.repetitions:
@@ -82,6 +84,53 @@ def _bench(args: argparse.Namespace) -> int:
     _progress(f"done in {time.monotonic() - started:.0f} s: {args.out / 'benchmarks.md'}")
     print(report)
     return 0
+
+
+def _report_only(args: argparse.Namespace) -> int:
+    """Rebuild the report in ``--out`` from its samples and the last lab run's logs."""
+    from kvmpy.bench.lab import LabPlan, lab_suite_from_logs
+    from kvmpy.bench.local import LocalPlan
+
+    samples = args.out / "benchmarks.json"
+    try:
+        records = json.loads(samples.read_text())
+    except (OSError, ValueError) as error:
+        raise HostError(f"cannot read {samples}: {error}") from None
+    metrics = [_metric_from_record(r) for r in records if not str(r.get("where", "")).startswith("lab")]
+    lab_appendix = ""
+    if any(str(r.get("where", "")).startswith("lab") for r in records):
+        lab, lab_appendix = lab_suite_from_logs(LabPlan.full())
+        metrics += lab
+    invocation = "kvmpy bench" if lab_appendix else "kvmpy bench --no-lab"
+    provenance = (
+        "### Provenance\n\nRebuilt by `kvmpy bench --report-only` from this directory's benchmarks.json"
+        " and the lab logs of the last `kvmpy bench` run: the same samples, figures recomputed.\n"
+    )
+    lab_appendix = provenance + "\n" + lab_appendix
+    plan = LocalPlan.full()
+    write_report(metrics, plan, args.out, invocation=invocation, quick=False, lab_appendix=lab_appendix)
+    _progress(f"rebuilt {args.out / 'benchmarks.md'} from {samples} and the lab logs")
+    return 0
+
+
+def _metric_from_record(record: dict[str, object]) -> Metric:
+    from kvmpy.bench.metric import Better, Metric, Target
+
+    target = record.get("target")
+    try:
+        return Metric(
+            key=str(record["key"]),
+            title=str(record["title"]),
+            unit=str(record["unit"]),
+            where=str(record["where"]),
+            better=Better(record["better"]),
+            kvmpy=[float(v) for v in record["kvmpy"]],  # type: ignore[attr-defined]
+            qemu=[float(v) for v in record["qemu"]],  # type: ignore[attr-defined]
+            target=Target(**target) if isinstance(target, dict) else None,
+            note=str(record.get("note", "")),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise HostError(f"benchmarks.json has a malformed record: {error}") from None
 
 
 def write_report(
@@ -129,6 +178,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for the report")
     bench.add_argument("--no-lab", action="store_true", help="skip the Linux benchmarks in the lab")
     bench.add_argument("--repetitions", type=_positive, help="runs per VMM for each figure on this machine")
+    bench.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild the report in --out from its benchmarks.json and the last lab run's logs",
+    )
     bench.set_defaults(handler=_bench)
 
 

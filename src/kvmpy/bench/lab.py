@@ -211,6 +211,8 @@ def run_lab_batch(scenarios: list[Scenario], *, npt: bool, progress: Progress) -
     from kvmpy.lab.runner import LabStalledError, run_in_lab
 
     results: dict[str, ScenarioResult] = {}
+    for stale in _logs(npt):
+        stale.unlink()
     for attempt in range(ATTEMPTS):
         remaining = [s for s in scenarios if s.name not in results]
         if not remaining:
@@ -242,6 +244,19 @@ def run_lab_batch(scenarios: list[Scenario], *, npt: bool, progress: Progress) -
     return results
 
 
+def _logs(npt: bool) -> list[Path]:
+    """The guest output of the last lab batch in this paging mode, one file per lab boot."""
+    return sorted((cache_dir() / "bench").glob(f"lab-npt{int(npt)}-*.log"))
+
+
+def results_from_logs(npt: bool) -> dict[str, ScenarioResult]:
+    """The last lab batch's results, read back from its logs (later lab boots win)."""
+    results: dict[str, ScenarioResult] = {}
+    for log in _logs(npt):
+        results.update(parse_results(log.read_text("utf-8", "replace")))
+    return results
+
+
 def _finished(results: dict[str, ScenarioResult], name: str, metric: Metric) -> ScenarioResult | None:
     """The run ``name`` if it ended cleanly; otherwise None, and the metric's note says why.
 
@@ -251,24 +266,40 @@ def _finished(results: dict[str, ScenarioResult], name: str, metric: Metric) -> 
     result = results.get(name)
     if result is not None and result.status == 0:
         return result
-    if result is None:
-        why = f"{name} never ran"
-    else:
-        tail = (result.output.strip().splitlines() or ["(no output)"])[-1].strip()
-        why = f"{name} did not finish (status {result.status}, last console line {tail[:60]!r})"
-    metric.note = "; ".join(filter(None, [metric.note, f"{why}: left out"]))
+    _add_note(metric, f"{_failure(name, result)}: left out")
     return None
+
+
+def _failure(name: str, result: ScenarioResult | None) -> str:
+    """Why run ``name`` did not end cleanly, in a few words."""
+    if result is None:
+        return f"{name} never ran"
+    vmm_says = [line for line in result.stderr.splitlines() if line.startswith("kvmpy: ")]
+    if vmm_says:
+        return f"{name} stopped with status {result.status} ({vmm_says[0][7:][:70]})"
+    tail = (result.output.strip().splitlines() or ["(no output)"])[-1].strip()
+    return f"{name} did not finish (status {result.status}, last console line {tail[:60]!r})"
+
+
+def _add_note(metric: Metric, note: str) -> None:
+    metric.note = "; ".join(filter(None, [metric.note, note]))
 
 
 def _add_bench_value(
     metric: Metric, vmm: str, results: dict[str, ScenarioResult], name: str, line: str, key: str
 ) -> None:
-    """Add ``key`` of each of the guest's "BENCH ``line``" in run ``name`` to ``vmm``'s samples,
-    if it finished."""
-    result = _finished(results, name, metric)
-    for values in bench_lines(result).get(line, []) if result else []:
-        if key in values:
-            getattr(metric, vmm).append(values[key])
+    """Add ``key`` of each of the guest's "BENCH ``line``" in run ``name`` to ``vmm``'s samples.
+
+    A run that failed part-way keeps the samples its guest printed before (each is timed on
+    its own by the guest); the metric's note says what happened.
+    """
+    result = results.get(name)
+    lines = bench_lines(result).get(line, []) if result is not None else []
+    samples = [values[key] for values in lines if key in values]
+    getattr(metric, vmm).extend(samples)
+    if result is None or result.status != 0:
+        kept = f"the {len(samples)} samples before that kept" if samples else "left out"
+        _add_note(metric, f"{_failure(name, result)}: {kept}")
 
 
 WHERE = "lab (SVM, npt=on)"
@@ -397,7 +428,29 @@ def run_lab_suite(plan: LabPlan, progress: Progress) -> tuple[list[Metric], str]
     paging = paging_scenarios(str(kernel), str(initrd), plan)
     with_npt = run_lab_batch(io + paging, npt=True, progress=progress)
     without_npt = run_lab_batch(paging, npt=False, progress=progress)
-    return lab_metrics(with_npt, without_npt, plan), lab_profiles(with_npt)
+    return lab_metrics(with_npt, without_npt, plan), lab_runs() + lab_profiles(with_npt)
+
+
+def lab_runs() -> str:
+    """A note on batches that needed a second lab boot (the first one hung)."""
+    lines = []
+    for npt in (True, False):
+        boots = len(_logs(npt))
+        if boots > 1:
+            lines.append(
+                f"- The npt={'on' if npt else 'off'} batch took {boots} lab boots: the lab kernel hung"
+                " (no heartbeat for three minutes, see docs/lab.md) and the scenarios it had not"
+                " finished ran in a fresh lab, so some rows compare runs from different lab boots."
+            )
+    return "### Lab runs\n\n" + "\n".join(lines) + "\n\n" if lines else ""
+
+
+def lab_suite_from_logs(plan: LabPlan) -> tuple[list[Metric], str]:
+    """:func:`run_lab_suite`'s figures and profiles, recomputed from the last run's logs."""
+    with_npt, without_npt = results_from_logs(True), results_from_logs(False)
+    if not with_npt:
+        raise HostError(f"no lab benchmark logs in {cache_dir() / 'bench'}: run kvmpy bench first")
+    return lab_metrics(with_npt, without_npt, plan), lab_runs() + lab_profiles(with_npt)
 
 
 PROFILE_TITLES = {
@@ -433,4 +486,13 @@ def lab_metrics(
     return metrics + paging_metrics(paging_results)
 
 
-__all__ = ["LabPlan", "bench_initrd", "bench_lines", "lab_metrics", "lab_profiles", "run_lab_suite"]
+__all__ = [
+    "LabPlan",
+    "bench_initrd",
+    "bench_lines",
+    "lab_metrics",
+    "lab_profiles",
+    "lab_suite_from_logs",
+    "results_from_logs",
+    "run_lab_suite",
+]
