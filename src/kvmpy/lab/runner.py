@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from kvmpy.bytecode import compile_package
 from kvmpy.lab import LabError
 from kvmpy.lab.assets import lab_assets
 from kvmpy.lab.debian import cache_dir
@@ -107,6 +108,7 @@ def run_in_lab(
     if not command:
         raise LabError("no command given to run in the lab")
     assets = lab_assets()
+    compile_package()  # the lab mounts this checkout read-only: its kvmpy runs from these .pyc files
     sink = output if output is not None else sys.stdout.buffer
     environment = {
         k: v for k, v in (env if env is not None else os.environ).items() if k in PASSED_ENVIRONMENT

@@ -120,6 +120,21 @@ class GuestMemory:
         start = gpa - region.gpa
         return region.view[start : start + size]
 
+    def locate(self, gpa: int, size: int) -> tuple[memoryview, int]:
+        """The view of the whole region holding ``size`` bytes at ``gpa``, and their offset in it.
+
+        For structures a device reads and writes many times (a virtqueue's rings): the
+        caller checks the range once and then accesses the region view at the offset
+        with struct, with no lookup per access. Unlike a slice, the region view adds
+        no export of the mapping, so holding it does not keep the RAM from closing.
+        """
+        if size < 0 or gpa < 0:
+            raise GuestMemoryError(gpa, size, "negative address or size")
+        region = self._find(gpa, size)
+        if region is None:
+            raise GuestMemoryError(gpa, size)
+        return region.view, gpa - region.gpa
+
     def read(self, gpa: int, size: int) -> bytes:
         return bytes(self.slice(gpa, size))
 

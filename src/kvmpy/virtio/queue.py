@@ -23,6 +23,8 @@ DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 DESCRIPTOR_SIZE = 16
 _DESCRIPTOR = struct.Struct("<QIHH")  # addr, len, flags, next
+_U16 = struct.Struct("<H")
+_USED_ELEMENT = struct.Struct("<II")  # id, len
 MAX_QUEUE_SIZE = 32768
 #: An indirect table may not be larger than this many descriptors.
 MAX_INDIRECT = 1024
@@ -80,20 +82,40 @@ class SplitQueue:
         #: The used index when the driver was last considered for an interrupt; None after
         #: a restore, when the next push interrupts unconditionally (a spurious one is harmless).
         self._signalled_used: int | None = 0
+        #: The layout the ring views below were looked up for (see :meth:`_locate`).
+        self._located_for: tuple[object, ...] | None = None
+        self._desc_view = self._avail_view = self._used_view = memoryview(b"")
+        self._desc_at = self._avail_at = self._used_at = 0
 
     def reset(self) -> None:
         self.__init__(self.max_size)  # type: ignore[misc]
 
     # --- ring accessors ----------------------------------------------------------------
-    def _avail_idx(self, mem: GuestMemory) -> int:
-        return mem.read_u16(self.driver_addr + 2)
+    def _locate(self, mem: GuestMemory) -> None:
+        """Find the three ring areas in guest RAM, once per layout rather than per access.
 
-    def _avail_ring(self, mem: GuestMemory, position: int) -> int:
-        return mem.read_u16(self.driver_addr + 4 + 2 * (position % self.size))
+        The transport lets the driver move the rings or resize the queue only while it is
+        disabled, so a lookup stays valid until one of the addresses, the size or the
+        memory changes; each access is then a struct call on a region view at an offset.
+        """
+        layout = (mem, self.size, self.desc_addr, self.driver_addr, self.device_addr)
+        if layout == self._located_for:
+            return
+        self._desc_view, self._desc_at = self._area(mem, self.desc_addr, DESCRIPTOR_SIZE * self.size)
+        self._avail_view, self._avail_at = self._area(mem, self.driver_addr, 6 + 2 * self.size)
+        self._used_view, self._used_at = self._area(mem, self.device_addr, 6 + 8 * self.size)
+        self._located_for = layout
+
+    @staticmethod
+    def _area(mem: GuestMemory, address: int, length: int) -> tuple[memoryview, int]:
+        try:
+            return mem.locate(address, length)
+        except GuestMemoryError:
+            raise QueueError(f"virtqueue area {address:#x}+{length:#x} is not guest RAM") from None
 
     @staticmethod
     def _table(mem: GuestMemory, address: int, count: int) -> memoryview:
-        """A view of ``count`` descriptors at ``address``."""
+        """A view of ``count`` descriptors at ``address`` (an indirect table)."""
         try:
             return mem.slice(address, DESCRIPTOR_SIZE * count)
         except GuestMemoryError:
@@ -115,7 +137,9 @@ class SplitQueue:
     # --- device operations -------------------------------------------------------------
     def pending(self, mem: GuestMemory) -> int:
         """How many chains the driver has made available that the device has not taken."""
-        count = (self._avail_idx(mem) - self.last_avail_idx) & 0xFFFF
+        self._locate(mem)
+        avail_idx = _U16.unpack_from(self._avail_view, self._avail_at + 2)[0]
+        count = (avail_idx - self.last_avail_idx) & 0xFFFF
         if count > self.size:
             raise QueueError(f"available index ran {count} entries ahead of a queue of {self.size}")
         return count
@@ -124,10 +148,11 @@ class SplitQueue:
         """The next available chain, or None."""
         if not self.ready or self.pending(mem) == 0:
             return None
-        head = self._avail_ring(mem, self.last_avail_idx)
+        slot = self._avail_at + 4 + 2 * (self.last_avail_idx % self.size)
+        head = _U16.unpack_from(self._avail_view, slot)[0]
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
-        if self.event_idx:
-            mem.write_u16(self.device_addr + 4 + 8 * self.size, self.last_avail_idx)  # avail_event
+        if self.event_idx:  # avail_event: kick me again after this index
+            _U16.pack_into(self._used_view, self._used_at + 4 + 8 * self.size, self.last_avail_idx)
         return self._walk(mem, head)
 
     def unpop(self) -> None:
@@ -138,20 +163,19 @@ class SplitQueue:
         if head >= self.size:
             raise QueueError(f"descriptor head {head} is outside a queue of {self.size}")
         chain = DescriptorChain(head)
-        # One view of the whole table, descriptors unpacked from it: no lookup per descriptor.
-        table_size, index = self.size, head
-        table = self._table(mem, self.desc_addr, table_size)
+        # Descriptors unpacked from a view of their table: no guest-memory lookup per descriptor.
+        table, table_at, table_size, index = self._desc_view, self._desc_at, self.size, head
         unpack = _DESCRIPTOR.unpack_from
         in_indirect = False
         for _ in range(self.size + MAX_INDIRECT + 1):
-            addr, length, flags, next_index = unpack(table, DESCRIPTOR_SIZE * index)
+            addr, length, flags, next_index = unpack(table, table_at + DESCRIPTOR_SIZE * index)
             if flags & DESC_F_INDIRECT:
                 if in_indirect:
                     raise QueueError("indirect descriptor inside an indirect table")
                 if length % DESCRIPTOR_SIZE or not 0 < length // DESCRIPTOR_SIZE <= MAX_INDIRECT:
                     raise QueueError(f"indirect table of {length} bytes")
                 table_size, index, in_indirect = length // DESCRIPTOR_SIZE, 0, True
-                table = self._table(mem, addr, table_size)
+                table, table_at = self._table(mem, addr, table_size), 0
                 continue
             try:
                 buffer = mem.slice(addr, length)
@@ -167,21 +191,24 @@ class SplitQueue:
 
     def push(self, mem: GuestMemory, head: int, written: int) -> None:
         """Return chain ``head`` to the driver with ``written`` bytes filled in."""
-        slot = self.device_addr + 4 + 8 * (self.next_used_idx % self.size)
-        mem.write(slot, struct.pack("<II", head, written))
+        self._locate(mem)
+        used, at = self._used_view, self._used_at
+        _USED_ELEMENT.pack_into(used, at + 4 + 8 * (self.next_used_idx % self.size), head, written)
         self.next_used_idx = (self.next_used_idx + 1) & 0xFFFF
-        mem.write_u16(self.device_addr + 2, self.next_used_idx)  # after the entry: x86 keeps store order
+        _U16.pack_into(used, at + 2, self.next_used_idx)  # after the entry: x86 keeps store order
 
     def needs_interrupt(self, mem: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
+        self._locate(mem)
         old, new = self._signalled_used, self.next_used_idx
         self._signalled_used = new
         if old is None:
             return True
         if self.event_idx:
-            used_event = mem.read_u16(self.driver_addr + 4 + 2 * self.size)
+            used_event = _U16.unpack_from(self._avail_view, self._avail_at + 4 + 2 * self.size)[0]
             return (new - used_event - 1) & 0xFFFF < (new - old) & 0xFFFF
-        return not mem.read_u16(self.driver_addr) & AVAIL_F_NO_INTERRUPT
+        flags = _U16.unpack_from(self._avail_view, self._avail_at)[0]
+        return not flags & AVAIL_F_NO_INTERRUPT
 
     # --- state -------------------------------------------------------------------------
     def save(self) -> QueueState:

@@ -16,6 +16,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from kvmpy.abi import kvm as abi
 from kvmpy.arch.x86 import boot_cpu, layout
@@ -36,11 +37,6 @@ from kvmpy.errors import HostError
 from kvmpy.kvm import System, Vcpu
 from kvmpy.loader import BootMode, BootSetup, load_kernel
 from kvmpy.memory.guest_memory import GuestMemory
-from kvmpy.virtio.devices.blk import VirtioBlock
-from kvmpy.virtio.devices.console import VirtioConsole
-from kvmpy.virtio.devices.net import VirtioNet, parse_mac
-from kvmpy.virtio.devices.rng import VirtioRng
-from kvmpy.virtio.devices.tap import Tap
 from kvmpy.vmm.config import SerialMode, VmConfig
 from kvmpy.vmm.console import ConsoleOutput, ConsoleSink
 from kvmpy.vmm.event_loop import EventLoop
@@ -48,6 +44,9 @@ from kvmpy.vmm.irq import KvmIrqLine
 from kvmpy.vmm.pci_platform import PciPlatform
 from kvmpy.vmm.stop import StopKind, StopReason
 from kvmpy.vmm.vcpu_thread import VcpuThread, describe_registers
+
+if TYPE_CHECKING:
+    from kvmpy.virtio.devices.console import VirtioConsole
 
 log = logging.getLogger("kvmpy.machine")
 
@@ -177,6 +176,13 @@ class Machine:
             self._add_pio(base, size, QuietPorts(), name)
 
     def _setup_virtio(self) -> None:
+        # Each device model loads only when the config asks for it: every module imported
+        # is start-up time, tens of times more of it in the lab's emulated CPU.
+        if self.config.disks:
+            from kvmpy.virtio.devices.blk import VirtioBlock
+        if self.config.nets:
+            from kvmpy.virtio.devices.net import VirtioNet, parse_mac
+            from kvmpy.virtio.devices.tap import Tap
         for number, disk in enumerate(self.config.disks):
             device = VirtioBlock(disk.path, read_only=disk.read_only, device_id=disk.id, direct=disk.direct)
             self.pci.add_virtio(device, f"virtio-blk{number}")
@@ -185,9 +191,13 @@ class Machine:
             nic = VirtioNet(Tap(net.tap), mac, watch=self.events.add, unwatch=self.events.remove)
             self.pci.add_virtio(nic, f"virtio-net{number}")
         if self.config.rng:
+            from kvmpy.virtio.devices.rng import VirtioRng
+
             self.pci.add_virtio(VirtioRng(), "virtio-rng")
         self.virtio_console: VirtioConsole | None = None
         if self.config.console == "virtio":
+            from kvmpy.virtio.devices.console import VirtioConsole
+
             self.virtio_console = VirtioConsole(self.console.write)
             self.pci.add_virtio(self.virtio_console, "virtio-console")
 

@@ -6,13 +6,16 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kvmpy.vmm.config import OnReboot, SerialMode, VmConfig, host_memory_bytes
 from kvmpy.vmm.console import ConsoleSink, InputPump, terminal_input_mode
-from kvmpy.vmm.console_socket import ConsoleSocket
 from kvmpy.vmm.machine import Machine
 from kvmpy.vmm.stats_report import MachineStats, collect
 from kvmpy.vmm.stop import StopKind, StopReason
+
+if TYPE_CHECKING:
+    from kvmpy.vmm.console_socket import ConsoleSocket
 
 #: A guest that resets this many times in a row without doing anything else is stopped.
 MAX_REBOOTS = 100
@@ -38,9 +41,11 @@ def run_vm(
     config.validate(host_memory_bytes())
     if stdin_fd is None and config.serial.mode is SerialMode.STDIO and serial_sink is None:
         stdin_fd = _stdin_fd()
-    console_socket = None
+    console_socket: ConsoleSocket | None = None
     if config.serial.mode is SerialMode.UNIX and serial_sink is None:
         assert config.serial.path is not None
+        from kvmpy.vmm.console_socket import ConsoleSocket  # loaded only for a socket console
+
         console_socket = ConsoleSocket(config.serial.path)
     try:
         if console_socket is not None:
