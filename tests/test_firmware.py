@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,17 @@ def test_cpuid_topology(n_vcpus: int) -> None:
         assert (1 << by_key[(0xB, 1)].eax) >= n_vcpus
         assert by_key[(0x8000_0008, 0)].ecx & 0xFF == n_vcpus - 1
         assert (0x4000_0000, 0) in by_key
+
+
+@pytest.mark.parametrize("offered", [False, True])
+def test_cpuid_tsc_deadline_only_where_kvm_emulates_it(offered: bool) -> None:
+    """KVM leaves TSC-deadline out of its supported CPUID; the VMM sets it when KVM has it."""
+    supported = [replace(e, ecx=e.ecx & ~(1 << 24)) if e.function == 1 else e for e in _supported()]
+    for n_vcpus in (1, 2):
+        guest = build_guest_cpuid(supported, vcpu_id=0, n_vcpus=n_vcpus, tsc_deadline=offered)
+        leaf1 = next(e for e in guest if e.function == 1)
+        assert bool(leaf1.ecx & (1 << 24)) is offered
+        assert leaf1.ecx & ~(1 << 24) == supported[1].ecx | 1 << 31
 
 
 def test_mcfg_covers_exactly_the_buses_kvmpy_has() -> None:

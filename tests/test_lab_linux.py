@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAB_DEADLINE_SECONDS = 50 * 60
 #: The batch prints a heartbeat every 30 s; this long without one is a hung lab kernel.
 LAB_STALL_SECONDS = 180.0
-PRINT_NPROC = "echo NPROC=$(nproc); poweroff -f"
+#: vCPUs online, and how many have the TSC-deadline timer (as QEMU's do: see cpuid.py).
+PRINT_NPROC = "echo NPROC=$(nproc) TSC_DEADLINE=$(grep -c tsc_deadline_timer /proc/cpuinfo); poweroff -f"
 
 
 VIRTIO_COMMAND = (
@@ -89,7 +90,7 @@ def _scenarios(disk: Path) -> list[Scenario]:
     scenarios = [
         Scenario("smp1", kernel, initrd, PRINT_NPROC, cpus=1),
         Scenario("smp2", kernel, initrd, PRINT_NPROC, cpus=2, args=("--stats",)),
-        Scenario("smp4", kernel, initrd, PRINT_NPROC, cpus=4, retries_on_triple_fault=1),
+        Scenario("smp4", kernel, initrd, PRINT_NPROC, cpus=4),
         Scenario("cloud_no_mpparse", str(cloud.kernel), str(cloud.initrd), PRINT_NPROC, cpus=2),
         Scenario("reboot_exit", kernel, initrd, "reboot -f", args=("--on-reboot", "exit")),
         Scenario("reboot_restart", kernel, initrd, "reboot -f", interrupt_after_ready=2),
@@ -165,7 +166,9 @@ def _scenarios(disk: Path) -> list[Scenario]:
     ]
     if generic.vmlinux is not None:
         scenarios.append(Scenario("pvh_smp2", str(generic.vmlinux), initrd, PRINT_NPROC, cpus=2))
-    return scenarios
+    # One more boot after a hang or a triple fault, which the lab causes now and then under
+    # either VMM (docs/lab.md); the retry shows in the result's notes, which tests print.
+    return [replace(scenario, retries=1) for scenario in scenarios]
 
 
 @pytest.fixture(scope="session")
@@ -245,7 +248,7 @@ def _check_boot(result: ScenarioResult, cpus: int) -> None:
     for note in result.notes:
         print(f"{result.name}: {note}")
     assert result.readies == 1, detail
-    assert f"NPROC={cpus}" in result.output, detail
+    assert f"NPROC={cpus} TSC_DEADLINE={cpus}" in result.output, detail
     assert result.status == 0, detail
 
 

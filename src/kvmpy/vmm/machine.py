@@ -218,7 +218,10 @@ class Machine:
     def _setup_vcpu(self, index: int) -> Vcpu:
         vcpu = self.vm.create_vcpu(index)
         supported = [_to_entry(e) for e in self.system.supported_cpuid()]
-        guest = build_guest_cpuid(supported, vcpu_id=index, n_vcpus=self.config.cpus)
+        tsc_deadline = bool(self.system.check_extension(abi.KVM_CAP_TSC_DEADLINE_TIMER))
+        guest = build_guest_cpuid(
+            supported, vcpu_id=index, n_vcpus=self.config.cpus, tsc_deadline=tsc_deadline
+        )
         vcpu.set_cpuid([_from_entry(e) for e in guest])
         vcpu.set_msrs(boot_msrs())
         vcpu.set_fpu(boot_cpu.boot_fpu())

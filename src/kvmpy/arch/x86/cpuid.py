@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 
 HYPERVISOR_BIT = 1 << 31  # leaf 1 ECX
+TSC_DEADLINE_BIT = 1 << 24  # leaf 1 ECX: the LAPIC timer's TSC-deadline mode
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
 KVM_CPUID_SIGNATURE = 0x4000_0000
 KVM_CPUID_FEATURES = 0x4000_0001
@@ -38,12 +39,24 @@ def _bits_for(count: int) -> int:
     return max(count - 1, 0).bit_length()
 
 
-def build_guest_cpuid(supported: list[CpuidEntry], *, vcpu_id: int, n_vcpus: int) -> list[CpuidEntry]:
-    """The CPUID table for vCPU ``vcpu_id`` of ``n_vcpus`` (one core each, one package)."""
+def build_guest_cpuid(
+    supported: list[CpuidEntry], *, vcpu_id: int, n_vcpus: int, tsc_deadline: bool = False
+) -> list[CpuidEntry]:
+    """The CPUID table for vCPU ``vcpu_id`` of ``n_vcpus`` (one core each, one package).
+
+    ``tsc_deadline``: KVM emulates the LAPIC timer's TSC-deadline mode
+    (KVM_CAP_TSC_DEADLINE_TIMER) but leaves it out of KVM_GET_SUPPORTED_CPUID, since
+    the in-kernel LAPIC that implements it is the VMM's choice; a VMM with that LAPIC
+    says so itself, as QEMU does. Linux then arms its timer with one MSR write instead
+    of calibrating the LAPIC timer and programming its counter.
+    """
     core_bits = _bits_for(n_vcpus)
     result = []
     for entry in supported:
-        result.append(_adjust(entry, vcpu_id, n_vcpus, core_bits))
+        adjusted = _adjust(entry, vcpu_id, n_vcpus, core_bits)
+        if tsc_deadline and adjusted.function == 1:
+            adjusted = dataclasses.replace(adjusted, ecx=adjusted.ecx | TSC_DEADLINE_BIT)
+        result.append(adjusted)
     if not any(e.function == KVM_CPUID_SIGNATURE for e in result):
         ebx, ecx, edx = (int.from_bytes(KVM_SIGNATURE[i : i + 4], "little") for i in (0, 4, 8))
         result.append(CpuidEntry(KVM_CPUID_SIGNATURE, 0, 0, KVM_CPUID_FEATURES, ebx, ecx, edx))
