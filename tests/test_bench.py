@@ -13,7 +13,7 @@ import pytest
 from kvmpy.bench.lab import LabPlan, bench_lines, io_metrics, io_scenarios, paging_metrics, paging_scenarios
 from kvmpy.bench.metric import Better, Metric, Target, per_unit
 from kvmpy.bench.report import markdown_table, render
-from kvmpy.lab.scenarios import ScenarioResult
+from kvmpy.lab.scenarios import ScenarioResult, _lab_failure
 from kvmpy.pyspy import leaf_shares
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +144,31 @@ def test_a_guest_that_hangs_costs_its_samples_not_the_run() -> None:
     assert "net-kvmpy never ran" in metrics["tcp-send"].note
     direct = metrics["blk-read-direct"]  # a run that stopped part-way keeps what its guest measured
     assert direct.kvmpy == [9.0] and "guest triple fault" in direct.note and "1 samples" in direct.note
+
+
+def test_a_qemu_guest_that_reset_before_init_is_not_a_clean_run() -> None:
+    """QEMU -no-reboot exits 0 after a guest triple fault: no init reached, no samples, a note."""
+    plan = LabPlan.full()
+    results = {s.name: _result(s.name, "BENCH tcp-send mbitps=300\n") for s in io_scenarios("/k", "/i", plan)}
+    results["net-qemu"] = ScenarioResult("net-qemu", 0, 0, None, 15.0, "[ 5.9] pid_ma")
+    retried = _result("net-kvmpy", "BENCH tcp-send mbitps=310\n")
+    retried.notes = ["boot 40 s ended in a guest triple fault; booting again"]
+    results["net-kvmpy"] = retried
+    send = {m.key: m for m in io_metrics(results, plan)}["tcp-send"]
+    assert send.kvmpy == [310.0] and send.qemu == []
+    assert "net-qemu ended before the guest's init" in send.note
+    assert "net-kvmpy: boot 40 s ended in a guest triple fault; booting again" in send.note
+
+
+def test_lab_failures_worth_another_boot() -> None:
+    def result(status: int | None, readies: int, stderr: str = "") -> ScenarioResult:
+        return ScenarioResult("x", status, readies, None, 1.0, "", stderr)
+
+    assert _lab_failure(result(0, 1)) is None
+    assert _lab_failure(result(1, 1, "kvmpy: error: guest panicked")) is None
+    assert "triple fault" in str(_lab_failure(result(1, 1, "kvmpy: vCPU 1: guest triple fault (X)")))
+    assert "silent" in str(_lab_failure(result(-9, 1, "kvmpy.lab.scenarios: killed after 240 s")))
+    assert "never reached its init" in str(_lab_failure(result(0, 0)))
 
 
 def test_bench_rejects_bad_arguments_in_one_line() -> None:

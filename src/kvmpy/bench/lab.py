@@ -121,7 +121,8 @@ def _net_cleanup() -> str:
 
 def io_scenarios(kernel: str, initrd: str, plan: LabPlan) -> list[Scenario]:
     """Boot, block, network and console workloads under both VMMs, alternating."""
-    base = Scenario("", kernel, initrd, "", cpus=2, memory="512M", timeout=300.0)
+    # One more boot after a guest fails in the lab's way (see Scenario.retries), noted in the row.
+    base = Scenario("", kernel, initrd, "", cpus=2, memory="512M", timeout=300.0, retries=1)
     scenarios = []
     for index in range(plan.boots):
         for vmm in VMMS:
@@ -183,7 +184,7 @@ def paging_scenarios(kernel: str, initrd: str, plan: LabPlan) -> list[Scenario]:
     command = _rounds(
         plan, f"{TOOL} forkexec {plan.forks}; {TOOL} mmap {plan.maps} 16; {TOOL} tlb 256 {plan.tlb_reads}"
     )
-    base = Scenario("", kernel, initrd, command, cpus=1, memory="768M", timeout=600.0)
+    base = Scenario("", kernel, initrd, command, cpus=1, memory="768M", timeout=600.0, retries=1)
     return [replace(base, name=f"paging-{vmm}", vmm=vmm) for vmm in VMMS]
 
 
@@ -264,10 +265,23 @@ def _finished(results: dict[str, ScenarioResult], name: str, metric: Metric) -> 
     samples, not the whole run's.
     """
     result = results.get(name)
-    if result is not None and result.status == 0:
+    if result is not None and _clean(result):
+        _note_retries(metric, name, result)
         return result
     _add_note(metric, f"{_failure(name, result)}: left out")
     return None
+
+
+def _clean(result: ScenarioResult) -> bool:
+    """The guest reached its init and the VMM ended with status 0."""
+    return result.status == 0 and result.readies > 0
+
+
+def _note_retries(metric: Metric, name: str, result: ScenarioResult) -> None:
+    """A run that needed another boot (``Scenario.retries``) says so in the metric's note."""
+    for note in result.notes:
+        if note.endswith("booting again"):
+            _add_note(metric, f"{name}: {note}")
 
 
 def _failure(name: str, result: ScenarioResult | None) -> str:
@@ -277,6 +291,8 @@ def _failure(name: str, result: ScenarioResult | None) -> str:
     vmm_says = [line for line in result.stderr.splitlines() if line.startswith("kvmpy: ")]
     if vmm_says:
         return f"{name} stopped with status {result.status} ({vmm_says[0][7:][:70]})"
+    if result.readies == 0 and result.status == 0:
+        return f"{name} ended before the guest's init (a QEMU guest's triple fault ends QEMU quietly)"
     tail = (result.output.strip().splitlines() or ["(no output)"])[-1].strip()
     return f"{name} did not finish (status {result.status}, last console line {tail[:60]!r})"
 
@@ -297,7 +313,9 @@ def _add_bench_value(
     lines = bench_lines(result).get(line, []) if result is not None else []
     samples = [values[key] for values in lines if key in values]
     getattr(metric, vmm).extend(samples)
-    if result is None or result.status != 0:
+    if result is not None:
+        _note_retries(metric, name, result)
+    if result is None or not _clean(result):
         kept = f"the {len(samples)} samples before that kept" if samples else "left out"
         _add_note(metric, f"{_failure(name, result)}: {kept}")
 
