@@ -166,3 +166,27 @@ def test_hostile_rings_only_raise_queue_errors(
         pass
     finally:
         mem.close()
+
+
+def test_rings_follow_a_moved_queue_and_never_pin_guest_ram() -> None:
+    """Ring locations are looked up once per layout: a new layout is looked up afresh, and
+    a queue holding them does not keep the guest's RAM from being unmapped."""
+    memory = GuestMemory.anonymous([(0, RAM)])
+    queue = SplitQueue(16)
+    first = MockDriver(memory, queue, 0x10000)
+    head = first.add([Buffer(0x40000, 8)])
+    chain = queue.pop(memory)
+    assert chain is not None and chain.head == head
+    queue.push(memory, head, 0)
+    del chain
+    queue.reset()  # the driver resets the device and sets the queue up elsewhere
+    second = MockDriver(memory, queue, 0x80000)
+    head = second.add([Buffer(0x40000, 8)])
+    chain = queue.pop(memory)
+    assert chain is not None and chain.head == head
+    queue.push(memory, head, 0)
+    assert second.used_entries() == [(head, 0)] and first.used_entries() == [(0, 0)]
+    del chain
+    memory.close()  # would raise BufferError if the queue held slices of guest RAM
+    with pytest.raises(ValueError):
+        queue.pending(memory)  # the released region view refuses access rather than crash
