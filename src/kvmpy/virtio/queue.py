@@ -125,14 +125,7 @@ class SplitQueue:
         """Raise QueueError unless all three ring areas lie in guest RAM and the size is valid."""
         if not 0 < self.size <= self.max_size or self.size & (self.size - 1):
             raise QueueError(f"queue size {self.size} is not a power of two up to {self.max_size}")
-        areas = (
-            (self.desc_addr, DESCRIPTOR_SIZE * self.size),
-            (self.driver_addr, 6 + 2 * self.size),
-            (self.device_addr, 6 + 8 * self.size),
-        )
-        for address, length in areas:
-            if not mem.is_ram(address, length):
-                raise QueueError(f"virtqueue area {address:#x}+{length:#x} is not guest RAM")
+        self._locate(mem)
 
     # --- device operations -------------------------------------------------------------
     def pending(self, mem: GuestMemory) -> int:

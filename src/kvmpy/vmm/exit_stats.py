@@ -28,9 +28,8 @@ class VcpuExitStats:
     guest_ns: int = 0
     #: Port-I/O exits per port (one exit may carry several accesses with REP INS/OUTS).
     ports: dict[int, int] = field(default_factory=dict)
-    #: Writes KVM buffered in the coalesced ring instead of exiting, replayed by this vCPU.
-    coalesced: int = 0
-    #: The same by (is port I/O, address).
+    #: Writes KVM buffered in the coalesced ring instead of exiting, replayed by this vCPU,
+    #: by (is port I/O, address).
     buffered: dict[tuple[bool, int], int] = field(default_factory=dict)
     #: KVM's in-kernel counters for this vCPU at the end of the run (KVM_GET_STATS_FD).
     kernel: dict[str, int] = field(default_factory=dict)
@@ -42,6 +41,11 @@ class VcpuExitStats:
         counter.count += 1
         counter.handle_ns += handle_ns
         self.guest_ns += guest_ns
+
+    @property
+    def coalesced(self) -> int:
+        """All the buffered writes this vCPU replayed."""
+        return sum(self.buffered.values())
 
     @property
     def total_exits(self) -> int:

@@ -111,7 +111,9 @@ class Machine:
             flat_address=config.flat_address,
             rsdp_address=self.rsdp_address,
         )
-        self.vcpus = [self._setup_vcpu(i) for i in range(config.cpus)]
+        supported = [_to_entry(e) for e in self.system.supported_cpuid()]
+        tsc_deadline = bool(self.system.check_extension(abi.KVM_CAP_TSC_DEADLINE_TIMER))
+        self.vcpus = [self._setup_vcpu(i, supported, tsc_deadline) for i in range(config.cpus)]
         #: Writes KVM buffered instead of exiting; every vCPU thread replays them before its exit.
         coalescing = self.pci.coalesced_pio or any(self._coalescing)
         self.coalesced = self.vcpus[0].coalesced_ring() if coalescing else None
@@ -215,10 +217,9 @@ class Machine:
         write_acpi_tables(self.memory, tables)
         return tables.rsdp_address
 
-    def _setup_vcpu(self, index: int) -> Vcpu:
+    def _setup_vcpu(self, index: int, supported: list[CpuidEntry], tsc_deadline: bool) -> Vcpu:
+        """vCPU ``index`` with its CPUID made from KVM's ``supported`` one, MSRs, FPU and LAPIC."""
         vcpu = self.vm.create_vcpu(index)
-        supported = [_to_entry(e) for e in self.system.supported_cpuid()]
-        tsc_deadline = bool(self.system.check_extension(abi.KVM_CAP_TSC_DEADLINE_TIMER))
         guest = build_guest_cpuid(
             supported, vcpu_id=index, n_vcpus=self.config.cpus, tsc_deadline=tsc_deadline
         )

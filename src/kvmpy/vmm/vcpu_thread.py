@@ -133,7 +133,6 @@ class VcpuThread(threading.Thread):
         buffered = self.stats.buffered
         with self.machine.coalesced_lock:
             for write in ring.drain():
-                self.stats.coalesced += 1
                 key = (write.is_pio, write.address)
                 buffered[key] = buffered.get(key, 0) + 1
                 if write.is_pio:
