@@ -48,6 +48,27 @@ class SerialConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenBucketConfig:
+    """One token bucket (Firecracker's shape): ``size`` tokens refilled every ``refill_time_ms``.
+
+    ``one_time_burst`` extra tokens are available once, at the start, and are not refilled.
+    Tokens are bytes for a bandwidth bucket and requests for an operations bucket.
+    """
+
+    size: int
+    refill_time_ms: int
+    one_time_burst: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimiterConfig:
+    """Limits on a device's bandwidth and operations; a missing bucket means no limit."""
+
+    bandwidth: TokenBucketConfig | None = None
+    ops: TokenBucketConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DiskConfig:
     """A virtio-blk disk: a raw image file, through the host's page cache or with O_DIRECT."""
 
@@ -55,6 +76,13 @@ class DiskConfig:
     read_only: bool = False
     id: str = ""
     direct: bool = False
+    #: Firecracker's root drive: the kernel command line gets ``root=/dev/vda`` (or its PARTUUID).
+    is_root_device: bool = False
+    partuuid: str = ""
+    #: "Writeback": flush requests are offered and reach the host's disk (fsync); "Unsafe":
+    #: VIRTIO_BLK_F_FLUSH is not offered (Firecracker's default for API-configured drives).
+    cache_type: str = "Writeback"
+    rate_limiter: RateLimiterConfig | None = None
 
     @classmethod
     def parse(cls, text: str) -> DiskConfig:
@@ -84,6 +112,10 @@ class NetConfig:
 
     tap: str
     mac: str = ""
+    #: Firecracker's iface_id; empty for interfaces from the command line.
+    id: str = ""
+    rx_rate_limiter: RateLimiterConfig | None = None
+    tx_rate_limiter: RateLimiterConfig | None = None
 
     @classmethod
     def parse(cls, text: str) -> NetConfig:
@@ -102,6 +134,24 @@ class NetConfig:
         return cls(tap, mac)
 
 
+@dataclass(frozen=True, slots=True)
+class LoggerConfig:
+    """Where kvmpy's own log goes (Firecracker's PUT /logger)."""
+
+    path: Path | None = None
+    level: str = "Warning"  # Error, Warning, Info, Debug, Trace, Off
+    show_level: bool = False
+    show_log_origin: bool = False
+    module: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Where metrics are written as newline-delimited JSON (Firecracker's PUT /metrics)."""
+
+    path: Path
+
+
 class OnReboot(Enum):
     RESTART = "restart"
     EXIT = "exit"
@@ -111,7 +161,8 @@ class OnReboot(Enum):
 class VmConfig:
     """Everything needed to build one VM."""
 
-    kernel: Path
+    #: None until a boot source is configured (through the API a VM starts empty).
+    kernel: Path | None = None
     initrd: Path | None = None
     cmdline: str = ""
     cpus: int = 1
@@ -127,9 +178,17 @@ class VmConfig:
     console: str = "serial"
     #: Where device and error messages go besides the serial console (stderr by default).
     quiet: bool = False
+    rng_rate_limiter: RateLimiterConfig | None = None
+    #: Firecracker's machine-config fields kvmpy keeps and reports (smt: two threads per core).
+    smt: bool = False
+    track_dirty_pages: bool = False
+    logger: LoggerConfig | None = None
+    metrics: MetricsConfig | None = None
 
     def validate(self, host_memory: int | None = None) -> None:
         """Raise ConfigError for anything that cannot work, before touching KVM."""
+        if self.kernel is None:
+            raise ConfigError("no kernel to boot: configure a boot source (--kernel or PUT /boot-source)")
         _check_readable(self.kernel, "kernel")
         if self.initrd is not None:
             _check_readable(self.initrd, "initrd")
@@ -176,7 +235,11 @@ def host_memory_bytes() -> int | None:
 __all__ = [
     "MAX_VCPUS",
     "DiskConfig",
+    "LoggerConfig",
+    "MetricsConfig",
     "NetConfig",
+    "RateLimiterConfig",
+    "TokenBucketConfig",
     "MIN_MEMORY",
     "OnReboot",
     "SerialConfig",

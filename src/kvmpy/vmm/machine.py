@@ -16,7 +16,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from kvmpy.abi import kvm as abi
 from kvmpy.arch.x86 import boot_cpu, layout
@@ -49,6 +49,8 @@ if TYPE_CHECKING:
     from kvmpy.virtio.devices.console import VirtioConsole
 
 log = logging.getLogger("kvmpy.machine")
+
+_T = TypeVar("_T")
 
 #: The signal that kicks a vCPU thread out of KVM_RUN.
 KICK_SIGNAL = signal.SIGUSR1
@@ -103,6 +105,7 @@ class Machine:
         self.pci = PciPlatform(self.vm, self.memory, self.pio_bus, self.mmio_bus, self.events)
         self._setup_virtio()
         self.rsdp_address = self._setup_firmware()
+        assert config.kernel is not None, "validate the config before building a machine"
         self.boot = load_kernel(
             self.memory,
             config.kernel,
@@ -290,6 +293,16 @@ class Machine:
         self.console.flush()
         assert self.stop_reason is not None
         return self.stop_reason
+
+    def on_vcpu(self, index: int, work: Callable[[Vcpu], _T]) -> _T:
+        """Run ``work(vcpu)`` where it may touch the vCPU's state: KVM refuses vCPU ioctls
+        from other threads while the vCPU is inside KVM_RUN (they wait for its next exit).
+
+        Until the vCPU threads run (and once they are parked or gone) ``work`` runs here.
+        """
+        if not 0 <= index < len(self.vcpus):
+            raise HostError(f"there is no vCPU {index} (this VM has {len(self.vcpus)})")
+        return work(self.vcpus[index])
 
     def request_stop(self, reason: StopReason) -> None:
         """Stop the VM (from any thread); the first reason given wins."""

@@ -1,0 +1,312 @@
+"""What can be asked of a VMM, as plain data (Firecracker's ``VmmAction`` split).
+
+The HTTP API, ``--config-file``, the command line and signals all turn what
+they receive into these frozen dataclasses and hand them to
+:meth:`kvmpy.vmm.vmm.Vmm.submit`; nothing above the VMM touches a machine.
+Which actions are allowed before and after the VM starts is data, kept here
+in one place (Firecracker's pre-boot and runtime API controllers).
+
+Results are plain data as well: ``None`` for a command, or one of the result
+dataclasses below. A request that cannot be carried out raises
+:class:`ActionError` with a message fit for ``{"fault_message": ...}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from kvmpy.errors import KvmpyError
+from kvmpy.vmm.config import DiskConfig, LoggerConfig, MetricsConfig, NetConfig, RateLimiterConfig
+
+
+class ActionError(KvmpyError):
+    """An action was refused or failed; the message says why (the API answers 400 with it)."""
+
+
+class VmState(Enum):
+    """The lifecycle of a VM, with Firecracker's names for the states it reports."""
+
+    NOT_STARTED = "Not started"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    STOPPED = "Stopped"
+
+
+# --- configuration (before InstanceStart, unless the runtime table says otherwise) -------
+@dataclass(frozen=True, slots=True)
+class ConfigureBootSource:
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigureMachine:
+    """PUT (``partial=False``: every field given) or PATCH (``partial=True``) /machine-config."""
+
+    cpus: int | None = None
+    memory_mib: int | None = None
+    smt: bool | None = None
+    track_dirty_pages: bool | None = None
+    hugepages: bool | None = None
+    partial: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class InsertBlockDevice:
+    """PUT /drives/{id}: add the drive, or replace the one with the same id."""
+
+    disk: DiskConfig
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateBlockDevice:
+    """PATCH /drives/{id}: a new backing file (the guest sees the new size) or rate limiter."""
+
+    drive_id: str
+    path: Path | None = None
+    rate_limiter: RateLimiterConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InsertNetworkDevice:
+    """PUT /network-interfaces/{id}."""
+
+    net: NetConfig
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateNetworkDevice:
+    """PATCH /network-interfaces/{id}: new rate limiters."""
+
+    iface_id: str
+    rx_rate_limiter: RateLimiterConfig | None = None
+    tx_rate_limiter: RateLimiterConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetEntropyDevice:
+    """PUT /entropy: a virtio-rng device."""
+
+    rate_limiter: RateLimiterConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigureSerial:
+    """PUT /serial: the 16550A's output appended to ``path``."""
+
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigureLogger:
+    logger: LoggerConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigureMetrics:
+    metrics: MetricsConfig
+
+
+# --- commands -------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class StartInstance:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class SendCtrlAltDel:
+    """Ctrl-Alt-Del on the i8042 keyboard: Linux reboots or powers off as it is configured."""
+
+
+@dataclass(frozen=True, slots=True)
+class FlushMetrics:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """End the VM from the host (the CLI's Ctrl-C, SIGTERM, ``kvmpy ctl quit``)."""
+
+    reason: str = "stopped from the host"
+
+
+# --- queries --------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class GetInstanceInfo:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class GetVmConfig:
+    """GET /vm/config and GET /machine-config: the result is the current VmConfig."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceInfo:
+    id: str
+    state: VmState
+    vmm_version: str
+    app_name: str = "kvmpy"
+
+
+# --- the monitor (kvmpy's own, under /kvmpy/) ---------------------------------------------
+@dataclass(frozen=True, slots=True)
+class GetRegisters:
+    vcpu: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TranslateAddress:
+    """The guest page-table walk of ``gva`` from ``vcpu``'s CR3, down to the host frame."""
+
+    gva: int
+    vcpu: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReadMemory:
+    """``length`` bytes at ``address``, a guest-virtual (through ``vcpu``'s page tables) or physical one."""
+
+    address: int
+    length: int
+    physical: bool = False
+    vcpu: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class GetMemoryTree:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class GetIrqState:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class GetVcpus:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class GetStats:
+    pass
+
+
+Action = (
+    ConfigureBootSource
+    | ConfigureMachine
+    | InsertBlockDevice
+    | UpdateBlockDevice
+    | InsertNetworkDevice
+    | UpdateNetworkDevice
+    | SetEntropyDevice
+    | ConfigureSerial
+    | ConfigureLogger
+    | ConfigureMetrics
+    | StartInstance
+    | SendCtrlAltDel
+    | FlushMetrics
+    | Pause
+    | Resume
+    | Stop
+    | GetInstanceInfo
+    | GetVmConfig
+    | GetRegisters
+    | TranslateAddress
+    | ReadMemory
+    | GetMemoryTree
+    | GetIrqState
+    | GetVcpus
+    | GetStats
+)
+
+_QUERIES: frozenset[type] = frozenset({GetInstanceInfo, GetVmConfig})
+_MONITOR: frozenset[type] = frozenset(
+    {GetRegisters, TranslateAddress, ReadMemory, GetMemoryTree, GetIrqState, GetVcpus, GetStats}
+)
+
+#: What may be asked before InstanceStart (Firecracker's pre-boot table).
+ALLOWED_BEFORE_START: frozenset[type] = frozenset(
+    {
+        ConfigureBootSource,
+        ConfigureMachine,
+        InsertBlockDevice,
+        InsertNetworkDevice,
+        SetEntropyDevice,
+        ConfigureSerial,
+        ConfigureLogger,
+        ConfigureMetrics,
+        StartInstance,
+        Stop,
+    }
+    | _QUERIES
+)
+
+#: What may be asked once the VM has started, running or paused (Firecracker's runtime table).
+ALLOWED_AFTER_START: frozenset[type] = frozenset(
+    {UpdateBlockDevice, UpdateNetworkDevice, SendCtrlAltDel, FlushMetrics, Pause, Resume, Stop}
+    | _QUERIES
+    | _MONITOR
+)
+
+#: Firecracker's messages for a request in the wrong phase.
+NOT_ALLOWED_BEFORE_START = "The requested operation is not supported before starting the microVM."
+NOT_ALLOWED_AFTER_START = "The requested operation is not supported after starting the microVM."
+
+
+def check_allowed(action: Any, started: bool) -> None:
+    """Raise ActionError if ``action`` is not allowed in this phase of the VM's life."""
+    table = ALLOWED_AFTER_START if started else ALLOWED_BEFORE_START
+    if type(action) not in table:
+        raise ActionError(NOT_ALLOWED_AFTER_START if started else NOT_ALLOWED_BEFORE_START)
+
+
+__all__ = [
+    "ALLOWED_AFTER_START",
+    "ALLOWED_BEFORE_START",
+    "Action",
+    "ActionError",
+    "ConfigureBootSource",
+    "ConfigureLogger",
+    "ConfigureMachine",
+    "ConfigureMetrics",
+    "ConfigureSerial",
+    "FlushMetrics",
+    "GetInstanceInfo",
+    "GetIrqState",
+    "GetMemoryTree",
+    "GetRegisters",
+    "GetStats",
+    "GetVcpus",
+    "GetVmConfig",
+    "InsertBlockDevice",
+    "InsertNetworkDevice",
+    "InstanceInfo",
+    "Pause",
+    "ReadMemory",
+    "Resume",
+    "SendCtrlAltDel",
+    "SetEntropyDevice",
+    "StartInstance",
+    "Stop",
+    "TranslateAddress",
+    "UpdateBlockDevice",
+    "UpdateNetworkDevice",
+    "VmState",
+    "check_allowed",
+]
