@@ -187,6 +187,15 @@ class Vcpu:
     def set_lapic(self, lapic: abi.kvm_lapic_state) -> None:
         ioctl(self.fd, abi.KVM_SET_LAPIC, lapic, name="KVM_SET_LAPIC")
 
+    def translate(self, gva: int) -> abi.kvm_translation:
+        """KVM's own walk of ``gva`` through the vCPU's current page tables (KVM_TRANSLATE).
+
+        ``valid`` says whether a translation exists; ``physical_address`` is the GPA.
+        """
+        translation = abi.kvm_translation(linear_address=gva)
+        ioctl(self.fd, abi.KVM_TRANSLATE, translation, name="KVM_TRANSLATE")
+        return translation
+
     def get_mp_state(self) -> int:
         state = abi.kvm_mp_state()
         ioctl(self.fd, abi.KVM_GET_MP_STATE, state, name="KVM_GET_MP_STATE")
