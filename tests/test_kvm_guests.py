@@ -26,27 +26,6 @@ pytestmark = pytest.mark.kvm
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _kvm_usable() -> str | None:
-    if not os.path.exists("/dev/kvm"):
-        return "/dev/kvm is missing"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "no permission on /dev/kvm"
-    return None
-
-
-@pytest.fixture(scope="session")
-def guests() -> Path:
-    reason = _kvm_usable()
-    if reason:
-        pytest.skip(reason)
-    from kvmpy.testing.guests import build_guests
-
-    try:
-        return build_guests()
-    except Exception as error:  # no gcc/make: say so
-        pytest.skip(f"cannot build the test guests: {error}")
-
-
 def kvmpy(*args: str, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     return subprocess.run(

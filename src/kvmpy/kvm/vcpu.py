@@ -19,6 +19,8 @@ from kvmpy.kvm.ioctl import ioctl, libc_ioctl
 # stop request (immediate_exit plus a signal) gets the vCPU thread out of the guest.
 _EINTR = 4
 _EAGAIN = 11
+_EINVAL = 22
+_ENOTTY = 25
 
 # The exits taken most often are decoded with one struct.unpack_from on the kvm_run page
 # (a ctypes field read builds an object per access); the offsets come from the ABI.
@@ -85,6 +87,16 @@ class Vcpu:
         if decode is None:
             return exits.UnknownExit(reason, self.run_state.hw.hardware_exit_reason)
         return decode()
+
+    def kvmclock_ctrl(self) -> bool:
+        """Tell the guest's kvmclock the vCPU was stopped by the host (Linux's watchdogs then
+        forgive the gap). False if the guest has no kvmclock registered (EINVAL) or KVM lacks it."""
+        if libc_ioctl(self.fd, abi.KVM_KVMCLOCK_CTRL, 0) < 0:
+            errno = ctypes.get_errno()
+            if errno in (_EINVAL, _ENOTTY):
+                return False
+            raise KvmError("KVM_KVMCLOCK_CTRL", errno)
+        return True
 
     def set_immediate_exit(self, value: bool) -> None:
         """With this set, KVM_RUN returns at once with EINTR: the race-free way to stop a vCPU."""

@@ -9,9 +9,12 @@ says the VM is over.
 
 from __future__ import annotations
 
+import collections
 import logging
+import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvmpy.abi import kvm as abi
@@ -29,6 +32,8 @@ log = logging.getLogger("kvmpy.vcpu")
 
 #: How many distinct unclaimed addresses get a log line each; the rest are only counted.
 MAX_UNHANDLED_REPORTS = 16
+#: The signal that kicks a vCPU thread out of KVM_RUN (a no-op handler is installed for it).
+KICK_SIGNAL = signal.SIGUSR1
 
 _SYSTEM_EVENT_NAMES = {
     abi.KVM_SYSTEM_EVENT_SHUTDOWN: "shutdown",
@@ -38,7 +43,16 @@ _SYSTEM_EVENT_NAMES = {
 
 
 class VcpuThread(threading.Thread):
-    """Runs one vCPU until the machine stops."""
+    """Runs one vCPU until the machine stops.
+
+    Other threads reach it between two exits: ``call(work)`` runs ``work`` on
+    this thread (KVM makes vCPU ioctls from elsewhere wait for the vCPU to
+    leave KVM_RUN), and the machine's pause parks it outside KVM_RUN. Both go
+    through ``kick()``: queue the request, set ``immediate_exit`` so a
+    KVM_RUN about to start returns at once, then signal the thread so a
+    KVM_RUN in progress returns. The thread clears ``immediate_exit`` before
+    it serves requests, so none is lost between the two.
+    """
 
     def __init__(self, machine: Machine, vcpu: Vcpu) -> None:
         super().__init__(name=f"vcpu{vcpu.id}", daemon=True)
@@ -49,6 +63,34 @@ class VcpuThread(threading.Thread):
         self._pio: Bus = machine.pio_bus
         self._mmio: Bus = machine.mmio_bus
         self._reported: set[tuple[str, int]] = set()
+        #: Set by other threads when there is something to do between exits.
+        self.control = False
+        self._requests: collections.deque[Callable[[], None]] = collections.deque()
+        #: True while parked outside KVM_RUN by a pause.
+        self.parked = False
+
+    # --- control from other threads --------------------------------------------------------
+    def kick(self) -> None:
+        """Make the vCPU leave KVM_RUN and look at ``control`` (any thread)."""
+        self.control = True
+        self.vcpu.set_immediate_exit(True)
+        ident = self.ident
+        if ident is not None and ident != threading.get_ident() and self.is_alive():
+            signal.pthread_kill(ident, KICK_SIGNAL)
+
+    def call(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on this thread at its next exit (the caller waits for it its own way)."""
+        self._requests.append(work)
+        self.kick()
+
+    def _serve_control(self) -> None:
+        self.control = False
+        self.vcpu.set_immediate_exit(self.stopping)
+        while self._requests:
+            self._requests.popleft()()
+        if self.machine.pause_requested and not self.stopping:
+            self.replay_coalesced()
+            self.machine.park(self)
 
     def run(self) -> None:
         kernel_stats = self._open_kernel_stats()
@@ -77,6 +119,9 @@ class VcpuThread(threading.Thread):
         vcpu, stats, ring = self.vcpu, self.stats, self.machine.coalesced
         clock = time.perf_counter_ns
         while not self.stopping:
+            if self.control:
+                self._serve_control()
+                continue
             entered = clock()
             exit_ = vcpu.run()
             returned = clock()
