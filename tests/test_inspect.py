@@ -8,9 +8,7 @@ GPA whose bytes are the banner, in agreement with KVM_TRANSLATE.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -31,15 +29,8 @@ BANNER = b"kvmpy counter guest: the banner a monitor can find\0"
 
 
 @pytest.fixture(scope="module")
-def counter() -> Path:
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        pytest.skip("/dev/kvm is missing or not accessible")
-    from kvmpy.testing.guests import guest_path
-
-    try:
-        return guest_path("counter")
-    except Exception as error:
-        pytest.skip(f"cannot build the test guests: {error}")
+def counter(guests: Path) -> Path:
+    return guests / "counter.elf"
 
 
 class Console:
@@ -72,7 +63,9 @@ class Console:
 
 def build(kernel: Path, console: Console | None = None, cmdline: str = "") -> Machine:
     config = VmConfig(kernel=kernel, cmdline=cmdline, serial=SerialConfig(SerialMode.NONE))
-    return Machine(config, serial_sink=console)
+    machine = Machine(config, serial_sink=console)
+    machine.boot_kernel()
+    return machine
 
 
 @pytest.fixture
@@ -88,10 +81,8 @@ class LiveCounter:
     def __init__(self, kernel: Path) -> None:
         self.console = Console()
         self.machine = build(kernel, self.console, cmdline="gap=20000000")
-        signal.signal(signal.SIGUSR1, lambda signum, frame: None)  # the machine's kick signal
         self.started = time.monotonic()
-        self.thread = threading.Thread(target=self.machine.run, name="machine", daemon=True)
-        self.thread.start()
+        self.machine.start()  # from the main thread: it installs the kick signal's handler
         printed = self.console.wait_for("tick 2")
         match = re.search(r"banner at (0x[0-9a-f]+)", printed)
         assert match is not None, printed
@@ -99,7 +90,7 @@ class LiveCounter:
 
     def stop(self) -> None:
         self.machine.request_stop(StopReason(StopKind.INTERRUPTED, 0, "test over"))
-        self.thread.join(10)
+        self.machine.finish()
         self.machine.close()
 
 
@@ -228,3 +219,22 @@ def test_irq_state_has_the_ioapic_and_every_lapic(live: LiveCounter) -> None:
     assert lapic["id"] == 0 and lapic["lint0"]["delivery_mode"] == "ExtINT"  # as the builder set it
     assert lapic["lint1"]["delivery_mode"] == "NMI"
     assert irq["msi_routes"] == []  # the counter guest has no PCI devices with MSI-X
+
+
+def test_a_paused_guest_answers_and_stands_still(live: LiveCounter) -> None:
+    live.machine.pause()
+    try:
+        before = answer(live.machine, actions.GetRegisters(0))
+        vcpus = answer(live.machine, actions.GetVcpus())
+        assert vcpus["vm_state"] == "Paused" and vcpus["vcpus"][0]["state"] == "paused"
+        printed = live.console.text()
+        time.sleep(0.3)  # the guest prints a tick about every 10 ms of TSC time when running
+        assert live.console.text() == printed
+        after = answer(live.machine, actions.GetRegisters(0))
+        assert after["general"] == before["general"]
+        result = answer(live.machine, actions.TranslateAddress(live.banner))
+        assert live.machine.memory.read(result["gpa"], len(BANNER)) == BANNER
+        assert result["agrees_with_kvm"] is True
+    finally:
+        live.machine.resume()
+    live.console.wait_for(f"tick {live.console.text().count('tick') + 1}")

@@ -414,7 +414,7 @@ class Vmm:
         from kvmpy.vmm.inspect import answer
 
         try:
-            return answer(self.machine, action)
+            return answer(self.machine, action, vm_state=self.state.value, started_at=self._started_at)
         except ActionError:
             raise
         except KvmpyError as error:

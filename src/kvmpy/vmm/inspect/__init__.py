@@ -37,15 +37,26 @@ def registers(machine: Machine, vcpu_index: int = 0) -> dict[str, Any]:
     return result
 
 
+def machine_state(machine: Machine) -> str:
+    """The lifecycle state as far as the machine itself can tell (the Vmm knows better)."""
+    if machine.paused:
+        return "Paused"
+    if any(thread.is_alive() for thread in machine.threads):
+        return "Running"
+    return "Stopped" if machine.threads else "Not started"
+
+
 def answer(
-    machine: Machine, action: Any, *, vm_state: str = "Running", started_at: float | None = None
+    machine: Machine, action: Any, *, vm_state: str | None = None, started_at: float | None = None
 ) -> dict[str, Any]:
     """The monitor's answer to ``action``.
 
-    ``vm_state`` is the VMM's lifecycle state (Firecracker's names: "Running", "Paused"...),
-    which the machine itself does not know; ``started_at`` is the ``time.monotonic()`` at
-    which the VM started, for the stats' wall time.
+    ``vm_state`` is the VMM's lifecycle state (Firecracker's names: "Running", "Paused"...;
+    by default what the machine can tell); ``started_at`` is the ``time.monotonic()`` at
+    which the VM started, for the stats' wall time (without it the wall time reads 0).
     """
+    if vm_state is None:
+        vm_state = machine_state(machine)
     try:
         match action:
             case actions.GetRegisters(vcpu=vcpu):
@@ -72,4 +83,4 @@ def answer(
     raise ActionError(f"{type(action).__name__} is not a monitor request")
 
 
-__all__ = ["MAX_READ", "answer", "read_memory", "registers", "translate"]
+__all__ = ["MAX_READ", "answer", "machine_state", "read_memory", "registers", "translate"]
