@@ -101,6 +101,7 @@ def test_lapic_page() -> None:
 def test_vcpu_state_names() -> None:
     assert vcpu_state(abi.KVM_MP_STATE_RUNNABLE, True, "Running") == "running"
     assert vcpu_state(abi.KVM_MP_STATE_HALTED, True, "Running") == "halted"
+    assert vcpu_state(abi.KVM_MP_STATE_UNINITIALIZED, True, "Running") == "waiting for SIPI"
     assert vcpu_state(abi.KVM_MP_STATE_RUNNABLE, True, "Paused") == "paused"
     assert vcpu_state(abi.KVM_MP_STATE_RUNNABLE, False, "Not started") == "not started"
     assert vcpu_state(abi.KVM_MP_STATE_RUNNABLE, False, "Running") == "stopped"

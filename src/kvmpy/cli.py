@@ -81,9 +81,7 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     )
     run.add_argument("--api-sock", type=Path, help="serve the Firecracker-compatible API on this Unix socket")
     run.add_argument("--id", default="anonymous-instance", help="the VM's id (GET / reports it)")
-    run.add_argument(
-        "--config-file", type=Path, help="configure the VM from Firecracker's JSON, then start"
-    )
+    run.add_argument("--config-file", type=Path, help="configure the VM from Firecracker's JSON, then start")
     run.add_argument("--no-api", action="store_true", help="no API socket (needs --config-file)")
     run.set_defaults(handler=_run_command)
 
@@ -228,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(subparsers)
     _add_demo_parser(subparsers)
-    for optional in ("kvmpy.lab.command", "kvmpy.bench.command"):
+    for optional in ("kvmpy.lab.command", "kvmpy.bench.command", "kvmpy.ctl"):
         try:
             module = importlib.import_module(optional)
         except ImportError:

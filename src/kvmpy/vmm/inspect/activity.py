@@ -34,6 +34,13 @@ MP_STATES = {
 }
 
 
+_WAITING_FOR_STARTUP = (
+    abi.KVM_MP_STATE_UNINITIALIZED,
+    abi.KVM_MP_STATE_INIT_RECEIVED,
+    abi.KVM_MP_STATE_SIPI_RECEIVED,
+)
+
+
 def snapshot(stats: VcpuExitStats) -> VcpuExitStats:
     """A private copy of a vCPU's counters, safe to iterate while its thread keeps counting."""
     reasons = dict(stats.reasons)
@@ -54,13 +61,15 @@ def _vcpu_stats(machine: Machine) -> list[VcpuExitStats]:
 
 
 def vcpu_state(mp_state: int, thread_alive: bool, vm_state: str) -> str:
-    """running, paused, halted or stopped, from KVM's mp_state and the VM's lifecycle state."""
+    """running, halted, waiting for SIPI, paused or stopped: KVM's mp_state and the lifecycle state."""
     if vm_state == "Paused":
         return "paused"
     if not thread_alive:
         return "not started" if vm_state == "Not started" else "stopped"
     if mp_state == abi.KVM_MP_STATE_HALTED:
         return "halted"
+    if mp_state in _WAITING_FOR_STARTUP:
+        return "waiting for SIPI"  # an AP the guest has not started: KVM_RUN blocks in the kernel
     return "running"
 
 
