@@ -275,3 +275,18 @@ def test_lab_scenario_watchdog_ends_a_guest_that_never_finishes(guests: Path) ->
     assert "serial_echo ready" in waiting.output and 3 <= waiting.wall_seconds < 30
     hello = run_scenario(Scenario("hello", str(guests / "hello.elf"), None, "x", memory="64M"))
     assert hello.status == 0 and "Hello from a kvmpy test guest!" in hello.output
+
+
+def test_a_guest_error_on_a_vcpu_exit_is_contained(guests: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Device code that blames the guest (GuestError) costs a count and a log line, not the VM."""
+    from kvmpy.devices.legacy.port_sinks import PostCode
+    from kvmpy.errors import GuestError
+
+    def refuse(self: object, offset: int, data: bytes) -> None:
+        raise GuestError("the guest wrote something this device refuses")
+
+    monkeypatch.setattr(PostCode, "write", refuse)
+    result, output = boot(guests / "pio_storm.elf", "count=100")
+    assert result.reason.kind is StopKind.DEBUG_EXIT and result.reason.status == 0, output
+    assert "pio_storm done 100" in output
+    assert sum(vcpu.guest_errors for vcpu in result.stats.vcpus) == 100
