@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING
 
 from kvmpy.abi import kvm as abi
 from kvmpy.bus import Bus
-from kvmpy.errors import KvmpyError
+from kvmpy.errors import GuestError, HostError, KvmpyError
 from kvmpy.kvm import Vcpu, exits
 from kvmpy.kvm.binary_stats import BinaryStats
+from kvmpy.ratelimit import guest_log
 from kvmpy.vmm.exit_stats import VcpuExitStats
 from kvmpy.vmm.stop import StopKind, StopReason
 
@@ -30,8 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvmpy.vcpu")
 
-#: How many distinct unclaimed addresses get a log line each; the rest are only counted.
-MAX_UNHANDLED_REPORTS = 16
+#: Distinct unclaimed addresses remembered so each logs once (bounded: a guest can probe them all).
+MAX_REPORTED_ADDRESSES = 256
 #: The signal that kicks a vCPU thread out of KVM_RUN (a no-op handler is installed for it).
 KICK_SIGNAL = signal.SIGUSR1
 
@@ -96,8 +97,10 @@ class VcpuThread(threading.Thread):
         kernel_stats = self._open_kernel_stats()
         try:
             self._loop()
-        except KvmpyError as error:
-            self.machine.request_stop(self._error_stop(StopKind.HOST_ERROR, str(error)))
+        except HostError as error:
+            self.machine.request_stop(self._error_stop(StopKind.HOST_ERROR, f"host error: {error}"))
+        except KvmpyError as error:  # neither root: a bug in kvmpy's error handling
+            self.machine.request_stop(self._error_stop(StopKind.HOST_ERROR, f"internal error: {error}"))
         except Exception as error:  # a bug in kvmpy: stop the VM, keep the traceback in the log
             log.exception("vCPU %d crashed", self.vcpu.id)
             self.machine.request_stop(
@@ -125,9 +128,13 @@ class VcpuThread(threading.Thread):
             entered = clock()
             exit_ = vcpu.run()
             returned = clock()
-            if ring is not None and ring.pending():
-                self.replay_coalesced()
-            stop = self._handle(exit_)
+            try:
+                if ring is not None and ring.pending():
+                    self.replay_coalesced()
+                stop = self._handle(exit_)
+            except GuestError as error:  # the guest's fault: contained, counted, the VM goes on
+                stop = None
+                self._guest_error(exit_, error)
             stats.record(exit_.reason, returned - entered, clock() - returned)
             if stop is not None:
                 self.machine.request_stop(stop)
@@ -168,6 +175,12 @@ class VcpuThread(threading.Thread):
                     StopKind.GUEST_ERROR, f"vCPU {self.vcpu.id}: unhandled exit {exit_!r}"
                 )
         return None
+
+    def _guest_error(self, exit_: exits.VmExit, error: GuestError) -> None:
+        self.stats.guest_errors += 1
+        key = ("vcpu-guest-error", exit_.reason)
+        message = "vCPU %d: guest error on an %s exit: %s (the VM goes on)"
+        guest_log.warning(log, key, message, self.vcpu.id, exit_.reason, error)
 
     # --- port I/O and MMIO --------------------------------------------------------------
     def replay_coalesced(self) -> None:
@@ -212,19 +225,20 @@ class VcpuThread(threading.Thread):
 
     def _report_unhandled(self, kind: str, address: int, is_write: bool, size: int) -> None:
         key = (kind, address)
-        if key in self._reported or len(self._reported) >= MAX_UNHANDLED_REPORTS:
-            return
-        self._reported.add(key)
-        rip = self.vcpu.get_regs().rip
+        if key in self._reported:
+            return  # each address logs once; the bus counts every access
+        if len(self._reported) < MAX_REPORTED_ADDRESSES:
+            self._reported.add(key)
         access = "write to" if is_write else "read from"
-        log.warning(
-            "vCPU %d: %d-byte %s unclaimed %s %#x at RIP %#x (%s; further ones only counted)",
+        guest_log.warning(
+            log,
+            "unclaimed-access",
+            "vCPU %d: %d-byte %s unclaimed %s %#x (%s; further ones only counted)",
             self.vcpu.id,
             size,
             access,
             kind,
             address,
-            rip,
             "reads see all-ones" if not is_write else "dropped",
         )
 

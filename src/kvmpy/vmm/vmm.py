@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -113,6 +114,8 @@ class Vmm:
         self._console_tail: tuple[str, ...] = ()
         self._metrics: Any = None
         self._next_metrics = 0.0
+        #: Set from a signal handler (SIGTERM); the loop's next tick stops the VM.
+        self.terminate_requested = False
 
     @property
     def state(self) -> VmState:
@@ -138,8 +141,12 @@ class Vmm:
         return request.value
 
     def run(self) -> RunResult:
-        """Serve actions on this thread until the VM stops; returns why it stopped."""
+        """Serve actions on this thread until the VM stops; returns why it stopped.
+
+        On the main thread, SIGTERM stops the VM the way Ctrl-C does (status 143).
+        """
         self._thread_ident = threading.get_ident()
+        previous = self._handle_sigterm()
         try:
             while self.state is not VmState.STOPPED:
                 try:
@@ -148,8 +155,19 @@ class Vmm:
                     self._stop_from_host(StopReason(StopKind.INTERRUPTED, 130, "interrupted from the host"))
         finally:
             self._shutdown()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         assert self._result is not None
         return self._result
+
+    def _handle_sigterm(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def terminate(signum: int, frame: object) -> None:
+            self.terminate_requested = True  # only a flag: the handler may interrupt any code
+
+        return signal.signal(signal.SIGTERM, terminate)
 
     def _serve_one(self) -> None:
         try:
@@ -168,6 +186,9 @@ class Vmm:
             item.done.set()
 
     def _tick(self) -> None:
+        if self.terminate_requested and self.state is not VmState.STOPPED:
+            self.terminate_requested = False
+            self._stop_from_host(StopReason(StopKind.INTERRUPTED, 143, "terminated (SIGTERM)"))
         if self._metrics is not None and time.monotonic() >= self._next_metrics:
             self._write_metrics()
 
