@@ -110,10 +110,12 @@ def test_vcpu_state_names() -> None:
 def test_stats_snapshot_is_a_copy() -> None:
     live = VcpuExitStats(0)
     live.record("io", 1000, 50)
+    live.guest_errors = 2
     copy = snapshot(live)
     live.record("io", 1000, 50)
     live.record("mmio", 1000, 50)
-    assert (copy.total_exits, copy.guest_ns, list(copy.reasons)) == (1, 1000, ["io"])
+    live.guest_errors = 3
+    assert (copy.total_exits, copy.guest_ns, list(copy.reasons), copy.guest_errors) == (1, 1000, ["io"], 2)
 
 
 def test_pagemap_entries() -> None:

@@ -8,6 +8,7 @@ client's business: it takes two samples and divides by ``sampled_at``.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -44,10 +45,9 @@ _WAITING_FOR_STARTUP = (
 def snapshot(stats: VcpuExitStats) -> VcpuExitStats:
     """A private copy of a vCPU's counters, safe to iterate while its thread keeps counting."""
     reasons = dict(stats.reasons)
-    return VcpuExitStats(
-        vcpu_id=stats.vcpu_id,
+    return dataclasses.replace(  # scalar counters come along as they are
+        stats,
         reasons={name: ReasonCounter(c.count, c.handle_ns) for name, c in reasons.items()},
-        guest_ns=stats.guest_ns,
         ports=dict(stats.ports),
         buffered=dict(stats.buffered),
         kernel=dict(stats.kernel),
@@ -88,6 +88,7 @@ def vcpus(machine: Machine, vm_state: str) -> dict[str, Any]:
                 "exits": stats.total_exits,
                 "exits_by_reason": {name: c.count for name, c in sorted(stats.reasons.items())},
                 "guest_seconds": stats.guest_ns / 1e9,
+                "guest_errors": stats.guest_errors,
             }
         )
     return {"vm_state": vm_state, "vcpus": rows}
@@ -133,7 +134,15 @@ def stats_dict(stats: MachineStats) -> dict[str, Any]:
         "unhandled_pio": [{"address": a, "count": n} for a, n in stats.unhandled_pio],
         "unhandled_mmio": [{"address": a, "count": n} for a, n in stats.unhandled_mmio],
         "kernel": kernel,
-        "vcpus": [{"vcpu": v.vcpu_id, "exits": v.total_exits, "guest_ns": v.guest_ns} for v in stats.vcpus],
+        "vcpus": [
+            {
+                "vcpu": v.vcpu_id,
+                "exits": v.total_exits,
+                "guest_ns": v.guest_ns,
+                "guest_errors": v.guest_errors,
+            }
+            for v in stats.vcpus
+        ],
         "table": format_stats(stats),
     }
 
