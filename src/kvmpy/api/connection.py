@@ -109,6 +109,10 @@ class Connection:
         return _to_request(head, bytes(body))
 
     def _check_length(self, head: h11.Request) -> None:
+        """Refuse a head over MAX_HEAD (h11 only limits heads still arriving) or a body over the limit."""
+        size = len(head.target) + sum(len(name) + len(value) + 4 for name, value in head.headers)
+        if size > MAX_HEAD:
+            raise _Refused(fault(f"Invalid HTTP request: the request head is longer than {MAX_HEAD} bytes."))
         for name, value in head.headers:
             if name == b"content-length" and int(value) > self._max_payload:
                 raise _Refused(too_large(int(value), self._max_payload))

@@ -7,6 +7,17 @@ DESERIALIZE_PREFIX = "An error occurred when deserializing the json body of a re
 #: Firecracker's prefix for an operation it (here: kvmpy) does not have.
 NOT_SUPPORTED_PREFIX = "The requested operation is not supported: "
 
+#: What kvmpy does not have, by Firecracker's resource name, with the reason it answers.
+UNSUPPORTED = {
+    "balloon": "the balloon device: kvmpy has no virtio-balloon yet.",
+    "cpu-config": "custom CPU templates: kvmpy gives the guest the CPUID KVM supports, unmodified.",
+    "hotplug": "memory hotplug: kvmpy has no virtio-mem.",
+    "mmds": "MMDS: kvmpy's virtio-net has no microVM metadata service.",
+    "pmem": "virtio-pmem devices: kvmpy has none.",
+    "snapshot": "snapshots: kvmpy cannot save or load a microVM yet (that is its snapshot stage).",
+    "vsock": "vsock: kvmpy has no virtio-vsock device yet.",
+}
+
 
 class RequestError(Exception):
     """The request is malformed or cannot be served; ``message`` becomes the fault_message."""
@@ -28,6 +39,7 @@ def invalid_path_method(method: str, path: str) -> RequestError:
 
 
 __all__ = [
+    "UNSUPPORTED",
     "DESERIALIZE_PREFIX",
     "NOT_SUPPORTED_PREFIX",
     "RequestError",

@@ -10,12 +10,11 @@ that is logged, and the server goes on.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import TypeVar
 
 from kvmpy.api import monitor, parse, render, schemas
-from kvmpy.api.errors import RequestError, invalid_path_method, not_supported
+from kvmpy.api.errors import UNSUPPORTED, RequestError, invalid_path_method, not_supported
 from kvmpy.api.messages import NO_CONTENT, Request, Response, fault, json_response
 from kvmpy.vmm.actions import Action, ActionError, GetInstanceInfo, GetVmConfig, InstanceInfo
 from kvmpy.vmm.config import VmConfig
@@ -24,18 +23,6 @@ Submit = Callable[[Action], object]
 Renderer = Callable[[object], Response]
 Result = TypeVar("Result")
 
-log = logging.getLogger("kvmpy.api")
-
-#: What kvmpy does not have, by Firecracker's resource name, with the reason it answers.
-UNSUPPORTED = {
-    "balloon": "the balloon device: kvmpy has no virtio-balloon yet.",
-    "cpu-config": "custom CPU templates: kvmpy gives the guest the CPUID KVM supports, unmodified.",
-    "hotplug": "memory hotplug: kvmpy has no virtio-mem.",
-    "mmds": "MMDS: kvmpy's virtio-net has no microVM metadata service.",
-    "pmem": "virtio-pmem devices: kvmpy has none.",
-    "snapshot": "snapshots: kvmpy cannot save or load a microVM yet (that is its snapshot stage).",
-    "vsock": "vsock: kvmpy has no virtio-vsock device yet.",
-}
 #: Which methods Firecracker routes for each of them (the others are an invalid path).
 _UNSUPPORTED_METHODS = {
     "GET": {"balloon", "mmds", "hotplug"},
@@ -100,7 +87,9 @@ class Router:
         except ActionError as error:
             return fault(str(error))
         except Exception as error:  # the VMM's failure must not end the API thread
-            log.exception("API request %s failed", type(action).__name__)
+            import logging  # only on this path: GET / must answer soon after process start
+
+            logging.getLogger("kvmpy.api").exception("API request %s failed", type(action).__name__)
             return fault(f"Internal error while handling {type(action).__name__}: {error}", 500)
 
     def route(self, request: Request) -> Routed:
@@ -215,4 +204,4 @@ class Router:
         raise invalid_path_method(request.method, request.path)
 
 
-__all__ = ["UNSUPPORTED", "Request", "Router", "Submit"]
+__all__ = ["Request", "Router", "Submit"]

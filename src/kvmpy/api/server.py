@@ -20,7 +20,6 @@ import socket
 import stat
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmpy.errors import HostError
@@ -36,11 +35,32 @@ _BACKLOG = 64
 Submit = Callable[["Action"], object]
 
 
+class DeferredSubmit:
+    """A ``submit`` that exists before the VMM does: calls wait until :meth:`attach`.
+
+    It lets a process bind the API socket first and import and build its Vmm
+    afterwards; a client that asks in between gets its answer when the VMM is there.
+    """
+
+    def __init__(self) -> None:
+        self._ready = threading.Event()
+        self._submit: Submit | None = None
+
+    def attach(self, submit: Submit) -> None:
+        self._submit = submit
+        self._ready.set()
+
+    def __call__(self, action: Action) -> object:
+        self._ready.wait()
+        assert self._submit is not None
+        return self._submit(action)
+
+
 class ApiServer:
     """Firecracker's API (and kvmpy's monitor) on the Unix socket ``path``."""
 
     def __init__(self, path: str | os.PathLike[str], submit: Submit, max_payload: int = 51200) -> None:
-        self.path = Path(path)
+        self.path = os.fspath(path)
         self._submit = submit
         self._max_payload = max_payload
         self._listener: socket.socket | None = None
@@ -58,7 +78,7 @@ class ApiServer:
         """
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listener.bind(os.fspath(self.path))
+            listener.bind(self.path)
             listener.listen(_BACKLOG)
         except OSError as error:
             listener.close()
@@ -146,4 +166,4 @@ class ApiServer:
                 self._clients.discard(client)
 
 
-__all__ = ["MAX_CONNECTIONS", "ApiServer"]
+__all__ = ["MAX_CONNECTIONS", "ApiServer", "DeferredSubmit"]

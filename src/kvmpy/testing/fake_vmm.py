@@ -22,15 +22,22 @@ from kvmpy.vmm.actions import (
     ConfigureMetrics,
     ConfigureSerial,
     GetInstanceInfo,
+    GetIrqState,
+    GetMemoryTree,
+    GetRegisters,
+    GetStats,
+    GetVcpus,
     GetVmConfig,
     InsertBlockDevice,
     InsertNetworkDevice,
     InstanceInfo,
     Pause,
+    ReadMemory,
     Resume,
     SetEntropyDevice,
     StartInstance,
     Stop,
+    TranslateAddress,
     UpdateBlockDevice,
     UpdateNetworkDevice,
     VmState,
@@ -38,8 +45,7 @@ from kvmpy.vmm.actions import (
 )
 from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
 
-_MONITOR_NAMES = ("GetRegisters", "TranslateAddress", "ReadMemory", "GetMemoryTree", "GetIrqState")
-_MONITOR_NAMES += ("GetVcpus", "GetStats")
+_MONITOR = (GetRegisters, TranslateAddress, ReadMemory, GetMemoryTree, GetIrqState, GetVcpus, GetStats)
 
 
 class FakeVmm:
@@ -73,7 +79,7 @@ class FakeVmm:
             return InstanceInfo(self.id, self.state, self.version)
         if isinstance(action, GetVmConfig):
             return self.config
-        if type(action).__name__ in _MONITOR_NAMES:
+        if isinstance(action, _MONITOR):
             return {"query": type(action).__name__, **dataclasses.asdict(action)}
         if isinstance(action, StartInstance | Pause | Resume | Stop):
             self._lifecycle(action)
