@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,45 @@ class GuestMemory:
                 mapping.madvise(_MADV_HUGEPAGE)
             regions.append(MemoryRegion(gpa, size, mapping, memoryview(mapping)))
         return cls(regions)
+
+    @classmethod
+    def from_file(cls, path: str, ranges: Sequence[tuple[int, int, int]]) -> GuestMemory:
+        """Map ``(gpa, size, file offset)`` ranges of a memory file, privately.
+
+        Pages load from the file on first touch and the guest's writes stay in
+        this process (copy on write), so restoring a snapshot costs the same
+        whatever the guest's size and never changes the snapshot.
+        """
+        regions: list[MemoryRegion] = []
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for gpa, size, offset in ranges:
+                if size <= 0 or size % mmap.PAGESIZE or gpa % mmap.PAGESIZE or offset % mmap.PAGESIZE:
+                    raise ValueError(f"region {gpa:#x}+{size:#x} at offset {offset:#x} is not page aligned")
+                mapping = mmap.mmap(
+                    fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset
+                )
+                regions.append(MemoryRegion(gpa, size, mapping, memoryview(mapping)))
+        except BaseException:
+            for region in regions:
+                region.view.release()
+                region.mapping.close()
+            raise
+        finally:
+            os.close(fd)
+        return cls(regions)
+
+    def write_to(self, fd: int, chunk: int = 16 << 20) -> int:
+        """Every region back to back into ``fd`` (the memory file's layout); returns the bytes written."""
+        written = 0
+        for region in self._regions:
+            for start in range(0, region.size, chunk):
+                part = region.view[start : start + chunk]
+                while part:
+                    done = os.write(fd, part)
+                    part = part[done:]
+                    written += done
+        return written
 
     # --- layout ---------------------------------------------------------------------
     @property
