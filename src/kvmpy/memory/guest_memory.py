@@ -110,16 +110,25 @@ class GuestMemory:
             os.close(fd)
         return cls(regions)
 
-    def write_to(self, fd: int, chunk: int = 16 << 20) -> int:
-        """Every region back to back into ``fd`` (the memory file's layout); returns the bytes written."""
-        written = 0
+    def write_to(self, fd: int, chunk: int = 1 << 20) -> int:
+        """Every region back to back into ``fd`` (the memory file's layout), as a sparse file:
+        chunks of zeros are skipped, not written (most of a fresh guest's RAM). Returns the
+        bytes actually written."""
+        written, position = 0, 0
+        zeros = bytes(chunk)
         for region in self._regions:
             for start in range(0, region.size, chunk):
                 part = region.view[start : start + chunk]
+                if part == zeros[: len(part)]:
+                    position += len(part)
+                    continue
+                os.lseek(fd, position, os.SEEK_SET)
+                position += len(part)
                 while part:
                     done = os.write(fd, part)
                     part = part[done:]
                     written += done
+        os.ftruncate(fd, position)
         return written
 
     # --- layout ---------------------------------------------------------------------

@@ -375,7 +375,7 @@ class Vmm:
         memory_bytes = write_memory_file(self.machine, action.mem_file_path)
         state_bytes = write_state_file(action.snapshot_path, sections)
         log.info(
-            "snapshot: %d bytes of state, %d MiB of memory in %.0f ms",
+            "snapshot: %d bytes of state, %d MiB of memory written in %.0f ms",
             state_bytes, memory_bytes >> 20, (time.monotonic() - started) * 1000,
         )
 
