@@ -14,6 +14,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     inspect = commands.add_parser("inspect", help="print the sections of a snapshot's state file")
     inspect.add_argument("file", type=Path)
     inspect.set_defaults(handler=_inspect)
+    merge = commands.add_parser("merge", help="copy a diff snapshot's memory file onto its base's")
+    merge.add_argument("diff", type=Path, help="the diff snapshot's memory file")
+    merge.add_argument("base", type=Path, help="the base memory file (changed in place)")
+    merge.set_defaults(handler=_merge)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from kvmpy.state.machine_state import merge_memory_file
+
+    copied = merge_memory_file(args.diff, args.base)
+    print(f"{args.base}: {copied >> 10} KiB from {args.diff}")
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:

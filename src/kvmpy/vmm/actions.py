@@ -158,6 +158,8 @@ class LoadSnapshot:
     snapshot_path: Path
     mem_file_path: Path
     resume_vm: bool = False
+    #: Record dirty pages from the start, so the next snapshot can be a Diff.
+    track_dirty_pages: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import mmap
 import signal
 import struct
 import sys
@@ -188,9 +189,32 @@ class Machine:
         if memory is None:
             ranges = layout.ram_ranges(self.config.memory)
             memory = GuestMemory.anonymous(ranges, hugepages=self.config.hugepages)
+        flags = abi.KVM_MEM_LOG_DIRTY_PAGES if self.config.track_dirty_pages else 0
         for slot, region in enumerate(memory):
-            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address())
+            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address(), flags)
+        if self.config.track_dirty_pages:
+            memory.track_writes()
         return memory
+
+    def take_dirty_pages(self) -> list[list[int]]:
+        """Per RAM region, the pages written since the last call, by the guest (KVM's dirty
+        log) or by the VMM (GuestMemory's record); needs ``track_dirty_pages``."""
+        if not self.config.track_dirty_pages:
+            raise HostError("dirty pages are tracked only with track_dirty_pages (machine-config)")
+        written = self.memory.take_written()
+        pages: list[list[int]] = []
+        for slot, (region, by_vmm) in enumerate(zip(self.memory, written, strict=True)):
+            count = region.size // mmap.PAGESIZE
+            bitmap = self.vm.get_dirty_log(slot, count)
+            words = memoryview(bitmap).cast("Q")
+            by_guest = {
+                index * 64 + bit
+                for index, word in enumerate(words) if word
+                for bit in range(64) if word >> bit & 1
+            }
+            by_guest.update(page for page, flag in enumerate(by_vmm) if flag)
+            pages.append(sorted(page for page in by_guest if page < count))
+        return pages
 
     def _serial_sink(self, override: ConsoleSink | None) -> ConsoleSink | None:
         if override is not None:

@@ -368,11 +368,17 @@ class Vmm:
         assert self.machine is not None
         if self.state is not VmState.PAUSED:
             raise ActionError("the VM must be paused to take a snapshot (PATCH /vm with Paused)")
-        if action.snapshot_type != "Full":
-            raise ActionError(f"kvmpy takes Full snapshots only (not {action.snapshot_type})")
+        if action.snapshot_type not in ("Full", "Diff"):
+            raise ActionError(f"snapshot_type {action.snapshot_type!r}: use Full or Diff")
+        tracking = self.machine.config.track_dirty_pages
+        if action.snapshot_type == "Diff" and not tracking:
+            raise ActionError("Diff snapshots need track_dirty_pages set in the machine configuration")
         started = time.monotonic()
         sections = save_machine(self.machine)
-        memory_bytes = write_memory_file(self.machine, action.mem_file_path)
+        # Dirty pages are taken at every snapshot, so a Diff holds what changed since the last one.
+        dirty = self.machine.take_dirty_pages() if tracking else None
+        pages = dirty if action.snapshot_type == "Diff" else None
+        memory_bytes = write_memory_file(self.machine, action.mem_file_path, pages)
         state_bytes = write_state_file(action.snapshot_path, sections)
         log.info(
             "snapshot: %d bytes of state, %d MiB of memory written in %.0f ms",
@@ -416,7 +422,7 @@ class Vmm:
             memory = GuestMemory.from_file(str(action.mem_file_path), ranges)
         except (OSError, ValueError) as error:
             raise ConfigError(f"cannot map the memory file {action.mem_file_path}: {error}") from None
-        self.config = config_for_restore(described, self.config.serial)
+        self.config = config_for_restore(described, self.config.serial, action.track_dirty_pages)
         self._open_console()
         machine = Machine(self.config, serial_sink=self._serial_sink, memory=memory)
         try:
