@@ -81,6 +81,7 @@ def test_a_running_guest_moves_to_another_process_and_keeps_counting(guests: Pat
     assert "migrated to" in result.reason.message
     report = reports[0]
     assert isinstance(report, dict) and report["rounds"] >= 2 and report["downtime_seconds"] is not None
+    assert vmm.submit(a.GetMigrationStatus()) == report  # answered after the VMM stopped, too
     print(f"migration: {report}")
     assert destination.stdout is not None
     after = ""
@@ -146,6 +147,8 @@ def test_a_destination_that_dies_leaves_the_source_running(guests: Path, tmp_pat
     if errors:
         raise errors[0]
     assert dying.seen[:3] == [Kind.START, Kind.CONFIG, Kind.MEMORY]
+    status = vmm.submit(a.GetMigrationStatus())
+    assert isinstance(status, dict) and status["state"] == "failed" and "connection" in str(status["error"])
     ticks = _ticks(console.text())
     assert ticks == list(range(1, len(ticks) + 1))
 

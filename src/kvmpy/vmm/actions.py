@@ -199,6 +199,11 @@ class GetVmConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GetMigrationStatus:
+    """How the current (or last) migration is going; answered even while it runs."""
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceInfo:
     id: str
     state: VmState
@@ -273,6 +278,7 @@ Action = (
     | Stop
     | GetInstanceInfo
     | GetVmConfig
+    | GetMigrationStatus
     | GetRegisters
     | TranslateAddress
     | ReadMemory
@@ -282,7 +288,10 @@ Action = (
     | GetStats
 )
 
-_QUERIES: frozenset[type] = frozenset({GetInstanceInfo, GetVmConfig})
+_QUERIES: frozenset[type] = frozenset({GetInstanceInfo, GetVmConfig, GetMigrationStatus})
+#: Queries that read only plain state: answered on the caller's thread at once, even while
+#: the VMM thread is busy with a long action (a migration, a snapshot).
+IMMEDIATE: frozenset[type] = frozenset({GetInstanceInfo, GetMigrationStatus})
 _MONITOR: frozenset[type] = frozenset(
     {GetRegisters, TranslateAddress, ReadMemory, GetMemoryTree, GetIrqState, GetVcpus, GetStats}
 )
@@ -338,6 +347,7 @@ def check_allowed(action: Any, started: bool) -> None:
 __all__ = [
     "ALLOWED_AFTER_START",
     "ALLOWED_BEFORE_START",
+    "IMMEDIATE",
     "Action",
     "ActionError",
     "ConfigureBootSource",
@@ -349,6 +359,7 @@ __all__ = [
     "FlushMetrics",
     "GetInstanceInfo",
     "GetIrqState",
+    "GetMigrationStatus",
     "GetMemoryTree",
     "GetRegisters",
     "GetStats",

@@ -116,6 +116,8 @@ class Vmm:
         self._console_tail: tuple[str, ...] = ()
         self._metrics: Any = None
         self._next_metrics = 0.0
+        #: The current or last migration's progress, as plain data (replaced, never mutated).
+        self._migration: dict[str, object] | None = None
         #: Set from a signal handler (SIGTERM); the loop's next tick stops the VM.
         self.terminate_requested = False
 
@@ -131,6 +133,8 @@ class Vmm:
         """
         if threading.get_ident() == self._thread_ident:
             return self._execute(action)
+        if type(action) in a.IMMEDIATE:
+            return self._answer_now(action)
         if self._closed:
             raise ActionError("the VMM has stopped")
         request = _Request(action)
@@ -187,6 +191,18 @@ class Vmm:
         finally:
             item.done.set()
 
+    def _answer_now(self, action: a.Action) -> object:
+        """An immediate query (see actions.IMMEDIATE): plain state, read without the queue."""
+        if isinstance(action, a.GetInstanceInfo):
+            return InstanceInfo(self.id, self.state, __version__)
+        return self._migration_status()
+
+    def _migration_status(self) -> dict[str, object]:
+        progress = self._migration
+        if progress is None:
+            return {"state": "none"}
+        return dict(progress)
+
     def _tick(self) -> None:
         if self.terminate_requested and self.state is not VmState.STOPPED:
             self.terminate_requested = False
@@ -228,6 +244,7 @@ class Vmm:
             a.Stop: lambda action: self._stop_from_host(StopReason(StopKind.STOPPED, 0, action.reason)),
             a.GetInstanceInfo: lambda _: InstanceInfo(self.id, self.state, __version__),
             a.GetVmConfig: lambda _: self.config,
+            a.GetMigrationStatus: lambda _: self._migration_status(),
         }
 
     def _update(self, **changes: Any) -> None:
@@ -440,7 +457,7 @@ class Vmm:
 
     # live migration
     def _migrate(self, action: a.Migrate) -> dict[str, object]:
-        from kvmpy.state.migration_sender import MigrationLimits, migrate
+        from kvmpy.state.migration_sender import MigrationLimits, MigrationReport, migrate
 
         assert self.machine is not None
         if self.state is not VmState.RUNNING:
@@ -448,7 +465,27 @@ class Vmm:
         if action.on_limit not in ("pause", "cancel"):
             raise ActionError(f"on_limit {action.on_limit!r}: use pause or cancel")
         limits = MigrationLimits(action.downtime_ms / 1000, action.max_rounds, on_limit=action.on_limit)
-        report = migrate(self.machine, action.destination, limits)
+        total_pages = self.machine.memory.total_size // 4096
+        started = time.monotonic()
+
+        def progress(report: MigrationReport, pages_this_round: int) -> None:
+            self._migration = {
+                "state": "active",
+                "destination": action.destination,
+                "round": report.rounds,
+                "pages_this_round": pages_this_round,
+                "pages_sent": report.pages_sent + pages_this_round,
+                "guest_pages": total_pages,
+                "bytes_sent": report.bytes_sent,
+                "seconds": time.monotonic() - started,
+            }
+
+        self._migration = {"state": "active", "destination": action.destination, "round": 0}
+        try:
+            report = migrate(self.machine, action.destination, limits, progress)
+        except KvmpyError as error:
+            self._migration = {"state": "failed", "destination": action.destination, "error": str(error)}
+            raise
         downtime = f"{report.downtime_seconds * 1000:.0f} ms" if report.downtime_seconds is not None else "?"
         message = (
             f"migrated to {action.destination}: {report.rounds} rounds, {report.bytes_sent >> 20} MiB, "
@@ -458,14 +495,18 @@ class Vmm:
         # Stopped while still paused: the vCPUs leave their park without running the guest
         # again, so nothing happens here that the destination does not know about.
         self.machine.request_stop(StopReason(StopKind.STOPPED, 0, message))
-        return {
+        self._migration = {
+            "state": "completed",
+            "destination": action.destination,
             "rounds": report.rounds,
             "round_pages": report.round_pages,
+            "pages_sent": report.pages_sent,
             "bytes_sent": report.bytes_sent,
             "total_seconds": report.total_seconds,
             "downtime_seconds": report.downtime_seconds,
             "note": report.note,
         }
+        return dict(self._migration)
 
     def _incoming(self, action: a.IncomingMigration) -> None:
         """Become the VM a source sends; a failure ends this VMM (nothing half migrated runs)."""
