@@ -198,8 +198,9 @@ def test_stop_while_paused_ends_the_vm(running: tuple[Vmm, _Console, list[object
 
     result = _drive(vmm, body)
     assert result.reason.kind is StopKind.STOPPED  # type: ignore[attr-defined]
+    assert vmm.submit(a.GetInstanceInfo()).state is VmState.STOPPED  # type: ignore[attr-defined]
     with pytest.raises(ActionError, match="stopped"):
-        vmm.submit(a.GetInstanceInfo())
+        vmm.submit(a.Pause())
 
 
 def test_guest_that_ends_stops_the_vmm(guests: Path) -> None:

@@ -131,10 +131,10 @@ class Vmm:
 
         Raises ActionError if the action is refused or fails.
         """
-        if threading.get_ident() == self._thread_ident:
-            return self._execute(action)
         if type(action) in a.IMMEDIATE:
             return self._answer_now(action)
+        if threading.get_ident() == self._thread_ident:
+            return self._execute(action)
         if self._closed:
             raise ActionError("the VMM has stopped")
         request = _Request(action)
