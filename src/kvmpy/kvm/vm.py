@@ -114,6 +114,26 @@ class Vm:
         ioctl(self.fd, abi.KVM_GET_IRQCHIP, chip, name="KVM_GET_IRQCHIP")
         return chip
 
+    def set_irqchip(self, chip: abi.kvm_irqchip) -> None:
+        ioctl(self.fd, abi.KVM_SET_IRQCHIP, chip, name="KVM_SET_IRQCHIP")
+
+    def get_pit2(self) -> abi.kvm_pit_state2:
+        pit = abi.kvm_pit_state2()
+        ioctl(self.fd, abi.KVM_GET_PIT2, pit, name="KVM_GET_PIT2")
+        return pit
+
+    def set_pit2(self, pit: abi.kvm_pit_state2) -> None:
+        ioctl(self.fd, abi.KVM_SET_PIT2, pit, name="KVM_SET_PIT2")
+
+    def get_clock(self) -> abi.kvm_clock_data:
+        """kvmclock's time base for the whole VM (nanoseconds since the VM started, roughly)."""
+        clock = abi.kvm_clock_data()
+        ioctl(self.fd, abi.KVM_GET_CLOCK, clock, name="KVM_GET_CLOCK")
+        return clock
+
+    def set_clock(self, clock: abi.kvm_clock_data) -> None:
+        ioctl(self.fd, abi.KVM_SET_CLOCK, clock, name="KVM_SET_CLOCK")
+
     def set_irq_line(self, irq: int, level: bool) -> None:
         """Drive GSI ``irq`` of the in-kernel irqchip high or low."""
         line = abi.kvm_irq_level(irq=irq, level=int(level))

@@ -96,9 +96,14 @@ class SetEntropyDevice:
 
 @dataclass(frozen=True, slots=True)
 class ConfigureSerial:
-    """PUT /serial: the 16550A's output appended to ``path``."""
+    """PUT /serial: the 16550A's output appended to ``path`` (None: the process's standard output).
 
-    path: Path
+    ``console`` is kvmpy's: where the terminal connects, "serial" (the 16550A) or
+    "virtio" (virtio-console, hvc0); None leaves it as configured.
+    """
+
+    path: Path | None = None
+    console: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -299,7 +299,10 @@ class Vmm:
         self._update(rng=True, rng_rate_limiter=action.rate_limiter)
 
     def _configure_serial(self, action: a.ConfigureSerial) -> None:
-        self._update(serial=SerialConfig(SerialMode.FILE, action.path))
+        serial = SerialConfig(SerialMode.FILE, action.path) if action.path else SerialConfig(SerialMode.STDIO)
+        if action.console is not None and action.console not in ("serial", "virtio"):
+            raise ConfigError(f"invalid console {action.console!r}: use serial or virtio")
+        self._update(serial=serial, console=action.console or self.config.console)
 
     def _configure_logger(self, action: a.ConfigureLogger) -> None:
         from kvmpy.vmm.log_output import configure_logger
