@@ -254,9 +254,10 @@ def test_a_refused_request_is_one_line_and_exit_1(
     assert main(["ctl", path, "x", "0x10", "16"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err.startswith("kvmpy: error: GET /kvmpy/memory?") and err.endswith(
-        ": 400: GVA 0x10 has no translation: not present\n"
-    )
+    assert err == "kvmpy: error: GET /kvmpy/memory: GVA 0x10 has no translation: not present\n"
+    server.answer("GET", "/kvmpy/irq", 500, {"fault_message": "internal error: boom"})
+    assert main(["ctl", path, "irq"]) == 1
+    assert capsys.readouterr().err == "kvmpy: error: GET /kvmpy/irq: 500: internal error: boom\n"
 
 
 def test_an_answer_that_is_not_json_is_an_error(

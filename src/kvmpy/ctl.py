@@ -97,7 +97,11 @@ class ApiClient:
         if status >= 300:
             fault = answer.get("fault_message") if isinstance(answer, dict) else None
             detail = fault if fault else raw.decode("utf-8", "replace").strip() or "no details"
-            raise ApiError(f"{method} {path}: {status}: {detail}")
+            route = path.split("?", 1)[0]
+            # 400 is the VMM refusing the request: its message says why. Anything else is news.
+            raise ApiError(
+                f"{method} {route}: {detail}" if status == 400 else f"{method} {route}: {status}: {detail}"
+            )
         return answer
 
     def get(self, path: str, **query: object) -> Any:
