@@ -138,6 +138,10 @@ def test_rates_between_two_samples() -> None:
         rate = (row["count"] - old.get(row["reason"], 0)) / seconds
         assert any(line.split()[:2] == [row["reason"], f"{rate:.1f}"] for line in text.splitlines())
     assert f"{(after['total_exits'] - before['total_exits']) / seconds:.0f} exits/s" in text
+    earlier = {row["vcpu"]: row["guest_ns"] for row in before["vcpus"]}
+    for row in after["vcpus"]:
+        share = 100 * (row["guest_ns"] - earlier[row["vcpu"]]) / 1e9 / seconds
+        assert f"vCPU {row['vcpu']} {share:.0f}%" in text.splitlines()[0]
 
 
 def test_addresses_parse_as_hex() -> None:

@@ -448,14 +448,17 @@ def format_rates(before: dict[str, Any], after: dict[str, Any]) -> str:
     seconds = after["sampled_at"] - before["sampled_at"]
     if seconds <= 0:
         return "the two samples are at the same time"
-    vcpus = max(len(after["vcpus"]), 1)
     exits = after["total_exits"] - before["total_exits"]
-    guest = after["guest_seconds"] - before["guest_seconds"]
+    earlier_ns = {row["vcpu"]: row["guest_ns"] for row in before["vcpus"]}
+    # Time inside KVM_RUN is added up at each exit: a vCPU blocked in the kernel shows 0 until it exits.
+    in_guest = ", ".join(
+        f"vCPU {row['vcpu']} {100 * (row['guest_ns'] - earlier_ns.get(row['vcpu'], 0)) / 1e9 / seconds:.0f}%"
+        for row in after["vcpus"]
+    )
     out = [
-        f"last {seconds:.2f} s: {exits / seconds:.0f} exits/s,"
-        f" vCPUs inside KVM_RUN {100 * guest / seconds / vcpus:.0f}% of the time"
-        f"  (whole run: {after['total_exits']} exits in {after['wall_seconds']:.1f} s,"
-        f" VM {after.get('vm_state', '?')})"
+        f"last {seconds:.2f} s: {exits / seconds:.0f} exits/s; inside KVM_RUN (counted at exits): {in_guest}",
+        f"whole run: {after['total_exits']} exits in {after['wall_seconds']:.1f} s,"
+        f" VM {after.get('vm_state', '?')}",
     ]
     previous = {row["reason"]: row for row in before["reasons"]}
     rows = []
