@@ -202,6 +202,9 @@ def test_vcpus_and_stats_grow_while_the_guest_runs(live: LiveCounter) -> None:
     assert second["sampled_at"] > first["sampled_at"] and second["wall_seconds"] > first["wall_seconds"]
     assert "serial (COM1)" in [row["name"] for row in second["pio"]]
     assert second["table"].startswith("kvmpy exit statistics")
+    # KVM's own counters, read live: this host's KVM has KVM_GET_STATS_FD
+    assert second["kernel"]["exits"] > first["kernel"]["exits"] > 0
+    assert "in-kernel counters" in second["table"]
     vcpus = answer(live.machine, actions.GetVcpus(), vm_state="Running")["vcpus"]
     assert vcpus[0]["state"] == "running" and vcpus[0]["exits"] >= second["total_exits"]
     assert vcpus[0]["exits_by_reason"]["io"] > 0 and vcpus[0]["guest_seconds"] > 0
