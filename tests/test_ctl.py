@@ -142,6 +142,9 @@ def test_rates_between_two_samples() -> None:
     for row in after["vcpus"]:
         share = 100 * (row["guest_ns"] - earlier[row["vcpu"]]) / 1e9 / seconds
         assert f"vCPU {row['vcpu']} {share:.0f}%" in text.splitlines()[0]
+    kernel = text.split("in KVM")[1]
+    exits = after["kernel"]["exits"] - before["kernel"]["exits"]
+    assert any(line.split()[:2] == ["exits", f"{exits / seconds:.1f}"] for line in kernel.splitlines())
 
 
 def test_addresses_parse_as_hex() -> None:

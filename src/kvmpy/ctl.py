@@ -492,6 +492,15 @@ def format_rates(before: dict[str, Any], after: dict[str, Any]) -> str:
             )
     devices.sort(key=lambda cells: -(float(cells[2]) + float(cells[3])))
     out += ["", *table(["device", "bus", "reads/s", "writes/s", "total accesses"], devices)]
+    kernel_before, kernel_after = before.get("kernel", {}), after.get("kernel", {})
+    counters = [
+        [name, f"{(value - kernel_before.get(name, 0)) / seconds:.1f}", str(value)]
+        for name, value in kernel_after.items()
+        if value != kernel_before.get(name, 0)
+    ]
+    if counters:
+        out += ["", "in KVM (exits it handled without kvmpy, faults of its MMU):"]
+        out += table(["KVM counter", "per s", "total"], counters)
     return "\n".join(out)
 
 
