@@ -499,7 +499,7 @@ def format_rates(before: dict[str, Any], after: dict[str, Any]) -> str:
         if value != kernel_before.get(name, 0)
     ]
     if counters:
-        out += ["", "in KVM (exits it handled without kvmpy, faults of its MMU):"]
+        out += ["", "KVM's own counters (all its exits, kvmpy's included; its MMU's faults):"]
         out += table(["KVM counter", "per s", "total"], counters)
     return "\n".join(out)
 
