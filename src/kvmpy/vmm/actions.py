@@ -143,6 +143,26 @@ class Resume:
 
 
 @dataclass(frozen=True, slots=True)
+class CreateSnapshot:
+    """PUT /snapshot/create: the state file and the memory file of a paused VM."""
+
+    snapshot_path: Path
+    mem_file_path: Path
+    snapshot_type: str = "Full"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSnapshot:
+    """PUT /snapshot/load: a fresh VMM becomes the snapshotted VM (paused unless ``resume_vm``)."""
+
+    snapshot_path: Path
+    mem_file_path: Path
+    resume_vm: bool = False
+    #: Record dirty pages from the start, so the next snapshot can be a Diff.
+    track_dirty_pages: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     """End the VM from the host (the CLI's Ctrl-C, SIGTERM, ``kvmpy ctl quit``)."""
 
@@ -228,6 +248,8 @@ Action = (
     | FlushMetrics
     | Pause
     | Resume
+    | CreateSnapshot
+    | LoadSnapshot
     | Stop
     | GetInstanceInfo
     | GetVmConfig
@@ -257,6 +279,7 @@ ALLOWED_BEFORE_START: frozenset[type] = frozenset(
         ConfigureLogger,
         ConfigureMetrics,
         StartInstance,
+        LoadSnapshot,
         Stop,
     }
     | _QUERIES
@@ -264,7 +287,16 @@ ALLOWED_BEFORE_START: frozenset[type] = frozenset(
 
 #: What may be asked once the VM has started, running or paused (Firecracker's runtime table).
 ALLOWED_AFTER_START: frozenset[type] = frozenset(
-    {UpdateBlockDevice, UpdateNetworkDevice, SendCtrlAltDel, FlushMetrics, Pause, Resume, Stop}
+    {
+        UpdateBlockDevice,
+        UpdateNetworkDevice,
+        SendCtrlAltDel,
+        FlushMetrics,
+        Pause,
+        Resume,
+        CreateSnapshot,
+        Stop,
+    }
     | _QUERIES
     | _MONITOR
 )
@@ -291,6 +323,7 @@ __all__ = [
     "ConfigureMachine",
     "ConfigureMetrics",
     "ConfigureSerial",
+    "CreateSnapshot",
     "FlushMetrics",
     "GetInstanceInfo",
     "GetIrqState",
@@ -302,6 +335,7 @@ __all__ = [
     "InsertBlockDevice",
     "InsertNetworkDevice",
     "InstanceInfo",
+    "LoadSnapshot",
     "Pause",
     "ReadMemory",
     "Resume",
