@@ -311,3 +311,13 @@ def test_the_walk_agrees_with_kvm_translate(
         assert (ours.gpa is not None) == bool(kvm.valid), (hex(address), ours.fault)
         if kvm.valid:
             assert ours.gpa == kvm.physical_address
+
+
+def test_memory_tree_shows_dirty_logging_on_the_slots(counter: Path) -> None:
+    config = VmConfig(kernel=counter, serial=SerialConfig(SerialMode.NONE), track_dirty_pages=True)
+    machine = Machine(config)
+    try:
+        slots = answer(machine, actions.GetMemoryTree())["slots"]
+        assert slots and all(slot["flags"] == ["dirty-logging"] for slot in slots)
+    finally:
+        machine.close()
