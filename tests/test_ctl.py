@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from kvmpy import ctl
 from kvmpy.cli import main
+from kvmpy.ctl import formatting as ctl
+from kvmpy.ctl import parse_address, parse_length
 
 RECORDED = Path(__file__).parent / "data" / "monitor"
 
@@ -148,9 +149,9 @@ def test_rates_between_two_samples() -> None:
 
 
 def test_addresses_parse_as_hex() -> None:
-    assert ctl.parse_address("0xffff_8000_0000_0000") == 0xFFFF_8000_0000_0000
-    assert ctl.parse_address("100dc0") == 0x100DC0
-    assert ctl.parse_length("0x10") == 16 and ctl.parse_length("64") == 64
+    assert parse_address("0xffff_8000_0000_0000") == 0xFFFF_8000_0000_0000
+    assert parse_address("100dc0") == 0x100DC0
+    assert parse_length("0x10") == 16 and parse_length("64") == 64
 
 
 # --- the transport ----------------------------------------------------------------------
