@@ -321,3 +321,14 @@ def test_memory_tree_shows_dirty_logging_on_the_slots(counter: Path) -> None:
         assert slots and all(slot["flags"] == ["dirty-logging"] for slot in slots)
     finally:
         machine.close()
+
+
+def test_a_gva_that_lands_on_mmio_names_the_device(live: LiveCounter) -> None:
+    result = answer(live.machine, actions.TranslateAddress(0xE000_0000))  # identity-mapped like all 4 GiB
+    assert result["gpa"] == 0xE000_0000 and result["agrees_with_kvm"] is True
+    assert (result["slot"], result["device"], result["hva"], result["host_frame"]) == (
+        None,
+        "pci-ecam",
+        None,
+        None,
+    )
