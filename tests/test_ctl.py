@@ -72,6 +72,12 @@ def test_translate_of_an_unmapped_address_says_where_the_walk_stopped() -> None:
     assert "HVA" not in text
 
 
+def test_translate_to_mmio_names_the_device() -> None:
+    answer = recorded("translate_mmio")
+    text = ctl.format_translate(answer)
+    assert text.splitlines()[-1] == f"GPA {answer['gpa']:#x} -> the MMIO of {answer['device']}"
+
+
 def test_hex_dump_aligns_lines_and_shows_printable_bytes() -> None:
     lines = ctl.hex_dump(0x1003, b"kvmpy\x00\x01 x")
     assert lines == [
