@@ -163,6 +163,24 @@ class LoadSnapshot:
 
 
 @dataclass(frozen=True, slots=True)
+class Migrate:
+    """Send the running VM to a kvmpy started with ``--incoming``; this VMM ends once it runs there."""
+
+    destination: str  # tcp:HOST:PORT or unix:PATH
+    downtime_ms: int = 300
+    max_rounds: int = 30
+    #: A limit hit before the downtime fits the budget: "pause" finishes anyway, "cancel" gives up.
+    on_limit: str = "pause"
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMigration:
+    """Wait on ``address`` for a migrating VM and become it."""
+
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     """End the VM from the host (the CLI's Ctrl-C, SIGTERM, ``kvmpy ctl quit``)."""
 
@@ -250,6 +268,8 @@ Action = (
     | Resume
     | CreateSnapshot
     | LoadSnapshot
+    | Migrate
+    | IncomingMigration
     | Stop
     | GetInstanceInfo
     | GetVmConfig
@@ -280,6 +300,7 @@ ALLOWED_BEFORE_START: frozenset[type] = frozenset(
         ConfigureMetrics,
         StartInstance,
         LoadSnapshot,
+        IncomingMigration,
         Stop,
     }
     | _QUERIES
@@ -295,6 +316,7 @@ ALLOWED_AFTER_START: frozenset[type] = frozenset(
         Pause,
         Resume,
         CreateSnapshot,
+        Migrate,
         Stop,
     }
     | _QUERIES
@@ -334,8 +356,10 @@ __all__ = [
     "GetVmConfig",
     "InsertBlockDevice",
     "InsertNetworkDevice",
+    "IncomingMigration",
     "InstanceInfo",
     "LoadSnapshot",
+    "Migrate",
     "Pause",
     "ReadMemory",
     "Resume",

@@ -192,14 +192,32 @@ class Machine:
         flags = abi.KVM_MEM_LOG_DIRTY_PAGES if self.config.track_dirty_pages else 0
         for slot, region in enumerate(memory):
             self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address(), flags)
-        if self.config.track_dirty_pages:
+        self.tracking_dirty = self.config.track_dirty_pages
+        if self.tracking_dirty:
             memory.track_writes()
         return memory
 
+    def start_dirty_tracking(self) -> None:
+        """Log dirty pages from now on (a migration starts it on a running VM)."""
+        for slot, region in enumerate(self.memory):
+            self.vm.set_user_memory_region(
+                slot, region.gpa, region.size, region.host_address(), abi.KVM_MEM_LOG_DIRTY_PAGES
+            )
+        self.memory.track_writes()
+        self.tracking_dirty = True
+
+    def stop_dirty_tracking(self) -> None:
+        """Back to untracked slots, unless the configuration asked for tracking throughout."""
+        if self.config.track_dirty_pages or not self.tracking_dirty:
+            return
+        for slot, region in enumerate(self.memory):
+            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address())
+        self.tracking_dirty = False
+
     def take_dirty_pages(self) -> list[list[int]]:
         """Per RAM region, the pages written since the last call, by the guest (KVM's dirty
-        log) or by the VMM (GuestMemory's record); needs ``track_dirty_pages``."""
-        if not self.config.track_dirty_pages:
+        log) or by the VMM (GuestMemory's record); needs dirty tracking on."""
+        if not self.tracking_dirty:
             raise HostError("dirty pages are tracked only with track_dirty_pages (machine-config)")
         written = self.memory.take_written()
         pages: list[list[int]] = []

@@ -223,6 +223,8 @@ class Vmm:
             a.Resume: lambda _: self._resume(),
             a.CreateSnapshot: self._create_snapshot,
             a.LoadSnapshot: self._load_snapshot,
+            a.Migrate: self._migrate,
+            a.IncomingMigration: self._incoming,
             a.Stop: lambda action: self._stop_from_host(StopReason(StopKind.STOPPED, 0, action.reason)),
             a.GetInstanceInfo: lambda _: InstanceInfo(self.id, self.state, __version__),
             a.GetVmConfig: lambda _: self.config,
@@ -436,6 +438,60 @@ class Vmm:
         self.boots += 1
         self._started_at = time.monotonic()
 
+    # live migration
+    def _migrate(self, action: a.Migrate) -> dict[str, object]:
+        from kvmpy.state.migration_sender import MigrationLimits, migrate
+
+        assert self.machine is not None
+        if self.state is not VmState.RUNNING:
+            raise ActionError("only a running VM migrates (resume it first)")
+        if action.on_limit not in ("pause", "cancel"):
+            raise ActionError(f"on_limit {action.on_limit!r}: use pause or cancel")
+        limits = MigrationLimits(action.downtime_ms / 1000, action.max_rounds, on_limit=action.on_limit)
+        report = migrate(self.machine, action.destination, limits)
+        downtime = f"{report.downtime_seconds * 1000:.0f} ms" if report.downtime_seconds is not None else "?"
+        message = (
+            f"migrated to {action.destination}: {report.rounds} rounds, {report.bytes_sent >> 20} MiB, "
+            f"{report.total_seconds:.2f} s, downtime {downtime}"
+        )
+        log.warning("%s", message)
+        # Stopped while still paused: the vCPUs leave their park without running the guest
+        # again, so nothing happens here that the destination does not know about.
+        self.machine.request_stop(StopReason(StopKind.STOPPED, 0, message))
+        return {
+            "rounds": report.rounds,
+            "round_pages": report.round_pages,
+            "bytes_sent": report.bytes_sent,
+            "total_seconds": report.total_seconds,
+            "downtime_seconds": report.downtime_seconds,
+            "note": report.note,
+        }
+
+    def _incoming(self, action: a.IncomingMigration) -> None:
+        """Become the VM a source sends; a failure ends this VMM (nothing half migrated runs)."""
+        from kvmpy.state import migration_receiver
+
+        if self.config.kernel is not None or self.config.disks or self.config.nets:
+            raise ActionError(SNAPSHOT_AFTER_CONFIG)
+        next_state = self.lifecycle.next_state(Event.RESTORE)
+        listener, text = migration_receiver.listen(action.address)
+        try:
+            self._open_console()
+            machine = migration_receiver.receive(listener, text, self.config.serial, self._serial_sink)
+        except KvmpyError as error:
+            self.lifecycle.apply(Event.STOP)
+            reason = StopReason(StopKind.HOST_ERROR, 1, f"incoming migration failed: {error}")
+            self._result = RunResult(reason, None, self.boots, ())
+            raise
+        machine.on_stop = lambda reason: self._queue.put(_MachineStopped(reason, machine))
+        self.machine = machine
+        self.config = machine.config
+        self.boots += 1
+        self._started_at = time.monotonic()
+        self.lifecycle.state = next_state
+        self.lifecycle.apply(Event.RESUME)
+        self._start_input()
+
     def _send_ctrl_alt_del(self) -> None:
         assert self.machine is not None
         if self.state is VmState.PAUSED:
@@ -448,9 +504,7 @@ class Vmm:
             self.lifecycle.apply(Event.STOP)
             self._result = RunResult(reason, self._last_stats, self.boots, self._console_tail)
             return
-        if self.machine.paused:
-            self.machine.resume()  # parked vCPUs leave through the normal path
-        self.machine.request_stop(reason)
+        self.machine.request_stop(reason)  # parked vCPUs see it and leave without running
 
     def _machine_stopped(self, event: _MachineStopped) -> None:
         machine = event.machine
