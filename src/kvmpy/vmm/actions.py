@@ -143,6 +143,44 @@ class Resume:
 
 
 @dataclass(frozen=True, slots=True)
+class CreateSnapshot:
+    """PUT /snapshot/create: the state file and the memory file of a paused VM."""
+
+    snapshot_path: Path
+    mem_file_path: Path
+    snapshot_type: str = "Full"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSnapshot:
+    """PUT /snapshot/load: a fresh VMM becomes the snapshotted VM (paused unless ``resume_vm``)."""
+
+    snapshot_path: Path
+    mem_file_path: Path
+    resume_vm: bool = False
+    #: Record dirty pages from the start, so the next snapshot can be a Diff.
+    track_dirty_pages: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Migrate:
+    """Send the running VM to a kvmpy started with ``--incoming``; this VMM ends once it runs there."""
+
+    destination: str  # tcp:HOST:PORT or unix:PATH
+    downtime_ms: int = 300
+    max_rounds: int = 30
+    #: A limit hit before the downtime fits the budget: "pause" finishes anyway, "cancel" gives up.
+    on_limit: str = "pause"
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMigration:
+    """Wait on ``address`` for a migrating VM and become it."""
+
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     """End the VM from the host (the CLI's Ctrl-C, SIGTERM, ``kvmpy ctl quit``)."""
 
@@ -228,6 +266,10 @@ Action = (
     | FlushMetrics
     | Pause
     | Resume
+    | CreateSnapshot
+    | LoadSnapshot
+    | Migrate
+    | IncomingMigration
     | Stop
     | GetInstanceInfo
     | GetVmConfig
@@ -257,6 +299,8 @@ ALLOWED_BEFORE_START: frozenset[type] = frozenset(
         ConfigureLogger,
         ConfigureMetrics,
         StartInstance,
+        LoadSnapshot,
+        IncomingMigration,
         Stop,
     }
     | _QUERIES
@@ -264,7 +308,17 @@ ALLOWED_BEFORE_START: frozenset[type] = frozenset(
 
 #: What may be asked once the VM has started, running or paused (Firecracker's runtime table).
 ALLOWED_AFTER_START: frozenset[type] = frozenset(
-    {UpdateBlockDevice, UpdateNetworkDevice, SendCtrlAltDel, FlushMetrics, Pause, Resume, Stop}
+    {
+        UpdateBlockDevice,
+        UpdateNetworkDevice,
+        SendCtrlAltDel,
+        FlushMetrics,
+        Pause,
+        Resume,
+        CreateSnapshot,
+        Migrate,
+        Stop,
+    }
     | _QUERIES
     | _MONITOR
 )
@@ -291,6 +345,7 @@ __all__ = [
     "ConfigureMachine",
     "ConfigureMetrics",
     "ConfigureSerial",
+    "CreateSnapshot",
     "FlushMetrics",
     "GetInstanceInfo",
     "GetIrqState",
@@ -301,7 +356,10 @@ __all__ = [
     "GetVmConfig",
     "InsertBlockDevice",
     "InsertNetworkDevice",
+    "IncomingMigration",
     "InstanceInfo",
+    "LoadSnapshot",
+    "Migrate",
     "Pause",
     "ReadMemory",
     "Resume",
