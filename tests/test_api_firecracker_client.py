@@ -14,6 +14,7 @@ public address services), so this test speaks through ``Api`` exactly as
 from __future__ import annotations
 
 import re
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from firecracker.exceptions import APIError
 
 from kvmpy.api.server import ApiServer
 from kvmpy.testing.fake_vmm import FakeVmm
+from kvmpy.testing.process import start_kvmpy
 from kvmpy.vmm import actions as a
 from kvmpy.vmm.config import DiskConfig, LoggerConfig, NetConfig
 
@@ -85,8 +87,8 @@ def test_the_clients_error_path_shows_kvmpys_fault_messages(api: Api, vmm: FakeV
         api.vsock.put(guest_cid=3, uds_path="/tmp/v.sock")  # MicroVM._configure_vmm_vsock
     with pytest.raises(APIError, match="API fault: The requested operation is not supported: MMDS"):
         api.mmds_config.put(version="V2", ipv4_address="169.254.169.254", network_interfaces=["eth0"])
-    with pytest.raises(APIError, match="snapshots"):
-        api.create_snapshot.put(mem_file_path="/tmp/m", snapshot_path="/tmp/s")
+    with pytest.raises(APIError, match="not supported before starting the microVM"):
+        api.create_snapshot.put(mem_file_path="/tmp/m", snapshot_path="/tmp/s")  # MicroVM.snapshot
     with pytest.raises(APIError, match="not supported before starting the microVM"):
         api.vm.patch(state="Paused")
     with pytest.raises(APIError, match="Invalid request method and/or path: PATCH boot-source"):
@@ -169,3 +171,76 @@ def test_firecracker_python_boots_pauses_and_resumes_the_counter_guest(guests: P
     assert config["boot-source"]["kernel_image_path"] == str(guests / "counter.elf")
     assert config["drives"][0]["is_read_only"] is True
     assert config["network-interfaces"][0]["host_dev_name"] == "kvmpyfc0"
+
+
+def test_firecracker_python_snapshots_the_counter_and_loads_it_in_a_new_kvmpy(
+    guests: Path, tmp_path: Path
+) -> None:
+    """PUT /snapshot/create from a paused VM, PUT /snapshot/load into a fresh ``kvmpy run --api-sock``."""
+    state, memory = tmp_path / "state", tmp_path / "memory"
+    out1, out2 = tmp_path / "serial1.out", tmp_path / "serial2.out"
+
+    first = _serve(tmp_path / "one.sock")
+    api = Api(str(tmp_path / "one.sock"))
+    try:
+        api.boot.put(kernel_image_path=str(guests / "counter.elf"), boot_args="gap=20000000")
+        api.machine_config.put(vcpu_count=1, mem_size_mib=64)
+        Resource(api, "/serial").put(serial_out_path=str(out1))
+        api.actions.put(action_type="InstanceStart")
+        _wait_for_ticks(out1, 3)
+        api.vm.patch(state="Paused")
+        # as MicroVM.snapshot("create") sends it
+        api.create_snapshot.put(mem_file_path=str(memory), snapshot_path=str(state))
+        Resource(api, "/kvmpy/stop").put(reason="snapshot taken")
+    finally:
+        api.close()
+        _end(first)
+
+    second = _serve(tmp_path / "two.sock")
+    api = Api(str(tmp_path / "two.sock"))
+    try:
+        assert api.describe.get().json()["state"] == "Not started"
+        Resource(api, "/serial").put(serial_out_path=str(out2))
+        # MicroVM.snapshot("load") sends these fields, and network_overrides, which kvmpy refuses
+        api.load_snapshot.put(
+            enable_diff_snapshots=False,
+            mem_backend={"backend_type": "File", "backend_path": str(memory)},
+            snapshot_path=str(state),
+            resume_vm=True,
+        )
+        assert api.describe.get().json()["state"] == "Running"
+        before = len(_ticks(out1))
+        deadline = time.monotonic() + 30
+        while len(_counted(out1, out2)) < before + 3:
+            assert time.monotonic() < deadline, _counted(out1, out2)[-3:]
+            time.sleep(0.01)
+        counted = _counted(out1, out2)
+        assert counted == list(range(1, len(counted) + 1))  # the count went on where it stopped
+        Resource(api, "/kvmpy/stop").put(reason="test over")
+    finally:
+        api.close()
+        _end(second)
+
+
+def _counted(*outputs: Path) -> list[int]:
+    """The ticks of consecutive consoles: a line cut by the pause is finished after the load."""
+    text = "".join(path.read_text(errors="replace") for path in outputs if path.exists())
+    return [int(n) for n in re.findall(r"tick (\d+)\n", text)]
+
+
+def _serve(sock: Path) -> subprocess.Popen[str]:
+    process = start_kvmpy("run", "--api-sock", str(sock))
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.01)
+    return process
+
+
+def _end(process: subprocess.Popen[str]) -> None:
+    try:
+        process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()

@@ -29,7 +29,7 @@ Result = TypeVar("Result")
 #: Which methods Firecracker routes for each of them (the others are an invalid path).
 _UNSUPPORTED_METHODS = {
     "GET": {"balloon", "mmds", "hotplug"},
-    "PUT": {"balloon", "cpu-config", "pmem", "mmds", "snapshot", "vsock", "hotplug"},
+    "PUT": {"balloon", "cpu-config", "pmem", "mmds", "vsock", "hotplug"},
     "PATCH": {"balloon", "mmds", "pmem", "hotplug"},
     "DELETE": {"drives", "network-interfaces", "pmem"},
 }
@@ -143,6 +143,8 @@ class Router:
         self._unsupported("PUT", resource)
         if resource in ("drives", "network-interfaces"):
             return self._put_device(resource, rest, body), _no_content
+        if resource == "snapshot":
+            return self._put_snapshot(rest, body), _no_content
         if rest:
             raise invalid_path_method("PUT", resource)
         action: Action
@@ -179,6 +181,17 @@ class Router:
         if resource == "drives":
             return parse.drive(parse.decode(body, schemas.Drive), path_id)
         return parse.network_interface(parse.decode(body, schemas.NetworkInterface), path_id)
+
+    def _put_snapshot(self, rest: list[str], body: bytes) -> Action:
+        from kvmpy.api import parse, schemas  # msgspec loads with the first body, not before GET /
+
+        if not rest:
+            raise RequestError("Missing snapshot operation type.")
+        if rest == ["create"]:
+            return parse.snapshot_create(parse.decode(body, schemas.SnapshotCreateParams))
+        if rest == ["load"]:
+            return parse.snapshot_load(parse.decode(body, schemas.SnapshotLoadParams))
+        raise invalid_path_method("PUT", "/snapshot/" + "/".join(rest))
 
     def _patch(self, resource: str, rest: list[str], body: bytes) -> Routed:
         from kvmpy.api import parse, schemas  # msgspec loads with the first body, not before GET /

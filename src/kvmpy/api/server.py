@@ -36,7 +36,6 @@ MAX_CONNECTIONS = 32
 _BACKLOG = 64
 
 
-
 class DeferredSubmit:
     """A ``submit`` that exists before the VMM does: calls wait until :meth:`attach`.
 
