@@ -21,6 +21,7 @@ from kvmpy.vmm.actions import (
     ConfigureMachine,
     ConfigureMetrics,
     ConfigureSerial,
+    CreateSnapshot,
     GetInstanceInfo,
     GetIrqState,
     GetMemoryTree,
@@ -31,6 +32,7 @@ from kvmpy.vmm.actions import (
     InsertBlockDevice,
     InsertNetworkDevice,
     InstanceInfo,
+    LoadSnapshot,
     Pause,
     ReadMemory,
     Resume,
@@ -45,6 +47,8 @@ from kvmpy.vmm.actions import (
 )
 from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
 
+#: Firecracker's words, as the real VMM answers them.
+SNAPSHOT_AFTER_CONFIG = "Loading a microVM snapshot not allowed after configuring boot-specific resources."
 _MONITOR = (GetRegisters, TranslateAddress, ReadMemory, GetMemoryTree, GetIrqState, GetVcpus, GetStats)
 
 
@@ -83,6 +87,8 @@ class FakeVmm:
             return {"query": type(action).__name__, **dataclasses.asdict(action)}
         if isinstance(action, StartInstance | Pause | Resume | Stop):
             self._lifecycle(action)
+        elif isinstance(action, CreateSnapshot | LoadSnapshot):
+            self._snapshot(action)
         else:
             self.config = _configured(self.config, action)
         return None
@@ -96,6 +102,17 @@ class FakeVmm:
             self.state = VmState.STOPPED
         elif self.state is not VmState.STOPPED:
             self.state = VmState.PAUSED if isinstance(action, Pause) else VmState.RUNNING
+
+
+    def _snapshot(self, action: CreateSnapshot | LoadSnapshot) -> None:
+        """The lifecycle of snapshots without their files: paused to save, fresh to load."""
+        if isinstance(action, CreateSnapshot):
+            if self.state is not VmState.PAUSED:
+                raise ActionError("the VM must be paused to take a snapshot (PATCH /vm with Paused)")
+            return
+        if self.config.kernel is not None or self.config.disks or self.config.nets:
+            raise ActionError(SNAPSHOT_AFTER_CONFIG)
+        self.state = VmState.RUNNING if action.resume_vm else VmState.PAUSED
 
 
 def _configured(config: VmConfig, action: object) -> VmConfig:
