@@ -142,22 +142,29 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 def _run_vmm(args: argparse.Namespace) -> RunResult:
-    """The VMM driven by the API and/or a config file: the socket is bound first of all."""
-    from kvmpy.vmm.actions import StartInstance
-    from kvmpy.vmm.vmm import Vmm
+    """The VMM driven by the API and/or a config file.
 
-    config = _config_from_args(args)
-    from kvmpy.vmm.runner import stdin_fileno, terminal_mode
-
-    stdin_fd = stdin_fileno() if config.serial.mode is SerialMode.STDIO else None
-    vmm = Vmm(config, vm_id=args.id, stdin_fd=stdin_fd)
+    The API socket is bound before anything else is imported or built (clients poll
+    for it from the moment they start the process); requests that arrive before the
+    VMM exists wait for it.
+    """
     server = None
     if args.api_sock is not None:
-        from kvmpy.api.server import ApiServer
+        from kvmpy.api.server import ApiServer, DeferredSubmit
 
-        server = ApiServer(args.api_sock, vmm.submit)
+        deferred = DeferredSubmit()
+        server = ApiServer(args.api_sock, deferred)
         server.start()
     try:
+        from kvmpy.vmm.actions import StartInstance
+        from kvmpy.vmm.runner import stdin_fileno, terminal_mode
+        from kvmpy.vmm.vmm import Vmm
+
+        config = _config_from_args(args)
+        stdin_fd = stdin_fileno() if config.serial.mode is SerialMode.STDIO else None
+        vmm = Vmm(config, vm_id=args.id, stdin_fd=stdin_fd)
+        if server is not None:
+            deferred.attach(vmm.submit)
         if args.config_file is not None:
             from kvmpy.api.config_file import load_config_file
 

@@ -1,11 +1,14 @@
-"""``kvmpy snapshot inspect FILE``: what a snapshot's state file holds, section by section."""
+"""``kvmpy snapshot inspect FILE``: what a snapshot's state file holds, section by section.
+
+Every kvmpy command builds this parser: the snapshot modules load only when a
+snapshot command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from kvmpy.state.snapshot_file import FORMAT_VERSION, describe, read_state_file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -30,6 +33,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from kvmpy.state.machine_state import read_description
+    from kvmpy.state.snapshot_file import FORMAT_VERSION, describe, read_state_file
 
     sections = read_state_file(args.file)
     machine = read_description(sections)

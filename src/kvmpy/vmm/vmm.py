@@ -15,7 +15,6 @@ Imports here stay light: the API server binds its socket and answers
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import signal
@@ -25,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from kvmpy import __version__
 from kvmpy.errors import ConfigError, HostError, KvmpyError
@@ -248,7 +249,7 @@ class Vmm:
         }
 
     def _update(self, **changes: Any) -> None:
-        self.config = dataclasses.replace(self.config, **changes)
+        self.config = msgspec.structs.replace(self.config, **changes)
 
     # configuration
     def _configure_boot_source(self, action: a.ConfigureBootSource) -> None:
@@ -667,7 +668,7 @@ def _effective(config: VmConfig) -> VmConfig:
         return config
     mode = "ro" if root.read_only else "rw"
     device = f"PARTUUID={root.partuuid}" if root.partuuid else "/dev/vda"
-    return dataclasses.replace(config, cmdline=f"{config.cmdline} root={device} {mode}".strip())
+    return msgspec.structs.replace(config, cmdline=f"{config.cmdline} root={device} {mode}".strip())
 
 
 def _check_file(path: Path, what: str) -> None:
