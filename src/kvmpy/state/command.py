@@ -10,7 +10,6 @@ import argparse
 from pathlib import Path
 
 
-
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     snapshot = subparsers.add_parser("snapshot", help="look at snapshots")
     commands = snapshot.add_subparsers(dest="snapshot_command", required=True)
