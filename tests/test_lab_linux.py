@@ -72,7 +72,7 @@ NET_COMMAND = (
 #: a poweroff).
 API_COMMAND = (
     "echo BANNER_GVA=$(grep ' linux_banner$' /proc/kallsyms | cut -d' ' -f1); "
-    "i=0; while [ $i -lt 50 ]; do i=$((i+1)); echo tick $i; sleep 1; done; "
+    "i=0; while [ $i -lt 40 ]; do i=$((i+1)); echo tick $i; sleep 1; done; "
     "echo LOCKUPS=$(dmesg | grep -c -i 'soft lockup') "
     "CLOCK=$(dmesg | grep -c -i -E 'clocksource.*(unstable|skew)|hung task|rcu.*stall'); "
     "dmesg | grep -i -E 'lockup|clocksource|stall' | tail -5; "
@@ -174,7 +174,7 @@ def _scenarios(disk: Path) -> list[Scenario]:
             cpus=2,
             args=("--api-sock", "{tmp}/api.sock", "--id", "lab-api"),
             driver="api",
-            timeout=420.0,
+            timeout=720.0,  # a boot, a 30 s pause and 40 ticks: 4 minutes on a quiet host
         ),
         Scenario(
             "hvc0_shell",

@@ -219,6 +219,8 @@ def _lab_failure(result: ScenarioResult) -> str | None:
 
 def _run_vm(scenario: Scenario, raw_profile: Path | None = None) -> ScenarioResult:
     command = _qemu_command(scenario) if scenario.vmm == "qemu" else _kvmpy_command(scenario)
+    if scenario.driver:  # a boot before this one (a retry) left its socket: the VMM refuses a used path
+        Path(scenario.args[scenario.args.index("--api-sock") + 1]).unlink(missing_ok=True)
     py_spy_path = py_spy() if raw_profile is not None else None
     if py_spy_path is not None and raw_profile is not None and scenario.profile == "boot":
         command = record_command(py_spy_path, raw_profile, command)
