@@ -76,6 +76,7 @@ API_COMMAND = (
     "echo LOCKUPS=$(dmesg | grep -c -i 'soft lockup') "
     "CLOCK=$(dmesg | grep -c -i -E 'clocksource.*(unstable|skew)|hung task|rcu.*stall'); "
     "dmesg | grep -i -E 'lockup|clocksource|stall' | tail -5; "
+    "dmesg | grep -i -E 'i8042|atkbd|input:' | tail -5; "
     "echo WAITING-FOR-CTRL-ALT-DEL; sleep 600"
 )
 
