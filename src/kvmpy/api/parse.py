@@ -28,6 +28,7 @@ from kvmpy.vmm.actions import (
     InsertBlockDevice,
     InsertNetworkDevice,
     LoadSnapshot,
+    Migrate,
     Pause,
     Resume,
     SendCtrlAltDel,
@@ -327,8 +328,13 @@ def stop(body: schemas.KvmpyStop) -> Stop:
     return Stop(body.reason)
 
 
+def migrate(body: schemas.KvmpyMigrate) -> Migrate:
+    return Migrate(body.destination, body.downtime_ms, body.max_rounds, body.on_limit)
+
+
 __all__ = [
     "boot_source",
+    "migrate",
     "checked_id",
     "decode",
     "drive",

@@ -216,13 +216,15 @@ class Router:
         return action, _no_content
 
     def _kvmpy(self, request: Request, rest: list[str]) -> Routed:
-        """kvmpy's own routes: the monitor's GETs and PUT /kvmpy/stop."""
+        """kvmpy's own routes: the monitor's GETs, PUT /kvmpy/stop and PUT /kvmpy/migrate."""
         from kvmpy.api import parse, schemas
 
         name = rest[0] if len(rest) == 1 else None
         if request.method == "PUT" and name == "stop":
             body = parse.decode(request.body or b"{}", schemas.KvmpyStop)
             return parse.stop(body), _no_content
+        if request.method == "PUT" and name == "migrate":
+            return parse.migrate(parse.decode(request.body or b"", schemas.KvmpyMigrate)), _monitor_result
         if request.method == "GET" and name in monitor.ROUTES:
             if request.body is not None:
                 raise RequestError("GET request cannot have a body.")

@@ -175,6 +175,15 @@ class KvmpyStop(_Body):
     reason: str = "stopped through the API"
 
 
+class KvmpyMigrate(_Body):
+    """PUT /kvmpy/migrate: send the running VM to a kvmpy started with ``--incoming``."""
+
+    destination: str
+    downtime_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 300
+    max_rounds: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 30
+    on_limit: Literal["pause", "cancel"] = "pause"
+
+
 class FullVmConfiguration(_Body):
     """``--config-file`` and GET /vm/config: every resource under Firecracker's key.
 

@@ -194,6 +194,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     command("irq", _query("/kvmpy/irq", "format_irq"), "PICs, IOAPIC redirections, MSI routes, local APICs")
     command("vcpus", _query("/kvmpy/vcpus", "format_vcpus"), "each vCPU's state, exits and time in the guest")
+    from kvmpy.ctl import state_commands
+
+    state_commands.register(command)
 
 
 __all__ = ["TIMEOUT", "parse_address", "parse_length", "register"]

@@ -29,6 +29,19 @@ MAX_LOCATED = 256
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 
 
+_ZEROS = bytes(4 << 20)
+
+
+def is_zeros(view: memoryview) -> bool:
+    """True if ``view`` (at most 4 MiB) holds only zero bytes.
+
+    ``bytes(view) == zeros`` copies and then compares with memcmp: about ten
+    times faster than comparing the memoryview itself, which CPython does
+    element by element.
+    """
+    return bytes(view) == _ZEROS[: len(view)]
+
+
 class GuestMemoryError(GuestError):
     """An access to guest-physical memory that is not (entirely) RAM."""
 
@@ -123,16 +136,15 @@ class GuestMemory:
             os.close(fd)
         return cls(regions)
 
-    def write_to(self, fd: int, chunk: int = 1 << 20) -> int:
+    def write_to(self, fd: int, chunk: int = 4 << 20) -> int:
         """Every region back to back into ``fd`` (the memory file's layout), as a sparse file:
         chunks of zeros are skipped, not written (most of a fresh guest's RAM). Returns the
         bytes actually written."""
         written, position = 0, 0
-        zeros = bytes(chunk)
         for region in self._regions:
             for start in range(0, region.size, chunk):
                 part = region.view[start : start + chunk]
-                if part == zeros[: len(part)]:
+                if is_zeros(part):
                     position += len(part)
                     continue
                 os.lseek(fd, position, os.SEEK_SET)
@@ -280,4 +292,4 @@ class GuestMemory:
             region.mapping.close()
 
 
-__all__ = ["GuestMemory", "GuestMemoryError", "MemoryRegion"]
+__all__ = ["GuestMemory", "GuestMemoryError", "MemoryRegion", "is_zeros"]

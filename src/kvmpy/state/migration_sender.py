@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from kvmpy.memory.guest_memory import PAGE_SIZE
+from kvmpy.memory.guest_memory import PAGE_SIZE, is_zeros
 from kvmpy.state.machine_state import describe_machine, save_machine
 from kvmpy.state.migration_protocol import PAGES_HEADER, VERSION, Channel, Kind, MigrationError, parse_address
 from kvmpy.state.snapshot_file import encode
@@ -119,7 +119,7 @@ def _send_all(channel: Channel, machine: Machine, report: MigrationReport, progr
         for first in range(0, pages, RUN_PAGES):
             count = min(RUN_PAGES, pages - first)
             data = region.view[first * PAGE_SIZE : (first + count) * PAGE_SIZE]
-            if data == bytes(len(data)):
+            if is_zeros(data):
                 continue
             _send_run(channel, index, first, count, data)
             total += count
