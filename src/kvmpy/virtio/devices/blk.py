@@ -17,6 +17,7 @@ from pathlib import Path
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.virtio.device import COMMON_FEATURES, TYPE_BLOCK, Interrupt
 from kvmpy.virtio.devices.disk_file import DiskFile
+from kvmpy.virtio.guard import DeviceGuard
 from kvmpy.virtio.queue import DescriptorChain, SplitQueue
 
 SECTOR = 512
@@ -41,6 +42,7 @@ class VirtioBlock:
     def __init__(
         self, path: Path, *, read_only: bool = False, device_id: str = "", direct: bool = False
     ) -> None:
+        self.guard = DeviceGuard()
         self._file = DiskFile(path, read_only=read_only, direct=direct)
         block_size = self._file.alignment
         # Whole blocks only: an O_DIRECT write of a partial last block would grow the file.
@@ -77,22 +79,25 @@ class VirtioBlock:
     def activate(
         self, mem: GuestMemory, queues: list[SplitQueue], acked_features: int, interrupt: Interrupt
     ) -> None:
-        self._mem, self._queue, self._interrupt = mem, queues[0], interrupt
+        with self.guard.lock:
+            self._mem, self._queue, self._interrupt = mem, queues[0], interrupt
 
     def reset(self) -> None:
-        self._mem = self._queue = self._interrupt = None
+        with self.guard.lock:  # waits for a request in flight: it completes into the old ring
+            self._mem = self._queue = self._interrupt = None
 
     def queue_notify(self, index: int) -> None:
-        mem, queue, interrupt = self._mem, self._queue, self._interrupt
-        if mem is None or queue is None or interrupt is None:
-            return
-        done = False
-        while (chain := queue.pop(mem)) is not None:
-            written = self._handle(chain)
-            queue.push(mem, chain.head, written)
-            done = True
-        if done and queue.needs_interrupt(mem):
-            interrupt(0)
+        with self.guard.lock:
+            mem, queue, interrupt = self._mem, self._queue, self._interrupt
+            if mem is None or queue is None or interrupt is None:
+                return
+            done = False
+            while (chain := queue.pop(mem)) is not None:
+                written = self._handle(chain)
+                queue.push(mem, chain.head, written)
+                done = True
+            if done and queue.needs_interrupt(mem):
+                interrupt(0)
 
     def _handle(self, chain: DescriptorChain) -> int:
         """Serve one request; returns the bytes written into the chain (data + status)."""

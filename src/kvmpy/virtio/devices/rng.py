@@ -6,6 +6,7 @@ import os
 
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.virtio.device import COMMON_FEATURES, TYPE_RNG, Interrupt
+from kvmpy.virtio.guard import DeviceGuard
 from kvmpy.virtio.queue import SplitQueue
 
 #: Bytes handed out per request at most, so one request cannot make us read megabytes.
@@ -18,6 +19,7 @@ class VirtioRng:
     features = COMMON_FEATURES
 
     def __init__(self) -> None:
+        self.guard = DeviceGuard()
         self._mem: GuestMemory | None = None
         self._queue: SplitQueue | None = None
         self._interrupt: Interrupt | None = None
@@ -32,12 +34,18 @@ class VirtioRng:
     def activate(
         self, mem: GuestMemory, queues: list[SplitQueue], acked_features: int, interrupt: Interrupt
     ) -> None:
-        self._mem, self._queue, self._interrupt = mem, queues[0], interrupt
+        with self.guard.lock:
+            self._mem, self._queue, self._interrupt = mem, queues[0], interrupt
 
     def reset(self) -> None:
-        self._mem = self._queue = self._interrupt = None
+        with self.guard.lock:
+            self._mem = self._queue = self._interrupt = None
 
     def queue_notify(self, index: int) -> None:
+        with self.guard.lock:
+            self._serve()
+
+    def _serve(self) -> None:
         mem, queue, interrupt = self._mem, self._queue, self._interrupt
         if mem is None or queue is None or interrupt is None:
             return
