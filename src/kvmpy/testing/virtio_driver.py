@@ -48,14 +48,22 @@ class MockDriver:
     """
 
     def __init__(
-        self, mem: GuestMemory, queue: SplitQueue | None, base: int, size: int = 16, *, configure: bool = True
+        self,
+        mem: GuestMemory,
+        queue: SplitQueue | None,
+        base: int,
+        size: int = 16,
+        *,
+        configure: bool = True,
+        indirect_slots: int = INDIRECT_SLOTS,
     ) -> None:
         self.mem, self.queue, self.size = mem, queue, size
         self.desc = base
         self.avail = base + 16 * size
         self.used = (self.avail + 6 + 2 * size + 4095) & ~4095
         self.indirect_area = (self.used + 6 + 8 * size + 4095) & ~4095
-        self.end = self.indirect_area + size * 16 * INDIRECT_SLOTS
+        self.indirect_slots = indirect_slots
+        self.end = self.indirect_area + size * 16 * indirect_slots
         mem.fill(base, self.end - base)
         if configure:
             assert queue is not None
@@ -95,9 +103,9 @@ class MockDriver:
         taken = [self._free.pop(0) for _ in range(needed)]
         head = taken[0]
         if indirect:
-            if len(buffers) > INDIRECT_SLOTS:
-                raise DriverError(f"an indirect chain holds at most {INDIRECT_SLOTS} buffers")
-            table = self.indirect_area + head * 16 * INDIRECT_SLOTS
+            if len(buffers) > self.indirect_slots:
+                raise DriverError(f"an indirect chain holds at most {self.indirect_slots} buffers")
+            table = self.indirect_area + head * 16 * self.indirect_slots
             for i, buffer in enumerate(buffers):
                 last = i == len(buffers) - 1
                 self._write_desc(table, i, buffer, 0 if last else DESC_F_NEXT, i + 1)

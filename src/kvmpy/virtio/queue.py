@@ -153,6 +153,9 @@ class SplitQueue:
         self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
 
     def _walk(self, mem: GuestMemory, head: int) -> DescriptorChain:
+        """The chain at ``head``: at most ``size`` buffers (virtio 1.x, 2.7.5.3.1: a driver must
+        not make a chain longer than the queue), which also bounds every device's iovec count
+        below IOV_MAX (1024) and ends any loop."""
         if head >= self.size:
             raise QueueError(f"descriptor head {head} is outside a queue of {self.size}")
         chain = DescriptorChain(head)
@@ -160,7 +163,8 @@ class SplitQueue:
         table, table_at, table_size, index = self._desc_view, self._desc_at, self.size, head
         unpack = _DESCRIPTOR.unpack_from
         in_indirect = False
-        for _ in range(self.size + MAX_INDIRECT + 1):
+        buffers = 0
+        for _ in range(self.size + 2):  # each step adds a buffer, but the one into a table
             addr, length, flags, next_index = unpack(table, table_at + DESCRIPTOR_SIZE * index)
             if flags & DESC_F_INDIRECT:
                 if in_indirect:
@@ -170,6 +174,9 @@ class SplitQueue:
                 table_size, index, in_indirect = length // DESCRIPTOR_SIZE, 0, True
                 table, table_at = self._table(mem, addr, table_size), 0
                 continue
+            buffers += 1
+            if buffers > self.size:
+                raise QueueError(f"descriptor chain longer than the queue size {self.size} (or it loops)")
             try:
                 buffer = mem.slice(addr, length)
             except GuestMemoryError:
@@ -180,7 +187,7 @@ class SplitQueue:
             if next_index >= table_size:
                 raise QueueError(f"descriptor next {next_index} is outside its table of {table_size}")
             index = next_index
-        raise QueueError("descriptor chain loops")
+        raise QueueError("descriptor chain loops")  # not reached: the buffer count stops it first
 
     def push(self, mem: GuestMemory, head: int, written: int) -> None:
         """Return chain ``head`` to the driver with ``written`` bytes filled in."""
