@@ -189,7 +189,13 @@ class Machine:
             from kvmpy.virtio.devices.net import VirtioNet, parse_mac
             from kvmpy.virtio.devices.tap import Tap
         for number, disk in enumerate(self.config.disks):
-            device = VirtioBlock(disk.path, read_only=disk.read_only, device_id=disk.id, direct=disk.direct)
+            device = VirtioBlock(
+                disk.path,
+                read_only=disk.read_only,
+                device_id=disk.id,
+                direct=disk.direct,
+                cache_type=disk.cache_type,
+            )
             self.pci.add_virtio(device, f"virtio-blk{number}")
         for number, net in enumerate(self.config.nets):
             mac = parse_mac(net.mac) if net.mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + number])
