@@ -185,3 +185,89 @@ def test_transmit_kicked_from_two_threads_returns_each_head_once(mem: GuestMemor
     assert published > 100 and returned == published and tx.outstanding == 0
     assert device.packets_out + device.dropped == published
     tap.close()
+
+
+# --- virtio-net receive: guest errors reach the transport's guard -------------------------
+def receiving_net(mem: GuestMemory):  # type: ignore[no-untyped-def]
+    tap = FakeTap()
+    watched: dict[int, object] = {}
+    device = VirtioNet(
+        tap,  # type: ignore[arg-type]
+        bytes(6),
+        watch=lambda fd, handler: watched.__setitem__(fd, handler),
+        unwatch=lambda fd: watched.pop(fd, None),
+    )
+    transport, pci = transport_for(device, mem)
+    pci.negotiate(F_VERSION_1 | F_INDIRECT_DESC)
+    rx = pci.setup_queue(0, 0x10000, 16, indirect_slots=32)
+    pci.setup_queue(1, 0x30000, 16)
+    pci.driver_ok()
+    return device, tap, transport, pci, rx, watched
+
+
+@pytest.mark.parametrize("breakage", ["avail-ahead", "short-chain", "long-chain"])
+def test_receive_guest_errors_mark_the_device_and_stop_watching(mem: GuestMemory, breakage: str) -> None:
+    """Before, the tap handler was registered bare: its QueueError escaped to the event loop,
+    which (level-triggered, the tap still readable) called it again and again, a traceback each."""
+    device, tap, transport, pci, rx, watched = receiving_net(mem)
+    if breakage == "avail-ahead":
+        mem.write_u16(rx.avail + 2, 40)
+    elif breakage == "short-chain":
+        rx.add([Buffer(DATA, 11, writable=True)])
+    else:  # 20 buffers in a queue of 16 (and past IOV_MAX if the queue were long enough)
+        rx.add([Buffer(DATA + 64 * i, 64, writable=True) for i in range(20)], indirect=True)
+    tap.host.send(b"\0" * 12 + b"packet")
+    handler = watched[tap.fd]
+    handler()  # type: ignore[operator]
+    assert pci.status & vp.STATUS_NEEDS_RESET
+    assert tap.fd not in watched  # no spinning: the tap is not watched until the reset
+    assert transport.guest_errors == 1
+    pci.kick(0)  # an RX kick of a broken device does not start watching again
+    assert tap.fd not in watched and transport.guest_errors == 1
+    pci.reset()
+    pci.negotiate(F_VERSION_1)
+    rx = pci.setup_queue(0, 0x10000, 16)
+    pci.setup_queue(1, 0x20000, 16)
+    pci.driver_ok()
+    rx.add([Buffer(DATA, 2048, writable=True)])
+    watched[tap.fd]()  # type: ignore[operator]
+    assert rx.used_entries() == [(0, 18)]
+    assert mem.read(DATA + 12, 6) == b"packet"
+    tap.close()
+
+
+# --- virtio-console: a broken receive ring from activation or the input thread ------------
+def broken_console(mem: GuestMemory):  # type: ignore[no-untyped-def]
+    from kvmpy.virtio.devices.console import VirtioConsole
+
+    output: list[bytes] = []
+    device = VirtioConsole(output.append)
+    transport, pci = transport_for(device, mem)
+    pci.negotiate(F_VERSION_1)
+    rx = pci.setup_queue(0, 0x10000, 16)
+    pci.setup_queue(1, 0x20000, 16)
+    mem.write_u16(rx.avail + 2, 40)  # the receive ring's index runs ahead
+    return device, transport, pci
+
+
+def test_console_input_pending_at_driver_ok_into_a_broken_ring(mem: GuestMemory) -> None:
+    device, transport, pci = broken_console(mem)
+    assert device.enqueue_input(b"typed early") == 11  # no driver yet: kept
+    pci.driver_ok()  # before: QueueError out of the status write, the VM stopped as a host error
+    assert pci.status & vp.STATUS_NEEDS_RESET and transport.guest_errors == 1
+
+
+def test_console_input_thread_survives_a_broken_ring(mem: GuestMemory) -> None:
+    device, transport, pci = broken_console(mem)
+    pci.driver_ok()
+    assert device.enqueue_input(b"a") == 1  # before: QueueError killed the input thread
+    assert pci.status & vp.STATUS_NEEDS_RESET
+    assert device.enqueue_input(b"b") == 1 and transport.guest_errors == 1  # quiet until reset
+    pci.reset()
+    pci.negotiate(F_VERSION_1)
+    rx = pci.setup_queue(0, 0x10000, 16)
+    pci.setup_queue(1, 0x20000, 16)
+    pci.driver_ok()
+    rx.add([Buffer(DATA, 64, writable=True)])
+    pci.kick(0)
+    assert rx.used_entries() == [(0, 2)] and mem.read(DATA, 2) == b"ab"

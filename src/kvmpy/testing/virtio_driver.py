@@ -173,9 +173,11 @@ class TransportDriver:
             self.write(12, (features >> (32 * select)) & 0xFFFF_FFFF, 4)
         self.write(20, 1 | 2 | 8, 1)
 
-    def setup_queue(self, index: int, base: int, size: int) -> MockDriver:
+    def setup_queue(
+        self, index: int, base: int, size: int, *, indirect_slots: int = INDIRECT_SLOTS
+    ) -> MockDriver:
         """Lay out queue ``index`` at ``base`` and enable it through the common configuration."""
-        driver = MockDriver(self.mem, None, base, size, configure=False)
+        driver = MockDriver(self.mem, None, base, size, configure=False, indirect_slots=indirect_slots)
         self.write(22, index, 2)
         self.write(24, size, 2)
         self.write(32, driver.desc, 8)
