@@ -38,7 +38,7 @@ from kvmpy.kvm import System, Vcpu
 from kvmpy.loader import BootMode, BootSetup, load_kernel
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.vmm.config import SerialMode, VmConfig
-from kvmpy.vmm.console import ConsoleOutput, ConsoleSink
+from kvmpy.vmm.console import ConsoleOutput, ConsoleSink, FileSink
 from kvmpy.vmm.event_loop import EventLoop
 from kvmpy.vmm.irq import KvmIrqLine
 from kvmpy.vmm.pci_platform import PciPlatform
@@ -145,7 +145,7 @@ class Machine:
         if serial.mode is SerialMode.FILE:
             assert serial.path is not None
             try:
-                return serial.path.open("ab")
+                return FileSink(serial.path.open("ab"))  # capped at console.FILE_LIMIT
             except OSError as error:
                 raise HostError(f"cannot open serial output {serial.path}: {error.strerror}") from None
         return None

@@ -31,7 +31,7 @@ class VirtioConsole:
     queue_sizes: tuple[int, ...] = (128, 128)
     features = COMMON_FEATURES
 
-    def __init__(self, output: Callable[[bytes], object]) -> None:
+    def __init__(self, output: Callable[[memoryview], object]) -> None:
         self._output = output
         self.guard = DeviceGuard()
         self._lock = self.guard.lock
@@ -75,7 +75,7 @@ class VirtioConsole:
             sent = False
             while (chain := queue.pop(mem)) is not None:
                 for buffer in chain.readable:
-                    self._output(bytes(buffer))
+                    self._output(buffer)  # a view: the output copies what it keeps, no more
                     self.bytes_out += len(buffer)
                 queue.push(mem, chain.head, 0)
                 sent = True
