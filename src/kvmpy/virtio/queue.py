@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from kvmpy.errors import GuestError
+from kvmpy.errors import GuestError, RestoreError
 from kvmpy.memory.guest_memory import GuestMemory, GuestMemoryError
 
 DESC_F_NEXT = 1
@@ -219,9 +219,10 @@ class SplitQueue:
 
     def restore(self, state: QueueState) -> None:
         if not 0 < state.size <= self.max_size or state.size & (state.size - 1):
-            raise ValueError(f"saved queue size {state.size} is invalid")
+            limit = self.max_size
+            raise RestoreError(f"saved virtqueue size {state.size} is not a power of two up to {limit}")
         if not (0 <= state.last_avail_idx <= 0xFFFF and 0 <= state.next_used_idx <= 0xFFFF):
-            raise ValueError("saved queue indexes are out of range")
+            raise RestoreError("saved virtqueue indexes are not 16-bit values")
         self.size, self.ready = state.size, state.ready
         self.desc_addr, self.driver_addr, self.device_addr = (
             state.desc_addr,
