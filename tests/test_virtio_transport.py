@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import struct
 import threading
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy.memory.guest_memory import GuestMemory
+from kvmpy.testing.fakes import SocketTap
 from kvmpy.testing.virtio_driver import Buffer, TransportDriver
 from kvmpy.virtio import pci_transport as vp
 from kvmpy.virtio.device import F_INDIRECT_DESC, F_VERSION_1
@@ -94,26 +94,8 @@ def test_reset_waits_for_the_request_in_flight(mem: GuestMemory, tmp_path: Path)
 
 
 # --- virtio-net transmit from two threads -------------------------------------------------
-class FakeTap:
-    """A datagram socket pair standing in for a tap: one packet per writev/readv."""
-
-    def __init__(self) -> None:
-        self.host, guest_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-        guest_side.setblocking(False)
-        self._guest_side = guest_side
-        self.fd = guest_side.fileno()
-        self.offloads: list[int] = []
-
-    def set_offloads(self, flags: int) -> None:
-        self.offloads.append(flags)
-
-    def close(self) -> None:
-        self._guest_side.close()
-        self.host.close()
-
-
-def net_device(mem: GuestMemory) -> tuple[VirtioNet, FakeTap, vp.VirtioPciTransport, TransportDriver]:
-    tap = FakeTap()
+def net_device(mem: GuestMemory) -> tuple[VirtioNet, SocketTap, vp.VirtioPciTransport, TransportDriver]:
+    tap = SocketTap()
     watched: dict[int, object] = {}
     device = VirtioNet(
         tap,  # type: ignore[arg-type]
@@ -189,7 +171,7 @@ def test_transmit_kicked_from_two_threads_returns_each_head_once(mem: GuestMemor
 
 # --- virtio-net receive: guest errors reach the transport's guard -------------------------
 def receiving_net(mem: GuestMemory):  # type: ignore[no-untyped-def]
-    tap = FakeTap()
+    tap = SocketTap()
     watched: dict[int, object] = {}
     device = VirtioNet(
         tap,  # type: ignore[arg-type]

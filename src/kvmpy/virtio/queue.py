@@ -137,6 +137,10 @@ class SplitQueue:
             raise QueueError(f"available index ran {count} entries ahead of a queue of {self.size}")
         return count
 
+    def has_work(self, mem: GuestMemory) -> bool:
+        """Whether :meth:`pop` would return a chain (checked before a rate limiter is asked)."""
+        return self.ready and self.pending(mem) > 0
+
     def pop(self, mem: GuestMemory) -> DescriptorChain | None:
         """The next available chain, or None."""
         if not self.ready or self.pending(mem) == 0:

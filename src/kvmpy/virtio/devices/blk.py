@@ -22,6 +22,7 @@ from kvmpy.virtio.device import COMMON_FEATURES, TYPE_BLOCK, Interrupt
 from kvmpy.virtio.devices.disk_file import DiskFile
 from kvmpy.virtio.guard import DeviceGuard
 from kvmpy.virtio.queue import DescriptorChain, SplitQueue
+from kvmpy.virtio.throttle import Throttle
 
 SECTOR = 512
 F_SEG_MAX = 1 << 2
@@ -65,10 +66,13 @@ class VirtioBlock:
         device_id: str = "",
         direct: bool = False,
         cache_type: str = "Writeback",
+        throttle: Throttle | None = None,
     ) -> None:
         if cache_type not in CACHE_TYPES:
             raise ConfigError(f"disk {path}: cache type {cache_type!r} is not Writeback or Unsafe")
         self.guard = DeviceGuard()
+        #: The rate limiter (bytes read or written, and requests); None: unlimited.
+        self.throttle = throttle
         self._file = DiskFile(path, read_only=read_only, direct=direct)
         block_size = self._file.alignment
         # Whole blocks only: an O_DIRECT write of a partial last block would grow the file.
@@ -110,6 +114,8 @@ class VirtioBlock:
 
     def close(self) -> None:
         self._file.close()
+        if self.throttle is not None:
+            self.throttle.close()
 
     def read_config(self, offset: int, size: int) -> bytes:
         return self._config[offset : offset + size]
@@ -129,16 +135,26 @@ class VirtioBlock:
 
     def queue_notify(self, index: int) -> None:
         with self.guard.lock:
-            mem, queue, interrupt = self._mem, self._queue, self._interrupt
-            if mem is None or queue is None or interrupt is None:
-                return
-            done = False
-            while (chain := queue.pop(mem)) is not None:
-                written = self._handle(chain)
-                queue.push(mem, chain.head, written)
-                done = True
-            if done and queue.needs_interrupt(mem):
-                interrupt(0)
+            self._serve()
+
+    def _serve(self) -> None:
+        mem, queue, interrupt = self._mem, self._queue, self._interrupt
+        if mem is None or queue is None or interrupt is None:
+            return
+        done = False
+        while queue.has_work(mem) and not self._throttled() and (chain := queue.pop(mem)) is not None:
+            written = self._handle(chain)
+            queue.push(mem, chain.head, written)
+            done = True
+        if done and queue.needs_interrupt(mem):
+            interrupt(0)
+
+    def _throttled(self) -> bool:
+        """Over the rate limit: the queue waits for the throttle's timer (never spins)."""
+        return self.throttle is not None and self.throttle.blocked(self._retry)
+
+    def _retry(self) -> None:
+        self.guard.run(self._serve)  # the event loop's timer: under the lock, errors contained
 
     def _handle(self, chain: DescriptorChain) -> int:
         """Serve one request; returns the bytes written into the chain (data + status)."""
@@ -168,6 +184,9 @@ class VirtioBlock:
                 log.warning("virtio-blk %s: I/O error: %s", name, str(error))  # no traceback kept
         if status != S_OK:
             self.errors += 1
+        if self.throttle is not None:  # bytes count for reads and writes, every request as one op
+            moved = payload if request_type == T_OUT else data_out if request_type == T_IN else []
+            self.throttle.spend(sum(len(b) for b in moved))
         status_buffer[0] = status
         return written + 1
 

@@ -22,6 +22,7 @@ from kvmpy.virtio.device import COMMON_FEATURES, TYPE_NET, Interrupt
 from kvmpy.virtio.devices.tap import VNET_HEADER_SIZE, Tap
 from kvmpy.virtio.guard import DeviceGuard
 from kvmpy.virtio.queue import SplitQueue
+from kvmpy.virtio.throttle import Throttle
 
 log = logging.getLogger("kvmpy.virtio")
 
@@ -66,11 +67,16 @@ class VirtioNet:
         mac: bytes,
         watch: Callable[[int, Callable[[], None]], None],
         unwatch: Callable[[int], None],
+        *,
+        rx_throttle: Throttle | None = None,
+        tx_throttle: Throttle | None = None,
     ) -> None:
         self._tap = tap
         self._config = mac + struct.pack("<HH", LINK_UP, 1)
         self._watch, self._unwatch = watch, unwatch
         self.guard = DeviceGuard()
+        #: Rate limiters of each direction (bytes and packets); None: unlimited.
+        self.rx_throttle, self.tx_throttle = rx_throttle, tx_throttle
         self._mem: GuestMemory | None = None
         self._queues: list[SplitQueue] = []
         self._interrupt: Interrupt | None = None
@@ -109,6 +115,9 @@ class VirtioNet:
         with self.guard.lock:
             self._stop_receiving()
         self._tap.close()
+        for throttle in (self.rx_throttle, self.tx_throttle):
+            if throttle is not None:
+                throttle.close()
 
     def queue_notify(self, index: int) -> None:
         with self.guard.lock:
@@ -149,10 +158,14 @@ class VirtioNet:
         queue = self._queues[RX]
         delivered = 0
         for _ in range(BATCH):
-            chain = queue.pop(mem)
-            if chain is None:
+            if not queue.has_work(mem):
                 self._stop_receiving()  # no buffers: wait for the guest's next RX kick
                 break
+            if self.rx_throttle is not None and self.rx_throttle.blocked(self._retry_receive):
+                self._stop_receiving()  # the tap stays readable: unwatched until the timer
+                break
+            chain = queue.pop(mem)
+            assert chain is not None  # has_work said so, under the lock
             room = chain.writable_length
             if room < VNET_HEADER_SIZE or len(chain.writable) > MAX_BUFFERS:
                 raise GuestError(
@@ -172,12 +185,26 @@ class VirtioNet:
                 self._stop_receiving()
                 break
             queue.push(mem, chain.head, min(length, room))
+            if self.rx_throttle is not None:
+                self.rx_throttle.spend(length)
             delivered += 1
         self.packets_in += delivered
         if delivered and queue.needs_interrupt(mem):
             interrupt(RX)
 
+    def _retry_receive(self) -> None:
+        """The receive throttle's timer: watch the tap again (under the lock)."""
+        with self.guard.lock:
+            self._start_receiving()
+
     # --- transmit: guest -> tap -----------------------------------------------------------
+    def _tx_throttled(self) -> bool:
+        """Over the transmit limit: the queue waits for the throttle's timer (never spins)."""
+        return self.tx_throttle is not None and self.tx_throttle.blocked(self._retry_transmit)
+
+    def _retry_transmit(self) -> None:
+        self.guard.run(self._transmit)
+
     def _transmit(self) -> None:
         with self.guard.lock:
             mem, interrupt = self._mem, self._interrupt
@@ -185,12 +212,17 @@ class VirtioNet:
                 return
             queue = self._queues[TX]
             sent = 0
-            while (chain := queue.pop(mem)) is not None:
+            throttle = self.tx_throttle
+            while queue.has_work(mem) and not self._tx_throttled():
+                chain = queue.pop(mem)
+                assert chain is not None  # has_work said so, under the lock
                 try:
                     os.writev(self._tap.fd, chain.readable)
                     self.packets_out += 1
                 except OSError:
                     self.dropped += 1  # a full tap or a malformed packet: dropped, as on a wire
+                if throttle is not None:
+                    throttle.spend(chain.readable_length)
                 queue.push(mem, chain.head, 0)
                 sent += 1
             if sent and queue.needs_interrupt(mem):

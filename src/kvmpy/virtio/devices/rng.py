@@ -8,6 +8,7 @@ from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.virtio.device import COMMON_FEATURES, TYPE_RNG, Interrupt
 from kvmpy.virtio.guard import DeviceGuard
 from kvmpy.virtio.queue import SplitQueue
+from kvmpy.virtio.throttle import Throttle
 
 #: Bytes handed out per request at most, so one request cannot make us read megabytes.
 MAX_REQUEST = 64 * 1024
@@ -18,8 +19,10 @@ class VirtioRng:
     queue_sizes: tuple[int, ...] = (256,)
     features = COMMON_FEATURES
 
-    def __init__(self) -> None:
+    def __init__(self, throttle: Throttle | None = None) -> None:
         self.guard = DeviceGuard()
+        #: The rate limiter (bytes handed out, and requests); None: unlimited.
+        self.throttle = throttle
         self._mem: GuestMemory | None = None
         self._queue: SplitQueue | None = None
         self._interrupt: Interrupt | None = None
@@ -45,12 +48,22 @@ class VirtioRng:
         with self.guard.lock:
             self._serve()
 
+    def close(self) -> None:
+        if self.throttle is not None:
+            self.throttle.close()
+
+    def _throttled(self) -> bool:
+        return self.throttle is not None and self.throttle.blocked(self._retry)
+
+    def _retry(self) -> None:
+        self.guard.run(self._serve)
+
     def _serve(self) -> None:
         mem, queue, interrupt = self._mem, self._queue, self._interrupt
         if mem is None or queue is None or interrupt is None:
             return
         served = False
-        while (chain := queue.pop(mem)) is not None:
+        while queue.has_work(mem) and not self._throttled() and (chain := queue.pop(mem)) is not None:
             written = 0
             for buffer in chain.writable:
                 length = min(len(buffer), MAX_REQUEST - written)
@@ -59,6 +72,8 @@ class VirtioRng:
                 buffer[:length] = os.getrandom(length)
                 written += length
             self.bytes_served += written
+            if self.throttle is not None:
+                self.throttle.spend(written)
             queue.push(mem, chain.head, written)
             served = True
         if served and queue.needs_interrupt(mem):
