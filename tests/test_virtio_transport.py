@@ -14,7 +14,7 @@ from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.testing.fakes import SocketTap
 from kvmpy.testing.virtio_driver import Buffer, TransportDriver
 from kvmpy.virtio import pci_transport as vp
-from kvmpy.virtio.device import F_INDIRECT_DESC, F_VERSION_1
+from kvmpy.virtio.device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1
 from kvmpy.virtio.devices import blk
 from kvmpy.virtio.devices.blk import VirtioBlock
 from kvmpy.virtio.devices.net import VirtioNet
@@ -112,7 +112,7 @@ def test_transmit_kicked_from_two_threads_returns_each_head_once(mem: GuestMemor
     exits and from the event loop. Chained and indirect buffers; every used id must be a
     head the driver published and still owns."""
     device, tap, transport, pci = net_device(mem)
-    pci.negotiate(F_VERSION_1 | F_INDIRECT_DESC)
+    pci.negotiate(F_VERSION_1 | F_INDIRECT_DESC | F_EVENT_IDX)
     pci.setup_queue(0, 0x10000, 16)
     tx = pci.setup_queue(1, 0x20000, 16)
     pci.driver_ok()
