@@ -22,10 +22,12 @@ class ConfigError(HostError):
     """The user's configuration or input cannot be used as given."""
 
 
-class RestoreError(HostError):
+class RestoreError(ConfigError, ValueError):
     """Saved state cannot be restored: it is corrupt, foreign or from another version.
 
     Saved state is validated like untrusted input; the message names the device and field.
+    A snapshot is the user's input, hence a ConfigError; it is also a ValueError because
+    that is what device restores raised before, and callers catch it.
     """
 
 
