@@ -34,10 +34,61 @@ def test_i8042_self_test_command_byte_and_reset() -> None:
     port.outb(i8042.COMMAND_STATUS, i8042.CMD_READ_COMMAND_BYTE)
     assert port.inb(i8042.DATA) == 0x47
     port.outb(i8042.COMMAND_STATUS, i8042.CMD_TEST_KBD)
+    assert port.inb(i8042.DATA) == i8042.PORT_TEST_OK
+    port.outb(i8042.COMMAND_STATUS, i8042.CMD_TEST_AUX)
     assert port.inb(i8042.DATA) == i8042.PORT_TEST_NO_DEVICE
     assert not resets
     port.outb(i8042.COMMAND_STATUS, 0xFE)
     assert resets == [True]
+
+
+def _drain(port: PortAccessor) -> list[int]:
+    out = []
+    while port.inb(i8042.COMMAND_STATUS) & i8042.STATUS_OUTPUT_FULL:
+        out.append(port.inb(i8042.DATA))
+    return out
+
+
+def test_keyboard_answers_linux_atkbd_probe() -> None:
+    """The sequence atkbd sends: reset, identify, select set 2, read it back, LEDs, enable."""
+    irq = RecordingInterruptLine()
+    port = PortAccessor(I8042(lambda: None, irq=irq))
+    port.outb(i8042.DATA, 0xFF)
+    assert _drain(port) == [0xFA, 0xAA]
+    assert irq.levels.count(True) >= 1
+    port.outb(i8042.DATA, 0xF2)
+    assert _drain(port) == [0xFA, 0xAB, 0x83]
+    port.outb(i8042.DATA, 0xF0)
+    port.outb(i8042.DATA, 0x02)
+    port.outb(i8042.DATA, 0xF0)
+    port.outb(i8042.DATA, 0x00)
+    assert _drain(port) == [0xFA, 0xFA, 0xFA, 0xFA, 0x02]
+    port.outb(i8042.DATA, 0xED)
+    port.outb(i8042.DATA, 0x07)
+    port.outb(i8042.DATA, 0xF4)
+    assert _drain(port) == [0xFA, 0xFA, 0xFA]
+    port.outb(i8042.DATA, 0x12)  # not a command
+    assert _drain(port) == [0xFE]
+
+
+def test_ctrl_alt_del_in_translated_and_raw_scancodes() -> None:
+    irq = RecordingInterruptLine()
+    controller = I8042(lambda: None, irq=irq)
+    port = PortAccessor(controller)
+    controller.send_ctrl_alt_del()  # the default command byte translates to set 1
+    assert _drain(port) == [0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D]
+    port.outb(i8042.COMMAND_STATUS, i8042.CMD_WRITE_COMMAND_BYTE)
+    port.outb(i8042.DATA, 0x01)  # interrupts on, no translation: set 2
+    before = irq.levels.count(True)
+    controller.send_ctrl_alt_del()
+    assert _drain(port) == [0x14, 0x11, 0xE0, 0x71, 0xE0, 0xF0, 0x71, 0xF0, 0x11, 0xF0, 0x14]
+    assert irq.levels.count(True) > before
+    port.outb(i8042.COMMAND_STATUS, i8042.CMD_WRITE_COMMAND_BYTE)
+    port.outb(i8042.DATA, 0x00)  # keyboard interrupt off: bytes arrive, no IRQ
+    before = irq.levels.count(True)
+    controller.send_ctrl_alt_del()
+    assert irq.levels.count(True) == before
+    assert len(_drain(port)) == 11
 
 
 def test_rtc_reads_the_clock_in_bcd_and_binary() -> None:

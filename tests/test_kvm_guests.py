@@ -8,15 +8,13 @@ missing.
 from __future__ import annotations
 
 import io
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from kvmpy.testing.process import kvmpy, start_kvmpy
 from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
 from kvmpy.vmm.runner import run_vm
 from kvmpy.vmm.stop import StopKind
@@ -24,52 +22,6 @@ from kvmpy.vmm.stop import StopKind
 pytestmark = pytest.mark.kvm
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _kvm_usable() -> str | None:
-    if not os.path.exists("/dev/kvm"):
-        return "/dev/kvm is missing"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "no permission on /dev/kvm"
-    return None
-
-
-@pytest.fixture(scope="session")
-def guests() -> Path:
-    reason = _kvm_usable()
-    if reason:
-        pytest.skip(reason)
-    from kvmpy.testing.guests import build_guests
-
-    try:
-        return build_guests()
-    except Exception as error:  # no gcc/make: say so
-        pytest.skip(f"cannot build the test guests: {error}")
-
-
-def kvmpy(*args: str, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    return subprocess.run(
-        [sys.executable, "-m", "kvmpy", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        **kwargs,  # type: ignore[arg-type]
-    )
-
-
-def start_kvmpy(*args: str) -> subprocess.Popen[str]:
-    """``kvmpy ARGS`` in the background, its output in pipes."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "kvmpy", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
-    )
 
 
 def boot(guest: Path, cmdline: str = "", **options: object):  # type: ignore[no-untyped-def]
@@ -315,3 +267,18 @@ def test_lab_scenario_watchdog_ends_a_guest_that_never_finishes(guests: Path) ->
     assert "serial_echo ready" in waiting.output and 3 <= waiting.wall_seconds < 30
     hello = run_scenario(Scenario("hello", str(guests / "hello.elf"), None, "x", memory="64M"))
     assert hello.status == 0 and "Hello from a kvmpy test guest!" in hello.output
+
+
+def test_a_guest_error_on_a_vcpu_exit_is_contained(guests: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Device code that blames the guest (GuestError) costs a count and a log line, not the VM."""
+    from kvmpy.devices.legacy.port_sinks import PostCode
+    from kvmpy.errors import GuestError
+
+    def refuse(self: object, offset: int, data: bytes) -> None:
+        raise GuestError("the guest wrote something this device refuses")
+
+    monkeypatch.setattr(PostCode, "write", refuse)
+    result, output = boot(guests / "pio_storm.elf", "count=100")
+    assert result.reason.kind is StopKind.DEBUG_EXIT and result.reason.status == 0, output
+    assert "pio_storm done 100" in output
+    assert sum(vcpu.guest_errors for vcpu in result.stats.vcpus) == 100

@@ -12,11 +12,24 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvmpy import __version__
 from kvmpy.errors import ConfigError, KvmpyError
-from kvmpy.vmm.config import MAX_VCPUS, DiskConfig, NetConfig, OnReboot, SerialConfig, VmConfig, parse_size
+from kvmpy.vmm.config import (
+    MAX_VCPUS,
+    DiskConfig,
+    NetConfig,
+    OnReboot,
+    SerialConfig,
+    SerialMode,
+    VmConfig,
+    parse_size,
+)
 from kvmpy.vmm.stop import StopKind
+
+if TYPE_CHECKING:
+    from kvmpy.vmm.vmm import RunResult
 
 #: Exit status for errors of kvmpy itself (as opposed to the guest's own status).
 EXIT_USAGE = 2
@@ -66,12 +79,21 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         default="serial",
         help="serial: the terminal is the 16550A (ttyS0); virtio: it is virtio-console (hvc0)",
     )
+    run.add_argument("--api-sock", type=Path, help="serve the Firecracker-compatible API on this Unix socket")
+    run.add_argument("--id", default="anonymous-instance", help="the VM's id (GET / reports it)")
+    run.add_argument("--config-file", type=Path, help="configure the VM from Firecracker's JSON, then start")
+    run.add_argument("--restore", type=Path, metavar="DIR", help="continue the VM snapshotted in DIR")
+    run.add_argument(
+        "--incoming", metavar="ADDRESS", help="become a VM migrated to tcp:HOST:PORT or unix:PATH"
+    )
+    run.add_argument("--no-api", action="store_true", help="no API socket (needs --config-file)")
     run.set_defaults(handler=_run_command)
 
 
 def _config_from_args(args: argparse.Namespace) -> VmConfig:
     kernel = args.kernel
-    if kernel is None:
+    given_vm = args.api_sock or args.config_file or args.restore or args.incoming
+    if kernel is None and not given_vm:
         kernel = _default_kernel(args)
     return VmConfig(
         kernel=kernel,
@@ -104,10 +126,63 @@ def _default_kernel(args: argparse.Namespace) -> Path:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    from kvmpy.vmm.runner import run_vm
+    if args.no_api and args.api_sock is not None:
+        raise ConfigError("--no-api and --api-sock exclude each other")
+    if args.no_api and args.config_file is None:
+        raise ConfigError("--no-api needs --config-file: without the API nothing could configure the VM")
+    takes_whole_vm = args.restore is not None or args.incoming is not None
+    if takes_whole_vm and (args.kernel or args.config_file or (args.restore and args.incoming)):
+        raise ConfigError("--restore and --incoming take the whole VM: no --kernel or --config-file")
+    if args.api_sock is None and not takes_whole_vm:
+        from kvmpy.vmm.runner import run_vm
+
+        if args.config_file is None:
+            return _report(args, run_vm(_config_from_args(args)))
+    return _report(args, _run_vmm(args))
+
+
+def _run_vmm(args: argparse.Namespace) -> RunResult:
+    """The VMM driven by the API and/or a config file: the socket is bound first of all."""
+    from kvmpy.vmm.actions import StartInstance
+    from kvmpy.vmm.vmm import Vmm
+
+    config = _config_from_args(args)
+    from kvmpy.vmm.runner import stdin_fileno, terminal_mode
+
+    stdin_fd = stdin_fileno() if config.serial.mode is SerialMode.STDIO else None
+    vmm = Vmm(config, vm_id=args.id, stdin_fd=stdin_fd)
+    server = None
+    if args.api_sock is not None:
+        from kvmpy.api.server import ApiServer
+
+        server = ApiServer(args.api_sock, vmm.submit)
+        server.start()
+    try:
+        if args.config_file is not None:
+            from kvmpy.api.config_file import load_config_file
+
+            for action in load_config_file(args.config_file):
+                vmm.submit(action)
+        if args.restore is not None:
+            from kvmpy.vmm.actions import LoadSnapshot
+
+            vmm.submit(LoadSnapshot(args.restore / "state", args.restore / "memory", resume_vm=True))
+        elif args.incoming is not None:
+            from kvmpy.vmm.actions import IncomingMigration
+
+            vmm.submit(IncomingMigration(args.incoming))
+        elif args.config_file is not None or args.kernel is not None:
+            vmm.submit(StartInstance())
+        with terminal_mode(stdin_fd):
+            return vmm.run()
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _report(args: argparse.Namespace, result: RunResult) -> int:
     from kvmpy.vmm.stats_report import format_stats
 
-    result = run_vm(_config_from_args(args))
     reason = result.reason
     if reason.kind in (StopKind.GUEST_ERROR, StopKind.HOST_ERROR):
         print(f"kvmpy: {reason.message}", file=sys.stderr)
@@ -119,7 +194,7 @@ def _run_command(args: argparse.Namespace) -> int:
                 print(f"  | {line}", file=sys.stderr)
     elif reason.kind in (StopKind.INTERRUPTED, StopKind.RESET):
         print(f"kvmpy: {reason.message}", file=sys.stderr)
-    if args.stats:
+    if args.stats and result.stats is not None:
         print(format_stats(result.stats), file=sys.stderr)
     return reason.status
 
@@ -167,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(subparsers)
     _add_demo_parser(subparsers)
-    for optional in ("kvmpy.lab.command", "kvmpy.bench.command"):
+    for optional in ("kvmpy.lab.command", "kvmpy.bench.command", "kvmpy.state.command", "kvmpy.ctl"):
         try:
             module = importlib.import_module(optional)
         except ImportError:

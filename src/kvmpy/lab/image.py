@@ -57,8 +57,14 @@ cmd=""
 for word in $(cat /proc/cmdline); do
     case "$word" in kvmpy.cmd=*) cmd="${word#kvmpy.cmd=}" ;; esac
 done
+# Ctrl-Alt-Del reaches init as SIGINT (the kernel's default, kernel.ctrl-alt-del = 0): this init
+# powers off. The command runs in the background so that the trap runs while init waits
+# (with the console as its input: a background job's would be /dev/null).
+trap 'echo "kvmpy-init: ctrl-alt-del"; poweroff -f' INT
 if [ -n "$cmd" ]; then
-    sh -c "$(echo "$cmd" | base64 -d)"
+    exec 3<&0
+    sh -c "$(echo "$cmd" | base64 -d)" <&3 &
+    wait $!
     echo "kvmpy-init: command exited $?"
     poweroff -f
 fi

@@ -72,6 +72,12 @@ class Scenario:
     #: Sample kvmpy with py-spy and report the innermost frames (kvmpy only): "boot" from
     #: the start, "workload" from the guest's init on (what its command does).
     profile: str = ""
+    #: "api": kvmpy starts with only ``args`` (which name ``--api-sock``) and the API driver
+    #: (kvmpy.lab.api_driver) configures, starts and operates the VM; its facts land in notes.
+    driver: str = ""
+
+
+API_FACTS_PREFIX = "api-facts "
 
 
 @dataclass
@@ -89,6 +95,8 @@ class ScenarioResult:
 
 
 def _kvmpy_command(scenario: Scenario) -> list[str]:
+    if scenario.driver:
+        return [sys.executable, "-m", "kvmpy", "run", *scenario.args]
     command = [sys.executable, "-m", "kvmpy", "run", "--kernel", scenario.kernel]
     if scenario.initrd:
         command += ["--initrd", scenario.initrd]
@@ -181,6 +189,7 @@ def run_scenario(scenario: Scenario) -> ScenarioResult:
         notes.append("py-spy is not installed: no profile")
         raw_profile = None
     result = _run_vm(scenario, raw_profile)
+    notes += result.notes
     for _ in range(scenario.retries):
         failure = _lab_failure(result)
         if failure is None:
@@ -188,6 +197,7 @@ def run_scenario(scenario: Scenario) -> ScenarioResult:
         notes.append(f"boot {result.wall_seconds:.0f} s ended in {failure}; booting again")
         print(f"kvmpy-scenario-retry {scenario.name}: {failure}", flush=True)
         result = _run_vm(scenario, raw_profile)
+        notes += result.notes
     notes.append(_shell(scenario.verify, scratch))
     result.notes = [note for note in notes if note]
     if raw_profile is not None and raw_profile.exists():
@@ -232,6 +242,9 @@ def _run_vm(scenario: Scenario, raw_profile: Path | None = None) -> ScenarioResu
     watch = _ConsoleWatch(scenario, process, started, py_spy_path, raw_profile)
     reader = threading.Thread(target=watch.follow, daemon=True)
     reader.start()
+    driver_facts: list[str] = []
+    if scenario.driver == "api":
+        threading.Thread(target=_drive_api, args=(scenario, watch, driver_facts), daemon=True).start()
     # A VMM stuck in the kernel survives SIGKILL and keeps its pipes open: give up on it
     # a minute after the watchdog fired rather than wait for its EOF for ever.
     give_up = started + scenario.timeout + KILL_GRACE_SECONDS
@@ -269,7 +282,23 @@ def _run_vm(scenario: Scenario, raw_profile: Path | None = None) -> ScenarioResu
         wall_seconds=time.monotonic() - started,
         output="\n".join(text.splitlines()[-40:]),
         stderr="\n".join(stderr.splitlines()[-60:]),
+        notes=driver_facts,
     )
+
+
+def _drive_api(scenario: Scenario, watch: _ConsoleWatch, facts_out: list[str]) -> None:
+    """Operate the VM through its API socket (a lab thread beside the VMM); facts to ``facts_out``."""
+    from kvmpy.lab.api_driver import ApiDriver
+
+    socket_path = scenario.args[scenario.args.index("--api-sock") + 1]
+    driver = ApiDriver(socket_path, lambda: watch.output.decode("utf-8", "replace"))
+    cmdline = f"{scenario.kernel_args} {encode_command(scenario.command)}"
+    try:
+        memory_mib = int(scenario.memory.rstrip("M"))
+        driver.drive(scenario.kernel, scenario.initrd, cmdline, scenario.cpus, memory_mib)
+    except Exception as error:  # the facts so far, and what stopped the driver
+        driver.facts["error"] = f"{type(error).__name__}: {error}"
+    facts_out.append(API_FACTS_PREFIX + json.dumps(driver.facts))
 
 
 class _ConsoleWatch:

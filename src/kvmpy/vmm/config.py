@@ -189,11 +189,11 @@ class VmConfig:
         """Raise ConfigError for anything that cannot work, before touching KVM."""
         if self.kernel is None:
             raise ConfigError("no kernel to boot: configure a boot source (--kernel or PUT /boot-source)")
-        _check_readable(self.kernel, "kernel")
+        check_readable(self.kernel, "kernel")
         if self.initrd is not None:
-            _check_readable(self.initrd, "initrd")
+            check_readable(self.initrd, "initrd")
         for disk in self.disks:
-            _check_readable(disk.path, "disk")
+            check_readable(disk.path, "disk")
         if self.console not in ("serial", "virtio"):
             raise ConfigError(f"invalid --console {self.console!r}: use serial or virtio")
         if not 1 <= self.cpus <= MAX_VCPUS:
@@ -208,7 +208,7 @@ class VmConfig:
             )
 
 
-def _check_readable(path: Path, what: str) -> None:
+def check_readable(path: Path, what: str) -> None:
     if not path.exists():
         raise ConfigError(f"{what} {path} does not exist")
     if not path.is_file():
@@ -240,6 +240,7 @@ __all__ = [
     "NetConfig",
     "RateLimiterConfig",
     "TokenBucketConfig",
+    "check_readable",
     "MIN_MEMORY",
     "OnReboot",
     "SerialConfig",

@@ -31,6 +31,8 @@ class VcpuExitStats:
     #: Writes KVM buffered in the coalesced ring instead of exiting, replayed by this vCPU,
     #: by (is port I/O, address).
     buffered: dict[tuple[bool, int], int] = field(default_factory=dict)
+    #: Guest errors raised by device code on this vCPU's exits (contained: the VM went on).
+    guest_errors: int = 0
     #: KVM's in-kernel counters for this vCPU at the end of the run (KVM_GET_STATS_FD).
     kernel: dict[str, int] = field(default_factory=dict)
 

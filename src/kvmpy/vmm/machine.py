@@ -1,22 +1,28 @@
 """The machine builder: the one place where KVM, memory, devices and the guest meet.
 
-``Machine(config)`` creates the VM, its RAM and memory slots, the in-kernel
-irqchip and PIT, the platform devices on their buses, the firmware tables,
-loads the kernel and prepares every vCPU. ``run()`` starts one thread per
-vCPU and returns a :class:`StopReason` once the VM is over. Nothing else in
-kvmpy wires components together.
+``Machine(config)`` builds: the VM, its RAM and memory slots, the in-kernel
+irqchip and PIT, the platform devices on their buses, and the vCPUs with
+their CPUID. ``boot_kernel()`` boots: firmware tables, the kernel and the
+vCPUs' boot state (a restore will set that state from a snapshot instead).
+``start()`` runs one thread per vCPU and the device event loop, ``pause()``
+and ``resume()`` park and release them, and ``finish()`` returns the
+:class:`StopReason` once the VM is over. Nothing else in kvmpy wires
+components together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
+import mmap
 import signal
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvmpy.abi import kvm as abi
 from kvmpy.arch.x86 import boot_cpu, layout
@@ -43,7 +49,7 @@ from kvmpy.vmm.event_loop import EventLoop
 from kvmpy.vmm.irq import KvmIrqLine
 from kvmpy.vmm.pci_platform import PciPlatform
 from kvmpy.vmm.stop import StopKind, StopReason
-from kvmpy.vmm.vcpu_thread import VcpuThread, describe_registers
+from kvmpy.vmm.vcpu_thread import KICK_SIGNAL, VcpuThread, describe_registers
 
 if TYPE_CHECKING:
     from kvmpy.virtio.devices.console import VirtioConsole
@@ -54,10 +60,11 @@ log = logging.getLogger("kvmpy.machine")
 
 _T = TypeVar("_T")
 
-#: The signal that kicks a vCPU thread out of KVM_RUN.
-KICK_SIGNAL = signal.SIGUSR1
 #: How long ``run()`` waits for vCPU threads after a stop request.
 STOP_TIMEOUT = 1.0
+#: How long a pause waits for every vCPU to park, and a vCPU query for its vCPU's next exit.
+PAUSE_TIMEOUT = 5.0
+ON_VCPU_TIMEOUT = 5.0
 
 # LAPIC LVT registers and delivery modes (the way firmware leaves them for the OS).
 _APIC_LVT_LINT0 = 0x350
@@ -89,40 +96,87 @@ QUIET_PORT_RANGES: tuple[tuple[int, int, str], ...] = (
 class Machine:
     """One VM built from a :class:`VmConfig`."""
 
-    def __init__(self, config: VmConfig, *, serial_sink: ConsoleSink | None = None) -> None:
+    def __init__(
+        self,
+        config: VmConfig,
+        *,
+        serial_sink: ConsoleSink | None = None,
+        memory: GuestMemory | None = None,
+    ) -> None:
+        """Build the machine (KVM objects, RAM, devices, vCPUs) without booting it.
+
+        A failure halfway closes everything built so far: no file descriptor
+        or mapping outlives a failed build.
+        """
         self.config = config
-        self.system = System()
-        self.vm = self.system.create_vm()
-        self.pio_bus = Bus("pio")
-        self.mmio_bus = Bus("mmio")
+        self._resources = contextlib.ExitStack()
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
         self.stop_reason: StopReason | None = None
         self.threads: list[VcpuThread] = []
+        self._pause_cond = threading.Condition()
+        self.pause_requested = False
+        self.paused = False
+        #: Called (from any thread) once, with the first stop reason.
+        self.on_stop: Callable[[StopReason], None] | None = None
+        self._given_memory = memory
+        try:
+            self._build(serial_sink)
+        except BaseException:
+            self._resources.close()
+            raise
+
+    def _build(self, serial_sink: ConsoleSink | None) -> None:
+        closing = self._resources.callback
+        if self._given_memory is not None:
+            closing(self._given_memory.close)  # ours from now on, even if the build fails
+        self.system = System()
+        closing(self.system.close)
+        self.vm = self.system.create_vm()
+        closing(self.vm.close)
+        self.pio_bus = Bus("pio")
+        self.mmio_bus = Bus("mmio")
         self._setup_platform()
         self.memory = self._setup_memory()
+        if self._given_memory is None:
+            closing(self.memory.close)
         self.console = ConsoleOutput(self._serial_sink(serial_sink))
+        closing(self.console.flush)
         self._setup_devices()
         self.events = EventLoop()
+        closing(self.events.stop)
         self.pci = PciPlatform(self.vm, self.memory, self.pio_bus, self.mmio_bus, self.events)
+        closing(self.pci.close)
         self._setup_virtio()
-        self.rsdp_address = self._setup_firmware()
-        assert config.kernel is not None, "validate the config before building a machine"
+        self._supported_cpuid = [_to_entry(e) for e in self.system.supported_cpuid()]
+        self._tsc_deadline = bool(self.system.check_extension(abi.KVM_CAP_TSC_DEADLINE_TIMER))
+        self.vcpus: list[Vcpu] = []
+        for index in range(self.config.cpus):
+            vcpu = self.vm.create_vcpu(index)
+            closing(vcpu.close)
+            self.vcpus.append(vcpu)
+            self._setup_cpuid(vcpu)
+        #: Writes KVM buffered instead of exiting; every vCPU thread replays them before its exit.
+        coalescing = self.pci.coalesced_pio or any(self._coalescing)
+        self.coalesced = self.vcpus[0].coalesced_ring() if coalescing else None
+        self.coalesced_lock = threading.Lock()
+        self.boot: BootSetup | None = None
+
+    def boot_kernel(self) -> None:
+        """Firmware tables, the kernel and its boot information, and every vCPU's boot state."""
+        config = self.config
+        assert config.kernel is not None, "validate the config before booting a machine"
+        rsdp_address = self._setup_firmware()
         self.boot = load_kernel(
             self.memory,
             config.kernel,
             initrd=config.initrd,
             cmdline=config.cmdline,
             flat_address=config.flat_address,
-            rsdp_address=self.rsdp_address,
+            rsdp_address=rsdp_address,
         )
-        supported = [_to_entry(e) for e in self.system.supported_cpuid()]
-        tsc_deadline = bool(self.system.check_extension(abi.KVM_CAP_TSC_DEADLINE_TIMER))
-        self.vcpus = [self._setup_vcpu(i, supported, tsc_deadline) for i in range(config.cpus)]
-        #: Writes KVM buffered instead of exiting; every vCPU thread replays them before its exit.
-        coalescing = self.pci.coalesced_pio or any(self._coalescing)
-        self.coalesced = self.vcpus[0].coalesced_ring() if coalescing else None
-        self.coalesced_lock = threading.Lock()
+        for vcpu in self.vcpus:
+            self._setup_vcpu_boot_state(vcpu)
         self._setup_boot_vcpu(self.vcpus[0], self.boot)
 
     # --- building -------------------------------------------------------------------
@@ -133,10 +187,54 @@ class Machine:
         self.vm.create_pit()
 
     def _setup_memory(self) -> GuestMemory:
-        memory = GuestMemory.anonymous(layout.ram_ranges(self.config.memory), hugepages=self.config.hugepages)
+        memory = self._given_memory  # a restore's memory file, mapped privately
+        if memory is None:
+            ranges = layout.ram_ranges(self.config.memory)
+            memory = GuestMemory.anonymous(ranges, hugepages=self.config.hugepages)
+        flags = abi.KVM_MEM_LOG_DIRTY_PAGES if self.config.track_dirty_pages else 0
         for slot, region in enumerate(memory):
-            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address())
+            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address(), flags)
+        self.tracking_dirty = self.config.track_dirty_pages
+        if self.tracking_dirty:
+            memory.track_writes()
         return memory
+
+    def start_dirty_tracking(self) -> None:
+        """Log dirty pages from now on (a migration starts it on a running VM)."""
+        for slot, region in enumerate(self.memory):
+            self.vm.set_user_memory_region(
+                slot, region.gpa, region.size, region.host_address(), abi.KVM_MEM_LOG_DIRTY_PAGES
+            )
+        self.memory.track_writes()
+        self.tracking_dirty = True
+
+    def stop_dirty_tracking(self) -> None:
+        """Back to untracked slots, unless the configuration asked for tracking throughout."""
+        if self.config.track_dirty_pages or not self.tracking_dirty:
+            return
+        for slot, region in enumerate(self.memory):
+            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address())
+        self.tracking_dirty = False
+
+    def take_dirty_pages(self) -> list[list[int]]:
+        """Per RAM region, the pages written since the last call, by the guest (KVM's dirty
+        log) or by the VMM (GuestMemory's record); needs dirty tracking on."""
+        if not self.tracking_dirty:
+            raise HostError("dirty pages are tracked only with track_dirty_pages (machine-config)")
+        written = self.memory.take_written()
+        pages: list[list[int]] = []
+        for slot, (region, by_vmm) in enumerate(zip(self.memory, written, strict=True)):
+            count = region.size // mmap.PAGESIZE
+            bitmap = self.vm.get_dirty_log(slot, count)
+            words = memoryview(bitmap).cast("Q")
+            by_guest = {
+                index * 64 + bit
+                for index, word in enumerate(words) if word
+                for bit in range(64) if word >> bit & 1
+            }
+            by_guest.update(page for page, flag in enumerate(by_vmm) if flag)
+            pages.append(sorted(page for page in by_guest if page < count))
+        return pages
 
     def _serial_sink(self, override: ConsoleSink | None) -> ConsoleSink | None:
         if override is not None:
@@ -147,9 +245,11 @@ class Machine:
         if serial.mode is SerialMode.FILE:
             assert serial.path is not None
             try:
-                return FileSink(serial.path.open("ab"))  # capped at console.FILE_LIMIT
+                sink = FileSink(serial.path.open("ab"))  # capped at console.FILE_LIMIT
             except OSError as error:
                 raise HostError(f"cannot open serial output {serial.path}: {error.strerror}") from None
+            self._resources.callback(sink.close)
+            return sink
         return None
 
     def _add_pio(self, base: int, size: int, device: BusDevice, name: str) -> None:
@@ -159,8 +259,10 @@ class Machine:
         self.serial = Uart16550(irq=KvmIrqLine(self.vm, layout.COM1_IRQ), output=self.console.write)
         self._add_pio(layout.COM1_PORT, 8, self.serial, "serial (COM1)")
         self._add_pio(layout.DEBUG_EXIT_PORT, 1, DebugExit(on_exit=self._debug_exit), "debug-exit")
-        self._add_pio(layout.I8042_DATA_PORT, 5, I8042(on_reset=self._reset), "i8042")
-        self._add_pio(layout.RTC_PORT, 2, CmosRtc(), "rtc")
+        self.i8042 = I8042(on_reset=self._reset, irq=KvmIrqLine(self.vm, layout.I8042_KBD_IRQ))
+        self._add_pio(layout.I8042_DATA_PORT, 5, self.i8042, "i8042")
+        self.rtc = CmosRtc()
+        self._add_pio(layout.RTC_PORT, 2, self.rtc, "rtc")
         # Writes whose effect the guest only sees at its next access to the device, which
         # exits, wait in KVM's coalesced ring instead of exiting: a byte for the 16550A's THR
         # (Linux reads LSR before each byte, and IIR after each burst from its interrupt
@@ -169,14 +271,10 @@ class Machine:
         self._coalescing = [
             self.vm.register_coalesced_pio(port, 1) for port in (layout.COM1_PORT, layout.RTC_PORT)
         ]
-        self._add_pio(
-            layout.ACPI_PM1_EVENT_PORT,
-            acpi_pm.SIZE,
-            AcpiPm(
-                on_poweroff=self._poweroff, on_reset=self._reset, irq=KvmIrqLine(self.vm, layout.ACPI_SCI_IRQ)
-            ),
-            "acpi-pm",
+        self.acpi_pm = AcpiPm(
+            on_poweroff=self._poweroff, on_reset=self._reset, irq=KvmIrqLine(self.vm, layout.ACPI_SCI_IRQ)
         )
+        self._add_pio(layout.ACPI_PM1_EVENT_PORT, acpi_pm.SIZE, self.acpi_pm, "acpi-pm")
         self._add_pio(layout.PVPANIC_PORT, 1, PvPanic(on_panic=self._panic), "pvpanic")
         self._add_pio(layout.POST_CODE_PORT, 1, PostCode(), "post-code (0x80)")
         for base, size, name in QUIET_PORT_RANGES:
@@ -244,17 +342,18 @@ class Machine:
         write_acpi_tables(self.memory, tables)
         return tables.rsdp_address
 
-    def _setup_vcpu(self, index: int, supported: list[CpuidEntry], tsc_deadline: bool) -> Vcpu:
-        """vCPU ``index`` with its CPUID made from KVM's ``supported`` one, MSRs, FPU and LAPIC."""
-        vcpu = self.vm.create_vcpu(index)
+    def _setup_cpuid(self, vcpu: Vcpu) -> None:
+        """The guest's CPUID for ``vcpu``, made from what KVM supports (part of building)."""
         guest = build_guest_cpuid(
-            supported, vcpu_id=index, n_vcpus=self.config.cpus, tsc_deadline=tsc_deadline
+            self._supported_cpuid, vcpu_id=vcpu.id, n_vcpus=self.config.cpus, tsc_deadline=self._tsc_deadline
         )
         vcpu.set_cpuid([_from_entry(e) for e in guest])
+
+    def _setup_vcpu_boot_state(self, vcpu: Vcpu) -> None:
+        """MSRs, FPU and LAPIC as firmware leaves them for the OS (part of booting)."""
         vcpu.set_msrs(boot_msrs())
         vcpu.set_fpu(boot_cpu.boot_fpu())
         self._setup_lapic(vcpu)
-        return vcpu
 
     @staticmethod
     def _setup_lapic(vcpu: Vcpu) -> None:
@@ -280,6 +379,10 @@ class Machine:
         vcpu.set_sregs(sregs)
         vcpu.set_regs(regs)
 
+    def send_ctrl_alt_del(self) -> None:
+        """Ctrl-Alt-Del on the keyboard: the guest decides what it means (Linux: SIGINT to init)."""
+        self.i8042.send_ctrl_alt_del()
+
     # --- device callbacks -----------------------------------------------------------
     def _debug_exit(self, code: int) -> None:
         self.request_stop(StopReason(StopKind.DEBUG_EXIT, code, f"guest wrote {code} to debug-exit"))
@@ -298,18 +401,30 @@ class Machine:
         self.request_stop(StopReason(StopKind.RESET, 0, "guest rebooted"))
 
     # --- running --------------------------------------------------------------------
-    def run(self) -> StopReason:
-        """Run every vCPU until the VM stops; Ctrl-C stops it too."""
+    def start(self, *, paused: bool = False) -> None:
+        """Start the device event loop and one thread per vCPU (from the main thread).
+
+        ``paused``: the vCPUs park before their first KVM_RUN (a restored VM
+        that is not resumed yet).
+        """
         _install_kick_handler()
         self.events.start()
         self.threads = [VcpuThread(self, vcpu) for vcpu in self.vcpus]
+        if paused:
+            self.pause_requested = True
+            for thread in self.threads:
+                thread.control = True
         for thread in self.threads:
             thread.start()
-        try:
-            while not self._stopped.wait(0.25):
-                pass
-        except KeyboardInterrupt:
-            self.request_stop(StopReason(StopKind.INTERRUPTED, 130, "interrupted from the host"))
+        if paused:
+            self._wait_until_parked()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the VM has been asked to stop; True once it has."""
+        return self._stopped.wait(timeout)
+
+    def finish(self) -> StopReason:
+        """After a stop: join the vCPU threads, apply the last buffered writes, stop the devices."""
         self._join_threads()
         if self.threads:  # writes buffered after the last exit: the console's last bytes
             self.threads[0].replay_coalesced()
@@ -318,29 +433,107 @@ class Machine:
         assert self.stop_reason is not None
         return self.stop_reason
 
-    def on_vcpu(self, index: int, work: Callable[[Vcpu], _T]) -> _T:
-        """Run ``work(vcpu)`` where it may touch the vCPU's state: KVM refuses vCPU ioctls
-        from other threads while the vCPU is inside KVM_RUN (they wait for its next exit).
+    def run(self) -> StopReason:
+        """Run every vCPU until the VM stops; Ctrl-C stops it too."""
+        self.start()
+        try:
+            while not self.wait(0.25):
+                pass
+        except KeyboardInterrupt:
+            self.request_stop(StopReason(StopKind.INTERRUPTED, 130, "interrupted from the host"))
+        return self.finish()
 
-        Until the vCPU threads run (and once they are parked or gone) ``work`` runs here.
+    # --- pause and resume -------------------------------------------------------------
+    def pause(self) -> None:
+        """Park every vCPU outside KVM_RUN, apply buffered writes, quiesce the devices.
+
+        Then tell the guest's kvmclock it was stopped (KVM_KVMCLOCK_CTRL), so
+        Linux's watchdogs do not call the pause a soft lockup. Idempotent.
+        """
+        with self._pause_cond:
+            if self.pause_requested:
+                return
+            self.pause_requested = True
+        for thread in self.threads:
+            thread.kick()
+        self._wait_until_parked()
+
+    def _wait_until_parked(self) -> None:
+        deadline = time.monotonic() + PAUSE_TIMEOUT
+        with self._pause_cond:
+            while not all(t.parked or not t.is_alive() for t in self.threads):
+                if time.monotonic() > deadline:
+                    raise HostError(f"vCPUs did not pause within {PAUSE_TIMEOUT:.0f} s")
+                self._pause_cond.wait(0.05)
+                for thread in self.threads:
+                    if not thread.parked and thread.is_alive():
+                        thread.kick()  # it was between its check and KVM_RUN
+        self.events.pause()
+        for vcpu in self.vcpus:
+            vcpu.kvmclock_ctrl()
+        self.paused = True
+
+    def park(self, thread: VcpuThread) -> None:
+        """Called by a vCPU thread that saw the pause: wait here until resume or stop."""
+        with self._pause_cond:
+            thread.parked = True
+            self._pause_cond.notify_all()
+            while self.pause_requested and not thread.stopping:
+                self._pause_cond.wait(0.5)
+            thread.parked = False
+
+    def resume(self) -> None:
+        """Continue exactly where the pause stopped (idempotent)."""
+        self.events.resume()
+        with self._pause_cond:
+            self.pause_requested = False
+            self.paused = False
+            self._pause_cond.notify_all()
+
+    def on_vcpu(self, index: int, work: Callable[[Vcpu], _T]) -> _T:
+        """Run ``work(vcpu)`` where it may touch the vCPU's state: KVM makes vCPU ioctls
+        from other threads wait while the vCPU is inside KVM_RUN.
+
+        While the VM runs, the work runs on the vCPU's own thread at its next
+        exit (it is kicked for that); while the vCPU is parked, not started or
+        gone, it runs here.
         """
         if not 0 <= index < len(self.vcpus):
             raise HostError(f"there is no vCPU {index} (this VM has {len(self.vcpus)})")
-        return work(self.vcpus[index])
+        vcpu = self.vcpus[index]
+        thread = self.threads[index] if index < len(self.threads) else None
+        call = _VcpuCall(lambda: work(vcpu))
+        if thread is None or not thread.is_alive() or thread.parked:
+            call.run()
+            return call.result()
+        thread.call(call.run)
+        deadline = time.monotonic() + ON_VCPU_TIMEOUT
+        while not call.done.wait(0.02):
+            if thread.parked or not thread.is_alive():
+                call.run()  # no-op if the vCPU thread already took it
+            elif time.monotonic() > deadline:
+                raise HostError(f"vCPU {index} did not answer within {ON_VCPU_TIMEOUT:.0f} s")
+        return call.result()
 
+    # --- stopping ---------------------------------------------------------------------
     def request_stop(self, reason: StopReason) -> None:
         """Stop the VM (from any thread); the first reason given wins."""
         with self._stop_lock:
-            if self.stop_reason is None:
+            first = self.stop_reason is None
+            if first:
                 self.stop_reason = reason
             for thread in self.threads:
                 thread.stopping = True
                 thread.vcpu.set_immediate_exit(True)
             self._stopped.set()
+        with self._pause_cond:
+            self._pause_cond.notify_all()  # parked vCPUs see ``stopping``
         current = threading.get_ident()
         for thread in self.threads:
             if thread.ident is not None and thread.ident != current and thread.is_alive():
                 signal.pthread_kill(thread.ident, KICK_SIGNAL)
+        if first and self.on_stop is not None:
+            self.on_stop(reason)
 
     def _join_threads(self) -> None:
         for thread in self.threads:
@@ -350,12 +543,37 @@ class Machine:
                 thread.join(0.05)
 
     def close(self) -> None:
-        self.pci.close()
-        for vcpu in self.vcpus:
-            vcpu.close()
-        self.vm.close()
-        self.system.close()
-        self.memory.close()
+        """Release everything the build took, in reverse order (safe to call twice)."""
+        self._resources.close()
+
+
+class _VcpuCall:
+    """One piece of work for a vCPU, run exactly once by whichever thread claims it first."""
+
+    def __init__(self, work: Callable[[], object]) -> None:
+        self._work = work
+        self._claim = threading.Lock()
+        self._claimed = False
+        self.done = threading.Event()
+        self._value: object = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        with self._claim:
+            if self._claimed:
+                return
+            self._claimed = True
+        try:
+            self._value = self._work()
+        except BaseException as error:  # handed to the caller, raised on its thread
+            self._error = error
+        finally:
+            self.done.set()
+
+    def result(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _install_kick_handler() -> None:

@@ -1,32 +1,14 @@
-"""Run a VM from a config to its end: build, run, reboot if asked, report."""
+"""Run a VM from a config to its end: the command line's way of driving a :class:`Vmm`."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
-import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from kvmpy.vmm.config import OnReboot, SerialMode, VmConfig, host_memory_bytes
-from kvmpy.vmm.console import ConsoleSink, InputPump, terminal_input_mode
-from kvmpy.vmm.machine import Machine
-from kvmpy.vmm.stats_report import MachineStats, collect
-from kvmpy.vmm.stop import StopKind, StopReason
-
-if TYPE_CHECKING:
-    from kvmpy.vmm.console_socket import ConsoleSocket
-
-#: A guest that resets this many times in a row without doing anything else is stopped.
-MAX_REBOOTS = 100
-
-
-@dataclass(frozen=True, slots=True)
-class RunResult:
-    reason: StopReason
-    stats: MachineStats
-    boots: int
-    console_tail: tuple[str, ...]
+from kvmpy.vmm.actions import StartInstance
+from kvmpy.vmm.config import SerialMode, VmConfig
+from kvmpy.vmm.console import ConsoleSink, terminal_input_mode
+from kvmpy.vmm.vmm import RunResult, Vmm
 
 
 def run_vm(
@@ -38,64 +20,20 @@ def run_vm(
     ``config.on_reboot`` says to exit. ``stdin_fd`` feeds the serial console
     (default: standard input when the console is on stdio).
     """
-    config.validate(host_memory_bytes())
     if stdin_fd is None and config.serial.mode is SerialMode.STDIO and serial_sink is None:
-        stdin_fd = _stdin_fd()
-    console_socket: ConsoleSocket | None = None
-    if config.serial.mode is SerialMode.UNIX and serial_sink is None:
-        assert config.serial.path is not None
-        from kvmpy.vmm.console_socket import ConsoleSocket  # loaded only for a socket console
-
-        console_socket = ConsoleSocket(config.serial.path)
-    try:
-        if console_socket is not None:
-            serial_sink, stdin_fd = console_socket.accept()
-        return _boot_until_done(config, serial_sink, stdin_fd)
-    finally:
-        if console_socket is not None:
-            console_socket.close()
+        stdin_fd = stdin_fileno()
+    vmm = Vmm(config, serial_sink=serial_sink, stdin_fd=stdin_fd)
+    with terminal_mode(stdin_fd):
+        vmm.submit(StartInstance())
+        return vmm.run()
 
 
-def _boot_until_done(config: VmConfig, serial_sink: ConsoleSink | None, stdin_fd: int | None) -> RunResult:
-    boots = 0
-    while True:
-        boots += 1
-        result = _boot_once(config, serial_sink, stdin_fd, boots)
-        if result.reason.kind is not StopKind.RESET or config.on_reboot is OnReboot.EXIT:
-            return result
-        if boots > MAX_REBOOTS:
-            return result
+def terminal_mode(stdin_fd: int | None) -> contextlib.AbstractContextManager[None]:
+    """Character-at-a-time terminal input while the VM runs, if input comes from a terminal."""
+    return terminal_input_mode(stdin_fd) if stdin_fd is not None else contextlib.nullcontext()
 
 
-def _boot_once(
-    config: VmConfig, serial_sink: ConsoleSink | None, stdin_fd: int | None, boots: int
-) -> RunResult:
-    machine = Machine(config, serial_sink=serial_sink)
-    try:
-        pump = InputPump(stdin_fd, machine.console_input) if stdin_fd is not None else None
-        mode = terminal_input_mode(stdin_fd) if stdin_fd is not None else contextlib.nullcontext()
-        started = time.monotonic()
-        with mode:
-            if pump is not None:
-                pump.start()
-            try:
-                reason = machine.run()
-            finally:
-                if pump is not None:
-                    pump.stop()
-                    pump.join(1.0)
-        stats = collect(
-            time.monotonic() - started,
-            [thread.stats for thread in machine.threads],
-            machine.pio_bus,
-            machine.mmio_bus,
-        )
-        return RunResult(reason, stats, boots, tuple(machine.console.last_lines()))
-    finally:
-        machine.close()
-
-
-def _stdin_fd() -> int | None:
+def stdin_fileno() -> int | None:
     try:
         fd = sys.stdin.fileno()
     except (AttributeError, ValueError, OSError):
@@ -103,4 +41,4 @@ def _stdin_fd() -> int | None:
     return fd
 
 
-__all__ = ["RunResult", "run_vm"]
+__all__ = ["RunResult", "run_vm", "stdin_fileno", "terminal_mode"]

@@ -11,6 +11,7 @@ class StopKind(Enum):
     DEBUG_EXIT = "debug-exit"  # the guest wrote its exit status to the debug-exit port
     RESET = "reset"  # the guest asked for a reboot
     INTERRUPTED = "interrupted"  # Ctrl-C or a signal on the host
+    STOPPED = "stopped"  # the host asked through the API or the monitor
     GUEST_ERROR = "guest-error"  # triple fault, internal error, failed entry
     HOST_ERROR = "host-error"  # an ioctl or the VMM itself failed
 

@@ -9,16 +9,20 @@ says the VM is over.
 
 from __future__ import annotations
 
+import collections
 import logging
+import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvmpy.abi import kvm as abi
 from kvmpy.bus import Bus
-from kvmpy.errors import KvmpyError
+from kvmpy.errors import GuestError, HostError, KvmpyError
 from kvmpy.kvm import Vcpu, exits
 from kvmpy.kvm.binary_stats import BinaryStats
+from kvmpy.ratelimit import guest_log
 from kvmpy.vmm.exit_stats import VcpuExitStats
 from kvmpy.vmm.stop import StopKind, StopReason
 
@@ -27,8 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvmpy.vcpu")
 
-#: How many distinct unclaimed addresses get a log line each; the rest are only counted.
-MAX_UNHANDLED_REPORTS = 16
+#: Distinct unclaimed addresses remembered so each logs once (bounded: a guest can probe them all).
+MAX_REPORTED_ADDRESSES = 256
+#: The signal that kicks a vCPU thread out of KVM_RUN (a no-op handler is installed for it).
+KICK_SIGNAL = signal.SIGUSR1
 
 _SYSTEM_EVENT_NAMES = {
     abi.KVM_SYSTEM_EVENT_SHUTDOWN: "shutdown",
@@ -38,7 +44,16 @@ _SYSTEM_EVENT_NAMES = {
 
 
 class VcpuThread(threading.Thread):
-    """Runs one vCPU until the machine stops."""
+    """Runs one vCPU until the machine stops.
+
+    Other threads reach it between two exits: ``call(work)`` runs ``work`` on
+    this thread (KVM makes vCPU ioctls from elsewhere wait for the vCPU to
+    leave KVM_RUN), and the machine's pause parks it outside KVM_RUN. Both go
+    through ``kick()``: queue the request, set ``immediate_exit`` so a
+    KVM_RUN about to start returns at once, then signal the thread so a
+    KVM_RUN in progress returns. The thread clears ``immediate_exit`` before
+    it serves requests, so none is lost between the two.
+    """
 
     def __init__(self, machine: Machine, vcpu: Vcpu) -> None:
         super().__init__(name=f"vcpu{vcpu.id}", daemon=True)
@@ -49,13 +64,43 @@ class VcpuThread(threading.Thread):
         self._pio: Bus = machine.pio_bus
         self._mmio: Bus = machine.mmio_bus
         self._reported: set[tuple[str, int]] = set()
+        #: Set by other threads when there is something to do between exits.
+        self.control = False
+        self._requests: collections.deque[Callable[[], None]] = collections.deque()
+        #: True while parked outside KVM_RUN by a pause.
+        self.parked = False
+
+    # --- control from other threads --------------------------------------------------------
+    def kick(self) -> None:
+        """Make the vCPU leave KVM_RUN and look at ``control`` (any thread)."""
+        self.control = True
+        self.vcpu.set_immediate_exit(True)
+        ident = self.ident
+        if ident is not None and ident != threading.get_ident() and self.is_alive():
+            signal.pthread_kill(ident, KICK_SIGNAL)
+
+    def call(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on this thread at its next exit (the caller waits for it its own way)."""
+        self._requests.append(work)
+        self.kick()
+
+    def _serve_control(self) -> None:
+        self.control = False
+        self.vcpu.set_immediate_exit(self.stopping)
+        while self._requests:
+            self._requests.popleft()()
+        if self.machine.pause_requested and not self.stopping:
+            self.replay_coalesced()
+            self.machine.park(self)
 
     def run(self) -> None:
         kernel_stats = self._open_kernel_stats()
         try:
             self._loop()
-        except KvmpyError as error:
-            self.machine.request_stop(self._error_stop(StopKind.HOST_ERROR, str(error)))
+        except HostError as error:
+            self.machine.request_stop(self._error_stop(StopKind.HOST_ERROR, f"host error: {error}"))
+        except KvmpyError as error:  # neither root: a bug in kvmpy's error handling
+            self.machine.request_stop(self._error_stop(StopKind.HOST_ERROR, f"internal error: {error}"))
         except Exception as error:  # a bug in kvmpy: stop the VM, keep the traceback in the log
             log.exception("vCPU %d crashed", self.vcpu.id)
             self.machine.request_stop(
@@ -77,12 +122,19 @@ class VcpuThread(threading.Thread):
         vcpu, stats, ring = self.vcpu, self.stats, self.machine.coalesced
         clock = time.perf_counter_ns
         while not self.stopping:
+            if self.control:
+                self._serve_control()
+                continue
             entered = clock()
             exit_ = vcpu.run()
             returned = clock()
-            if ring is not None and ring.pending():
-                self.replay_coalesced()
-            stop = self._handle(exit_)
+            try:
+                if ring is not None and ring.pending():
+                    self.replay_coalesced()
+                stop = self._handle(exit_)
+            except GuestError as error:  # the guest's fault: contained, counted, the VM goes on
+                stop = None
+                self._guest_error(exit_, error)
             stats.record(exit_.reason, returned - entered, clock() - returned)
             if stop is not None:
                 self.machine.request_stop(stop)
@@ -123,6 +175,12 @@ class VcpuThread(threading.Thread):
                     StopKind.GUEST_ERROR, f"vCPU {self.vcpu.id}: unhandled exit {exit_!r}"
                 )
         return None
+
+    def _guest_error(self, exit_: exits.VmExit, error: GuestError) -> None:
+        self.stats.guest_errors += 1
+        key = ("vcpu-guest-error", exit_.reason)
+        message = "vCPU %d: guest error on an %s exit: %s (the VM goes on)"
+        guest_log.warning(log, key, message, self.vcpu.id, exit_.reason, error)
 
     # --- port I/O and MMIO --------------------------------------------------------------
     def replay_coalesced(self) -> None:
@@ -167,19 +225,20 @@ class VcpuThread(threading.Thread):
 
     def _report_unhandled(self, kind: str, address: int, is_write: bool, size: int) -> None:
         key = (kind, address)
-        if key in self._reported or len(self._reported) >= MAX_UNHANDLED_REPORTS:
-            return
-        self._reported.add(key)
-        rip = self.vcpu.get_regs().rip
+        if key in self._reported:
+            return  # each address logs once; the bus counts every access
+        if len(self._reported) < MAX_REPORTED_ADDRESSES:
+            self._reported.add(key)
         access = "write to" if is_write else "read from"
-        log.warning(
-            "vCPU %d: %d-byte %s unclaimed %s %#x at RIP %#x (%s; further ones only counted)",
+        guest_log.warning(
+            log,
+            "unclaimed-access",
+            "vCPU %d: %d-byte %s unclaimed %s %#x (%s; further ones only counted)",
             self.vcpu.id,
             size,
             access,
             kind,
             address,
-            rip,
             "reads see all-ones" if not is_write else "dropped",
         )
 

@@ -1,9 +1,12 @@
-"""Enough of the i8042 keyboard controller for Linux to probe it and to reset through it.
+"""The i8042 keyboard controller with a PS/2 keyboard: Linux probes it, resets through it,
+and the host sends it Ctrl-Alt-Del.
 
 Linux's i8042 driver reads the status port, flushes the output buffer,
 reads and writes the command byte and runs the controller self-test; its
-reboot path pulses the CPU reset line with command 0xFE. No keyboard is
-attached: port tests report "no device", so the driver gives up quietly.
+reboot path pulses the CPU reset line with command 0xFE. A keyboard is
+attached (see :mod:`ps2_keyboard`): bytes from it land in the output buffer
+and raise IRQ 1 while the command byte enables the keyboard interrupt. No
+mouse: the auxiliary port test reports "no device".
 
 Port 0x61 (system control port B, offset 1 here) sits inside the range: it
 reads the refresh-toggle bit 4 flipping on each read, which is what old
@@ -13,9 +16,12 @@ delay loops poll, and the PIT channel 2 gate bits the guest wrote.
 from __future__ import annotations
 
 import collections
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvmpy.bus.device import InterruptLine
+from kvmpy.devices.legacy.ps2_keyboard import Ps2Keyboard
 from kvmpy.errors import RestoreError
 
 DATA = 0  # port 0x60
@@ -41,8 +47,13 @@ CMD_WRITE_AUX = 0xD4
 CMD_PULSE_RESET = 0xFE
 
 SELF_TEST_OK = 0x55
+PORT_TEST_OK = 0x00
 PORT_TEST_NO_DEVICE = 0x01  # "clock line stuck low": nothing plugged in
+#: Bytes waiting for the guest to read them; more are dropped (a real controller holds one).
 OUTPUT_BUFFER_LIMIT = 16
+COMMAND_BYTE_KBD_INTERRUPT = 0x01
+COMMAND_BYTE_KBD_DISABLED = 0x10
+COMMAND_BYTE_TRANSLATE = 0x40
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +68,11 @@ class I8042State:
 class I8042:
     """The controller's registers; ``on_reset`` is called for a CPU reset request."""
 
-    def __init__(self, on_reset: Callable[[], None]) -> None:
+    def __init__(self, on_reset: Callable[[], None], irq: InterruptLine | None = None) -> None:
         self._on_reset = on_reset
+        self._irq = irq
+        self._lock = threading.Lock()
+        self.keyboard = Ps2Keyboard(self._from_keyboard)
         self._command_byte = 0x45  # translate, system flag, keyboard interrupt on
         self._output_port = 0x01  # A20 gate... bit 0 = not in reset
         self._pending_command = 0
@@ -67,9 +81,15 @@ class I8042:
         self._last_was_command = False
 
     def read(self, offset: int, data: memoryview) -> None:
+        with self._lock:
+            self._read(offset, data)
+
+    def _read(self, offset: int, data: memoryview) -> None:
         value = 0xFF
         if offset == DATA:
             value = self._output.popleft() if self._output else 0
+            if self._output:
+                self._interrupt()  # the next byte is ready
         elif offset == COMMAND_STATUS:
             value = self._status()
         elif offset == PORT_B:
@@ -80,7 +100,10 @@ class I8042:
     def write(self, offset: int, data: bytes) -> None:
         if not data:
             return
-        value = data[0]
+        with self._lock:
+            self._write(offset, data[0])
+
+    def _write(self, offset: int, value: int) -> None:
         if offset == DATA:
             self._last_was_command = False
             self._write_data(value)
@@ -105,7 +128,9 @@ class I8042:
             self._pending_command = command
         elif command == CMD_SELF_TEST:
             self._output.append(SELF_TEST_OK)
-        elif command in (CMD_TEST_KBD, CMD_TEST_AUX):
+        elif command == CMD_TEST_KBD:
+            self._output.append(PORT_TEST_OK)
+        elif command == CMD_TEST_AUX:
             self._output.append(PORT_TEST_NO_DEVICE)
         elif command == CMD_DISABLE_KBD:
             self._command_byte |= 0x10
@@ -128,7 +153,26 @@ class I8042:
             self._output_port = value
             if not value & 0x01:
                 self._on_reset()
-        # Bytes for a (missing) keyboard or mouse are dropped: nothing answers them.
+        elif command == CMD_WRITE_AUX:
+            pass  # no mouse: nothing answers
+        else:
+            self._command_byte &= ~COMMAND_BYTE_KBD_DISABLED  # writing to the keyboard enables it
+            self.keyboard.send(value)
+
+    def _from_keyboard(self, data: bytes) -> None:
+        """Bytes from the keyboard (lock held): into the output buffer, and IRQ 1 if enabled."""
+        self._output.extend(data)
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        if self._irq is not None and self._command_byte & COMMAND_BYTE_KBD_INTERRUPT:
+            self._irq.pulse()
+
+    def send_ctrl_alt_del(self) -> None:
+        """The host presses Ctrl-Alt-Del on the keyboard (Firecracker's SendCtrlAltDel)."""
+        with self._lock:
+            translated = bool(self._command_byte & COMMAND_BYTE_TRANSLATE)
+            self._from_keyboard(self.keyboard.press(("ctrl", "alt", "delete"), translated))
 
     def save(self) -> I8042State:
         return I8042State(

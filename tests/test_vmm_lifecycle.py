@@ -1,0 +1,244 @@
+"""The VMM's lifecycle: the transition table, and pause/resume of a live guest on this machine's KVM."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmpy.errors import ConfigError
+from kvmpy.testing.process import start_kvmpy
+from kvmpy.vmm import actions as a
+from kvmpy.vmm.actions import ActionError, VmState
+from kvmpy.vmm.config import NetConfig, SerialConfig, SerialMode, VmConfig
+from kvmpy.vmm.lifecycle import TRANSITIONS, Event, Lifecycle, LifecycleError
+from kvmpy.vmm.stop import StopKind
+from kvmpy.vmm.vmm import Vmm
+
+
+# --- the table ----------------------------------------------------------------------------
+def test_every_state_event_pair_is_decided_by_the_table() -> None:
+    for state in VmState:
+        for event in Event:
+            lifecycle = Lifecycle()
+            lifecycle.state = state
+            if (state, event) in TRANSITIONS:
+                assert lifecycle.apply(event) is TRANSITIONS[(state, event)]
+            else:
+                with pytest.raises(LifecycleError, match=f"cannot {event.value}"):
+                    lifecycle.apply(event)
+                assert lifecycle.state is state
+
+
+def test_pause_and_resume_are_idempotent() -> None:
+    lifecycle = Lifecycle()
+    lifecycle.apply(Event.START)
+    assert lifecycle.apply(Event.PAUSE) is VmState.PAUSED
+    assert lifecycle.apply(Event.PAUSE) is VmState.PAUSED
+    assert lifecycle.apply(Event.RESUME) is VmState.RUNNING
+    assert lifecycle.apply(Event.RESUME) is VmState.RUNNING
+
+
+def test_actions_in_the_wrong_phase_get_firecrackers_messages(tmp_path: Path) -> None:
+    vmm = Vmm()
+    with pytest.raises(ActionError, match=re.escape(a.NOT_ALLOWED_BEFORE_START)):
+        vmm.submit(a.Pause())
+    with pytest.raises(ActionError, match=re.escape(a.NOT_ALLOWED_BEFORE_START)):
+        vmm.submit(a.SendCtrlAltDel())
+    with pytest.raises(ConfigError, match="no kernel"):
+        vmm.submit(a.StartInstance())
+    with pytest.raises(ConfigError, match="does not exist"):
+        vmm.submit(a.ConfigureBootSource(kernel=tmp_path / "missing"))
+    info = vmm.submit(a.GetInstanceInfo())
+    assert isinstance(info, a.InstanceInfo) and info.state is VmState.NOT_STARTED
+
+
+# --- a live guest -----------------------------------------------------------------------------
+class _Console:
+    """A thread-safe serial sink the test reads while the guest writes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._data = bytearray()
+
+    def write(self, data: bytes) -> int:
+        with self._lock:
+            self._data += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    @property
+    def text(self) -> str:
+        with self._lock:
+            return self._data.decode("utf-8", "replace")
+
+    def ticks(self) -> list[int]:
+        return [int(n) for n in re.findall(r"tick (\d+)\n", self.text)]
+
+    def wait_for_ticks(self, count: int, timeout: float = 30) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while len(self.ticks()) < count:
+            assert time.monotonic() < deadline, f"{self.ticks()[-3:]} after {timeout} s: {self.text[-200:]}"
+            time.sleep(0.01)
+        return self.ticks()
+
+
+def _counter_config(guests: Path, **options: object) -> VmConfig:
+    settings: dict[str, object] = {"cmdline": "gap=20000000", "serial": SerialConfig(SerialMode.NONE)}
+    return VmConfig(kernel=guests / "counter.elf", **{**settings, **options})  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def running(guests: Path) -> Iterator[tuple[Vmm, _Console, list[object]]]:
+    """A counter guest started through actions, the VMM loop on the main thread.
+
+    The test body runs on a second thread (the API's place); the fixture's
+    result list receives the RunResult when the VM stops.
+    """
+    console = _Console()
+    vmm = Vmm(_counter_config(guests), serial_sink=console)
+    vmm.submit(a.StartInstance())
+    yield vmm, console, []
+
+
+def _drive(vmm: Vmm, body: object) -> object:
+    """Run ``body()`` on a client thread while the VMM serves on this (the main) thread."""
+    outcome: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            body()  # type: ignore[operator]
+        except BaseException as error:
+            outcome.append(error)
+        finally:
+            try:
+                vmm.submit(a.Stop("test over"))
+            except ActionError:
+                pass
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    result = vmm.run()
+    thread.join(10)
+    if outcome:
+        raise outcome[0]
+    return result
+
+
+def _guest_ns(vmm: Vmm) -> int:
+    assert vmm.machine is not None
+    return sum(thread.stats.guest_ns for thread in vmm.machine.threads)
+
+
+def test_pause_stops_the_guest_and_resume_continues_it(running: tuple[Vmm, _Console, list[object]]) -> None:
+    vmm, console, _ = running
+
+    def body() -> None:
+        console.wait_for_ticks(3)
+        vmm.submit(a.Pause())
+        vmm.submit(a.Pause())  # idempotent
+        assert vmm.submit(a.GetInstanceInfo()).state is VmState.PAUSED  # type: ignore[attr-defined]
+        frozen_ticks, frozen_ns = console.ticks(), _guest_ns(vmm)
+        time.sleep(0.6)  # a dozen ticks' time
+        assert console.ticks() == frozen_ticks, "the console went on while paused"
+        assert _guest_ns(vmm) == frozen_ns, "vCPU time grew while paused"
+        vmm.submit(a.Resume())
+        vmm.submit(a.Resume())  # idempotent
+        assert vmm.submit(a.GetInstanceInfo()).state is VmState.RUNNING  # type: ignore[attr-defined]
+        ticks = console.wait_for_ticks(len(frozen_ticks) + 3)
+        assert ticks == list(range(1, len(ticks) + 1)), "ticks skipped or repeated across the pause"
+        assert _guest_ns(vmm) > frozen_ns
+
+    result = _drive(vmm, body)
+    assert result.reason.kind is StopKind.STOPPED  # type: ignore[attr-defined]
+    assert vmm.state is VmState.STOPPED
+
+
+def test_vcpu_state_is_read_on_the_vcpu_thread_while_it_runs(
+    running: tuple[Vmm, _Console, list[object]],
+) -> None:
+    vmm, console, _ = running
+
+    def body() -> None:
+        console.wait_for_ticks(1)
+        machine = vmm.machine
+        assert machine is not None
+        callers: list[str] = []
+
+        def read(vcpu: object) -> int:
+            callers.append(threading.current_thread().name)
+            return int(vcpu.get_regs().rip)  # type: ignore[attr-defined]
+
+        started = time.monotonic()
+        rips = [machine.on_vcpu(0, read) for _ in range(20)]
+        assert time.monotonic() - started < 5
+        assert callers == ["vcpu0"] * 20
+        assert all(rip > 0 for rip in rips)
+        vmm.submit(a.Pause())
+        machine.on_vcpu(0, read)
+        assert callers[-1] != "vcpu0"  # parked: read from here
+        vmm.submit(a.Resume())
+
+    _drive(vmm, body)
+
+
+def test_stop_while_paused_ends_the_vm(running: tuple[Vmm, _Console, list[object]]) -> None:
+    vmm, console, _ = running
+
+    def body() -> None:
+        console.wait_for_ticks(1)
+        vmm.submit(a.Pause())
+
+    result = _drive(vmm, body)
+    assert result.reason.kind is StopKind.STOPPED  # type: ignore[attr-defined]
+    assert vmm.submit(a.GetInstanceInfo()).state is VmState.STOPPED  # type: ignore[attr-defined]
+    with pytest.raises(ActionError, match="stopped"):
+        vmm.submit(a.Pause())
+
+
+def test_guest_that_ends_stops_the_vmm(guests: Path) -> None:
+    console = _Console()
+    vmm = Vmm(VmConfig(kernel=guests / "counter.elf", cmdline="ticks=2 gap=1000",
+                       serial=SerialConfig(SerialMode.NONE)), serial_sink=console)
+    vmm.submit(a.StartInstance())
+    result = vmm.run()
+    assert result.reason.kind is StopKind.DEBUG_EXIT and result.reason.status == 0
+    assert console.ticks() == [1, 2]
+    assert vmm.state is VmState.STOPPED
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_failed_start_leaves_no_descriptors_and_a_fixed_config_starts(guests: Path) -> None:
+    console = _Console()
+    bad_tap = NetConfig(tap="x" * 20, id="eth0")
+    vmm = Vmm(_counter_config(guests, cmdline="ticks=1 gap=1000", nets=(bad_tap,)), serial_sink=console)
+    before = _open_fds()
+    with pytest.raises(ConfigError, match="tap name"):
+        vmm.submit(a.StartInstance())
+    assert _open_fds() == before
+    assert vmm.state is VmState.NOT_STARTED
+    vmm.config = _counter_config(guests, cmdline="ticks=1 gap=1000")
+    vmm.submit(a.StartInstance())
+    assert vmm.run().reason.status == 0
+    assert console.ticks() == [1]
+
+
+def test_sigterm_stops_the_vm_cleanly(guests: Path) -> None:
+    process = start_kvmpy("run", "--kernel", str(guests / "counter.elf"), "--cmdline", "gap=20000000")
+    assert process.stdout is not None
+    assert process.stdout.readline().startswith("banner at")
+    process.terminate()
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 143, stderr
+    assert "terminated (SIGTERM)" in stderr
+    assert "Traceback" not in stderr
