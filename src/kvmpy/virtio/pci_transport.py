@@ -39,6 +39,7 @@ from kvmpy.devices.pci.msix import BAR_SIZE as MSIX_BAR_SIZE
 from kvmpy.devices.pci.msix import NO_VECTOR, MsiSender, MsixTable
 from kvmpy.errors import GuestError
 from kvmpy.memory.guest_memory import GuestMemory
+from kvmpy.ratelimit import guest_log
 from kvmpy.virtio.device import F_EVENT_IDX, F_VERSION_1, VirtioDevice
 from kvmpy.virtio.queue import SplitQueue
 
@@ -194,8 +195,8 @@ class VirtioPciTransport:
         """The driver broke the rules: flag DEVICE_NEEDS_RESET and tell it through the config vector."""
         with self._lock:
             self.guest_errors += 1
-            if self.guest_errors <= 4:
-                log.warning("virtio device type %d needs reset: %s", self.device.device_type, why)
+            kind, message = self.device.device_type, "virtio device type %d needs reset: %s"
+            guest_log.warning(log, ("virtio-needs-reset", id(self)), message, kind, why)
             self.status |= STATUS_NEEDS_RESET
             self.isr |= 2
             self.config_generation = (self.config_generation + 1) & 0xFF

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from kvmpy.errors import ConfigError
 from kvmpy.memory.guest_memory import GuestMemory
+from kvmpy.ratelimit import guest_log
 from kvmpy.virtio.device import COMMON_FEATURES, TYPE_BLOCK, Interrupt
 from kvmpy.virtio.devices.disk_file import DiskFile
 from kvmpy.virtio.guard import DeviceGuard
@@ -179,9 +180,8 @@ class VirtioBlock:
         except OSError as error:  # the host's failure: this request fails, the device goes on
             status, written = S_IOERR, 0
             self.host_errors += 1
-            if self.host_errors <= 4:
-                name = self.device_id.decode(errors="replace")
-                log.warning("virtio-blk %s: I/O error: %s", name, str(error))  # no traceback kept
+            name, message = self.device_id.decode(errors="replace"), "virtio-blk %s: I/O error: %s"
+            guest_log.warning(log, ("virtio-blk-io", id(self)), message, name, str(error))  # no traceback
         if status != S_OK:
             self.errors += 1
         if self.throttle is not None:  # bytes count for reads and writes, every request as one op

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from kvmpy.abi import tun
 from kvmpy.errors import ConfigError, GuestError
 from kvmpy.memory.guest_memory import GuestMemory
+from kvmpy.ratelimit import guest_log
 from kvmpy.virtio.device import COMMON_FEATURES, TYPE_NET, Interrupt
 from kvmpy.virtio.devices.tap import VNET_HEADER_SIZE, Tap
 from kvmpy.virtio.guard import DeviceGuard
@@ -180,8 +181,8 @@ class VirtioNet:
             except OSError as error:  # the host's side: keep the buffers, wait for the next kick
                 queue.unpop()
                 self.errors += 1
-                if self.errors <= 4:
-                    log.warning("virtio-net: reading tap %s failed: %s", self._tap.fd, error.strerror)
+                message = "virtio-net: reading tap %s failed: %s"
+                guest_log.warning(log, ("virtio-net-rx", id(self)), message, self._tap.fd, error.strerror)
                 self._stop_receiving()
                 break
             queue.push(mem, chain.head, min(length, room))
