@@ -44,11 +44,11 @@ class DescriptorChain:
 
     @property
     def readable_length(self) -> int:
-        return sum(len(b) for b in self.readable)
+        return sum(map(len, self.readable))
 
     @property
     def writable_length(self) -> int:
-        return sum(len(b) for b in self.writable)
+        return sum(map(len, self.writable))
 
     def read_all(self) -> bytes:
         return b"".join(bytes(b) for b in self.readable)

@@ -143,16 +143,17 @@ class VirtioBlock:
         if mem is None or queue is None or interrupt is None:
             return
         done = False
-        while queue.has_work(mem) and not self._throttled() and (chain := queue.pop(mem)) is not None:
+        while not self._throttled(queue, mem) and (chain := queue.pop(mem)) is not None:
             written = self._handle(chain)
             queue.push(mem, chain.head, written)
             done = True
         if done and queue.needs_interrupt(mem):
             interrupt(0)
 
-    def _throttled(self) -> bool:
-        """Over the rate limit: the queue waits for the throttle's timer (never spins)."""
-        return self.throttle is not None and self.throttle.blocked(self._retry)
+    def _throttled(self, queue: SplitQueue, mem: GuestMemory) -> bool:
+        """Work waits and we are over the rate limit: the queue waits for the throttle's timer."""
+        throttle = self.throttle
+        return throttle is not None and queue.has_work(mem) and throttle.blocked(self._retry)
 
     def _retry(self) -> None:
         self.guard.run(self._serve)  # the event loop's timer: under the lock, errors contained
@@ -186,7 +187,7 @@ class VirtioBlock:
             self.errors += 1
         if self.throttle is not None:  # bytes count for reads and writes, every request as one op
             moved = payload if request_type == T_OUT else data_out if request_type == T_IN else []
-            self.throttle.spend(sum(len(b) for b in moved))
+            self.throttle.spend(sum(map(len, moved)))
         status_buffer[0] = status
         return written + 1
 
@@ -220,14 +221,14 @@ class VirtioBlock:
 
     def _in_range(self, sector: int, data: list[memoryview]) -> bool:
         """Whole sectors inside the disk, at most SEG_MAX segments and MAX_REQUEST_BYTES."""
-        length = sum(len(b) for b in data)
+        length = sum(map(len, data))
         if len(data) > SEG_MAX or length > MAX_REQUEST_BYTES:
             return False
         return length % SECTOR == 0 and sector + length // SECTOR <= self.capacity
 
     def _discard(self, payload: list[memoryview]) -> int:
         """One 16-byte segment (MAX_DISCARD_SEGMENTS), read alone: the payload is never copied."""
-        if sum(len(b) for b in payload) != DISCARD_SEGMENT.size * MAX_DISCARD_SEGMENTS:
+        if sum(map(len, payload)) != DISCARD_SEGMENT.size * MAX_DISCARD_SEGMENTS:
             return S_IOERR
         sector, count, _flags = DISCARD_SEGMENT.unpack(_head(payload, DISCARD_SEGMENT.size))
         if count > MAX_DISCARD_SECTORS or sector + count > self.capacity:

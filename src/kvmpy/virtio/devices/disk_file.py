@@ -112,7 +112,7 @@ class DiskFile:
         if self._bounce is None:
             self._bounce = mmap.mmap(-1, BOUNCE_SIZE)
         self.bounced += 1
-        length = sum(len(b) for b in buffers)
+        length = sum(map(len, buffers))
         end, block = offset + length, self.alignment
         guest = _Cursor(buffers)
         bounce = memoryview(self._bounce)
@@ -171,7 +171,7 @@ def _transfer(
     call: Callable[[int, list[memoryview], int], int], fd: int, buffers: list[memoryview], offset: int
 ) -> int:
     """``preadv``/``pwritev`` until every byte moved; a call that moves none is EIO."""
-    total = sum(len(b) for b in buffers)
+    total = sum(map(len, buffers))
     done = 0
     while done < total:
         moved = call(fd, buffers, offset + done)

@@ -199,9 +199,10 @@ class VirtioNet:
             self._start_receiving()
 
     # --- transmit: guest -> tap -----------------------------------------------------------
-    def _tx_throttled(self) -> bool:
-        """Over the transmit limit: the queue waits for the throttle's timer (never spins)."""
-        return self.tx_throttle is not None and self.tx_throttle.blocked(self._retry_transmit)
+    def _tx_throttled(self, queue: SplitQueue, mem: GuestMemory) -> bool:
+        """Packets wait and we are over the transmit limit: the queue waits for the timer."""
+        throttle = self.tx_throttle
+        return throttle is not None and queue.has_work(mem) and throttle.blocked(self._retry_transmit)
 
     def _retry_transmit(self) -> None:
         self.guard.run(self._transmit)
@@ -214,9 +215,7 @@ class VirtioNet:
             queue = self._queues[TX]
             sent = 0
             throttle = self.tx_throttle
-            while queue.has_work(mem) and not self._tx_throttled():
-                chain = queue.pop(mem)
-                assert chain is not None  # has_work said so, under the lock
+            while not self._tx_throttled(queue, mem) and (chain := queue.pop(mem)) is not None:
                 try:
                     os.writev(self._tap.fd, chain.readable)
                     self.packets_out += 1

@@ -52,8 +52,10 @@ class VirtioRng:
         if self.throttle is not None:
             self.throttle.close()
 
-    def _throttled(self) -> bool:
-        return self.throttle is not None and self.throttle.blocked(self._retry)
+    def _throttled(self, queue: SplitQueue, mem: GuestMemory) -> bool:
+        """Work waits and we are over the rate limit: the queue waits for the throttle's timer."""
+        throttle = self.throttle
+        return throttle is not None and queue.has_work(mem) and throttle.blocked(self._retry)
 
     def _retry(self) -> None:
         self.guard.run(self._serve)
@@ -63,7 +65,7 @@ class VirtioRng:
         if mem is None or queue is None or interrupt is None:
             return
         served = False
-        while queue.has_work(mem) and not self._throttled() and (chain := queue.pop(mem)) is not None:
+        while not self._throttled(queue, mem) and (chain := queue.pop(mem)) is not None:
             written = 0
             for buffer in chain.writable:
                 length = min(len(buffer), MAX_REQUEST - written)
