@@ -16,15 +16,18 @@ same containment a notification gets.
 
 Lock order (the one place it is written down):
 
-1. a virtio device's lock (``DeviceGuard.lock``, shared by its transport and model);
-2. taken while holding it, never the other way round: the device's MSI-X table lock,
-   the MSI router lock, the PCI INTx lock, the event loop's registration lock (a tap
-   watched or unwatched), the console output's buffer lock;
-3. none of those takes a device lock, and bus lookups take no lock at all (their
-   tables are immutable and swapped whole; only writers of one bus serialise, on the
-   bus's own lock, which is never held while calling a device).
-
-Two device locks are never held at once.
+0. the machine's coalesced-ring lock, held while a vCPU thread replays the writes KVM
+   buffered into their devices, comes before every device lock;
+1. a device's lock: a virtio device's ``DeviceGuard.lock`` (shared by its transport and
+   model) or a legacy device's own (the 16550A's); never two of them at once;
+2. taken while holding one, never the other way round: the MSI-X table's lock, and
+   inside it the MSI router's (a message is routed and sent with the table locked);
+   the PCI INTx lock; the event loop's registration lock (a tap watched or unwatched,
+   a notify area rewired); the console output's buffer lock;
+3. none of those calls back into a device. The event loop holds no lock while it runs
+   a handler, so a handler may take a device lock. Bus lookups take no lock at all
+   (their tables are immutable and swapped whole); a bus's writer lock is held only
+   while it swaps its table, never while calling a device.
 """
 
 from __future__ import annotations
