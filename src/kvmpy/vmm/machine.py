@@ -469,6 +469,7 @@ class Machine:
                     if not thread.parked and thread.is_alive():
                         thread.kick()  # it was between its check and KVM_RUN
         self.events.pause()
+        self.console.flush()  # what the guest wrote before the pause reaches its sink now
         for vcpu in self.vcpus:
             vcpu.kvmclock_ctrl()
         self.paused = True
