@@ -44,7 +44,7 @@ from kvmpy.kvm import System, Vcpu
 from kvmpy.loader import BootMode, BootSetup, load_kernel
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.vmm.config import SerialMode, VmConfig
-from kvmpy.vmm.console import ConsoleOutput, ConsoleSink
+from kvmpy.vmm.console import ConsoleOutput, ConsoleSink, FileSink
 from kvmpy.vmm.event_loop import EventLoop
 from kvmpy.vmm.irq import KvmIrqLine
 from kvmpy.vmm.pci_platform import PciPlatform
@@ -53,6 +53,8 @@ from kvmpy.vmm.vcpu_thread import KICK_SIGNAL, VcpuThread, describe_registers
 
 if TYPE_CHECKING:
     from kvmpy.virtio.devices.console import VirtioConsole
+    from kvmpy.virtio.throttle import Throttle
+    from kvmpy.vmm.config import RateLimiterConfig
 
 log = logging.getLogger("kvmpy.machine")
 
@@ -243,7 +245,7 @@ class Machine:
         if serial.mode is SerialMode.FILE:
             assert serial.path is not None
             try:
-                sink = serial.path.open("ab")
+                sink = FileSink(serial.path.open("ab"))  # capped at console.FILE_LIMIT
             except OSError as error:
                 raise HostError(f"cannot open serial output {serial.path}: {error.strerror}") from None
             self._resources.callback(sink.close)
@@ -287,22 +289,44 @@ class Machine:
             from kvmpy.virtio.devices.net import VirtioNet, parse_mac
             from kvmpy.virtio.devices.tap import Tap
         for number, disk in enumerate(self.config.disks):
-            device = VirtioBlock(disk.path, read_only=disk.read_only, device_id=disk.id, direct=disk.direct)
+            device = VirtioBlock(
+                disk.path,
+                read_only=disk.read_only,
+                device_id=disk.id,
+                direct=disk.direct,
+                cache_type=disk.cache_type,
+                throttle=self._throttle(disk.rate_limiter),
+            )
             self.pci.add_virtio(device, f"virtio-blk{number}")
         for number, net in enumerate(self.config.nets):
             mac = parse_mac(net.mac) if net.mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + number])
-            nic = VirtioNet(Tap(net.tap), mac, watch=self.events.add, unwatch=self.events.remove)
+            nic = VirtioNet(
+                Tap(net.tap),
+                mac,
+                watch=self.events.add,
+                unwatch=self.events.remove,
+                rx_throttle=self._throttle(net.rx_rate_limiter),
+                tx_throttle=self._throttle(net.tx_rate_limiter),
+            )
             self.pci.add_virtio(nic, f"virtio-net{number}")
         if self.config.rng:
             from kvmpy.virtio.devices.rng import VirtioRng
 
-            self.pci.add_virtio(VirtioRng(), "virtio-rng")
+            self.pci.add_virtio(VirtioRng(self._throttle(self.config.rng_rate_limiter)), "virtio-rng")
         self.virtio_console: VirtioConsole | None = None
         if self.config.console == "virtio":
             from kvmpy.virtio.devices.console import VirtioConsole
 
             self.virtio_console = VirtioConsole(self.console.write)
             self.pci.add_virtio(self.virtio_console, "virtio-console")
+
+    def _throttle(self, config: RateLimiterConfig | None) -> Throttle | None:
+        """A device's rate limiter if one is configured; its retries run on the event loop."""
+        if config is None:
+            return None
+        from kvmpy.vmm.rate_limits import throttle_for  # loaded only when a limit is set
+
+        return throttle_for(config, self.events.add)
 
     @property
     def console_input(self) -> Callable[[bytes], int]:
@@ -445,6 +469,7 @@ class Machine:
                     if not thread.parked and thread.is_alive():
                         thread.kick()  # it was between its check and KVM_RUN
         self.events.pause()
+        self.console.flush()  # what the guest wrote before the pause reaches its sink now
         for vcpu in self.vcpus:
             vcpu.kvmclock_ctrl()
         self.paused = True
