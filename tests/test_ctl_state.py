@@ -64,7 +64,11 @@ def test_ctl_migrate_moves_the_guest_and_ends_the_source(guests: Path, tmp_path:
         done = kvmpy("ctl", str(sock), "migrate", f"unix:{incoming}", "--no-progress", timeout=120)
         assert done.returncode == 0, done.stderr
         assert "migrated to unix:" in done.stdout and "downtime" in done.stdout, done.stdout
-        rest, errors = source.communicate(timeout=30)
+        source.wait(timeout=30)
+        assert source.stdout is not None and source.stderr is not None
+        # read(), not communicate(): communicate reads the pipe itself and would skip what
+        # readline() had already buffered.
+        rest, errors = source.stdout.read(), source.stderr.read()
         assert source.returncode == 0, errors
         after = _read_ticks(destination, 3)
     finally:
