@@ -17,6 +17,7 @@ import pytest
 from kvmpy.testing.process import kvmpy, start_kvmpy
 from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
 from kvmpy.vmm.runner import run_vm
+from kvmpy.vmm.stats_report import format_stats
 from kvmpy.vmm.stop import StopKind
 
 pytestmark = pytest.mark.kvm
@@ -193,6 +194,9 @@ def test_guest_scribbling_over_its_rings(guests: Path, tmp_path: Path) -> None:
     assert result.reason.kind is StopKind.DEBUG_EXIT and result.reason.status == 0, output
     assert "device status 0x000000000000004f" in output
     assert image.read_bytes() == bytes(64 * 512)
+    counters = dict(result.stats.counters)  # the metrics registry, as --stats prints it
+    assert dict(counters["virtio-blk0"])["guest_errors"] >= 1
+    assert "virtio-blk0   guest_errors" in format_stats(result.stats)
 
 
 def test_pci_address_writes_are_coalesced(guests: Path, tmp_path: Path) -> None:

@@ -242,3 +242,29 @@ def test_sigterm_stops_the_vm_cleanly(guests: Path) -> None:
     assert process.returncode == 143, stderr
     assert "terminated (SIGTERM)" in stderr
     assert "Traceback" not in stderr
+
+
+def test_flush_metrics_writes_the_registry_as_json_lines(guests: Path, tmp_path: Path) -> None:
+    import json
+
+    from kvmpy.vmm.config import MetricsConfig
+
+    console = _Console()
+    vmm = Vmm(_counter_config(guests), serial_sink=console)
+    vmm.submit(a.ConfigureMetrics(MetricsConfig(tmp_path / "metrics.json")))
+    vmm.submit(a.StartInstance())
+
+    def body() -> None:
+        console.wait_for_ticks(2)
+        vmm.submit(a.FlushMetrics())
+        console.wait_for_ticks(4)
+        vmm.submit(a.FlushMetrics())
+
+    _drive(vmm, body)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    assert len(lines) >= 2  # two flushes, and one more as the machine was retired
+    first, second = lines[0], lines[1]
+    assert first["vmm"]["state"] == "Running"
+    assert second["vcpus"]["exits"] > first["vcpus"]["exits"] > 0
+    assert second["pio.serial-com1"]["writes"] > first["pio.serial-com1"]["writes"]
+    assert {"serial", "console", "pci", "event-loop", "vcpu0"} <= set(first)

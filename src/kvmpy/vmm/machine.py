@@ -47,6 +47,8 @@ from kvmpy.vmm.config import SerialMode, VmConfig
 from kvmpy.vmm.console import ConsoleOutput, ConsoleSink, FileSink
 from kvmpy.vmm.event_loop import EventLoop
 from kvmpy.vmm.irq import KvmIrqLine
+from kvmpy.vmm.metrics_registry import MetricsRegistry
+from kvmpy.vmm.metrics_sources import register_machine
 from kvmpy.vmm.pci_platform import PciPlatform
 from kvmpy.vmm.stop import StopKind, StopReason
 from kvmpy.vmm.vcpu_thread import KICK_SIGNAL, VcpuThread, describe_registers
@@ -161,6 +163,9 @@ class Machine:
         self.coalesced = self.vcpus[0].coalesced_ring() if coalescing else None
         self.coalesced_lock = threading.Lock()
         self.boot: BootSetup | None = None
+        #: Every counter of this machine under a stable name (vmm/metrics_sources.py names them).
+        self.metrics = MetricsRegistry()
+        register_machine(self.metrics, self)
 
     def boot_kernel(self) -> None:
         """Firmware tables, the kernel and its boot information, and every vCPU's boot state."""

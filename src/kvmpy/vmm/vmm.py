@@ -574,6 +574,7 @@ class Vmm:
             [thread.stats for thread in machine.threads],
             machine.pio_bus,
             machine.mmio_bus,
+            machine.metrics.snapshot(),
         )
         self._console_tail = tuple(machine.console.last_lines())
         if self._metrics is not None:
