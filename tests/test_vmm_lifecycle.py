@@ -268,3 +268,27 @@ def test_flush_metrics_writes_the_registry_as_json_lines(guests: Path, tmp_path:
     assert second["vcpus"]["exits"] > first["vcpus"]["exits"] > 0
     assert second["pio.serial-com1"]["writes"] > first["pio.serial-com1"]["writes"]
     assert {"serial", "console", "pci", "event-loop", "vcpu0"} <= set(first)
+
+
+def test_a_running_drive_takes_another_backing_file(guests: Path, tmp_path: Path) -> None:
+    from kvmpy.vmm.config import DiskConfig
+
+    first, second = tmp_path / "first.img", tmp_path / "second.img"
+    first.write_bytes(bytes(512 * 8))
+    second.write_bytes(bytes(512 * 64))
+    console = _Console()
+    vmm = Vmm(_counter_config(guests, disks=(DiskConfig(first, id="scratch"),)), serial_sink=console)
+    vmm.submit(a.StartInstance())
+
+    def body() -> None:
+        with pytest.raises(ActionError, match="Invalid block device ID"):
+            vmm.submit(a.UpdateBlockDevice("nope", path=second))
+        with pytest.raises(ActionError, match="does not exist"):
+            vmm.submit(a.UpdateBlockDevice("scratch", path=tmp_path / "missing.img"))
+        vmm.submit(a.UpdateBlockDevice("scratch", path=second))
+        config = vmm.submit(a.GetVmConfig())
+        assert config.disks[0].path == second  # type: ignore[attr-defined]
+        assert vmm.machine is not None
+        assert vmm.machine.disks["scratch"].device.capacity == 64  # type: ignore[attr-defined]
+
+    _drive(vmm, body)

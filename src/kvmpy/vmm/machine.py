@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvmpy.abi import kvm as abi
@@ -39,7 +40,7 @@ from kvmpy.devices.legacy.port_sinks import PostCode, QuietPorts
 from kvmpy.devices.legacy.pvpanic import PvPanic
 from kvmpy.devices.legacy.rtc import CmosRtc
 from kvmpy.devices.legacy.serial import Uart16550
-from kvmpy.errors import HostError
+from kvmpy.errors import ConfigError, HostError
 from kvmpy.kvm import System, Vcpu
 from kvmpy.loader import BootMode, BootSetup, load_kernel
 from kvmpy.memory.guest_memory import GuestMemory
@@ -55,6 +56,7 @@ from kvmpy.vmm.vcpu_thread import KICK_SIGNAL, VcpuThread, describe_registers
 
 if TYPE_CHECKING:
     from kvmpy.virtio.devices.console import VirtioConsole
+    from kvmpy.virtio.pci_transport import VirtioPciTransport
     from kvmpy.virtio.throttle import Throttle
     from kvmpy.vmm.config import RateLimiterConfig
 
@@ -293,6 +295,8 @@ class Machine:
         if self.config.nets:
             from kvmpy.virtio.devices.net import VirtioNet, parse_mac
             from kvmpy.virtio.devices.tap import Tap
+        #: drive id -> its transport (PATCH /drives reaches the device through it)
+        self.disks: dict[str, VirtioPciTransport] = {}
         for number, disk in enumerate(self.config.disks):
             device = VirtioBlock(
                 disk.path,
@@ -302,7 +306,7 @@ class Machine:
                 cache_type=disk.cache_type,
                 throttle=self._throttle(disk.rate_limiter),
             )
-            self.pci.add_virtio(device, f"virtio-blk{number}")
+            self.disks[disk.id or f"disk{number}"] = self.pci.add_virtio(device, f"virtio-blk{number}")
         for number, net in enumerate(self.config.nets):
             mac = parse_mac(net.mac) if net.mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + number])
             nic = VirtioNet(
@@ -383,6 +387,14 @@ class Machine:
             regs = boot_cpu.boot_regs(boot.entry, rsi=boot.boot_info)
         vcpu.set_sregs(sregs)
         vcpu.set_regs(regs)
+
+    def replace_disk(self, drive_id: str, path: Path) -> None:
+        """Drive ``drive_id`` serves ``path`` from now on; the guest's driver sees the new size."""
+        transport = self.disks.get(drive_id)
+        if transport is None:
+            raise ConfigError(f"there is no drive {drive_id!r}")
+        transport.device.replace_backing(path)  # type: ignore[attr-defined]
+        transport.config_changed()
 
     def send_ctrl_alt_del(self) -> None:
         """Ctrl-Alt-Del on the keyboard: the guest decides what it means (Linux: SIGINT to init)."""

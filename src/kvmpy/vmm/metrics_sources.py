@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from kvmpy.vmm.machine import Machine
 
 #: Counter attributes a virtio device model may keep (blk, net, console, rng, the disk file).
-_MODEL_COUNTERS = ("errors", "host_errors", "dropped", "packets_in", "packets_out")
+_MODEL_COUNTERS = ("requests", "errors", "host_errors", "bounced", "dropped", "packets_in", "packets_out")
 
 
 def register_machine(registry: MetricsRegistry, machine: Machine) -> None:
@@ -79,9 +79,6 @@ def _virtio(transport: Any) -> dict[str, int]:
     counters = {"guest_errors": transport.guest_errors}
     model = transport.device
     counters.update(_attributes(model, _MODEL_COUNTERS))
-    disk = getattr(model, "_file", None)  # virtio-blk's image
-    if isinstance(getattr(disk, "bounced", None), int):
-        counters["bounced"] = disk.bounced  # type: ignore[union-attr]
     for name in ("throttle", "rx_throttle", "tx_throttle"):
         throttle = getattr(model, name, None)
         if throttle is not None:

@@ -296,9 +296,21 @@ class Vmm:
         self._update(disks=tuple(disks))
 
     def _update_block_device(self, action: a.UpdateBlockDevice) -> None:
+        """PATCH /drives after boot: a new backing file, which the guest sees with its new size."""
+        assert self.machine is not None
         if not any(d.id == action.drive_id for d in self.config.disks):
             raise ActionError(f"Invalid block device ID: {action.drive_id}")
-        raise ActionError("kvmpy cannot yet change a running VM's drive (backing file or rate limiter)")
+        if action.rate_limiter is not None:
+            raise ActionError("kvmpy cannot yet change a running drive's rate limiter")
+        if action.path is None:
+            return
+        _check_file(action.path, f"drive {action.drive_id}")
+        self.machine.replace_disk(action.drive_id, action.path)
+        disks = tuple(
+            msgspec.structs.replace(d, path=action.path) if d.id == action.drive_id else d
+            for d in self.config.disks
+        )
+        self._update(disks=disks)
 
     def _insert_network_device(self, action: a.InsertNetworkDevice) -> None:
         net = action.net
