@@ -286,3 +286,24 @@ def test_a_guest_error_on_a_vcpu_exit_is_contained(guests: Path, monkeypatch: py
     assert result.reason.kind is StopKind.DEBUG_EXIT and result.reason.status == 0, output
     assert "pio_storm done 100" in output
     assert sum(vcpu.guest_errors for vcpu in result.stats.vcpus) == 100
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_hostile_guest_attacks_every_device_and_the_vm_ends_cleanly(
+    guests: Path, tmp_path: Path, seed: int
+) -> None:
+    """Garbage on every port, PCI BARs over RAM and each other, MSI-X and virtio registers of
+    every size, rings outside RAM: the VM goes on, ends with the guest's own status, and a
+    well-behaved driver reads the disk after resetting the device."""
+    from kvmpy.vmm.config import DiskConfig
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"KVMPY-HOSTILE-SECTOR".ljust(64 * 512, b"\0"))
+    before = image.read_bytes()
+    result, output = boot(guests / "hostile.elf", f"seed={seed}", disks=(DiskConfig(image),))
+    assert "hostile: recovered, sector 0 read back" in output, output[-2000:]
+    assert result.reason.kind is StopKind.DEBUG_EXIT and result.reason.status == 0, result.reason
+    assert image.read_bytes() == before  # the garbage wrote nothing to the disk
+    counters = dict(dict(result.stats.counters)["virtio-blk0"])
+    assert counters["guest_errors"] >= 1  # the device was marked as needing reset, and recovered
+    assert dict(dict(result.stats.counters)["pci"])["refused_bars"] >= 1
