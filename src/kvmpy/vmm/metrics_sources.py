@@ -72,7 +72,7 @@ def _register_bus(registry: MetricsRegistry, bus: Bus) -> None:
                 "handle_us": entry.handle_ns // 1000,
             },
         )
-    registry.register(f"{bus.kind}.unclaimed", lambda: {"accesses": sum(bus.unhandled.values())})
+    registry.register(f"{bus.kind}.unclaimed", lambda: {"accesses": sum(n for _, n in bus.unclaimed())})
 
 
 def _virtio(transport: Any) -> dict[str, int]:

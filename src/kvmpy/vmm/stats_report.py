@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kvmpy.bus import Bus, BusAccessStats
+from kvmpy.bus.bus import OTHER_UNCLAIMED
 from kvmpy.vmm.exit_stats import ReasonTotal, VcpuExitStats, merge_reasons
 
 
@@ -50,8 +51,8 @@ def collect(
         reasons=tuple(merge_reasons(vcpus)),
         pio=tuple(row for row in pio.stats() if row.reads or row.writes),
         mmio=tuple(row for row in mmio.stats() if row.reads or row.writes),
-        unhandled_pio=tuple(sorted(pio.unhandled.items())),
-        unhandled_mmio=tuple(sorted(mmio.unhandled.items())),
+        unhandled_pio=tuple(pio.unclaimed()),
+        unhandled_mmio=tuple(mmio.unclaimed()),
         counters=_device_counters(registry or {}),
     )
 
@@ -178,7 +179,8 @@ def format_stats(stats: MachineStats) -> str:
         if not unhandled:
             continue
         out.append("")
-        out += _table([f"unclaimed {title}", "accesses"], [[f"{a:#x}", str(n)] for a, n in unhandled[:20]])
+        shown = [[f"{a:#x}" if a != OTHER_UNCLAIMED else "others", str(n)] for a, n in unhandled[:20]]
+        out += _table([f"unclaimed {title}", "accesses"], shown)
         if len(unhandled) > 20:
             out.append(f"... and {len(unhandled) - 20} more")
     kernel = _kernel_totals(stats.vcpus)
