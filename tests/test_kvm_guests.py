@@ -307,3 +307,17 @@ def test_a_hostile_guest_attacks_every_device_and_the_vm_ends_cleanly(
     counters = dict(dict(result.stats.counters)["virtio-blk0"])
     assert counters["guest_errors"] >= 1  # the device was marked as needing reset, and recovered
     assert dict(dict(result.stats.counters)["pci"])["refused_bars"] >= 1
+
+
+def test_rate_limits_from_the_command_line(guests: Path, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"".join(bytes([sector]) * 512 for sector in range(64)))
+    done = kvmpy(
+        "run", "--kernel", str(guests / "virtio_blk.elf"), "--cmdline", "reads=60",
+        "--disk", f"{image},ops=20", "--stats",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    row = next(line for line in done.stderr.splitlines() if "throttled" in line)
+    assert row.split()[0] == "virtio-blk0" and int(row.split()[-1]) > 0  # the registry counted waits
+    bad = kvmpy("run", "--kernel", str(guests / "virtio_blk.elf"), "--disk", f"{image},ops=-1")
+    assert bad.returncode == 2 and "ops must be at least 1" in bad.stderr
