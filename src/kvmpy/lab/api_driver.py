@@ -98,6 +98,13 @@ class ApiDriver:
         self.wait_for("WAITING-FOR-CTRL-ALT-DEL", timeout=60)
         facts["ctrl_alt_del"] = self.call("PUT", "/actions", {"action_type": "SendCtrlAltDel"})[0]
         self.step("Ctrl-Alt-Del sent")
+        try:
+            self.wait_for("kvmpy-init: ctrl-alt-del", timeout=120)
+            facts["init_saw_ctrl_alt_del"] = True
+        except TimeoutError:
+            facts["init_saw_ctrl_alt_del"] = False
+            facts["console_tail"] = self.console()[-1500:]
+        self.step(f"init saw Ctrl-Alt-Del: {facts['init_saw_ctrl_alt_del']}")
 
     def _inspect(self) -> None:
         facts = self.facts
