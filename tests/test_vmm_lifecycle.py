@@ -264,3 +264,28 @@ def test_a_running_drive_takes_another_backing_file(guests: Path, tmp_path: Path
         assert vmm.machine.disks["scratch"].device.capacity == 64  # type: ignore[attr-defined]
 
     _drive(vmm, body)
+
+
+def test_a_running_drive_takes_new_rate_limits(guests: Path, tmp_path: Path) -> None:
+    from kvmpy.vmm.config import DiskConfig, RateLimiterConfig, TokenBucketConfig
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(512 * 8))
+    vmm = Vmm(_counter_config(guests, disks=(DiskConfig(image, id="data"),)), serial_sink=CapturedConsole())
+    vmm.submit(a.StartInstance())
+    first = RateLimiterConfig(ops=TokenBucketConfig(size=100, refill_time_ms=1000))
+    second = RateLimiterConfig(bandwidth=TokenBucketConfig(size=1 << 20, refill_time_ms=500))
+
+    def body() -> None:
+        assert vmm.machine is not None
+        device = vmm.machine.disks["data"].device
+        assert device.throttle is None  # type: ignore[attr-defined]
+        vmm.submit(a.UpdateBlockDevice("data", rate_limiter=first))
+        throttle = device.throttle  # type: ignore[attr-defined]
+        assert throttle is not None and throttle.limiter.ops.size == 100 and throttle.limiter.bandwidth is None
+        vmm.submit(a.UpdateBlockDevice("data", rate_limiter=second))
+        assert device.throttle is throttle  # the same throttle, new buckets  # type: ignore[attr-defined]
+        assert throttle.limiter.bandwidth.size == 1 << 20 and throttle.limiter.ops is None
+        assert vmm.submit(a.GetVmConfig()).disks[0].rate_limiter == second  # type: ignore[attr-defined]
+
+    _drive(vmm, body)

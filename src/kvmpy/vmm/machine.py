@@ -307,6 +307,8 @@ class Machine:
                 throttle=self._throttle(disk.rate_limiter),
             )
             self.disks[disk.id or f"disk{number}"] = self.pci.add_virtio(device, f"virtio-blk{number}")
+        #: interface id -> its transport (PATCH /network-interfaces reaches the device through it)
+        self.nets: dict[str, VirtioPciTransport] = {}
         for number, net in enumerate(self.config.nets):
             mac = parse_mac(net.mac) if net.mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + number])
             nic = VirtioNet(
@@ -317,7 +319,7 @@ class Machine:
                 rx_throttle=self._throttle(net.rx_rate_limiter),
                 tx_throttle=self._throttle(net.tx_rate_limiter),
             )
-            self.pci.add_virtio(nic, f"virtio-net{number}")
+            self.nets[net.id or f"net{number}"] = self.pci.add_virtio(nic, f"virtio-net{number}")
         if self.config.rng:
             from kvmpy.virtio.devices.rng import VirtioRng
 
@@ -395,6 +397,22 @@ class Machine:
             raise ConfigError(f"there is no drive {drive_id!r}")
         transport.device.replace_backing(path)  # type: ignore[attr-defined]
         transport.config_changed()
+
+    def set_rate_limiter(self, transport: VirtioPciTransport, side: str, config: RateLimiterConfig) -> None:
+        """A running device's limits, replaced whole (Firecracker's PATCH with a rate_limiter).
+
+        ``side`` is the device attribute: ``throttle`` (virtio-blk), ``rx_throttle`` or
+        ``tx_throttle`` (virtio-net). A device that had no limit gets one.
+        """
+        from kvmpy.vmm.rate_limits import limiter_for
+
+        device = transport.device
+        with device.guard.lock:  # type: ignore[attr-defined]
+            throttle = getattr(device, side)
+            if throttle is not None:
+                throttle.limiter = limiter_for(config)
+            else:
+                setattr(device, side, self._throttle(config))
 
     def send_ctrl_alt_del(self) -> None:
         """Ctrl-Alt-Del on the keyboard: the guest decides what it means (Linux: SIGINT to init)."""
