@@ -282,7 +282,8 @@ def test_a_running_drive_takes_new_rate_limits(guests: Path, tmp_path: Path) -> 
         assert device.throttle is None  # type: ignore[attr-defined]
         vmm.submit(a.UpdateBlockDevice("data", rate_limiter=first))
         throttle = device.throttle  # type: ignore[attr-defined]
-        assert throttle is not None and throttle.limiter.ops.size == 100 and throttle.limiter.bandwidth is None
+        assert throttle is not None and throttle.limiter.ops.size == 100
+        assert throttle.limiter.bandwidth is None
         vmm.submit(a.UpdateBlockDevice("data", rate_limiter=second))
         assert device.throttle is throttle  # the same throttle, new buckets  # type: ignore[attr-defined]
         assert throttle.limiter.bandwidth.size == 1 << 20 and throttle.limiter.ops is None
