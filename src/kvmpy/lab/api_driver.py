@@ -96,6 +96,9 @@ class ApiDriver:
         self.step("paused and resumed")
         facts["warnings"] = self.wait_for(r"LOCKUPS=(\d+) CLOCK=(\d+)", timeout=180).groups()
         self.wait_for("WAITING-FOR-CTRL-ALT-DEL", timeout=60)
+        keyboard = [line for line in self.console().splitlines() if re.search("i8042|atkbd|input:", line)]
+        facts["keyboard"] = keyboard[-6:]
+        self.step("keyboard: " + " | ".join(keyboard[-6:]))
         facts["ctrl_alt_del"] = self.call("PUT", "/actions", {"action_type": "SendCtrlAltDel"})[0]
         self.step("Ctrl-Alt-Del sent")
         try:
@@ -104,6 +107,7 @@ class ApiDriver:
         except TimeoutError:
             facts["init_saw_ctrl_alt_del"] = False
             facts["console_tail"] = self.console()[-1500:]
+            self.call("PUT", "/kvmpy/stop", {"reason": "Ctrl-Alt-Del had no effect"})  # end now, not at the timeout
         self.step(f"init saw Ctrl-Alt-Del: {facts['init_saw_ctrl_alt_del']}")
 
     def _inspect(self) -> None:
