@@ -107,7 +107,8 @@ class ApiDriver:
         except TimeoutError:
             facts["init_saw_ctrl_alt_del"] = False
             facts["console_tail"] = self.console()[-1500:]
-            self.call("PUT", "/kvmpy/stop", {"reason": "Ctrl-Alt-Del had no effect"})  # end now, not at the timeout
+            # End now rather than at the scenario's timeout.
+            self.call("PUT", "/kvmpy/stop", {"reason": "Ctrl-Alt-Del had no effect"})
         self.step(f"init saw Ctrl-Alt-Del: {facts['init_saw_ctrl_alt_del']}")
 
     def _inspect(self) -> None:
