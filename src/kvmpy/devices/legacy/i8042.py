@@ -31,6 +31,7 @@ COMMAND_STATUS = 4  # port 0x64
 STATUS_OUTPUT_FULL = 0x01
 STATUS_SYSTEM_FLAG = 0x04
 STATUS_COMMAND = 0x08  # last write was to the command port
+STATUS_UNLOCKED = 0x10  # the keyboard inhibit switch is off (Linux warns "Keylock active" otherwise)
 
 CMD_READ_COMMAND_BYTE = 0x20
 CMD_WRITE_COMMAND_BYTE = 0x60
@@ -114,7 +115,7 @@ class I8042:
             self._port_b = (self._port_b & 0x10) | (value & 0x0F)
 
     def _status(self) -> int:
-        status = STATUS_SYSTEM_FLAG
+        status = STATUS_SYSTEM_FLAG | STATUS_UNLOCKED
         if self._output:
             status |= STATUS_OUTPUT_FULL
         if self._last_was_command:
