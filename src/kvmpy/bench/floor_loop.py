@@ -1,0 +1,123 @@
+"""The floors of an exit round trip: a bare KVM_RUN loop in Python and in C, on a guest kvmpy set up.
+
+``python -m kvmpy.bench.floor_loop python|c GUEST CMDLINE [--library SO]``
+builds and boots the guest with kvmpy's Machine (the same memory, CPUID,
+devices and boot state as under ``kvmpy run``), then runs vCPU 0 in one of two
+loops that do nothing but call KVM_RUN and look at the exit reason: port reads
+answer 0 (LSR "transmitter empty"), the debug-exit port ends the loop. It
+prints one JSON line: the loop's seconds, its exits and the guest's status.
+
+These are what a Python VMM and any VMM can reach on this host; kvmpy's
+overhead per exit is its figure minus the Python floor. Nothing here is on
+kvmpy's run path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import json
+import mmap
+import struct
+import sys
+import time
+from pathlib import Path
+
+from kvmpy.abi import kvm as abi
+
+DEBUG_EXIT_PORT = 0x501
+COM1_LSR = 0x3FD
+LSR_TRANSMITTER_EMPTY = 0x60
+_REASON = struct.Struct(f"<{abi.kvm_run.exit_reason.offset}xI")
+_IO = struct.Struct(f"<{abi.kvm_run.io.offset}xBBHIQ")  # direction, size, port, count, data_offset
+_MMIO_DATA = abi.kvm_run.mmio.offset + 8
+
+
+def python_loop(fd: int, page: mmap.mmap) -> tuple[int, float, int]:
+    """(guest status, seconds, exits): KVM_RUN through fcntl.ioctl, the reason read with struct."""
+    ioctl, run = fcntl.ioctl, abi.KVM_RUN
+    reason_of, io_of = _REASON.unpack_from, _IO.unpack_from
+    exit_io, exit_mmio = abi.KVM_EXIT_IO, abi.KVM_EXIT_MMIO
+    exits = 0
+    began = time.perf_counter()
+    while True:
+        try:
+            ioctl(fd, run, 0)
+        except (InterruptedError, BlockingIOError):
+            continue
+        exits += 1
+        reason = reason_of(page)[0]
+        if reason == exit_io:
+            direction, size, port, count, offset = io_of(page)
+            if direction == abi.KVM_EXIT_IO_OUT:
+                if port == DEBUG_EXIT_PORT:
+                    status = page[offset]
+                    break
+            else:
+                page[offset : offset + size * count] = bytes(size * count)
+                if port == COM1_LSR:
+                    page[offset] = LSR_TRANSMITTER_EMPTY
+        elif reason == exit_mmio:
+            page[_MMIO_DATA : _MMIO_DATA + 8] = bytes(8)
+        else:
+            status = -1000 - reason
+            break
+    return status, time.perf_counter() - began, exits
+
+
+def c_loop(library: Path, fd: int, page: mmap.mmap) -> tuple[int, float, int]:
+    """(guest status, seconds, exits) from floor_loop.c's kvmpy_floor_loop (ctypes drops the GIL)."""
+    loop = ctypes.CDLL(str(library)).kvmpy_floor_loop
+    loop.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_double),
+        ctypes.POINTER(ctypes.c_long),
+    ]
+    loop.restype = ctypes.c_int
+    run_page = ctypes.c_char.from_buffer(page)
+    seconds, exits = ctypes.c_double(), ctypes.c_long()
+    status = loop(fd, ctypes.addressof(run_page), ctypes.byref(seconds), ctypes.byref(exits))
+    del run_page  # release the export before the mapping closes
+    return status, seconds.value, exits.value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvmpy.bench.floor_loop")
+    parser.add_argument("loop", choices=("python", "c"))
+    parser.add_argument("guest", type=Path)
+    parser.add_argument("cmdline")
+    parser.add_argument("--library", type=Path, help="floor_loop.c compiled as a shared object")
+    parser.add_argument("--memory-mib", type=int, default=256)
+    args = parser.parse_args(argv)
+    if args.loop == "c" and args.library is None:
+        parser.error("the C loop needs --library")
+
+    from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
+    from kvmpy.vmm.machine import Machine
+
+    config = VmConfig(
+        kernel=args.guest,
+        cmdline=args.cmdline,
+        memory=args.memory_mib << 20,
+        serial=SerialConfig(SerialMode.NONE),
+    )
+    machine = Machine(config)
+    try:
+        machine.boot_kernel()
+        vcpu = machine.vcpus[0]
+        page = mmap.mmap(vcpu.fd, machine.system.vcpu_mmap_size(), mmap.MAP_SHARED)
+        if args.loop == "python":
+            status, seconds, exits = python_loop(vcpu.fd, page)
+        else:
+            status, seconds, exits = c_loop(args.library, vcpu.fd, page)
+        page.close()
+    finally:
+        machine.close()
+    print(json.dumps({"status": status, "seconds": seconds, "exits": exits}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
