@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -180,6 +181,69 @@ def test_bench_rejects_bad_arguments_in_one_line() -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_kvmpy_overhead_is_its_figure_minus_the_python_floor_run_by_run() -> None:
+    from kvmpy.bench.local import LocalPlan, _floor_metrics
+    from kvmpy.bench.measure import Sample
+
+    def samples(loop: str, *walls: float) -> list[Sample]:
+        return [Sample(loop, w, None, w, 0, 0, b"") for w in walls]
+
+    plan = LocalPlan(repetitions=2, exits=1000)
+    loaded = {"python": samples("python", 0.05, 0.06), "c": samples("c", 0.03, 0.04)}
+    empty = {"python": samples("python", 0.01, 0.01), "c": samples("c", 0.01, 0.01)}
+    wall = _metric([45.0, 52.0], [30.0, 30.0])
+    python, c, overhead = _floor_metrics("pio_storm", "Port I/O", plan, loaded, empty, wall)
+    assert python.kvmpy == pytest.approx([40.0, 50.0]) and python.qemu == [] and "floor" in python.title
+    assert c.kvmpy == pytest.approx([20.0, 30.0]) and "C" in c.title
+    assert overhead.kvmpy == pytest.approx([5.0, 2.0]) and overhead.target == Target(absolute=3)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("loop", ["python", "c"])
+def test_floor_loops_take_exactly_the_guests_exits(guests: Path, tmp_path: Path, loop: str) -> None:
+    """The bare loops run the guest kvmpy set up to its debug exit: count=N costs N more exits."""
+    from kvmpy.bench.floors import FloorLoops, compile_c_loop
+
+    floors = FloorLoops(compile_c_loop(tmp_path))
+    exits = []
+    for count in (0, 500):
+        done = subprocess.run(
+            [sys.executable, "-m", "kvmpy.bench.floor_loop", loop, str(guests / "pio_storm.elf"),
+             f"count={count}", "--library", str(floors.library)],
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        result = json.loads(done.stdout)
+        assert result["status"] == 0 and result["seconds"] > 0
+        exits.append(result["exits"])
+    assert exits[1] - exits[0] == 500 + 2  # and "500" prints two characters more than "0"
+    sample = floors.run(loop, guests / "mmio_storm.elf", "count=100", 256)
+    assert sample.vmm == loop and sample.wall > 0
+
+
+@pytest.mark.kvm
+def test_the_dirty_guest_keeps_its_pace(guests: Path) -> None:
+    """dirty.elf ticks every 100 ms of TSC time while it writes; without tsc_khz it refuses."""
+    from kvmpy.bench.state_bench import tsc_khz
+    from kvmpy.testing.process import kvmpy
+
+    done = kvmpy("run", "--kernel", str(guests / "dirty.elf"), "--cmdline",
+                 f"rate=64 mib=16 ticks=3 tsc_khz={tsc_khz()}", timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "dirty 64 MiB/s over 16 MiB" in done.stdout and "tick 3\n" in done.stdout
+    refused = kvmpy("run", "--kernel", str(guests / "dirty.elf"), "--cmdline", "rate=1", timeout=60)
+    assert refused.returncode == 2 and "needs tsc_khz=" in refused.stdout
+
+
+def _row(report: str, title: str) -> list[str]:
+    line = next(line for line in report.splitlines() if line.startswith(f"| {title}"))
+    return [cell.strip() for cell in line.split("|")[1:-1]]
+
+
+def _number(cell: str) -> float:
+    return float(cell.replace(",", ""))
+
+
 @pytest.mark.kvm
 def test_quick_bench_against_qemu_writes_the_report(tmp_path: Path) -> None:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -200,7 +264,30 @@ def test_quick_bench_against_qemu_writes_the_report(tmp_path: Path) -> None:
     pio = next(line for line in report.splitlines() if line.startswith("| Port I/O") and "wall" in line)
     kvmpy_us, qemu_us = (float(cell.replace(",", "")) for cell in pio.split("|")[2:4])
     assert 1 < kvmpy_us < 10_000 and 1 < qemu_us < 10_000  # both VMMs really took exits
-    assert (tmp_path / "benchmarks.json").exists()
+    records = {r["key"]: r for r in json.loads((tmp_path / "benchmarks.json").read_text())}
+    for guest in ("pio_storm", "mmio_storm"):  # floors are positive; kvmpy's overhead is the difference
+        python, c = records[f"{guest}_floor_python"]["kvmpy"], records[f"{guest}_floor_c"]["kvmpy"]
+        assert 1 < python[0] < 10_000 and 1 < c[0] < 10_000
+        overhead = records[f"{guest}_overhead"]["kvmpy"][0]
+        assert overhead == pytest.approx(records[f"{guest}_round_trip"]["kvmpy"][0] - python[0])
+    ready = _row(report, "Process start to the control socket answering")
+    assert 1 < _number(ready[1]) < 30_000 and 1 < _number(ready[2]) < 30_000
+    for mib in (256, 1024):
+        apparent = records[f"snapshot_apparent_{mib}"]
+        assert apparent["kvmpy"][0] >= mib  # the memory file is all of RAM, apparently...
+        assert records[f"snapshot_disk_{mib}"]["kvmpy"][0] < mib / 4  # ...and sparse on disk
+        assert 0 < apparent["qemu"][0] < mib  # QEMU's stream skips zero pages
+        for key in (f"snapshot_create_{mib}", f"restore_to_tick_{mib}"):
+            assert records[key]["kvmpy"][0] > 0 and records[key]["qemu"][0] > 0
+        assert records[f"snapshot_load_{mib}"]["kvmpy"][0] > 0
+    for vmm in ("kvmpy", "qemu"):
+        idle, dirty = records["migration_bytes_idle"][vmm][0], records["migration_bytes_dirty"][vmm][0]
+        assert 0 < idle < dirty  # the dirty guest's pages travel, more than once
+        assert records["migration_rounds_dirty"][vmm][0] >= 2
+        for key in ("idle", "dirty"):
+            total = records[f"migration_total_{key}"][vmm][0]
+            assert 0 <= records[f"migration_downtime_{key}"][vmm][0] < total
+    assert "Live migration downtime, idle counter guest" in report
 
 
 def test_report_only_rebuilds_the_report_from_saved_samples(tmp_path: Path) -> None:

@@ -139,7 +139,8 @@ def _floor_metrics(
         "µs",
         WHERE,
         target=Target(absolute=3),
-        note="kvmpy's wall time per exit minus the bare Python loop's, repetition by repetition",
+        note="kvmpy's wall time per exit minus the bare Python loop's, repetition by repetition (each a "
+        "difference of paired runs: on a loaded machine the noise can exceed it, and make it negative)",
     )
     overhead.kvmpy.extend(k - f for k, f in zip(wall.kvmpy, per_exit["python"], strict=True))
     metrics.append(overhead)
