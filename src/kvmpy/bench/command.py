@@ -89,18 +89,24 @@ def _bench(args: argparse.Namespace) -> int:
     if args.repetitions:
         plan = LocalPlan(repetitions=args.repetitions, exits=plan.exits)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="kvmpy-bench-") as scratch:
-        floors = FloorLoops(compile_c_loop(Path(scratch)))
-        metrics = run_local_suite(plan, _progress, floors)
-    metrics += api_metrics(plan.repetitions, _progress)
-    metrics += run_state_suite(StatePlan(plan.repetitions), _progress)
+    metrics: list[Metric] = []
+    if "exits" in args.only:
+        with tempfile.TemporaryDirectory(prefix="kvmpy-bench-") as scratch:
+            floors = FloorLoops(compile_c_loop(Path(scratch)))
+            metrics += run_local_suite(plan, _progress, floors)
+    if "api" in args.only:
+        metrics += api_metrics(plan.repetitions, _progress)
+    if "state" in args.only:
+        metrics += run_state_suite(StatePlan(plan.repetitions), _progress)
     lab_appendix = ""
-    if not args.quick and not args.no_lab:
+    if not args.quick and not args.no_lab and "lab" in args.only:
         from kvmpy.bench.lab import LabPlan, run_lab_suite
 
         lab, lab_appendix = run_lab_suite(LabPlan.full(), _progress)
         metrics += lab
     invocation = "kvmpy bench" + (" --quick" if args.quick else "") + (" --no-lab" if args.no_lab else "")
+    if args.only != SUITES:
+        invocation += " --only " + ",".join(args.only)
     report = write_report(
         metrics, plan, args.out, invocation=invocation, quick=args.quick, lab_appendix=lab_appendix
     )
@@ -185,6 +191,19 @@ def _sample_record(metric: Metric) -> dict[str, object]:
     return record
 
 
+#: The suites ``--only`` chooses from: this machine's start-up, exits (with their floors) and
+#: memory; the API; snapshots and migration; the lab.
+SUITES = ("exits", "api", "state", "lab")
+
+
+def _suites(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in SUITES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(SUITES)}")
+    return tuple(name for name in SUITES if name in names)
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -201,6 +220,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for the report")
     bench.add_argument("--no-lab", action="store_true", help="skip the Linux benchmarks in the lab")
     bench.add_argument("--repetitions", type=_positive, help="runs per VMM for each figure on this machine")
+    bench.add_argument(
+        "--only",
+        type=_suites,
+        default=SUITES,
+        metavar="SUITES",
+        help="run only these suites, comma-separated: exits (start-up, exit round trips and their "
+        "floors, memory), api, state (snapshots, migration), lab",
+    )
     bench.add_argument(
         "--report-only",
         action="store_true",

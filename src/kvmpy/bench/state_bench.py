@@ -44,6 +44,7 @@ class StatePlan:
     dirty_rate_mib: int = 64  # MiB/s the dirty guest writes
     dirty_span_mib: int = 128  # across this much of its RAM
     dirty_ticks: int = 10  # 100 ms ticks before the migration starts
+    migration_mib: int = 256  # the migrated guests' RAM
 
 
 def tsc_khz() -> int:
@@ -173,7 +174,9 @@ def _wait_listening(destination: WatchedProcess, address: Path) -> None:
         time.sleep(0.005)
 
 
-def kvmpy_migration(guest: Path, cmdline: str, ticks: int, scratch: Path) -> dict[str, object]:
+def kvmpy_migration(
+    guest: Path, cmdline: str, memory_mib: int, ticks: int, scratch: Path
+) -> dict[str, object]:
     """One migration between two kvmpy processes; the sender's report."""
     address = scratch / "kvmpy-migration.sock"
     address.unlink(missing_ok=True)
@@ -183,7 +186,7 @@ def kvmpy_migration(guest: Path, cmdline: str, ticks: int, scratch: Path) -> dic
     try:
         _wait_listening(destination, address)
         report = _driver("migrate", "--kernel", str(guest), "--cmdline", cmdline, "--ticks", str(ticks),
-                         "--to", f"unix:{address}")  # fmt: skip
+                         "--memory-mib", str(memory_mib), "--to", f"unix:{address}")  # fmt: skip
         destination.wait_for(TICK, 60)  # the guest runs on the destination
     finally:
         destination.stop()
@@ -207,9 +210,15 @@ def _migration_rows(label: str, key: str) -> dict[str, Metric]:
 
 def migration_metrics(plan: StatePlan, progress: Progress, scratch: Path, khz: int) -> list[Metric]:
     guests = [
-        ("idle counter guest, 256 MiB", "idle", guest_path("counter"), _counter_cmdline(khz), 3),
         (
-            f"guest writing {plan.dirty_rate_mib} MiB/s over {plan.dirty_span_mib} MiB, 256 MiB",
+            f"idle counter guest, {plan.migration_mib} MiB",
+            "idle",
+            guest_path("counter"),
+            _counter_cmdline(khz),
+            3,
+        ),
+        (
+            f"guest writing {plan.dirty_rate_mib} MiB/s over {plan.dirty_span_mib}/{plan.migration_mib} MiB",
             "dirty",
             guest_path("dirty"),
             f"rate={plan.dirty_rate_mib} mib={plan.dirty_span_mib} tsc_khz={khz}",
@@ -220,14 +229,14 @@ def migration_metrics(plan: StatePlan, progress: Progress, scratch: Path, khz: i
     for label, key, guest, cmdline, ticks in guests:
         rows = _migration_rows(label, key)
         for index in range(plan.repetitions):
-            report = kvmpy_migration(guest, cmdline, ticks, scratch)
+            report = kvmpy_migration(guest, cmdline, plan.migration_mib, ticks, scratch)
             downtime = report.get("downtime_seconds")
             rows["total"].kvmpy.append(float(report["total_seconds"]) * 1000)  # type: ignore[arg-type]
             if downtime is not None:
                 rows["downtime"].kvmpy.append(float(downtime) * 1000)  # type: ignore[arg-type]
             rows["rounds"].kvmpy.append(float(report["rounds"]))  # type: ignore[arg-type]
             rows["bytes"].kvmpy.append(float(report["bytes_sent"]) / (1 << 20))  # type: ignore[arg-type]
-            theirs = qemu_state.migrate(guest, cmdline, 256, scratch, ticks)
+            theirs = qemu_state.migrate(guest, cmdline, plan.migration_mib, scratch, ticks)
             rows["total"].qemu.append(theirs.total_seconds * 1000)
             rows["downtime"].qemu.append(theirs.downtime_seconds * 1000)
             rows["rounds"].qemu.append(float(theirs.rounds))
