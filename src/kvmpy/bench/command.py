@@ -28,7 +28,10 @@ whoever the VMM is); QEMU runs them on its microvm machine, which like kvmpy
 boots a PVH kernel without firmware. "Lab" rows boot Debian's stock kernel with
 the default image's initramfs inside the lab (QEMU TCG with AMD SVM and a real
 KVM), QEMU on its default PC machine with SeaBIOS; absolute lab figures are
-TCG's, the ratios are what carry over. Regenerate with `{command}`.
+TCG's, the ratios are what carry over. Floor rows are no VMM: a bare KVM_RUN
+loop in Python or C on the guest kvmpy set up, its figure in the kvmpy column;
+kvmpy's overhead is its round trip minus the Python floor. Regenerate with
+`{command}`.
 """
 
 
@@ -78,6 +81,7 @@ def _bench(args: argparse.Namespace) -> int:
     from kvmpy.bench.api_bench import api_metrics
     from kvmpy.bench.floors import FloorLoops, compile_c_loop
     from kvmpy.bench.local import LocalPlan, run_local_suite
+    from kvmpy.bench.report import load_average
     from kvmpy.bench.state_bench import StatePlan, run_state_suite
     from kvmpy.bytecode import compile_package
 
@@ -89,6 +93,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.repetitions:
         plan = LocalPlan(repetitions=args.repetitions, exits=plan.exits)
     started = time.monotonic()
+    load_before = load_average()
     metrics: list[Metric] = []
     if "exits" in args.only:
         with tempfile.TemporaryDirectory(prefix="kvmpy-bench-") as scratch:
@@ -107,8 +112,12 @@ def _bench(args: argparse.Namespace) -> int:
     invocation = "kvmpy bench" + (" --quick" if args.quick else "") + (" --no-lab" if args.no_lab else "")
     if args.only != SUITES:
         invocation += " --only " + ",".join(args.only)
+    # Other work on the host shows in every figure: say how busy it was.
+    load = (
+        f"Load average (1, 5, 15 min) at the start of the run: {load_before}; at its end: {load_average()}."
+    )
     report = write_report(
-        metrics, plan, args.out, invocation=invocation, quick=args.quick, lab_appendix=lab_appendix
+        metrics, plan, args.out, invocation=invocation, quick=args.quick, lab_appendix=lab_appendix, load=load
     )
     _progress(f"done in {time.monotonic() - started:.0f} s: {args.out / 'benchmarks.md'}")
     print(report)
@@ -163,7 +172,14 @@ def _metric_from_record(record: dict[str, object]) -> Metric:
 
 
 def write_report(
-    metrics: list[Metric], plan: LocalPlan, out: Path, *, invocation: str, quick: bool, lab_appendix: str = ""
+    metrics: list[Metric],
+    plan: LocalPlan,
+    out: Path,
+    *,
+    invocation: str,
+    quick: bool,
+    lab_appendix: str = "",
+    load: str = "",
 ) -> str:
     """benchmarks.md (with profiles of missed targets), benchmarks.json and the plots in ``out``."""
     from kvmpy.bench.report import render, write_plots
@@ -177,6 +193,7 @@ def write_report(
         preamble=PREAMBLE.format(command=f"{invocation} --out {out}"),
         plots=plots,
         appendix=appendix,
+        load=load,
     )
     (out / "benchmarks.md").write_text(report)
     (out / "benchmarks.json").write_text(json.dumps([_sample_record(m) for m in metrics], indent=1))
