@@ -190,16 +190,20 @@ def test_kvmpy_overhead_is_its_figure_minus_the_python_floor_run_by_run() -> Non
     from kvmpy.bench.measure import Sample
 
     def samples(loop: str, *walls: float) -> list[Sample]:
-        return [Sample(loop, w, None, w, 0, 0, b"") for w in walls]
+        return [Sample(loop, w, None, w / 2, 0, 0, b"") for w in walls]  # CPU: half the wall time
 
     plan = LocalPlan(repetitions=2, exits=1000)
     loaded = {"python": samples("python", 0.05, 0.06), "c": samples("c", 0.03, 0.04)}
     empty = {"python": samples("python", 0.01, 0.01), "c": samples("c", 0.01, 0.01)}
     wall = _metric([45.0, 52.0], [30.0, 30.0])
-    python, c, overhead = _floor_metrics("pio_storm", "Port I/O", plan, loaded, empty, wall)
+    python, c, overhead = _floor_metrics("pio_storm", "Port I/O", "wall", plan, loaded, empty, wall)
     assert python.kvmpy == pytest.approx([40.0, 50.0]) and python.qemu == [] and "floor" in python.title
     assert c.kvmpy == pytest.approx([20.0, 30.0]) and "C" in c.title
     assert overhead.kvmpy == pytest.approx([5.0, 2.0]) and overhead.target == Target(absolute=3)
+    cpu = _metric([21.0, 26.0], [15.0, 15.0])
+    python, _, overhead = _floor_metrics("pio_storm", "Port I/O", "cpu", plan, loaded, empty, cpu)
+    assert python.key == "pio_storm_floor_python_cpu" and python.kvmpy == pytest.approx([20.0, 25.0])
+    assert overhead.key == "pio_storm_overhead_cpu" and overhead.kvmpy == pytest.approx([1.0, 1.0])
 
 
 @pytest.mark.kvm
@@ -282,6 +286,11 @@ def test_quick_bench_against_qemu_writes_the_report(tmp_path: Path) -> None:
         overhead = records[f"{guest}_overhead"]
         assert overhead["kvmpy"][0] == pytest.approx(round_trip["kvmpy"][0] - python[0])
         assert overhead["target"] == {"ratio": None, "absolute": 3}
+        cpu, python_cpu = (
+            records[f"{guest}_cpu_per_exit"]["kvmpy"][0],
+            records[f"{guest}_floor_python_cpu"]["kvmpy"][0],
+        )
+        assert records[f"{guest}_overhead_cpu"]["kvmpy"][0] == pytest.approx(cpu - python_cpu)
     ready = records["api_ready"]
     assert 0 < ready["kvmpy"][0] < 30_000 and 0 < ready["qemu"][0] < 30_000
     assert records["api_call"]["kvmpy"][0] > 0 and records["api_call"]["qemu"][0] > 0

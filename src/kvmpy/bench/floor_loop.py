@@ -5,7 +5,8 @@ builds and boots the guest with kvmpy's Machine (the same memory, CPUID,
 devices and boot state as under ``kvmpy run``), then runs vCPU 0 in one of two
 loops that do nothing but call KVM_RUN and look at the exit reason: port reads
 answer 0 (LSR "transmitter empty"), the debug-exit port ends the loop. It
-prints one JSON line: the loop's seconds, its exits and the guest's status.
+prints one JSON line: the loop's wall and CPU seconds (the looping thread's,
+guest time included), its exits and the guest's status.
 
 These are what a Python VMM and any VMM can reach on this host; kvmpy's
 overhead per exit is its figure minus the Python floor. Nothing here is on
@@ -34,13 +35,17 @@ _IO = struct.Struct(f"<{abi.kvm_run.io.offset}xBBHIQ")  # direction, size, port,
 _MMIO_DATA = abi.kvm_run.mmio.offset + 8
 
 
-def python_loop(fd: int, page: mmap.mmap) -> tuple[int, float, int]:
-    """(guest status, seconds, exits): KVM_RUN through fcntl.ioctl, the reason read with struct."""
+#: (guest status, wall seconds, CPU seconds of the looping thread, exits)
+LoopResult = tuple[int, float, float, int]
+
+
+def python_loop(fd: int, page: mmap.mmap) -> LoopResult:
+    """KVM_RUN through fcntl.ioctl, the reason read with struct."""
     ioctl, run = fcntl.ioctl, abi.KVM_RUN
     reason_of, io_of = _REASON.unpack_from, _IO.unpack_from
     exit_io, exit_mmio = abi.KVM_EXIT_IO, abi.KVM_EXIT_MMIO
     exits = 0
-    began = time.perf_counter()
+    began, began_cpu = time.perf_counter(), time.thread_time()
     while True:
         try:
             ioctl(fd, run, 0)
@@ -63,24 +68,23 @@ def python_loop(fd: int, page: mmap.mmap) -> tuple[int, float, int]:
         else:
             status = -1000 - reason
             break
-    return status, time.perf_counter() - began, exits
+    cpu = time.thread_time() - began_cpu
+    return status, time.perf_counter() - began, cpu, exits
 
 
-def c_loop(library: Path, fd: int, page: mmap.mmap) -> tuple[int, float, int]:
-    """(guest status, seconds, exits) from floor_loop.c's kvmpy_floor_loop (ctypes drops the GIL)."""
+def c_loop(library: Path, fd: int, page: mmap.mmap) -> LoopResult:
+    """floor_loop.c's kvmpy_floor_loop (ctypes drops the GIL while it runs)."""
     loop = ctypes.CDLL(str(library)).kvmpy_floor_loop
-    loop.argtypes = [
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.POINTER(ctypes.c_double),
-        ctypes.POINTER(ctypes.c_long),
-    ]
+    double = ctypes.POINTER(ctypes.c_double)
+    loop.argtypes = [ctypes.c_int, ctypes.c_void_p, double, double, ctypes.POINTER(ctypes.c_long)]
     loop.restype = ctypes.c_int
     run_page = ctypes.c_char.from_buffer(page)
-    seconds, exits = ctypes.c_double(), ctypes.c_long()
-    status = loop(fd, ctypes.addressof(run_page), ctypes.byref(seconds), ctypes.byref(exits))
+    seconds, cpu, exits = ctypes.c_double(), ctypes.c_double(), ctypes.c_long()
+    status = loop(
+        fd, ctypes.addressof(run_page), ctypes.byref(seconds), ctypes.byref(cpu), ctypes.byref(exits)
+    )
     del run_page  # release the export before the mapping closes
-    return status, seconds.value, exits.value
+    return status, seconds.value, cpu.value, exits.value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,13 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         vcpu = machine.vcpus[0]
         page = mmap.mmap(vcpu.fd, machine.system.vcpu_mmap_size(), mmap.MAP_SHARED)
         if args.loop == "python":
-            status, seconds, exits = python_loop(vcpu.fd, page)
+            status, seconds, cpu, exits = python_loop(vcpu.fd, page)
         else:
-            status, seconds, exits = c_loop(args.library, vcpu.fd, page)
+            status, seconds, cpu, exits = c_loop(args.library, vcpu.fd, page)
         page.close()
     finally:
         machine.close()
-    print(json.dumps({"status": status, "seconds": seconds, "exits": exits}))
+    print(json.dumps({"status": status, "seconds": seconds, "cpu_seconds": cpu, "exits": exits}))
     return 0
 
 

@@ -46,7 +46,7 @@ class FloorLoops:
     library: Path
 
     def run(self, loop: str, guest: Path, cmdline: str, memory_mib: int) -> Sample:
-        """One run of ``loop`` ("python" or "c"): the loop's own wall time as the sample's wall."""
+        """One run of ``loop`` ("python" or "c"): the loop's own wall and CPU time as the sample's."""
         done = subprocess.run(
             [sys.executable, "-m", "kvmpy.bench.floor_loop", loop, str(guest), cmdline,
              "--library", str(self.library), "--memory-mib", str(memory_mib)],
@@ -60,8 +60,7 @@ class FloorLoops:
         result = json.loads(done.stdout.decode().strip().splitlines()[-1])
         if result["status"] != 0:
             raise HostError(f"the {LOOPS[loop]} ended {guest.name} with status {result['status']}")
-        seconds = float(result["seconds"])
-        return Sample(loop, seconds, None, seconds, 0, 0, b"")
+        return Sample(loop, float(result["seconds"]), None, float(result["cpu_seconds"]), 0, 0, b"")
 
 
 __all__ = ["LOOPS", "FloorLoops", "compile_c_loop"]

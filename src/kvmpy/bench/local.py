@@ -105,44 +105,55 @@ def _storm_metrics(
         getattr(cpu, vmm).extend(c * 1e6 for c in cpus)
     if floors is None:
         return [wall, cpu]
-    return [wall, *_floor_metrics(guest, label, plan, loaded, empty, wall), cpu]
+    wall_floors = _floor_metrics(guest, f"{label} exit round trip", "wall", plan, loaded, empty, wall)
+    cpu_floors = _floor_metrics(guest, f"{label} exit, CPU time per exit", "cpu", plan, loaded, empty, cpu)
+    return [wall, *wall_floors, cpu, *cpu_floors]
+
+
+_OVERHEAD_NOTES = {
+    "wall": "kvmpy's wall time per exit minus the bare Python loop's, repetition by repetition (each a "
+    "difference of paired runs: on a loaded machine the noise can exceed it, and make it negative)",
+    "cpu": "kvmpy's CPU time per exit (user + system, the whole process) minus the bare Python loop's "
+    "(its thread's), repetition by repetition: a loaded host's scheduling delays do not count in it",
+}
 
 
 def _floor_metrics(
     guest: str,
     label: str,
+    kind: str,
     plan: LocalPlan,
     loaded: dict[str, list[Sample]],
     empty: dict[str, list[Sample]],
-    wall: Metric,
+    kvmpy: Metric,
 ) -> list[Metric]:
-    """The floor rows beside ``wall`` and kvmpy's overhead over the Python floor (issue 17)."""
+    """The floor rows beside ``kvmpy`` (its wall or CPU time per exit, as ``kind`` says) and
+    kvmpy's overhead over the Python floor (issue 17)."""
     metrics = []
     per_exit: dict[str, list[float]] = {}
     for loop, name in LOOPS.items():
-        per_exit[loop] = [
-            w * 1e6
-            for w in per_unit([s.wall for s in loaded[loop]], [s.wall for s in empty[loop]], plan.exits)
-        ]
+        loaded_times = [getattr(s, kind) for s in loaded[loop]]
+        empty_times = [getattr(s, kind) for s in empty[loop]]
+        per_exit[loop] = [t * 1e6 for t in per_unit(loaded_times, empty_times, plan.exits)]
         metric = Metric(
-            f"{guest}_floor_{loop}",
-            f"{label} exit round trip, floor: {name} on the same guest",
+            f"{guest}_floor_{loop}" + ("_cpu" if kind == "cpu" else ""),
+            f"{label}, floor: {name} on the same guest",
             "µs",
             WHERE,
-            note="a floor, not kvmpy: the loop's figure is in the kvmpy column (bench/floor_loop.py)",
+            note="a floor, not kvmpy: the loop's figure is in the kvmpy column (bench/floor_loop.py)"
+            + ("; the looping thread's CPU time, guest time included" if kind == "cpu" else ""),
         )
         metric.kvmpy.extend(per_exit[loop])
         metrics.append(metric)
     overhead = Metric(
-        f"{guest}_overhead",
-        f"{label} exit round trip, kvmpy's overhead over the Python floor",
+        f"{guest}_overhead" + ("_cpu" if kind == "cpu" else ""),
+        f"{label}, kvmpy's overhead over the Python floor",
         "µs",
         WHERE,
         target=Target(absolute=3),
-        note="kvmpy's wall time per exit minus the bare Python loop's, repetition by repetition (each a "
-        "difference of paired runs: on a loaded machine the noise can exceed it, and make it negative)",
+        note=_OVERHEAD_NOTES[kind],
     )
-    overhead.kvmpy.extend(k - f for k, f in zip(wall.kvmpy, per_exit["python"], strict=True))
+    overhead.kvmpy.extend(k - f for k, f in zip(kvmpy.kvmpy, per_exit["python"], strict=True))
     metrics.append(overhead)
     return metrics
 
