@@ -57,15 +57,12 @@ def _profiles(metrics: list[Metric], plan: LocalPlan) -> str:
     missed = {m.key for m in metrics if m.met() is False and not m.where.startswith("lab")}
     if missed & {"start_to_first_output"}:
         sections.append(profile_run(guest_path("hello"), "", "start-up (hello guest)"))
-    if missed & {
-        "pio_storm_round_trip",
-        "mmio_storm_round_trip",
-        "pio_storm_overhead",
-        "mmio_storm_overhead",
-    }:
-        sections.append(
-            profile_run(guest_path("pio_storm"), f"count={plan.exits * 5}", "port I/O exits (pio_storm)")
-        )
+    for guest, title in (
+        ("pio_storm", "port I/O exits (pio_storm)"),
+        ("mmio_storm", "MMIO exits (mmio_storm)"),
+    ):
+        if missed & {f"{guest}_round_trip", f"{guest}_overhead", f"{guest}_overhead_cpu"}:
+            sections.append(profile_run(guest_path(guest), f"count={plan.exits * 5}", title))
     if "api_ready" in missed:
         from kvmpy.bench.api_bench import api_profile
 
