@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kvmpy.bench import qemu_state
 from kvmpy.bench.metric import Metric, Target
@@ -63,8 +64,8 @@ def tsc_khz() -> int:
             vm.close()
 
 
-def _driver(what: str, *args: str, timeout: float = 300) -> dict[str, object]:
-    """Run vmm_driver ``what`` in a child process and return its JSON line."""
+def _driver(what: str, *args: str, timeout: float = 300) -> dict[str, Any]:
+    """Run vmm_driver ``what`` in a child process and return its JSON line (decoded)."""
     process = WatchedProcess(
         [sys.executable, "-m", "kvmpy.bench.vmm_driver", what, *args], f"vmm_driver {what}"
     )
@@ -139,7 +140,7 @@ def snapshot_metrics(plan: StatePlan, progress: Progress, scratch: Path, khz: in
             directory.mkdir()
             made = _driver("snapshot", "--kernel", str(counter), "--cmdline", cmdline,
                            "--memory-mib", str(mib), "--out", str(directory))  # fmt: skip
-            rows["create"].kvmpy.append(float(made["create_seconds"]) * 1000)  # type: ignore[arg-type]
+            rows["create"].kvmpy.append(float(made["create_seconds"]) * 1000)
             apparent, disk = _sizes(directory / "state", directory / "memory")
             rows["apparent"].kvmpy.append(apparent)
             rows["disk"].kvmpy.append(disk)
@@ -152,7 +153,7 @@ def snapshot_metrics(plan: StatePlan, progress: Progress, scratch: Path, khz: in
                 restored.stop()
             for row, warm in (("load", ()), ("warm", ("--warm",))):
                 loaded = _driver("load", "--out", str(directory), *warm)
-                rows[row].kvmpy.append(float(loaded["load_seconds"]) * 1000)  # type: ignore[arg-type]
+                rows[row].kvmpy.append(float(loaded["load_seconds"]) * 1000)
 
             file = scratch / f"qemu-{mib}.snapshot"
             file.unlink(missing_ok=True)
@@ -174,9 +175,7 @@ def _wait_listening(destination: WatchedProcess, address: Path) -> None:
         time.sleep(0.005)
 
 
-def kvmpy_migration(
-    guest: Path, cmdline: str, memory_mib: int, ticks: int, scratch: Path
-) -> dict[str, object]:
+def kvmpy_migration(guest: Path, cmdline: str, memory_mib: int, ticks: int, scratch: Path) -> dict[str, Any]:
     """One migration between two kvmpy processes; the sender's report."""
     address = scratch / "kvmpy-migration.sock"
     address.unlink(missing_ok=True)
@@ -231,11 +230,11 @@ def migration_metrics(plan: StatePlan, progress: Progress, scratch: Path, khz: i
         for index in range(plan.repetitions):
             report = kvmpy_migration(guest, cmdline, plan.migration_mib, ticks, scratch)
             downtime = report.get("downtime_seconds")
-            rows["total"].kvmpy.append(float(report["total_seconds"]) * 1000)  # type: ignore[arg-type]
+            rows["total"].kvmpy.append(float(report["total_seconds"]) * 1000)
             if downtime is not None:
-                rows["downtime"].kvmpy.append(float(downtime) * 1000)  # type: ignore[arg-type]
-            rows["rounds"].kvmpy.append(float(report["rounds"]))  # type: ignore[arg-type]
-            rows["bytes"].kvmpy.append(float(report["bytes_sent"]) / (1 << 20))  # type: ignore[arg-type]
+                rows["downtime"].kvmpy.append(float(downtime) * 1000)
+            rows["rounds"].kvmpy.append(float(report["rounds"]))
+            rows["bytes"].kvmpy.append(float(report["bytes_sent"]) / (1 << 20))
             theirs = qemu_state.migrate(guest, cmdline, plan.migration_mib, scratch, ticks)
             rows["total"].qemu.append(theirs.total_seconds * 1000)
             rows["downtime"].qemu.append(theirs.downtime_seconds * 1000)
