@@ -241,8 +241,18 @@ def migration_metrics(plan: StatePlan, progress: Progress, scratch: Path, khz: i
             rows["rounds"].qemu.append(float(theirs.rounds))
             rows["bytes"].qemu.append(theirs.bytes_sent / (1 << 20))
             progress(f"live migration, {key} guest: {index + 1}/{plan.repetitions}")
+        rows["downtime"].note += _budget_verdict(rows["downtime"])
         metrics += rows.values()
     return metrics
+
+
+def _budget_verdict(downtime: Metric) -> str:
+    """Issue 12's second downtime target, beside the ratio to QEMU: within the budget or not."""
+    median = downtime.kvmpy_median
+    if median is None:
+        return ""
+    within = "within" if median <= qemu_state.DOWNTIME_MS else "**over**"
+    return f"; kvmpy's median ({median:.0f} ms) is {within} the {qemu_state.DOWNTIME_MS} ms budget"
 
 
 def state_profiles(missed: set[str]) -> list[str]:
