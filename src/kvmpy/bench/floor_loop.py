@@ -1,12 +1,13 @@
 """The floors of an exit round trip: a bare KVM_RUN loop in Python and in C, on a guest kvmpy set up.
 
-``python -m kvmpy.bench.floor_loop python|c GUEST CMDLINE [--library SO]``
-builds and boots the guest with kvmpy's Machine (the same memory, CPUID,
-devices and boot state as under ``kvmpy run``), then runs vCPU 0 in one of two
+``run_loop`` (and ``python -m kvmpy.bench.floor_loop python|c GUEST CMDLINE
+[--library SO]``, which prints its result as one JSON line) builds and boots
+the guest with kvmpy's Machine (the same memory, CPUID, devices and boot state
+as under ``kvmpy run``), then runs vCPU 0 in one of two
 loops that do nothing but call KVM_RUN and look at the exit reason: port reads
-answer 0 (LSR "transmitter empty"), the debug-exit port ends the loop. It
-prints one JSON line: the loop's wall and CPU seconds (the looping thread's,
-guest time included), its exits and the guest's status.
+answer 0 (LSR "transmitter empty"), the debug-exit port ends the loop. The
+result: the guest's status, the loop's wall and CPU seconds (the looping
+thread's, guest time included) and its exits.
 
 These are what a Python VMM and any VMM can reach on this host; kvmpy's
 overhead per exit is its figure minus the Python floor. Nothing here is on
@@ -87,6 +88,34 @@ def c_loop(library: Path, fd: int, page: mmap.mmap) -> LoopResult:
     return status, seconds.value, cpu.value, exits.value
 
 
+def run_loop(
+    loop: str, guest: Path, cmdline: str, memory_mib: int = 256, library: Path | None = None
+) -> LoopResult:
+    """Build and boot ``guest`` with kvmpy's Machine, then run vCPU 0 in ``loop`` ("python" or "c")."""
+    from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
+    from kvmpy.vmm.machine import Machine
+
+    if loop == "c" and library is None:
+        raise ValueError("the C loop needs the compiled floor_loop.c")
+    config = VmConfig(
+        kernel=guest, cmdline=cmdline, memory=memory_mib << 20, serial=SerialConfig(SerialMode.NONE)
+    )
+    machine = Machine(config)
+    try:
+        machine.boot_kernel()
+        vcpu = machine.vcpus[0]
+        page = mmap.mmap(vcpu.fd, machine.system.vcpu_mmap_size(), mmap.MAP_SHARED)
+        try:
+            if loop == "python":
+                return python_loop(vcpu.fd, page)
+            assert library is not None
+            return c_loop(library, vcpu.fd, page)
+        finally:
+            page.close()
+    finally:
+        machine.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kvmpy.bench.floor_loop")
     parser.add_argument("loop", choices=("python", "c"))
@@ -97,28 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.loop == "c" and args.library is None:
         parser.error("the C loop needs --library")
-
-    from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
-    from kvmpy.vmm.machine import Machine
-
-    config = VmConfig(
-        kernel=args.guest,
-        cmdline=args.cmdline,
-        memory=args.memory_mib << 20,
-        serial=SerialConfig(SerialMode.NONE),
-    )
-    machine = Machine(config)
-    try:
-        machine.boot_kernel()
-        vcpu = machine.vcpus[0]
-        page = mmap.mmap(vcpu.fd, machine.system.vcpu_mmap_size(), mmap.MAP_SHARED)
-        if args.loop == "python":
-            status, seconds, cpu, exits = python_loop(vcpu.fd, page)
-        else:
-            status, seconds, cpu, exits = c_loop(args.library, vcpu.fd, page)
-        page.close()
-    finally:
-        machine.close()
+    status, seconds, cpu, exits = run_loop(args.loop, args.guest, args.cmdline, args.memory_mib, args.library)
     print(json.dumps({"status": status, "seconds": seconds, "cpu_seconds": cpu, "exits": exits}))
     return 0
 

@@ -1,22 +1,18 @@
 """The floors beside each exit round trip: bare KVM_RUN loops in Python and C on the same guest.
 
-floor_loop.py runs them in a child process (kvmpy builds and boots the VM, then
-only the loop runs). The C loop is compiled here with gcc when the benchmark
-starts, into the run's scratch directory.
+floor_loop.py runs them (kvmpy builds and boots the VM, then only the loop runs).
+The C loop is compiled here with gcc when the benchmark starts, into the run's
+scratch directory.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpy.bench.measure import Sample
-from kvmpy.bench.watch import SOURCE
 from kvmpy.errors import HostError
 
 C_SOURCE = Path(__file__).with_name("floor_loop.c")
@@ -46,21 +42,17 @@ class FloorLoops:
     library: Path
 
     def run(self, loop: str, guest: Path, cmdline: str, memory_mib: int) -> Sample:
-        """One run of ``loop`` ("python" or "c"): the loop's own wall and CPU time as the sample's."""
-        done = subprocess.run(
-            [sys.executable, "-m", "kvmpy.bench.floor_loop", loop, str(guest), cmdline,
-             "--library", str(self.library), "--memory-mib", str(memory_mib)],
-            capture_output=True,
-            timeout=300,
-            env=dict(os.environ, PYTHONPATH=str(SOURCE)),
-        )  # fmt: skip
-        if done.returncode:
-            tail = done.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
-            raise HostError(f"the {LOOPS[loop]} failed on {guest.name}: {tail}")
-        result = json.loads(done.stdout.decode().strip().splitlines()[-1])
-        if result["status"] != 0:
-            raise HostError(f"the {LOOPS[loop]} ended {guest.name} with status {result['status']}")
-        return Sample(loop, float(result["seconds"]), None, float(result["cpu_seconds"]), 0, 0, b"")
+        """One run of ``loop`` ("python" or "c"): the loop's own wall and CPU time as the sample's.
+
+        It runs in this process: only the loop is timed, so a fresh interpreter would add
+        nothing but its start-up, which on a busy host costs more than the loop.
+        """
+        from kvmpy.bench.floor_loop import run_loop
+
+        status, seconds, cpu, _ = run_loop(loop, guest, cmdline, memory_mib, self.library)
+        if status != 0:
+            raise HostError(f"the {LOOPS[loop]} ended {guest.name} with status {status}")
+        return Sample(loop, seconds, None, cpu, 0, 0, b"")
 
 
 __all__ = ["LOOPS", "FloorLoops", "compile_c_loop"]
