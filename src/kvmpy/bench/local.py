@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from kvmpy.bench.floors import LOOPS, FloorLoops
 from kvmpy.bench.measure import Sample, run
 from kvmpy.bench.metric import Metric, Target, per_unit
 from kvmpy.errors import HostError
@@ -45,13 +46,18 @@ def _checked(sample: Sample, guest: str) -> Sample:
     return sample
 
 
-def _alternate(guest: str, cmdline: str, repetitions: int, progress: Progress) -> dict[str, list[Sample]]:
-    """Run ``guest`` under each VMM in turn, ``repetitions`` times."""
+def _alternate(
+    guest: str, cmdline: str, repetitions: int, progress: Progress, floors: FloorLoops | None = None
+) -> dict[str, list[Sample]]:
+    """Run ``guest`` under each VMM in turn (and the floor loops, if given), ``repetitions`` times."""
     path = guest_path(guest)
     samples: dict[str, list[Sample]] = {vmm: [] for vmm in VMMS}
     for index in range(repetitions):
         for vmm in VMMS:
             samples[vmm].append(_checked(run(vmm, path, cmdline, GUEST_RAM_MIB), guest))
+        if floors is not None:
+            for loop in LOOPS:
+                samples.setdefault(loop, []).append(floors.run(loop, path, cmdline, GUEST_RAM_MIB))
         progress(f"{guest} {cmdline or '(no arguments)'}: {index + 1}/{repetitions}")
     return samples
 
@@ -74,9 +80,11 @@ def _start_metrics(plan: LocalPlan, progress: Progress) -> list[Metric]:
     return [first, whole]
 
 
-def _storm_metrics(guest: str, label: str, extra: str, plan: LocalPlan, progress: Progress) -> list[Metric]:
-    loaded = _alternate(guest, f"count={plan.exits} {extra}".strip(), plan.repetitions, progress)
-    empty = _alternate(guest, f"count=0 {extra}".strip(), plan.repetitions, progress)
+def _storm_metrics(
+    guest: str, label: str, extra: str, plan: LocalPlan, progress: Progress, floors: FloorLoops | None = None
+) -> list[Metric]:
+    loaded = _alternate(guest, f"count={plan.exits} {extra}".strip(), plan.repetitions, progress, floors)
+    empty = _alternate(guest, f"count=0 {extra}".strip(), plan.repetitions, progress, floors)
     wall = Metric(
         f"{guest}_round_trip",
         f"{label} exit round trip, wall time per exit",
@@ -95,7 +103,59 @@ def _storm_metrics(guest: str, label: str, extra: str, plan: LocalPlan, progress
         cpus = per_unit([s.cpu for s in loaded[vmm]], [s.cpu for s in empty[vmm]], plan.exits)
         getattr(wall, vmm).extend(w * 1e6 for w in walls)
         getattr(cpu, vmm).extend(c * 1e6 for c in cpus)
-    return [wall, cpu]
+    if floors is None:
+        return [wall, cpu]
+    wall_floors = _floor_metrics(guest, f"{label} exit round trip", "wall", plan, loaded, empty, wall)
+    cpu_floors = _floor_metrics(guest, f"{label} exit, CPU time per exit", "cpu", plan, loaded, empty, cpu)
+    return [wall, *wall_floors, cpu, *cpu_floors]
+
+
+_OVERHEAD_NOTES = {
+    "wall": "kvmpy's wall time per exit minus the bare Python loop's, repetition by repetition (each a "
+    "difference of paired runs: on a loaded machine the noise can exceed it, and make it negative)",
+    "cpu": "kvmpy's CPU time per exit (user + system, the whole process) minus the bare Python loop's "
+    "(its thread's), repetition by repetition: a loaded host's scheduling delays do not count in it",
+}
+
+
+def _floor_metrics(
+    guest: str,
+    label: str,
+    kind: str,
+    plan: LocalPlan,
+    loaded: dict[str, list[Sample]],
+    empty: dict[str, list[Sample]],
+    kvmpy: Metric,
+) -> list[Metric]:
+    """The floor rows beside ``kvmpy`` (its wall or CPU time per exit, as ``kind`` says) and
+    kvmpy's overhead over the Python floor (issue 17)."""
+    metrics = []
+    per_exit: dict[str, list[float]] = {}
+    for loop, name in LOOPS.items():
+        loaded_times = [getattr(s, kind) for s in loaded[loop]]
+        empty_times = [getattr(s, kind) for s in empty[loop]]
+        per_exit[loop] = [t * 1e6 for t in per_unit(loaded_times, empty_times, plan.exits)]
+        metric = Metric(
+            f"{guest}_floor_{loop}" + ("_cpu" if kind == "cpu" else ""),
+            f"{label}, floor: {name} on the same guest",
+            "µs",
+            WHERE,
+            note="a floor, not kvmpy: the loop's figure is in the kvmpy column (bench/floor_loop.py)"
+            + ("; the looping thread's CPU time, guest time included" if kind == "cpu" else ""),
+        )
+        metric.kvmpy.extend(per_exit[loop])
+        metrics.append(metric)
+    overhead = Metric(
+        f"{guest}_overhead" + ("_cpu" if kind == "cpu" else ""),
+        f"{label}, kvmpy's overhead over the Python floor",
+        "µs",
+        WHERE,
+        target=Target(absolute=3),
+        note=_OVERHEAD_NOTES[kind],
+    )
+    overhead.kvmpy.extend(k - f for k, f in zip(kvmpy.kvmpy, per_exit["python"], strict=True))
+    metrics.append(overhead)
+    return metrics
 
 
 def _memory_metric(plan: LocalPlan, progress: Progress) -> Metric:
@@ -113,10 +173,11 @@ def _memory_metric(plan: LocalPlan, progress: Progress) -> Metric:
     return metric
 
 
-def run_local_suite(plan: LocalPlan, progress: Progress) -> list[Metric]:
+def run_local_suite(plan: LocalPlan, progress: Progress, floors: FloorLoops | None = None) -> list[Metric]:
+    """This machine's figures; with ``floors``, the bare-loop floors beside each exit round trip."""
     metrics = _start_metrics(plan, progress)
-    metrics += _storm_metrics("pio_storm", "Port I/O (OUT to 0x80)", "", plan, progress)
-    metrics += _storm_metrics("mmio_storm", "MMIO (4-byte write, unassigned)", "", plan, progress)
+    metrics += _storm_metrics("pio_storm", "Port I/O (OUT to 0x80)", "", plan, progress, floors)
+    metrics += _storm_metrics("mmio_storm", "MMIO (4-byte write, unassigned)", "", plan, progress, floors)
     metrics.append(_memory_metric(plan, progress))
     return metrics
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -42,6 +43,11 @@ def machine_description() -> str:
     return f"{platform.node()}, {cpu}, Linux {platform.release()}"
 
 
+def load_average() -> str:
+    """The host's 1, 5 and 15 minute load averages, as a report shows them."""
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def markdown_table(metrics: Sequence[Metric], date: str) -> str:
     lines = [
         "| metric | kvmpy | QEMU | ratio | target | machine | date |",
@@ -65,11 +71,13 @@ def render(
     plots: Sequence[Path],
     appendix: str = "",
     now: datetime | None = None,
+    load: str = "",
 ) -> str:
-    """The whole Markdown report."""
+    """The whole Markdown report (``load``: the host's load averages during the run, if known)."""
     date = (now or datetime.now(UTC)).strftime("%Y-%m-%d")
     missed = [m for m in metrics if m.met() is False]
-    parts = [f"# {title}", "", preamble.strip(), "", f"Machine: {machine_description()}.", ""]
+    machine = f"Machine: {machine_description()}." + (f" {load}" if load else "")
+    parts = [f"# {title}", "", preamble.strip(), "", machine, ""]
     parts += [markdown_table(metrics, date), ""]
     if missed:
         parts.append("Targets missed: " + "; ".join(f"{m.title} ({m.ratio_text()})" for m in missed) + ".")
@@ -124,4 +132,4 @@ def _slug(unit: str) -> str:
     return names.get(unit, "".join(c for c in unit.lower() if c.isalnum()) or "other")
 
 
-__all__ = ["machine_description", "markdown_table", "render", "write_plots"]
+__all__ = ["load_average", "machine_description", "markdown_table", "render", "write_plots"]
