@@ -288,6 +288,7 @@ class Machine:
         if self.config.nets:
             from kvmpy.virtio.devices.net import VirtioNet, parse_mac
             from kvmpy.virtio.devices.tap import Tap
+        slots = dict(self.config.pci_slots)
         for number, disk in enumerate(self.config.disks):
             device = VirtioBlock(
                 disk.path,
@@ -297,7 +298,8 @@ class Machine:
                 cache_type=disk.cache_type,
                 throttle=self._throttle(disk.rate_limiter),
             )
-            self.pci.add_virtio(device, f"virtio-blk{number}")
+            name = disk_device_id(number, disk.id)
+            self.pci.add_virtio(device, name, slots.get(name))
         for number, net in enumerate(self.config.nets):
             mac = parse_mac(net.mac) if net.mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + number])
             nic = VirtioNet(
@@ -308,17 +310,19 @@ class Machine:
                 rx_throttle=self._throttle(net.rx_rate_limiter),
                 tx_throttle=self._throttle(net.tx_rate_limiter),
             )
-            self.pci.add_virtio(nic, f"virtio-net{number}")
+            name = net_device_id(number, net.id)
+            self.pci.add_virtio(nic, name, slots.get(name))
         if self.config.rng:
             from kvmpy.virtio.devices.rng import VirtioRng
 
-            self.pci.add_virtio(VirtioRng(self._throttle(self.config.rng_rate_limiter)), "virtio-rng")
+            rng = VirtioRng(self._throttle(self.config.rng_rate_limiter))
+            self.pci.add_virtio(rng, "virtio-rng", slots.get("virtio-rng"))
         self.virtio_console: VirtioConsole | None = None
         if self.config.console == "virtio":
             from kvmpy.virtio.devices.console import VirtioConsole
 
             self.virtio_console = VirtioConsole(self.console.write)
-            self.pci.add_virtio(self.virtio_console, "virtio-console")
+            self.pci.add_virtio(self.virtio_console, "virtio-console", slots.get("virtio-console"))
 
     def _throttle(self, config: RateLimiterConfig | None) -> Throttle | None:
         """A device's rate limiter if one is configured; its retries run on the event loop."""
@@ -575,6 +579,15 @@ class _VcpuCall:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+def disk_device_id(number: int, drive_id: str) -> str:
+    """A disk's device id (its snapshot section, its PCI slot's key): by drive id if it has one."""
+    return f"virtio-blk:{drive_id}" if drive_id else f"virtio-blk{number}"
+
+
+def net_device_id(number: int, iface_id: str) -> str:
+    return f"virtio-net:{iface_id}" if iface_id else f"virtio-net{number}"
 
 
 def _install_kick_handler() -> None:
