@@ -73,7 +73,13 @@ def transport_for(device: Any, mem: GuestMemory, sender: Sender | None = None) -
 
 def _read_request(mem: GuestMemory, driver: MockDriver, sector: int) -> int:
     mem.write(HEADER, struct.pack("<IIQ", blk.T_IN, 0, sector))
-    return driver.add([Buffer(HEADER, 16), Buffer(DATA, 512, writable=True), Buffer(STATUS, 1, writable=True)])
+    buffers = [Buffer(HEADER, 16), Buffer(DATA, 512, writable=True), Buffer(STATUS, 1, writable=True)]
+    return driver.add(buffers)
+
+
+def _close(transport: vp.VirtioPciTransport) -> None:
+    device: Any = transport.device
+    device.close()
 
 
 def _live_disk(mem: GuestMemory, image: Path) -> tuple[vp.VirtioPciTransport, TransportDriver, MockDriver]:
@@ -106,7 +112,7 @@ def test_a_restored_disk_serves_what_the_guest_queued_before_and_after(mem: Gues
     waiting = _read_request(mem, driver, 4)  # made available, never kicked: the pause came first
     state = _save(old)
     assert state.transport.queues[0].last_avail_idx == 1
-    old.device.close()
+    _close(old)
 
     new = _restore(state, VirtioBlock(image), mem)
     new.start_after_restore()  # serves the ring once: the lost kick costs nothing
@@ -117,7 +123,7 @@ def test_a_restored_disk_serves_what_the_guest_queued_before_and_after(mem: Gues
     assert len(entries) == 1 and mem.read_u16(driver.used + 2) == 3
     assert new.status == old.status and new.driver_features == F_VERSION_1 | F_EVENT_IDX
     assert new.queues[0].event_idx and new.queue_vectors == [1]
-    new.device.close()
+    _close(new)
 
 
 def test_msix_routes_come_from_the_restored_table(mem: GuestMemory, image: Path) -> None:
@@ -130,8 +136,8 @@ def test_msix_routes_come_from_the_restored_table(mem: GuestMemory, image: Path)
     sender = Sender()
     new = _restore(state, VirtioBlock(image), mem, sender)
     assert sender.routed == {1: (0xFEE0_1000, 0x4041)}
-    new.device.close()
-    old.device.close()
+    _close(new)
+    _close(old)
 
 
 def test_restored_bars_and_config_space_come_from_the_state(mem: GuestMemory, image: Path) -> None:
@@ -141,8 +147,8 @@ def test_restored_bars_and_config_space_come_from_the_state(mem: GuestMemory, im
     state = _save(old)
     new = _restore(state, VirtioBlock(image), mem)
     assert new.config.bar_address(0) == 0xD000_0000 and new.config.command == 0x6
-    new.device.close()
-    old.device.close()
+    _close(new)
+    _close(old)
 
 
 def test_console_input_pending_at_the_snapshot_is_delivered_after(mem: GuestMemory) -> None:
@@ -212,7 +218,7 @@ def test_hostile_transport_state_is_one_restore_error(
         transport_for(device, mem).restore(bad.transport)
     assert "\n" not in str(raised.value)
     device.close()
-    old.device.close()
+    _close(old)
 
 
 def test_a_disk_image_of_another_size_is_refused(mem: GuestMemory, image: Path, tmp_path: Path) -> None:
@@ -224,7 +230,7 @@ def test_a_disk_image_of_another_size_is_refused(mem: GuestMemory, image: Path, 
     with pytest.raises(ValueError, match="8 sectors; the snapshot's guest saw 128"):
         device.restore(decode("m", state.model, blk.BlockState))
     device.close()
-    old.device.close()
+    _close(old)
 
 
 def test_console_input_over_the_limit_is_refused() -> None:
@@ -242,7 +248,7 @@ def test_a_truncated_or_mistyped_device_section_is_one_state_error(mem: GuestMem
     forged = encode(QueueState(16, True, 0, 0, 0, 0, 0, False, signalled_used=-1))
     with pytest.raises(RestoreError, match="16-bit"):
         old.queues[0].restore(decode("q", forged, QueueState), mem)
-    old.device.close()
+    _close(old)
 
 
 # --- the machine description ----------------------------------------------------------------
