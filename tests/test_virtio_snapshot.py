@@ -1,0 +1,233 @@
+"""Virtio devices across snapshots and live migration, on this machine's KVM with the test guests.
+
+blk_records writes numbered records to a virtio-blk disk and reads them back (and the one
+before), checking every used entry; console_lines keeps a virtio-console busy. Each runs,
+is paused and snapshotted (or migrated), and continues in a new process: its numbers go on
+without a gap or a repeat, and the disk holds every record the guest said was written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from kvmpy.state.machine_state import VirtioDeviceState
+from kvmpy.state.snapshot_file import Section, decode, encode, read_state_file, write_state_file
+from kvmpy.testing.process import kvmpy, start_kvmpy
+from kvmpy.vmm import actions as a
+from kvmpy.vmm.config import DiskConfig, SerialConfig, SerialMode, VmConfig
+from kvmpy.vmm.stop import StopKind
+from kvmpy.vmm.vmm import Vmm
+
+SECTOR = 512
+DISK_SECTORS = 2048
+
+
+class _Console:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> int:
+        with self._lock:
+            self.data += data
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def text(self) -> str:
+        with self._lock:
+            return self.data.decode("utf-8", "replace")
+
+
+def _records(text: str) -> list[int]:
+    assert "BAD" not in text, text[-500:]
+    return [int(n) for n in re.findall(r"record (\d+) ok\n", text)]
+
+
+def _lines(text: str) -> list[int]:
+    assert "BAD" not in text, text[-500:]
+    return [int(n) for n in re.findall(r"line (\d+)\n", text)]
+
+
+def _wait(condition: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _disk_config(guests: Path, image: Path) -> VmConfig:
+    image.write_bytes(bytes(DISK_SECTORS * SECTOR))
+    return VmConfig(
+        kernel=guests / "blk_records.elf",
+        cmdline="gap=2000000",  # short: a request is often in flight when the pause comes
+        disks=(DiskConfig(image, id="data"),),
+        rng=True,
+        serial=SerialConfig(SerialMode.NONE),
+    )
+
+
+def _snapshot(config: VmConfig, directory: Path, ready: Callable[[str], bool]) -> str:
+    """Run ``config``, pause it once ``ready(console)``, snapshot it; returns what it printed."""
+    console = _Console()
+    vmm = Vmm(config, serial_sink=console)
+    vmm.submit(a.StartInstance())
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            _wait(lambda: ready(console.text()))
+            vmm.submit(a.Pause())
+            vmm.submit(a.CreateSnapshot(directory / "state", directory / "memory"))
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            vmm.submit(a.Stop("snapshot taken"))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    vmm.run()
+    thread.join(30)
+    if errors:
+        raise errors[0]
+    return console.text()
+
+
+def _run_restored(directory: Path, enough: Callable[[str], bool]) -> tuple[str, str]:
+    process = start_kvmpy("run", "--restore", str(directory))
+    assert process.stdout is not None
+    after = ""
+    deadline = time.monotonic() + 60
+    while not enough(after) and time.monotonic() < deadline and process.poll() is None:
+        after += process.stdout.readline()
+    process.terminate()
+    rest, stderr = process.communicate(timeout=20)
+    return after + rest, stderr
+
+
+def _check_disk(image: Path, last: int) -> None:
+    """Every record the guest reported is in its sector (record N in sector 1 + (N-1) % 2047)."""
+    data = image.read_bytes()
+    for n in range(1, last + 1):
+        sector = 1 + (n - 1) % (DISK_SECTORS - 1)
+        record = data[sector * SECTOR : (sector + 1) * SECTOR]
+        expected = n.to_bytes(8, "little") + bytes((n * 7 + i) & 0xFF for i in range(8, SECTOR))
+        assert record == expected, f"record {n} is not in sector {sector}"
+
+
+@pytest.fixture(scope="module")
+def disk_snapshot(guests: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    directory = tmp_path_factory.mktemp("virtio-snapshot")
+    config = _disk_config(guests, directory / "disk.img")
+    before = _snapshot(config, directory, lambda text: len(_records(text)) >= 10)
+    return directory, directory / "disk.img", before
+
+
+def test_disk_records_continue_after_a_restore_in_a_new_process(disk_snapshot: tuple[Path, Path, str]) -> None:
+    directory, image, before = disk_snapshot
+    sections = read_state_file(directory / "state")
+    assert {"device:virtio-blk:data", "device:virtio-rng", "device:serial", "vm", "vcpus"} <= set(sections)
+    counted = len(_records(before))
+    after, stderr = _run_restored(directory, lambda text: len(_records(text)) >= 10)
+    records = _records(before + after)  # a line cut by the pause is finished after the restore
+    assert len(records) >= counted + 10, stderr
+    assert records == list(range(1, len(records) + 1)), f"{records}\n{stderr}"
+    assert "Traceback" not in stderr
+    _check_disk(image, records[-1])
+
+
+def _forge(directory: Path, target: Path, change: Callable[[VirtioDeviceState], VirtioDeviceState | bytes]) -> Path:
+    target.mkdir()
+    (target / "memory").symlink_to(directory / "memory")
+    sections = read_state_file(directory / "state")
+    name = "device:virtio-blk:data"
+    state = decode(name, sections[name].data, VirtioDeviceState)
+    changed = change(state)
+    data = changed if isinstance(changed, bytes) else encode(changed)
+    write_state_file(target / "state", dict(sections, **{name: Section(sections[name].version, data)}))
+    return target
+
+
+def _transport(**changes: object) -> Callable[[VirtioDeviceState], VirtioDeviceState]:
+    return lambda s: dataclasses.replace(s, transport=dataclasses.replace(s.transport, **changes))
+
+
+def _ring(**changes: object) -> Callable[[VirtioDeviceState], VirtioDeviceState]:
+    def change(s: VirtioDeviceState) -> VirtioDeviceState:
+        queue = dataclasses.replace(s.transport.queues[0], **changes)
+        return dataclasses.replace(s, transport=dataclasses.replace(s.transport, queues=(queue,)))
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("name", "change", "message"),
+    [
+        ("acked", lambda s: _transport(driver_features=s.transport.driver_features | 1 << 50)(s), "never offered"),
+        ("ring", _ring(device_addr=1 << 40), "used ring 0x10000000000"),
+        ("vector", _transport(queue_vectors=(99,)), "MSI-X vectors"),
+        ("truncated", lambda s: encode(s)[:40], "section device:virtio-blk:data"),
+    ],
+)
+def test_hostile_virtio_state_is_one_line_and_exit_2(
+    disk_snapshot: tuple[Path, Path, str], tmp_path: Path, name: str,
+    change: Callable[[VirtioDeviceState], VirtioDeviceState | bytes], message: str,
+) -> None:  # fmt: skip
+    bad = _forge(disk_snapshot[0], tmp_path / name, change)
+    done = kvmpy("run", "--restore", str(bad), timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_console_lines_continue_after_a_restore(guests: Path, tmp_path: Path) -> None:
+    config = VmConfig(
+        kernel=guests / "console_lines.elf",
+        cmdline="gap=2000000",
+        console="virtio",
+        serial=SerialConfig(SerialMode.NONE),
+    )
+    before = _snapshot(config, tmp_path, lambda text: len(_lines(text)) >= 20)
+    after, stderr = _run_restored(tmp_path, lambda text: len(_lines(text)) >= 20)
+    lines = _lines(before + after)
+    assert len(lines) >= len(_lines(before)) + 20, stderr
+    assert lines == list(range(1, len(lines) + 1)), f"{lines}\n{stderr}"
+
+
+def test_disk_records_continue_across_a_live_migration(guests: Path, tmp_path: Path) -> None:
+    address = tmp_path / "incoming.sock"
+    destination = start_kvmpy("run", "--incoming", f"unix:{address}")
+    console = _Console()
+    image = tmp_path / "disk.img"
+    vmm = Vmm(_disk_config(guests, image), serial_sink=console)
+    vmm.submit(a.StartInstance())
+    reports: list[object] = []
+
+    def client() -> None:
+        _wait(lambda: len(_records(console.text())) >= 10)
+        _wait(address.exists)
+        reports.append(vmm.submit(a.Migrate(f"unix:{address}")))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    result = vmm.run()
+    thread.join(30)
+    assert result.reason.kind is StopKind.STOPPED and result.reason.status == 0, result.reason
+    assert destination.stdout is not None
+    after = ""
+    deadline = time.monotonic() + 60
+    while len(_records(after)) < 10 and time.monotonic() < deadline and destination.poll() is None:
+        after += destination.stdout.readline()
+    destination.terminate()
+    rest, stderr = destination.communicate(timeout=20)
+    records = _records(console.text() + after + rest)
+    assert len(_records(after)) >= 10, stderr
+    assert records == list(range(1, len(records) + 1)), f"{records}\n{stderr}"
+    _check_disk(image, records[-1])
