@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -108,9 +109,23 @@ def _run_restored(directory: Path, enough: Callable[[str], bool]) -> tuple[str, 
     deadline = time.monotonic() + 60
     while not enough(after) and time.monotonic() < deadline and process.poll() is None:
         after += process.stdout.readline()
+    return after + _finish(process), _stderr(process)
+
+
+def _finish(process: subprocess.Popen[str]) -> str:
+    """Terminate ``process`` and read what it wrote after the lines already taken: from its
+    text stream, whose buffer may hold more than readline returned (communicate() would
+    read past that buffer and lose it)."""
     process.terminate()
-    rest, stderr = process.communicate(timeout=20)
-    return after + rest, stderr
+    assert process.stdout is not None
+    rest = process.stdout.read()
+    process.wait(20)
+    return rest
+
+
+def _stderr(process: subprocess.Popen[str]) -> str:
+    assert process.stderr is not None
+    return process.stderr.read()
 
 
 def _check_disk(image: Path, last: int) -> None:
@@ -225,8 +240,8 @@ def test_disk_records_continue_across_a_live_migration(guests: Path, tmp_path: P
     deadline = time.monotonic() + 60
     while len(_records(after)) < 10 and time.monotonic() < deadline and destination.poll() is None:
         after += destination.stdout.readline()
-    destination.terminate()
-    rest, stderr = destination.communicate(timeout=20)
+    rest = _finish(destination)
+    stderr = _stderr(destination)
     records = _records(console.text() + after + rest)
     assert len(_records(after)) >= 10, stderr
     assert records == list(range(1, len(records) + 1)), f"{records}\n{stderr}"
