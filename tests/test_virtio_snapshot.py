@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,7 +147,12 @@ def disk_snapshot(guests: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     return directory, directory / "disk.img", before
 
 
-def test_disk_records_continue_after_a_restore_in_a_new_process(disk_snapshot: tuple[Path, Path, str]) -> None:
+Change = Callable[[VirtioDeviceState], "VirtioDeviceState | bytes"]
+
+
+def test_disk_records_continue_after_a_restore_in_a_new_process(
+    disk_snapshot: tuple[Path, Path, str],
+) -> None:
     directory, image, before = disk_snapshot
     sections = read_state_file(directory / "state")
     assert {"device:virtio-blk:data", "device:virtio-rng", "device:serial", "vm", "vcpus"} <= set(sections)
@@ -159,7 +165,7 @@ def test_disk_records_continue_after_a_restore_in_a_new_process(disk_snapshot: t
     _check_disk(image, records[-1])
 
 
-def _forge(directory: Path, target: Path, change: Callable[[VirtioDeviceState], VirtioDeviceState | bytes]) -> Path:
+def _forge(directory: Path, target: Path, change: Change) -> Path:
     target.mkdir()
     (target / "memory").symlink_to(directory / "memory")
     sections = read_state_file(directory / "state")
@@ -171,11 +177,11 @@ def _forge(directory: Path, target: Path, change: Callable[[VirtioDeviceState], 
     return target
 
 
-def _transport(**changes: object) -> Callable[[VirtioDeviceState], VirtioDeviceState]:
+def _transport(**changes: Any) -> Callable[[VirtioDeviceState], VirtioDeviceState]:
     return lambda s: dataclasses.replace(s, transport=dataclasses.replace(s.transport, **changes))
 
 
-def _ring(**changes: object) -> Callable[[VirtioDeviceState], VirtioDeviceState]:
+def _ring(**changes: Any) -> Callable[[VirtioDeviceState], VirtioDeviceState]:
     def change(s: VirtioDeviceState) -> VirtioDeviceState:
         queue = dataclasses.replace(s.transport.queues[0], **changes)
         return dataclasses.replace(s, transport=dataclasses.replace(s.transport, queues=(queue,)))
@@ -186,7 +192,8 @@ def _ring(**changes: object) -> Callable[[VirtioDeviceState], VirtioDeviceState]
 @pytest.mark.parametrize(
     ("name", "change", "message"),
     [
-        ("acked", lambda s: _transport(driver_features=s.transport.driver_features | 1 << 50)(s), "never offered"),
+        ("acked", lambda s: _transport(driver_features=s.transport.driver_features | 1 << 50)(s),
+         "never offered"),
         ("ring", _ring(device_addr=1 << 40), "used ring 0x10000000000"),
         ("vector", _transport(queue_vectors=(99,)), "MSI-X vectors"),
         ("truncated", lambda s: encode(s)[:40], "section device:virtio-blk:data"),
@@ -194,7 +201,7 @@ def _ring(**changes: object) -> Callable[[VirtioDeviceState], VirtioDeviceState]
 )
 def test_hostile_virtio_state_is_one_line_and_exit_2(
     disk_snapshot: tuple[Path, Path, str], tmp_path: Path, name: str,
-    change: Callable[[VirtioDeviceState], VirtioDeviceState | bytes], message: str,
+    change: Change, message: str,
 ) -> None:  # fmt: skip
     bad = _forge(disk_snapshot[0], tmp_path / name, change)
     done = kvmpy("run", "--restore", str(bad), timeout=60)
