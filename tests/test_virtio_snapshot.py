@@ -253,3 +253,30 @@ def test_disk_records_continue_across_a_live_migration(guests: Path, tmp_path: P
     assert len(_records(after)) >= 10, stderr
     assert records == list(range(1, len(records) + 1)), f"{records}\n{stderr}"
     _check_disk(image, records[-1])
+
+
+def test_inspect_names_the_disk_image_a_restore_opens(disk_snapshot: tuple[Path, Path, str]) -> None:
+    directory, image, _ = disk_snapshot
+    done = kvmpy("snapshot", "inspect", str(directory / "state"))
+    assert done.returncode == 0, done.stderr
+    assert f"PCI slot 1: virtio-blk:data on disk image {image} (read-write)" in done.stdout
+    assert "PCI slot 2: virtio-rng" in done.stdout
+
+
+def test_devices_take_their_saved_slots_whatever_the_order(guests: Path, tmp_path: Path) -> None:
+    from kvmpy.vmm.machine import Machine
+
+    for name in ("a", "b"):
+        (tmp_path / name).write_bytes(bytes(4096))
+    disks = (DiskConfig(tmp_path / "a", id="a"), DiskConfig(tmp_path / "b", id="b"))
+    fresh = Machine(VmConfig(kernel=guests / "hello.elf", disks=disks, rng=True))
+    try:
+        assert fresh.pci.slots() == {"virtio-blk:a": 1, "virtio-blk:b": 2, "virtio-rng": 3}
+    finally:
+        fresh.close()
+    placed = (("virtio-rng", 7), ("virtio-blk:b", 1), ("virtio-blk:a", 4))
+    restored = Machine(VmConfig(kernel=guests / "hello.elf", disks=disks, rng=True, pci_slots=placed))
+    try:
+        assert restored.pci.slots() == dict(placed)
+    finally:
+        restored.close()

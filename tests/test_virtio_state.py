@@ -67,8 +67,11 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
-def transport_for(device: Any, mem: GuestMemory, sender: Sender | None = None) -> vp.VirtioPciTransport:
-    return vp.VirtioPciTransport(device, mem, sender or Sender(), BAR0, BAR0 + vp.BAR0_SIZE, lambda a: None)
+def transport_for(
+    device: Any, mem: GuestMemory, sender: Sender | None = None, intx: Callable[[bool], None] | None = None
+) -> vp.VirtioPciTransport:
+    bar1 = BAR0 + vp.BAR0_SIZE
+    return vp.VirtioPciTransport(device, mem, sender or Sender(), BAR0, bar1, lambda a: None, intx)
 
 
 def _read_request(mem: GuestMemory, driver: MockDriver, sector: int) -> int:
@@ -82,8 +85,10 @@ def _close(transport: vp.VirtioPciTransport) -> None:
     device.close()
 
 
-def _live_disk(mem: GuestMemory, image: Path) -> tuple[vp.VirtioPciTransport, TransportDriver, MockDriver]:
-    transport = transport_for(VirtioBlock(image), mem)
+def _live_disk(
+    mem: GuestMemory, image: Path, intx: Callable[[bool], None] | None = None
+) -> tuple[vp.VirtioPciTransport, TransportDriver, MockDriver]:
+    transport = transport_for(VirtioBlock(image), mem, intx=intx)
     pci = TransportDriver(transport, mem)
     pci.negotiate(F_VERSION_1 | F_EVENT_IDX)
     driver = pci.setup_queue(0, RING, 16)
@@ -289,3 +294,21 @@ def test_a_bad_description_of_the_devices_is_refused(changes: dict[str, Any], me
 def test_network_overrides_must_name_a_saved_interface() -> None:
     with pytest.raises(StateError, match="no such interface"):
         config_for_restore(_description(), network_overrides=(("wlan0", "tap1"),))
+
+
+def test_intx_is_driven_again_from_the_restored_isr(mem: GuestMemory, image: Path) -> None:
+    old, pci, driver = _live_disk(mem, image, intx=lambda level: None)
+    _read_request(mem, driver, 3)
+    pci.kick(0)  # MSI-X is off: the completion raises the ISR bit, and INTx with it
+    state = _save(old)
+    assert state.transport.isr == 1
+    levels: list[bool] = []
+    device = VirtioBlock(image)
+    new = transport_for(device, mem, intx=levels.append)
+    new.restore(state.transport)
+    assert levels == []  # nothing happens before the irqchip is restored
+    new.start_after_restore()
+    assert levels == [True]
+    assert TransportDriver(new, mem).read(vp.ISR_OFFSET, 1) == 1 and levels == [True, False]
+    device.close()
+    _close(old)
