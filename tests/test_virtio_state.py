@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from kvmpy.abi import tun
 from kvmpy.devices.pci.config_space import PciConfigState
 from kvmpy.devices.pci.msix import NO_VECTOR, MsixState
 from kvmpy.errors import RestoreError
@@ -24,12 +25,14 @@ from kvmpy.state.machine_state import (
     read_description,
 )
 from kvmpy.state.snapshot_file import Section, decode, encode
+from kvmpy.testing.fakes import SocketTap
 from kvmpy.testing.virtio_driver import Buffer, MockDriver, TransportDriver
 from kvmpy.virtio import pci_transport as vp
 from kvmpy.virtio.device import F_EVENT_IDX, F_VERSION_1
-from kvmpy.virtio.devices import blk
+from kvmpy.virtio.devices import blk, net
 from kvmpy.virtio.devices.blk import VirtioBlock
 from kvmpy.virtio.devices.console import PENDING_LIMIT, ConsoleState, VirtioConsole
+from kvmpy.virtio.devices.net import VirtioNet
 from kvmpy.virtio.queue import QueueState
 from kvmpy.vmm.config import NetConfig
 
@@ -312,3 +315,27 @@ def test_intx_is_driven_again_from_the_restored_isr(mem: GuestMemory, image: Pat
     assert TransportDriver(new, mem).read(vp.ISR_OFFSET, 1) == 1 and levels == [True, False]
     device.close()
     _close(old)
+
+
+def _nic(tap: SocketTap, mac: bytes) -> VirtioNet:
+    return VirtioNet(tap, mac, watch=lambda fd, handler: None, unwatch=lambda fd: None)  # type: ignore[arg-type]
+
+
+def test_a_restored_nic_sets_its_acknowledged_offloads_on_the_tap_again(mem: GuestMemory) -> None:
+    mac = bytes.fromhex("525400123456")
+    old_tap, new_tap = SocketTap(), SocketTap()
+    old = transport_for(_nic(old_tap, mac), mem)
+    pci = TransportDriver(old, mem)
+    pci.negotiate(F_VERSION_1 | net.F_GUEST_CSUM | net.F_GUEST_TSO4)
+    pci.setup_queue(0, RING, 16)
+    pci.setup_queue(1, 0x20000, 16)
+    pci.driver_ok()
+    state = _save(old)
+    new = _restore(state, _nic(new_tap, mac), mem)
+    assert new_tap.offloads == []
+    new.start_after_restore()
+    assert new_tap.offloads == [tun.TUN_F_CSUM | tun.TUN_F_TSO4] == old_tap.offloads
+    with pytest.raises(ValueError, match="MAC 52:54:00:12:34:56"):
+        _nic(SocketTap(), bytes(6)).restore(decode("m", state.model, net.NetState))
+    old_tap.close()
+    new_tap.close()
