@@ -131,8 +131,8 @@ def describe_machine(machine: Machine) -> MachineDescription:
         offset += region.size
     config = machine.config
     disks = tuple(
-        DiskDescription(str(d.path), d.read_only, d.id, d.direct, d.cache_type, d.rate_limiter)
-        for d in config.disks
+        DiskDescription(os.path.abspath(d.path), d.read_only, d.id, d.direct, d.cache_type, d.rate_limiter)
+        for d in config.disks  # absolute: a restore may run in another directory
     )
     nets = tuple(_with_mac(machine, number, net) for number, net in enumerate(config.nets))
     slots = tuple(PciSlot(name, slot) for name, slot in sorted(machine.pci.slots().items()))
