@@ -119,3 +119,40 @@ def test_lookups_during_a_bar_move_never_see_a_half_updated_table() -> None:
     finally:
         sys.setswitchinterval(interval)
     assert failures == []
+
+
+def test_unclaimed_addresses_are_counted_within_a_bound() -> None:
+    from kvmpy.bus.bus import MAX_UNCLAIMED_ADDRESSES, OTHER_UNCLAIMED
+
+    bus = Bus("mmio")
+    for address in range(MAX_UNCLAIMED_ADDRESSES + 1000):
+        bus.write(0x1000_0000 + address * 8, b"\0")
+    counted = dict(bus.unclaimed())
+    assert len(counted) == MAX_UNCLAIMED_ADDRESSES + 1
+    assert counted[OTHER_UNCLAIMED] == 1000
+    assert sum(counted.values()) == MAX_UNCLAIMED_ADDRESSES + 1000
+
+
+def test_no_access_count_is_lost_between_threads() -> None:
+    import threading
+
+    class Nothing:
+        def read(self, offset: int, data: memoryview) -> None:
+            data[:] = b"\0" * len(data)
+
+        def write(self, offset: int, data: bytes) -> None:
+            pass
+
+    bus = Bus("pio")
+    entry = bus.register(0x80, 1, Nothing(), "sink")
+
+    def hammer() -> None:
+        for _ in range(20000):
+            bus.write(0x80, b"\1")
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert entry.writes == 80000 and entry.bytes == 80000

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 import socket
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from kvmpy.state.migration_protocol import Channel, Kind, MigrationError, parse_address
+from kvmpy.testing.console import CapturedConsole, ticks, wait_until
 from kvmpy.testing.process import kvmpy, start_kvmpy
 from kvmpy.vmm import actions as a
 from kvmpy.vmm.actions import ActionError, VmState
@@ -20,36 +19,7 @@ from kvmpy.vmm.stop import StopKind
 from kvmpy.vmm.vmm import Vmm
 
 
-class _Console:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.data = bytearray()
-
-    def write(self, data: bytes) -> int:
-        with self._lock:
-            self.data += data
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def text(self) -> str:
-        with self._lock:
-            return self.data.decode("utf-8", "replace")
-
-
-def _ticks(text: str) -> list[int]:
-    return [int(n) for n in re.findall(r"tick (\d+)\n", text)]
-
-
-def _wait(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-def _source(guests: Path, console: _Console) -> Vmm:
+def _source(guests: Path, console: CapturedConsole) -> Vmm:
     config = VmConfig(kernel=guests / "counter.elf", cmdline="gap=20000000", cpus=2,
                       serial=SerialConfig(SerialMode.NONE))
     vmm = Vmm(config, serial_sink=console)
@@ -58,18 +28,18 @@ def _source(guests: Path, console: _Console) -> Vmm:
 
 
 def _wait_for_socket(path: Path) -> None:
-    _wait(path.exists, timeout=20)
+    wait_until(path.exists, timeout=20)
 
 
 def test_a_running_guest_moves_to_another_process_and_keeps_counting(guests: Path, tmp_path: Path) -> None:
     address = tmp_path / "incoming.sock"
     destination = start_kvmpy("run", "--incoming", f"unix:{address}")
-    console = _Console()
+    console = CapturedConsole()
     vmm = _source(guests, console)
     reports: list[object] = []
 
     def client() -> None:
-        _wait(lambda: len(_ticks(console.text())) >= 5)
+        wait_until(lambda: len(ticks(console.text)) >= 5)
         _wait_for_socket(address)
         reports.append(vmm.submit(a.Migrate(f"unix:{address}")))
 
@@ -86,12 +56,12 @@ def test_a_running_guest_moves_to_another_process_and_keeps_counting(guests: Pat
     assert destination.stdout is not None
     after = ""
     deadline = time.monotonic() + 30
-    while len(_ticks(after)) < 3 and time.monotonic() < deadline:
+    while len(ticks(after)) < 3 and time.monotonic() < deadline:
         after += destination.stdout.readline()
     destination.terminate()
     _, stderr = destination.communicate(timeout=20)
-    ticks = _ticks(console.text() + after)
-    assert len(_ticks(after)) >= 3 and ticks == list(range(1, len(ticks) + 1)), f"{ticks}\n{stderr}"
+    seen = ticks(console.text + after)
+    assert len(ticks(after)) >= 3 and seen == list(range(1, len(seen) + 1)), f"{seen}\n{stderr}"
 
 
 class _DyingDestination(threading.Thread):
@@ -123,18 +93,18 @@ class _DyingDestination(threading.Thread):
 def test_a_destination_that_dies_leaves_the_source_running(guests: Path, tmp_path: Path) -> None:
     dying = _DyingDestination(tmp_path / "dies.sock", frames_before_dying=4)
     dying.start()
-    console = _Console()
+    console = CapturedConsole()
     vmm = _source(guests, console)
     errors: list[BaseException] = []
 
     def client() -> None:
         try:
-            _wait(lambda: len(_ticks(console.text())) >= 2)
+            wait_until(lambda: len(ticks(console.text)) >= 2)
             with pytest.raises(ActionError, match="closed the connection|lost the connection"):
                 vmm.submit(a.Migrate(f"unix:{tmp_path / 'dies.sock'}"))
             assert vmm.submit(a.GetInstanceInfo()).state is VmState.RUNNING  # type: ignore[attr-defined]
-            count = len(_ticks(console.text()))
-            _wait(lambda: len(_ticks(console.text())) >= count + 3)  # the console is still live
+            count = len(ticks(console.text))
+            wait_until(lambda: len(ticks(console.text)) >= count + 3)  # the console is still live
         except BaseException as error:
             errors.append(error)
         finally:
@@ -149,12 +119,12 @@ def test_a_destination_that_dies_leaves_the_source_running(guests: Path, tmp_pat
     assert dying.seen[:3] == [Kind.START, Kind.CONFIG, Kind.MEMORY]
     status = vmm.submit(a.GetMigrationStatus())
     assert isinstance(status, dict) and status["state"] == "failed" and "connection" in str(status["error"])
-    ticks = _ticks(console.text())
-    assert ticks == list(range(1, len(ticks) + 1))
+    seen = ticks(console.text)
+    assert seen == list(range(1, len(seen) + 1))
 
 
 def test_nothing_listening_is_a_clear_error_and_the_vm_goes_on(guests: Path, tmp_path: Path) -> None:
-    console = _Console()
+    console = CapturedConsole()
     vmm = _source(guests, console)
 
     def client() -> None:

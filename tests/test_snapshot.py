@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import struct
 import threading
 import time
@@ -14,6 +13,7 @@ import pytest
 
 from kvmpy.state.errors import StateError
 from kvmpy.state.snapshot_file import MAGIC, Section, parse_state, read_state_file, write_state_file
+from kvmpy.testing.console import CapturedConsole, ticks, wait_until
 from kvmpy.testing.process import kvmpy, start_kvmpy
 from kvmpy.vmm import actions as a
 from kvmpy.vmm.actions import ActionError
@@ -21,39 +21,10 @@ from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
 from kvmpy.vmm.vmm import Vmm
 
 
-class _Console:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.data = bytearray()
-
-    def write(self, data: bytes) -> int:
-        with self._lock:
-            self.data += data
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def text(self) -> str:
-        with self._lock:
-            return self.data.decode("utf-8", "replace")
-
-
-def _ticks(text: str) -> list[int]:
-    return [int(n) for n in re.findall(r"tick (\d+)\n", text)]
-
-
-def _wait(condition: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def _snapshot_counter(guests: Path, directory: Path, cpus: int = 2) -> str:
     """Run the counter guest, pause it after a few ticks, snapshot it into ``directory``;
     returns what it printed up to the snapshot."""
-    console = _Console()
+    console = CapturedConsole()
     config = VmConfig(kernel=guests / "counter.elf", cmdline="gap=20000000", cpus=cpus,
                       serial=SerialConfig(SerialMode.NONE))
     vmm = Vmm(config, serial_sink=console)
@@ -62,7 +33,7 @@ def _snapshot_counter(guests: Path, directory: Path, cpus: int = 2) -> str:
 
     def client() -> None:
         try:
-            _wait(lambda: len(_ticks(console.text())) >= 5)
+            wait_until(lambda: len(ticks(console.text)) >= 5)
             with pytest.raises(ActionError, match="paused"):
                 vmm.submit(a.CreateSnapshot(directory / "state", directory / "memory"))
             vmm.submit(a.Pause())
@@ -78,7 +49,7 @@ def _snapshot_counter(guests: Path, directory: Path, cpus: int = 2) -> str:
     thread.join(10)
     if errors:
         raise errors[0]
-    return console.text()
+    return console.text
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +64,13 @@ def test_restore_in_a_new_process_continues_the_count(snapshot: tuple[Path, str]
     assert process.stdout is not None
     after = ""
     deadline = time.monotonic() + 30
-    while len(_ticks(after)) < 3 and time.monotonic() < deadline:
+    while len(ticks(after)) < 3 and time.monotonic() < deadline:
         after += process.stdout.readline()
     process.terminate()
     _, stderr = process.communicate(timeout=20)
-    ticks = _ticks(before + after)  # a line cut by the pause is finished after the restore
-    assert len(_ticks(after)) >= 3, stderr
-    assert ticks == list(range(1, len(ticks) + 1)), f"{ticks}\n{stderr}"
+    seen = ticks(before + after)  # a line cut by the pause is finished after the restore
+    assert len(ticks(after)) >= 3, stderr
+    assert seen == list(range(1, len(seen) + 1)), f"{seen}\n{stderr}"
     assert "Traceback" not in stderr
 
 
@@ -190,14 +161,14 @@ def test_kvmpy_snapshot_inspect(snapshot: tuple[Path, str]) -> None:
 
 def test_restore_continues_where_the_guest_left_off_after_its_own_exit(guests: Path, tmp_path: Path) -> None:
     """A guest that ends after ticks=N ends after the restore too, with its status."""
-    console = _Console()
+    console = CapturedConsole()
     config = VmConfig(kernel=guests / "counter.elf", cmdline="ticks=8 gap=20000000",
                       serial=SerialConfig(SerialMode.NONE))
     vmm = Vmm(config, serial_sink=console)
     vmm.submit(a.StartInstance())
 
     def client() -> None:
-        _wait(lambda: len(_ticks(console.text())) >= 3)
+        wait_until(lambda: len(ticks(console.text)) >= 3)
         vmm.submit(a.Pause())
         vmm.submit(a.CreateSnapshot(tmp_path / "state", tmp_path / "memory"))
         vmm.submit(a.Stop())
@@ -208,13 +179,13 @@ def test_restore_continues_where_the_guest_left_off_after_its_own_exit(guests: P
     thread.join(10)
     done = kvmpy("run", "--restore", str(tmp_path), timeout=60)
     assert done.returncode == 0, done.stderr
-    assert _ticks(console.text() + done.stdout)[-1] == 8
+    assert ticks(console.text + done.stdout)[-1] == 8
 
 
 def test_a_diff_snapshot_holds_the_pages_written_since_the_last_and_merges_onto_it(
     guests: Path, tmp_path: Path
 ) -> None:
-    console = _Console()
+    console = CapturedConsole()
     config = VmConfig(kernel=guests / "counter.elf", cmdline="gap=20000000", track_dirty_pages=True,
                       serial=SerialConfig(SerialMode.NONE))
     vmm = Vmm(config, serial_sink=console)
@@ -226,12 +197,12 @@ def test_a_diff_snapshot_holds_the_pages_written_since_the_last_and_merges_onto_
 
     def client() -> None:
         try:
-            _wait(lambda: len(_ticks(console.text())) >= 3)
+            wait_until(lambda: len(ticks(console.text)) >= 3)
             vmm.submit(a.Pause())
             vmm.submit(a.CreateSnapshot(full / "state", full / "memory", "Full"))
             vmm.submit(a.Resume())
-            marks.append(len(_ticks(console.text())))
-            _wait(lambda: len(_ticks(console.text())) >= marks[0] + 3)
+            marks.append(len(ticks(console.text)))
+            wait_until(lambda: len(ticks(console.text)) >= marks[0] + 3)
             vmm.submit(a.Pause())
             vmm.submit(a.CreateSnapshot(diff / "state", diff / "memory", "Diff"))
         finally:
@@ -241,7 +212,7 @@ def test_a_diff_snapshot_holds_the_pages_written_since_the_last_and_merges_onto_
     thread.start()
     vmm.run()
     thread.join(10)
-    before = console.text()
+    before = console.text
     stored = (diff / "memory").stat().st_blocks * 512
     print(f"diff memory file: {stored} bytes on disk of {(diff / 'memory').stat().st_size}")
     assert 0 < stored <= 64 * 4096  # the stack, the guest's page-table A/D bits: a few pages
@@ -253,17 +224,17 @@ def test_a_diff_snapshot_holds_the_pages_written_since_the_last_and_merges_onto_
     assert process.stdout is not None
     after = ""
     deadline = time.monotonic() + 30
-    while len(_ticks(after)) < 3 and time.monotonic() < deadline:
+    while len(ticks(after)) < 3 and time.monotonic() < deadline:
         after += process.stdout.readline()
     process.terminate()
     _, stderr = process.communicate(timeout=20)
-    ticks = _ticks(before + after)
-    assert len(_ticks(after)) >= 3 and ticks == list(range(1, len(ticks) + 1)), f"{ticks}\n{stderr}"
+    seen = ticks(before + after)
+    assert len(ticks(after)) >= 3 and seen == list(range(1, len(seen) + 1)), f"{seen}\n{stderr}"
 
 
 def test_a_diff_snapshot_needs_dirty_tracking(guests: Path, tmp_path: Path) -> None:
     vmm = Vmm(VmConfig(kernel=guests / "counter.elf", cmdline="gap=20000000",
-                       serial=SerialConfig(SerialMode.NONE)), serial_sink=_Console())
+                       serial=SerialConfig(SerialMode.NONE)), serial_sink=CapturedConsole())
     vmm.submit(a.StartInstance())
 
     def client() -> None:

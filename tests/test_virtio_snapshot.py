@@ -21,6 +21,7 @@ import pytest
 
 from kvmpy.state.machine_state import VirtioDeviceState
 from kvmpy.state.snapshot_file import Section, decode, encode, read_state_file, write_state_file
+from kvmpy.testing.console import CapturedConsole, wait_until
 from kvmpy.testing.process import kvmpy, start_kvmpy
 from kvmpy.vmm import actions as a
 from kvmpy.vmm.config import DiskConfig, SerialConfig, SerialMode, VmConfig
@@ -29,24 +30,6 @@ from kvmpy.vmm.vmm import Vmm
 
 SECTOR = 512
 DISK_SECTORS = 2048
-
-
-class _Console:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.data = bytearray()
-
-    def write(self, data: bytes) -> int:
-        with self._lock:
-            self.data += data
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def text(self) -> str:
-        with self._lock:
-            return self.data.decode("utf-8", "replace")
 
 
 def _records(text: str) -> list[int]:
@@ -60,10 +43,7 @@ def _lines(text: str) -> list[int]:
 
 
 def _wait(condition: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+    wait_until(condition, timeout)
 
 
 def _disk_config(guests: Path, image: Path) -> VmConfig:
@@ -79,14 +59,14 @@ def _disk_config(guests: Path, image: Path) -> VmConfig:
 
 def _snapshot(config: VmConfig, directory: Path, ready: Callable[[str], bool]) -> str:
     """Run ``config``, pause it once ``ready(console)``, snapshot it; returns what it printed."""
-    console = _Console()
+    console = CapturedConsole()
     vmm = Vmm(config, serial_sink=console)
     vmm.submit(a.StartInstance())
     errors: list[BaseException] = []
 
     def client() -> None:
         try:
-            _wait(lambda: ready(console.text()))
+            _wait(lambda: ready(console.text))
             vmm.submit(a.Pause())
             vmm.submit(a.CreateSnapshot(directory / "state", directory / "memory"))
         except BaseException as error:
@@ -100,7 +80,7 @@ def _snapshot(config: VmConfig, directory: Path, ready: Callable[[str], bool]) -
     thread.join(30)
     if errors:
         raise errors[0]
-    return console.text()
+    return console.text
 
 
 def _run_restored(directory: Path, enough: Callable[[str], bool]) -> tuple[str, str]:
@@ -226,14 +206,14 @@ def test_console_lines_continue_after_a_restore(guests: Path, tmp_path: Path) ->
 def test_disk_records_continue_across_a_live_migration(guests: Path, tmp_path: Path) -> None:
     address = tmp_path / "incoming.sock"
     destination = start_kvmpy("run", "--incoming", f"unix:{address}")
-    console = _Console()
+    console = CapturedConsole()
     image = tmp_path / "disk.img"
     vmm = Vmm(_disk_config(guests, image), serial_sink=console)
     vmm.submit(a.StartInstance())
     reports: list[object] = []
 
     def client() -> None:
-        _wait(lambda: len(_records(console.text())) >= 10)
+        _wait(lambda: len(_records(console.text)) >= 10)
         _wait(address.exists)
         reports.append(vmm.submit(a.Migrate(f"unix:{address}")))
 
@@ -249,7 +229,7 @@ def test_disk_records_continue_across_a_live_migration(guests: Path, tmp_path: P
         after += destination.stdout.readline()
     rest = _finish(destination)
     stderr = _stderr(destination)
-    records = _records(console.text() + after + rest)
+    records = _records(console.text + after + rest)
     assert len(_records(after)) >= 10, stderr
     assert records == list(range(1, len(records) + 1)), f"{records}\n{stderr}"
     _check_disk(image, records[-1])

@@ -253,3 +253,33 @@ def test_console_input_thread_survives_a_broken_ring(mem: GuestMemory) -> None:
     rx.add([Buffer(DATA, 64, writable=True)])
     pci.kick(0)
     assert rx.used_entries() == [(0, 2)] and mem.read(DATA, 2) == b"ab"
+
+
+# --- PATCH /drives after boot: another backing file ----------------------------------------
+def test_a_new_backing_file_changes_the_capacity_and_tells_the_driver(
+    mem: GuestMemory, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "first.img", tmp_path / "second.img"
+    first.write_bytes(b"A" * 512 * 8)
+    second.write_bytes(b"B" * 512 * 32)
+    device = VirtioBlock(first)
+    transport, pci = transport_for(device, mem)
+    pci.negotiate(F_VERSION_1)
+    driver = pci.setup_queue(0, 0x10000, 16)
+    pci.driver_ok()
+    capacity = vp.DEVICE_OFFSET  # virtio-blk's first configuration field
+    generation = pci.read(21, 1)
+    assert pci.read(capacity, 8) == 8
+    with pytest.raises(Exception, match="does not exist|No such file"):
+        device.replace_backing(tmp_path / "missing.img")
+    assert pci.read(capacity, 8) == 8  # a bad path changes nothing
+    device.replace_backing(second)
+    transport.config_changed()
+    assert pci.read(capacity, 8) == 32
+    assert pci.read(21, 1) == (generation + 1) & 0xFF  # the driver rereads the configuration
+    assert pci.read(vp.ISR_OFFSET, 1) & 2  # the configuration-change interrupt cause
+    mem.write(0x20000, struct.pack("<IIQ", blk.T_IN, 0, 0))  # read sector 0
+    driver.add([Buffer(0x20000, 16), Buffer(0x21000, 512, writable=True), Buffer(0x22000, 1, writable=True)])
+    pci.kick(0)
+    assert driver.used_entries() and mem.read(0x22000, 1) == bytes([blk.S_OK])
+    assert mem.read(0x21000, 512) == b"B" * 512  # served from the new image

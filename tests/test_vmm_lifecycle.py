@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy.errors import ConfigError
+from kvmpy.testing.console import CapturedConsole
 from kvmpy.testing.process import start_kvmpy
 from kvmpy.vmm import actions as a
 from kvmpy.vmm.actions import ActionError, VmState
@@ -59,50 +60,19 @@ def test_actions_in_the_wrong_phase_get_firecrackers_messages(tmp_path: Path) ->
 
 
 # --- a live guest -----------------------------------------------------------------------------
-class _Console:
-    """A thread-safe serial sink the test reads while the guest writes."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._data = bytearray()
-
-    def write(self, data: bytes) -> int:
-        with self._lock:
-            self._data += data
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    @property
-    def text(self) -> str:
-        with self._lock:
-            return self._data.decode("utf-8", "replace")
-
-    def ticks(self) -> list[int]:
-        return [int(n) for n in re.findall(r"tick (\d+)\n", self.text)]
-
-    def wait_for_ticks(self, count: int, timeout: float = 30) -> list[int]:
-        deadline = time.monotonic() + timeout
-        while len(self.ticks()) < count:
-            assert time.monotonic() < deadline, f"{self.ticks()[-3:]} after {timeout} s: {self.text[-200:]}"
-            time.sleep(0.01)
-        return self.ticks()
-
-
 def _counter_config(guests: Path, **options: object) -> VmConfig:
     settings: dict[str, object] = {"cmdline": "gap=20000000", "serial": SerialConfig(SerialMode.NONE)}
     return VmConfig(kernel=guests / "counter.elf", **{**settings, **options})  # type: ignore[arg-type]
 
 
 @pytest.fixture
-def running(guests: Path) -> Iterator[tuple[Vmm, _Console, list[object]]]:
+def running(guests: Path) -> Iterator[tuple[Vmm, CapturedConsole, list[object]]]:
     """A counter guest started through actions, the VMM loop on the main thread.
 
     The test body runs on a second thread (the API's place); the fixture's
     result list receives the RunResult when the VM stops.
     """
-    console = _Console()
+    console = CapturedConsole()
     vmm = Vmm(_counter_config(guests), serial_sink=console)
     vmm.submit(a.StartInstance())
     yield vmm, console, []
@@ -137,7 +107,9 @@ def _guest_ns(vmm: Vmm) -> int:
     return sum(thread.stats.guest_ns for thread in vmm.machine.threads)
 
 
-def test_pause_stops_the_guest_and_resume_continues_it(running: tuple[Vmm, _Console, list[object]]) -> None:
+def test_pause_stops_the_guest_and_resume_continues_it(
+    running: tuple[Vmm, CapturedConsole, list[object]],
+) -> None:
     vmm, console, _ = running
 
     def body() -> None:
@@ -152,8 +124,8 @@ def test_pause_stops_the_guest_and_resume_continues_it(running: tuple[Vmm, _Cons
         vmm.submit(a.Resume())
         vmm.submit(a.Resume())  # idempotent
         assert vmm.submit(a.GetInstanceInfo()).state is VmState.RUNNING  # type: ignore[attr-defined]
-        ticks = console.wait_for_ticks(len(frozen_ticks) + 3)
-        assert ticks == list(range(1, len(ticks) + 1)), "ticks skipped or repeated across the pause"
+        seen = console.wait_for_ticks(len(frozen_ticks) + 3)
+        assert seen == list(range(1, len(seen) + 1)), "ticks skipped or repeated across the pause"
         assert _guest_ns(vmm) > frozen_ns
 
     result = _drive(vmm, body)
@@ -162,7 +134,7 @@ def test_pause_stops_the_guest_and_resume_continues_it(running: tuple[Vmm, _Cons
 
 
 def test_vcpu_state_is_read_on_the_vcpu_thread_while_it_runs(
-    running: tuple[Vmm, _Console, list[object]],
+    running: tuple[Vmm, CapturedConsole, list[object]],
 ) -> None:
     vmm, console, _ = running
 
@@ -189,7 +161,7 @@ def test_vcpu_state_is_read_on_the_vcpu_thread_while_it_runs(
     _drive(vmm, body)
 
 
-def test_stop_while_paused_ends_the_vm(running: tuple[Vmm, _Console, list[object]]) -> None:
+def test_stop_while_paused_ends_the_vm(running: tuple[Vmm, CapturedConsole, list[object]]) -> None:
     vmm, console, _ = running
 
     def body() -> None:
@@ -204,7 +176,7 @@ def test_stop_while_paused_ends_the_vm(running: tuple[Vmm, _Console, list[object
 
 
 def test_guest_that_ends_stops_the_vmm(guests: Path) -> None:
-    console = _Console()
+    console = CapturedConsole()
     vmm = Vmm(VmConfig(kernel=guests / "counter.elf", cmdline="ticks=2 gap=1000",
                        serial=SerialConfig(SerialMode.NONE)), serial_sink=console)
     vmm.submit(a.StartInstance())
@@ -219,7 +191,7 @@ def _open_fds() -> set[str]:
 
 
 def test_failed_start_leaves_no_descriptors_and_a_fixed_config_starts(guests: Path) -> None:
-    console = _Console()
+    console = CapturedConsole()
     bad_tap = NetConfig(tap="x" * 20, id="eth0")
     vmm = Vmm(_counter_config(guests, cmdline="ticks=1 gap=1000", nets=(bad_tap,)), serial_sink=console)
     before = _open_fds()
@@ -242,3 +214,79 @@ def test_sigterm_stops_the_vm_cleanly(guests: Path) -> None:
     assert process.returncode == 143, stderr
     assert "terminated (SIGTERM)" in stderr
     assert "Traceback" not in stderr
+
+
+def test_flush_metrics_writes_the_registry_as_json_lines(guests: Path, tmp_path: Path) -> None:
+    import json
+
+    from kvmpy.vmm.config import MetricsConfig
+
+    console = CapturedConsole()
+    vmm = Vmm(_counter_config(guests), serial_sink=console)
+    vmm.submit(a.ConfigureMetrics(MetricsConfig(tmp_path / "metrics.json")))
+    vmm.submit(a.StartInstance())
+
+    def body() -> None:
+        console.wait_for_ticks(2)
+        vmm.submit(a.FlushMetrics())
+        console.wait_for_ticks(4)
+        vmm.submit(a.FlushMetrics())
+
+    _drive(vmm, body)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    assert len(lines) >= 2  # two flushes, and one more as the machine was retired
+    first, second = lines[0], lines[1]
+    assert first["vmm"]["state"] == "Running"
+    assert second["vcpus"]["exits"] > first["vcpus"]["exits"] > 0
+    assert second["pio.serial-com1"]["writes"] > first["pio.serial-com1"]["writes"]
+    assert {"serial", "console", "pci", "event-loop", "vcpu0"} <= set(first)
+
+
+def test_a_running_drive_takes_another_backing_file(guests: Path, tmp_path: Path) -> None:
+    from kvmpy.vmm.config import DiskConfig
+
+    first, second = tmp_path / "first.img", tmp_path / "second.img"
+    first.write_bytes(bytes(512 * 8))
+    second.write_bytes(bytes(512 * 64))
+    console = CapturedConsole()
+    vmm = Vmm(_counter_config(guests, disks=(DiskConfig(first, id="scratch"),)), serial_sink=console)
+    vmm.submit(a.StartInstance())
+
+    def body() -> None:
+        with pytest.raises(ActionError, match="Invalid block device ID"):
+            vmm.submit(a.UpdateBlockDevice("nope", path=second))
+        with pytest.raises(ActionError, match="does not exist"):
+            vmm.submit(a.UpdateBlockDevice("scratch", path=tmp_path / "missing.img"))
+        vmm.submit(a.UpdateBlockDevice("scratch", path=second))
+        config = vmm.submit(a.GetVmConfig())
+        assert config.disks[0].path == second  # type: ignore[attr-defined]
+        assert vmm.machine is not None
+        assert vmm.machine.disks["scratch"].device.capacity == 64  # type: ignore[attr-defined]
+
+    _drive(vmm, body)
+
+
+def test_a_running_drive_takes_new_rate_limits(guests: Path, tmp_path: Path) -> None:
+    from kvmpy.vmm.config import DiskConfig, RateLimiterConfig, TokenBucketConfig
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(512 * 8))
+    vmm = Vmm(_counter_config(guests, disks=(DiskConfig(image, id="data"),)), serial_sink=CapturedConsole())
+    vmm.submit(a.StartInstance())
+    first = RateLimiterConfig(ops=TokenBucketConfig(size=100, refill_time_ms=1000))
+    second = RateLimiterConfig(bandwidth=TokenBucketConfig(size=1 << 20, refill_time_ms=500))
+
+    def body() -> None:
+        assert vmm.machine is not None
+        device = vmm.machine.disks["data"].device
+        assert device.throttle is None  # type: ignore[attr-defined]
+        vmm.submit(a.UpdateBlockDevice("data", rate_limiter=first))
+        throttle = device.throttle  # type: ignore[attr-defined]
+        assert throttle is not None and throttle.limiter.ops.size == 100
+        assert throttle.limiter.bandwidth is None
+        vmm.submit(a.UpdateBlockDevice("data", rate_limiter=second))
+        assert device.throttle is throttle  # the same throttle, new buckets  # type: ignore[attr-defined]
+        assert throttle.limiter.bandwidth.size == 1 << 20 and throttle.limiter.ops is None
+        assert vmm.submit(a.GetVmConfig()).disks[0].rate_limiter == second  # type: ignore[attr-defined]
+
+    _drive(vmm, body)

@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 from kvmpy.bus.device import BusDevice
 from kvmpy.errors import ConfigError
 
+#: Distinct unclaimed addresses counted one by one; the rest share OTHER_UNCLAIMED.
+MAX_UNCLAIMED_ADDRESSES = 4096
+OTHER_UNCLAIMED = -1
+
 
 class BusOverlapError(ConfigError):
     """Two devices were registered over the same addresses."""
@@ -78,6 +82,8 @@ class Bus:
     unhandled: Counter[int] = field(default_factory=Counter)
     #: Serialises writers of ``_table`` only.
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Held only to change counters (never while calling a device).
+    _count_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def register(self, base: int, size: int, device: BusDevice, name: str) -> BusRange:
         """Claim ``[base, base+size)`` for ``device``; overlapping claims are refused."""
@@ -126,27 +132,42 @@ class Bus:
         entry = self.find(address, len(data))
         if entry is None:
             data[:] = b"\xff" * len(data)
-            self.unhandled[address] += 1
+            self._unclaimed(address)
             return False
-        entry.reads += 1
-        entry.bytes += len(data)
         start = time.perf_counter_ns()
         entry.device.read(address - entry.base, data)
-        entry.handle_ns += time.perf_counter_ns() - start
+        spent = time.perf_counter_ns() - start
+        with self._count_lock:  # several vCPUs reach one device: no increment may be lost
+            entry.reads += 1
+            entry.bytes += len(data)
+            entry.handle_ns += spent
         return True
 
     def write(self, address: int, data: bytes) -> bool:
         """Give ``data`` to the device at ``address``; dropped if none. True if handled."""
         entry = self.find(address, len(data))
         if entry is None:
-            self.unhandled[address] += 1
+            self._unclaimed(address)
             return False
-        entry.writes += 1
-        entry.bytes += len(data)
         start = time.perf_counter_ns()
         entry.device.write(address - entry.base, data)
-        entry.handle_ns += time.perf_counter_ns() - start
+        spent = time.perf_counter_ns() - start
+        with self._count_lock:
+            entry.writes += 1
+            entry.bytes += len(data)
+            entry.handle_ns += spent
         return True
+
+    def _unclaimed(self, address: int) -> None:
+        with self._count_lock:
+            if address not in self.unhandled and len(self.unhandled) >= MAX_UNCLAIMED_ADDRESSES:
+                address = OTHER_UNCLAIMED  # a guest can touch every address there is: bounded
+            self.unhandled[address] += 1
+
+    def unclaimed(self) -> list[tuple[int, int]]:
+        """(address, accesses) of unclaimed accesses, sorted (OTHER_UNCLAIMED: the overflow)."""
+        with self._count_lock:
+            return sorted(self.unhandled.items())
 
     def stats(self) -> list[BusAccessStats]:
         return [

@@ -42,6 +42,11 @@ class ApiDriver:
         self.socket_path = socket_path
         self.console = console
         self.facts: dict[str, Any] = {}
+        self._started = time.monotonic()
+
+    def step(self, what: str) -> None:
+        """A progress line in the lab's output (the batch's log shows how far a slow run got)."""
+        print(f"kvmpy-scenario-step api {time.monotonic() - self._started:.0f} s: {what}", flush=True)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
         connection = UnixHTTPConnection(self.socket_path)
@@ -84,11 +89,22 @@ class ApiDriver:
         facts["boot_source"] = self.call("PUT", "/boot-source", boot)[0]
         facts["start"] = self.call("PUT", "/actions", {"action_type": "InstanceStart"})[0]
         facts["state_running"] = self.call("GET", "/")[1]["state"]
+        self.step("started through the API")
         self._inspect()
+        self.step("monitor answered")
         self._pause_and_resume()
+        self.step("paused and resumed")
         facts["warnings"] = self.wait_for(r"LOCKUPS=(\d+) CLOCK=(\d+)", timeout=180).groups()
         self.wait_for("WAITING-FOR-CTRL-ALT-DEL", timeout=60)
         facts["ctrl_alt_del"] = self.call("PUT", "/actions", {"action_type": "SendCtrlAltDel"})[0]
+        self.step("Ctrl-Alt-Del sent")
+        try:
+            self.wait_for("kvmpy-init: ctrl-alt-del", timeout=120)
+            facts["init_saw_ctrl_alt_del"] = True
+        except TimeoutError:
+            facts["init_saw_ctrl_alt_del"] = False
+            facts["console_tail"] = self.console()[-1500:]
+        self.step(f"init saw Ctrl-Alt-Del: {facts['init_saw_ctrl_alt_del']}")
 
     def _inspect(self) -> None:
         facts = self.facts

@@ -213,6 +213,14 @@ class VirtioPciTransport:
             self._update_intx()
         self.msix.signal(vector)
 
+    def config_changed(self) -> None:
+        """The device's configuration changed (a disk's new size): the driver rereads it."""
+        with self._lock:
+            self.config_generation = (self.config_generation + 1) & 0xFF
+            self.isr |= 2
+            self._update_intx()
+        self.msix.signal(self.config_vector)
+
     def fail(self, why: str) -> None:
         """The driver broke the rules: flag DEVICE_NEEDS_RESET and tell it through the config vector."""
         with self._lock:

@@ -66,6 +66,27 @@ class RateLimiterConfig(msgspec.Struct, frozen=True):
     ops: TokenBucketConfig | None = None
 
 
+def rate_limiter_option(limits: dict[str, str], what: str) -> RateLimiterConfig | None:
+    """``bandwidth=SIZE`` (bytes per second) and ``ops=N`` (per second) as one-second buckets."""
+    if not limits:
+        return None
+    bandwidth = ops = None
+    if "bandwidth" in limits:
+        rate = parse_size(limits["bandwidth"], what=f"{what} bandwidth")
+        if rate <= 0:
+            raise ConfigError(f"{what} bandwidth must be more than 0 bytes per second")
+        bandwidth = TokenBucketConfig(size=rate, refill_time_ms=1000)
+    if "ops" in limits:
+        try:
+            count = int(limits["ops"])
+        except ValueError:
+            raise ConfigError(f"{what} ops={limits['ops']!r} is not a number of requests") from None
+        if count <= 0:
+            raise ConfigError(f"{what} ops must be at least 1 per second")
+        ops = TokenBucketConfig(size=count, refill_time_ms=1000)
+    return RateLimiterConfig(bandwidth=bandwidth, ops=ops)
+
+
 class DiskConfig(msgspec.Struct, frozen=True):
     """A virtio-blk disk: a raw image file, through the host's page cache or with O_DIRECT."""
 
@@ -83,11 +104,16 @@ class DiskConfig(msgspec.Struct, frozen=True):
 
     @classmethod
     def parse(cls, text: str) -> DiskConfig:
-        """``PATH[,readonly=on|off][,direct=on|off][,id=NAME]``."""
+        """``PATH[,readonly=on|off][,direct=on|off][,id=NAME][,bandwidth=SIZE][,ops=N]``.
+
+        ``bandwidth`` (bytes per second, e.g. 10M) and ``ops`` (requests per second)
+        limit the disk with token buckets refilled every second (Firecracker's model).
+        """
         path, *options = text.split(",")
         if not path:
             raise ConfigError(f"invalid --disk {text!r}: it needs a path")
         read_only, direct, name = False, False, ""
+        limits: dict[str, str] = {}
         for option in options:
             key, _, value = option.partition("=")
             if key == "readonly" and value in ("on", "off"):
@@ -96,11 +122,15 @@ class DiskConfig(msgspec.Struct, frozen=True):
                 direct = value == "on"
             elif key == "id" and value:
                 name = value
+            elif key in ("bandwidth", "ops") and value:
+                limits[key] = value
             else:
                 raise ConfigError(
-                    f"invalid --disk option {option!r}: use readonly=on|off, direct=on|off or id=NAME"
+                    f"invalid --disk option {option!r}: use readonly=on|off, direct=on|off, id=NAME, "
+                    "bandwidth=SIZE or ops=N"
                 )
-        return cls(Path(path), read_only, name, direct)
+        limiter = rate_limiter_option(limits, "--disk")
+        return cls(Path(path), read_only, name, direct, rate_limiter=limiter)
 
 
 class NetConfig(msgspec.Struct, frozen=True):
@@ -115,19 +145,25 @@ class NetConfig(msgspec.Struct, frozen=True):
 
     @classmethod
     def parse(cls, text: str) -> NetConfig:
-        """``tap=IFNAME[,mac=MAC]``."""
+        """``tap=IFNAME[,mac=MAC][,bandwidth=SIZE][,ops=N]``: the limits apply to each direction."""
         tap, mac = "", ""
+        limits: dict[str, str] = {}
         for option in text.split(","):
             key, _, value = option.partition("=")
             if key == "tap" and value:
                 tap = value
             elif key == "mac" and value:
                 mac = value
+            elif key in ("bandwidth", "ops") and value:
+                limits[key] = value
             else:
-                raise ConfigError(f"invalid --net option {option!r}: use tap=IFNAME[,mac=MAC]")
+                raise ConfigError(
+                    f"invalid --net option {option!r}: use tap=IFNAME, mac=MAC, bandwidth=SIZE or ops=N"
+                )
         if not tap:
             raise ConfigError(f"invalid --net {text!r}: it needs tap=IFNAME")
-        return cls(tap, mac)
+        limiter = rate_limiter_option(limits, "--net")
+        return cls(tap, mac, rx_rate_limiter=limiter, tx_rate_limiter=limiter)
 
 
 class LoggerConfig(msgspec.Struct, frozen=True):
@@ -237,6 +273,7 @@ __all__ = [
     "RateLimiterConfig",
     "TokenBucketConfig",
     "check_readable",
+    "rate_limiter_option",
     "MIN_MEMORY",
     "OnReboot",
     "SerialConfig",

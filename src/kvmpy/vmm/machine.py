@@ -22,7 +22,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
 
 from kvmpy.abi import kvm as abi
 from kvmpy.arch.x86 import boot_cpu, layout
@@ -39,20 +42,23 @@ from kvmpy.devices.legacy.port_sinks import PostCode, QuietPorts
 from kvmpy.devices.legacy.pvpanic import PvPanic
 from kvmpy.devices.legacy.rtc import CmosRtc
 from kvmpy.devices.legacy.serial import Uart16550
-from kvmpy.errors import HostError
+from kvmpy.errors import ConfigError, HostError
 from kvmpy.kvm import System, Vcpu
 from kvmpy.loader import BootMode, BootSetup, load_kernel
 from kvmpy.memory.guest_memory import GuestMemory
-from kvmpy.vmm.config import SerialMode, VmConfig
+from kvmpy.vmm.config import DiskConfig, NetConfig, SerialMode, VmConfig
 from kvmpy.vmm.console import ConsoleOutput, ConsoleSink, FileSink
 from kvmpy.vmm.event_loop import EventLoop
 from kvmpy.vmm.irq import KvmIrqLine
+from kvmpy.vmm.metrics_registry import MetricsRegistry
+from kvmpy.vmm.metrics_sources import register_machine
 from kvmpy.vmm.pci_platform import PciPlatform
 from kvmpy.vmm.stop import StopKind, StopReason
 from kvmpy.vmm.vcpu_thread import KICK_SIGNAL, VcpuThread, describe_registers
 
 if TYPE_CHECKING:
     from kvmpy.virtio.devices.console import VirtioConsole
+    from kvmpy.virtio.pci_transport import VirtioPciTransport
     from kvmpy.virtio.throttle import Throttle
     from kvmpy.vmm.config import RateLimiterConfig
 
@@ -161,6 +167,9 @@ class Machine:
         self.coalesced = self.vcpus[0].coalesced_ring() if coalescing else None
         self.coalesced_lock = threading.Lock()
         self.boot: BootSetup | None = None
+        #: Every counter of this machine under a stable name (vmm/metrics_sources.py names them).
+        self.metrics = MetricsRegistry()
+        register_machine(self.metrics, self)
 
     def boot_kernel(self) -> None:
         """Firmware tables, the kernel and its boot information, and every vCPU's boot state."""
@@ -289,6 +298,8 @@ class Machine:
             from kvmpy.virtio.devices.net import VirtioNet, parse_mac
             from kvmpy.virtio.devices.tap import Tap
         slots = dict(self.config.pci_slots)
+        #: drive id -> its transport (PATCH /drives reaches the device through it)
+        self.disks: dict[str, VirtioPciTransport] = {}
         for number, disk in enumerate(self.config.disks):
             device = VirtioBlock(
                 disk.path,
@@ -299,7 +310,9 @@ class Machine:
                 throttle=self._throttle(disk.rate_limiter),
             )
             name = disk_device_id(number, disk.id)
-            self.pci.add_virtio(device, name, slots.get(name))
+            self.disks[disk.id or f"disk{number}"] = self.pci.add_virtio(device, name, slots.get(name))
+        #: interface id -> its transport (PATCH /network-interfaces reaches the device through it)
+        self.nets: dict[str, VirtioPciTransport] = {}
         for number, net in enumerate(self.config.nets):
             mac = parse_mac(net.mac) if net.mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + number])
             nic = VirtioNet(
@@ -311,7 +324,7 @@ class Machine:
                 tx_throttle=self._throttle(net.tx_rate_limiter),
             )
             name = net_device_id(number, net.id)
-            self.pci.add_virtio(nic, name, slots.get(name))
+            self.nets[net.id or f"net{number}"] = self.pci.add_virtio(nic, name, slots.get(name))
         if self.config.rng:
             from kvmpy.virtio.devices.rng import VirtioRng
 
@@ -382,6 +395,43 @@ class Machine:
             regs = boot_cpu.boot_regs(boot.entry, rsi=boot.boot_info)
         vcpu.set_sregs(sregs)
         vcpu.set_regs(regs)
+
+    def replace_disk(self, drive_id: str, path: Path) -> None:
+        """Drive ``drive_id`` serves ``path`` from now on; the guest's driver sees the new size."""
+        transport = self.disks.get(drive_id)
+        if transport is None:
+            raise ConfigError(f"there is no drive {drive_id!r}")
+        transport.device.replace_backing(path)  # type: ignore[attr-defined]
+        transport.config_changed()
+        self._config_changed(disks=_changed(self.config.disks, drive_id, path=path))
+
+    def set_rate_limiter(self, transport: VirtioPciTransport, side: str, config: RateLimiterConfig) -> None:
+        """A running device's limits, replaced whole (Firecracker's PATCH with a rate_limiter).
+
+        ``side`` is the device attribute: ``throttle`` (virtio-blk), ``rx_throttle`` or
+        ``tx_throttle`` (virtio-net). A device that had no limit gets one.
+        """
+        from kvmpy.vmm.rate_limits import limiter_for
+
+        device = transport.device
+        with device.guard.lock:  # type: ignore[attr-defined]
+            throttle = getattr(device, side)
+            if throttle is not None:
+                throttle.limiter = limiter_for(config)
+            else:
+                setattr(device, side, self._throttle(config))
+        for drive_id, disk in self.disks.items():
+            if disk is transport:
+                self._config_changed(disks=_changed(self.config.disks, drive_id, rate_limiter=config))
+        for iface_id, nic in self.nets.items():
+            if nic is transport:
+                limits = {f"{side.removesuffix('_throttle')}_rate_limiter": config}
+                self._config_changed(nets=_changed(self.config.nets, iface_id, **limits))
+
+    def _config_changed(self, **changes: Any) -> None:
+        """Keep ``config`` what the machine is now: a snapshot or migration describes the
+        devices from it (the image a drive serves since a PATCH, its current limits)."""
+        self.config = msgspec.structs.replace(self.config, **changes)
 
     def send_ctrl_alt_del(self) -> None:
         """Ctrl-Alt-Del on the keyboard: the guest decides what it means (Linux: SIGINT to init)."""
@@ -579,6 +629,18 @@ class _VcpuCall:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+_Item = TypeVar("_Item", DiskConfig, NetConfig)
+
+
+def _changed(items: tuple[_Item, ...], item_id: str, **changes: Any) -> tuple[_Item, ...]:
+    """``items`` with the one whose id (or ``disk<N>``/``net<N>`` name) is ``item_id`` changed."""
+    prefix = "disk" if items and isinstance(items[0], DiskConfig) else "net"
+    return tuple(
+        msgspec.structs.replace(item, **changes) if (item.id or f"{prefix}{n}") == item_id else item
+        for n, item in enumerate(items)
+    )
 
 
 def disk_device_id(number: int, drive_id: str) -> str:

@@ -22,9 +22,13 @@ def throttle_for(
     """A throttle whose retries run on the event loop ``watch`` registers with; None: no limit."""
     if config is None or (config.bandwidth is None and config.ops is None):
         return None
-    limiter = RateLimiter(_bucket(config.bandwidth), _bucket(config.ops))
     timer = TimerFd(watch)
-    return Throttle(limiter, timer.schedule, close=timer.close)
+    return Throttle(limiter_for(config), timer.schedule, close=timer.close)
 
 
-__all__ = ["throttle_for"]
+def limiter_for(config: RateLimiterConfig) -> RateLimiter:
+    """The buckets of ``config`` (full at the start, as Firecracker's)."""
+    return RateLimiter(_bucket(config.bandwidth), _bucket(config.ops))
+
+
+__all__ = ["limiter_for", "throttle_for"]

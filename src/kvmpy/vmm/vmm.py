@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -34,6 +34,8 @@ from kvmpy.vmm.actions import ActionError, InstanceInfo, VmState, check_allowed
 from kvmpy.vmm.config import (
     MAX_VCPUS,
     MIN_MEMORY,
+    DiskConfig,
+    NetConfig,
     OnReboot,
     SerialConfig,
     SerialMode,
@@ -51,6 +53,8 @@ if TYPE_CHECKING:
     from kvmpy.vmm.stats_report import MachineStats
 
 log = logging.getLogger("kvmpy.vmm")
+
+_Device = TypeVar("_Device", DiskConfig, NetConfig)
 
 #: A guest that resets this many times in a row is stopped (a reboot loop would never end).
 MAX_REBOOTS = 100
@@ -296,9 +300,18 @@ class Vmm:
         self._update(disks=tuple(disks))
 
     def _update_block_device(self, action: a.UpdateBlockDevice) -> None:
+        """PATCH /drives after boot: a new backing file, which the guest sees with its new size."""
+        assert self.machine is not None
         if not any(d.id == action.drive_id for d in self.config.disks):
             raise ActionError(f"Invalid block device ID: {action.drive_id}")
-        raise ActionError("kvmpy cannot yet change a running VM's drive (backing file or rate limiter)")
+        if action.rate_limiter is not None:
+            transport = self.machine.disks[action.drive_id]
+            self.machine.set_rate_limiter(transport, "throttle", action.rate_limiter)
+            self._update(disks=_changed(self.config.disks, action.drive_id, rate_limiter=action.rate_limiter))
+        if action.path is not None:
+            _check_file(action.path, f"drive {action.drive_id}")
+            self.machine.replace_disk(action.drive_id, action.path)
+            self._update(disks=_changed(self.config.disks, action.drive_id, path=action.path))
 
     def _insert_network_device(self, action: a.InsertNetworkDevice) -> None:
         net = action.net
@@ -315,9 +328,17 @@ class Vmm:
         self._update(nets=nets)
 
     def _update_network_device(self, action: a.UpdateNetworkDevice) -> None:
+        """PATCH /network-interfaces after boot: new rate limiters, each side replaced whole."""
+        assert self.machine is not None
         if not any(n.id == action.iface_id for n in self.config.nets):
             raise ActionError(f"Invalid network interface ID: {action.iface_id}")
-        raise ActionError("kvmpy cannot yet change a running VM's interface rate limiters")
+        transport = self.machine.nets[action.iface_id]
+        changes: dict[str, object] = {}
+        for side, limiter in (("rx", action.rx_rate_limiter), ("tx", action.tx_rate_limiter)):
+            if limiter is not None:
+                self.machine.set_rate_limiter(transport, f"{side}_throttle", limiter)
+                changes[f"{side}_rate_limiter"] = limiter
+        self._update(nets=_changed(self.config.nets, action.iface_id, **changes))
 
     def _set_entropy_device(self, action: a.SetEntropyDevice) -> None:
         self._update(rng=True, rng_rate_limiter=action.rate_limiter)
@@ -576,6 +597,7 @@ class Vmm:
             [thread.stats for thread in machine.threads],
             machine.pio_bus,
             machine.mmio_bus,
+            machine.metrics.snapshot(),
         )
         self._console_tail = tuple(machine.console.last_lines())
         if self._metrics is not None:
@@ -671,6 +693,11 @@ def _effective(config: VmConfig) -> VmConfig:
     mode = "ro" if root.read_only else "rw"
     device = f"PARTUUID={root.partuuid}" if root.partuuid else "/dev/vda"
     return msgspec.structs.replace(config, cmdline=f"{config.cmdline} root={device} {mode}".strip())
+
+
+def _changed(items: tuple[_Device, ...], device_id: str, **changes: Any) -> tuple[_Device, ...]:
+    """``items`` with the one whose id is ``device_id`` changed."""
+    return tuple(msgspec.structs.replace(item, **changes) if item.id == device_id else item for item in items)
 
 
 def _check_file(path: Path, what: str) -> None:

@@ -87,9 +87,6 @@ class VirtioBlock:
         #: The rate limiter (bytes read or written, and requests); None: unlimited.
         self.throttle = throttle
         self._file = DiskFile(path, read_only=read_only, direct=direct)
-        block_size = self._file.alignment
-        # Whole blocks only: an O_DIRECT write of a partial last block would grow the file.
-        self.capacity = self._file.size // block_size * block_size // SECTOR
         self.read_only = read_only
         self.device_id = (device_id or path.name).encode()[:ID_BYTES]
         self.features = COMMON_FEATURES | F_SEG_MAX | F_BLK_SIZE | F_DISCARD | F_WRITE_ZEROES
@@ -99,18 +96,7 @@ class VirtioBlock:
             self.features |= F_FLUSH
         if read_only:
             self.features |= F_RO
-        self._config = struct.pack("<QII4xI", self.capacity, 0, SEG_MAX, block_size)
-        self._config = self._config.ljust(36, b"\0")
-        # discard and write-zeroes limits (offsets 36-59)
-        self._config += struct.pack(
-            "<IIIIIB3x",
-            MAX_DISCARD_SECTORS,
-            MAX_DISCARD_SEGMENTS,
-            1,  # discard sector alignment
-            MAX_DISCARD_SECTORS,
-            MAX_DISCARD_SEGMENTS,
-            1,  # write zeroes may unmap
-        )
+        self._config = self._configuration()
         self._mem: GuestMemory | None = None
         self._queue: SplitQueue | None = None
         self._interrupt: Interrupt | None = None
@@ -119,6 +105,38 @@ class VirtioBlock:
         self.errors = 0
         #: Of those, the host's: the image failed an I/O.
         self.host_errors = 0
+
+    def _configuration(self) -> bytes:
+        """The device configuration space for the current image (capacity, limits)."""
+        block_size = self._file.alignment
+        # Whole blocks only: an O_DIRECT write of a partial last block would grow the file.
+        self.capacity = self._file.size // block_size * block_size // SECTOR
+        config = struct.pack("<QII4xI", self.capacity, 0, SEG_MAX, block_size)
+        config = config.ljust(36, b"\0")
+        # discard and write-zeroes limits (offsets 36-59)
+        return config + struct.pack(
+            "<IIIIIB3x",
+            MAX_DISCARD_SECTORS,
+            MAX_DISCARD_SEGMENTS,
+            1,  # discard sector alignment
+            MAX_DISCARD_SECTORS,
+            MAX_DISCARD_SEGMENTS,
+            1,  # write zeroes may unmap
+        )
+
+    def replace_backing(self, path: Path) -> None:
+        """Serve another image from now on (Firecracker's PATCH /drives after boot).
+
+        The new file is opened first, so a bad path changes nothing; requests in
+        flight finish on the old image (the device lock), then the capacity the
+        driver reads is the new one's. The caller raises the configuration-change
+        interrupt so the driver rereads it.
+        """
+        replacement = DiskFile(path, read_only=self.read_only, direct=self._file.direct)
+        with self.guard.lock:
+            old, self._file = self._file, replacement
+            self._config = self._configuration()
+        old.close()
 
     @property
     def bounced(self) -> int:

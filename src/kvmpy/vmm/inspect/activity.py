@@ -136,7 +136,9 @@ def vcpus(machine: Machine, vm_state: str) -> dict[str, Any]:
 
 
 def machine_stats(machine: Machine, wall_seconds: float) -> MachineStats:
-    return collect(wall_seconds, _vcpu_stats(machine), machine.pio_bus, machine.mmio_bus)
+    return collect(
+        wall_seconds, _vcpu_stats(machine), machine.pio_bus, machine.mmio_bus, machine.metrics.snapshot()
+    )
 
 
 def stats_dict(stats: MachineStats) -> dict[str, Any]:
@@ -173,6 +175,7 @@ def stats_dict(stats: MachineStats) -> dict[str, Any]:
         "mmio": bus_rows(stats.mmio),
         "buffered": [{"pio": pio, "address": a, "count": n} for (pio, a), n in sorted(buffered.items())],
         "unhandled_pio": [{"address": a, "count": n} for a, n in stats.unhandled_pio],
+        "counters": {component: dict(values) for component, values in stats.counters},
         "unhandled_mmio": [{"address": a, "count": n} for a, n in stats.unhandled_mmio],
         "kernel": kernel,
         "vcpus": [
