@@ -260,3 +260,40 @@ def test_devices_take_their_saved_slots_whatever_the_order(guests: Path, tmp_pat
         assert restored.pci.slots() == dict(placed)
     finally:
         restored.close()
+
+
+def test_a_snapshot_describes_the_image_a_drive_serves_since_a_patch(guests: Path, tmp_path: Path) -> None:
+    from kvmpy.state.machine_state import read_description
+    from kvmpy.vmm.config import RateLimiterConfig, TokenBucketConfig
+
+    first, second = tmp_path / "first.img", tmp_path / "second.img"
+    first.write_bytes(bytes(4096))
+    second.write_bytes(bytes(8192))
+    config = VmConfig(kernel=guests / "counter.elf", cmdline="gap=20000000",
+                      disks=(DiskConfig(first, id="data"),), serial=SerialConfig(SerialMode.NONE))
+    limit = RateLimiterConfig(ops=TokenBucketConfig(100, 1000))
+
+    console = CapturedConsole()
+    vmm = Vmm(config, serial_sink=console)
+    vmm.submit(a.StartInstance())
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            wait_until(lambda: len(console.ticks()) >= 2)
+            vmm.submit(a.UpdateBlockDevice("data", path=second, rate_limiter=limit))
+            vmm.submit(a.Pause())
+            vmm.submit(a.CreateSnapshot(tmp_path / "state", tmp_path / "memory"))
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            vmm.submit(a.Stop("snapshot taken"))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    vmm.run()
+    thread.join(30)
+    if errors:
+        raise errors[0]
+    described = read_description(read_state_file(tmp_path / "state"))
+    assert [(d.path, d.rate_limiter) for d in described.disks] == [(str(second), limit)]
