@@ -201,7 +201,7 @@ def test_firecracker_python_snapshots_the_counter_and_loads_it_in_a_new_kvmpy(
     try:
         assert api.describe.get().json()["state"] == "Not started"
         Resource(api, "/serial").put(serial_out_path=str(out2))
-        # MicroVM.snapshot("load") sends these fields, and network_overrides, which kvmpy refuses
+        # MicroVM.snapshot("load") sends these fields (and network_overrides when the VM has interfaces)
         api.load_snapshot.put(
             enable_diff_snapshots=False,
             mem_backend={"backend_type": "File", "backend_path": str(memory)},

@@ -420,16 +420,6 @@ def test_unknown_paths_and_methods(vmm: FakeVmm, method: str, path: str, body: o
         (
             "PUT",
             "/snapshot/load",
-            {
-                "snapshot_path": "s",
-                "mem_file_path": "m",
-                "network_overrides": [{"iface_id": "e", "host_dev_name": "tap1"}],
-            },
-            "network_overrides",
-        ),
-        (
-            "PUT",
-            "/snapshot/load",
             {"snapshot_path": "s", "mem_file_path": "m", "clock_realtime": True},
             "clock_realtime",
         ),
@@ -566,6 +556,14 @@ def test_snapshot_create_from_a_paused_vm(vmm: FakeVmm) -> None:
         (
             {"snapshot_path": "/s", "mem_file_path": "/m", "enable_diff_snapshots": True},
             a.LoadSnapshot(Path("/s"), Path("/m"), track_dirty_pages=True),
+        ),
+        (
+            {
+                "snapshot_path": "/s",
+                "mem_file_path": "/m",
+                "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap1"}],
+            },
+            a.LoadSnapshot(Path("/s"), Path("/m"), network_overrides=(("eth0", "tap1"),)),
         ),
     ],
 )

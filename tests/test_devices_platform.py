@@ -209,8 +209,10 @@ def test_restore_refuses_bad_state_with_a_kvmpy_error() -> None:
     """Saved state is untrusted input: a bad one is a RestoreError with one line, never ValueError."""
     from kvmpy.devices.legacy.serial import Uart16550
     from kvmpy.errors import HostError, RestoreError
+    from kvmpy.memory.guest_memory import GuestMemory
     from kvmpy.virtio.queue import QueueState, SplitQueue
 
+    ram = GuestMemory.anonymous([(0, 1 << 20)])
     uart = Uart16550(RecordingInterruptLine(), output=lambda data: None)
     rtc_device = CmosRtc()
     bad = [
@@ -220,13 +222,15 @@ def test_restore_refuses_bad_state_with_a_kvmpy_error() -> None:
             acpi_pm.AcpiPmState(0x1_0000, 0, 0)), "ACPI"),
         (lambda: I8042(lambda: None).restore(i8042.I8042State(256, 0, 0, b"", 0)), "i8042"),
         (lambda: uart.restore(dataclass_replace(uart.save(), ier=300)), "UART"),
-        (lambda: SplitQueue(16).restore(QueueState(3, True, 0, 0, 0, 0, 0, False)), "queue"),
-        (lambda: SplitQueue(16).restore(QueueState(16, True, 0, 0, 0, 1 << 16, 0, False)), "queue"),
+        (lambda: SplitQueue(16).restore(QueueState(3, True, 0, 0, 0, 0, 0, False), ram), "queue"),
+        (lambda: SplitQueue(16).restore(QueueState(16, True, 0, 0, 0, 1 << 16, 0, False), ram), "queue"),
+        (lambda: SplitQueue(16).restore(QueueState(16, True, 1 << 20, 0, 0, 0, 0, False), ram), "queue"),
     ]  # fmt: skip
     for restore, name in bad:
         with pytest.raises(RestoreError, match=name) as raised:
             restore()
         assert isinstance(raised.value, HostError) and "\n" not in str(raised.value)
+    ram.close()
 
 
 def dataclass_replace(state, **changes):  # type: ignore[no-untyped-def]

@@ -304,8 +304,6 @@ def _memory_file(body: schemas.SnapshotLoadParams) -> Path:
 
 def snapshot_load(body: schemas.SnapshotLoadParams) -> LoadSnapshot:
     memory = _memory_file(body)
-    if body.network_overrides:
-        raise not_supported("network_overrides: kvmpy cannot give a restored interface another tap yet.")
     if body.vsock_override is not None:
         raise not_supported("vsock_override: kvmpy has no virtio-vsock device yet.")
     if body.clock_realtime:
@@ -321,6 +319,7 @@ def snapshot_load(body: schemas.SnapshotLoadParams) -> LoadSnapshot:
         mem_file_path=memory,
         resume_vm=body.resume_vm,
         track_dirty_pages=body.track_dirty_pages or body.enable_diff_snapshots,
+        network_overrides=tuple((o.iface_id, o.host_dev_name) for o in body.network_overrides),
     )
 
 

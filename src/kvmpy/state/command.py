@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmpy.state.machine_state import MachineDescription
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -42,10 +46,28 @@ def _inspect(args: argparse.Namespace) -> int:
     for region in machine.regions:
         end = region.gpa + region.size - 1
         print(f"  RAM {region.gpa:#014x}-{end:#014x} at memory file offset {region.offset:#x}")
-    print(f"{'section':<20} {'version':>7} {'bytes':>9}")
+    for line in _devices(machine):
+        print(f"  {line}")
+    width = max([20, *(len(name) + 1 for name in sections)])
+    print(f"{'section':<{width}} {'version':>7} {'bytes':>9}")
     for name, version, size in describe(sections):
-        print(f"{name:<20} {version:>7} {size:>9}")
+        print(f"{name:<{width}} {version:>7} {size:>9}")
     return 0
+
+
+def _devices(machine: MachineDescription) -> list[str]:
+    """The virtio devices and the host resources a restore opens again (the disk images
+    and taps the user must keep)."""
+    from kvmpy.vmm.machine import disk_device_id, net_device_id
+
+    resources: dict[str, str] = {"virtio-rng": "getrandom", "virtio-console": "the console"}
+    for number, disk in enumerate(machine.disks):
+        mode = "read-only" if disk.read_only else "read-write"
+        resources[disk_device_id(number, disk.id)] = f"disk image {disk.path} ({mode})"
+    for number, net in enumerate(machine.nets):
+        resources[net_device_id(number, net.id)] = f"tap {net.tap}, MAC {net.mac}"
+    slots = sorted(machine.pci_slots, key=lambda placed: placed.slot)
+    return [f"PCI slot {p.slot}: {p.device} on {resources.get(p.device, '?')}" for p in slots]
 
 
 __all__ = ["register"]

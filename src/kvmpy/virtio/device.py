@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.virtio.guard import DeviceGuard
@@ -35,6 +35,9 @@ class VirtioDevice(Protocol):
     features: int
     #: The device's one lock, shared with its transport, and its guest-error path.
     guard: DeviceGuard
+    @property
+    def state_type(self) -> type[Any]:
+        """The frozen dataclass :meth:`save` returns (a snapshot section is decoded as it)."""
 
     def read_config(self, offset: int, size: int) -> bytes: ...
 
@@ -50,6 +53,13 @@ class VirtioDevice(Protocol):
 
     def reset(self) -> None:
         """The driver reset the device: drop every reference to guest memory (lock held)."""
+
+    def save(self) -> Any:
+        """The model's own state (the transport saves the rings), while the VM is paused."""
+
+    def restore(self, state: Any) -> None:
+        """Load saved state, checked as untrusted (ValueError says what is wrong); no guest
+        memory is touched and no interrupt raised: the transport activates the device after."""
 
 
 __all__ = [

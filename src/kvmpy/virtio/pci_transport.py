@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from kvmpy.bus import BusDevice
 from kvmpy.devices.pci.config_space import (
@@ -34,14 +35,15 @@ from kvmpy.devices.pci.config_space import (
     Bar,
     BarKind,
     PciConfigSpace,
+    PciConfigState,
 )
 from kvmpy.devices.pci.msix import BAR_SIZE as MSIX_BAR_SIZE
-from kvmpy.devices.pci.msix import NO_VECTOR, MsiSender, MsixTable
-from kvmpy.errors import GuestError
+from kvmpy.devices.pci.msix import NO_VECTOR, MsiSender, MsixState, MsixTable
+from kvmpy.errors import GuestError, RestoreError
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.ratelimit import guest_log
 from kvmpy.virtio.device import F_EVENT_IDX, F_VERSION_1, VirtioDevice
-from kvmpy.virtio.queue import SplitQueue
+from kvmpy.virtio.queue import QueueState, SplitQueue
 
 log = logging.getLogger("kvmpy.virtio")
 
@@ -70,6 +72,26 @@ CLASS_BY_TYPE = {1: 0x020000, 2: 0x010000, 3: 0x078000, 4: 0x00FF00}
 NotifyWiring = Callable[[list[tuple[int, int, int]]], None]
 #: Drives the function's INTx line (True: asserted); the VMM routes it to an IOAPIC pin.
 IntxLine = Callable[[bool], None]
+
+
+@dataclass(frozen=True, slots=True)
+class TransportState:
+    """Everything the driver set up through PCI and the common configuration."""
+
+    config: PciConfigState
+    msix: MsixState
+    status: int
+    #: What the device offered when saved: the restored device must offer the same.
+    device_features: int
+    driver_features: int
+    device_feature_select: int
+    driver_feature_select: int
+    queue_select: int
+    config_vector: int
+    queue_vectors: tuple[int, ...]
+    isr: int
+    config_generation: int
+    queues: tuple[QueueState, ...]
 
 
 class VirtioPciTransport:
@@ -269,7 +291,7 @@ class VirtioPciTransport:
             shift = 32 * self.driver_feature_select
             self.driver_features = (self.driver_features & ~(0xFFFF_FFFF << shift)) | (value << shift)
         elif offset == 16 and size == 2:
-            self.config_vector = value
+            self.config_vector = self._vector(value)
         elif offset == 20 and size == 1:
             self._write_status(value)
         elif offset == 22 and size == 2:
@@ -277,13 +299,18 @@ class VirtioPciTransport:
         elif queue is not None and not queue.ready:
             self._write_queue(queue, offset, size, value)
         elif queue is not None and offset == 26 and size == 2:
-            self.queue_vectors[self.queue_select] = value
+            self.queue_vectors[self.queue_select] = self._vector(value)
+
+    def _vector(self, value: int) -> int:
+        """A vector the table has, or NO_VECTOR: the driver reads back that the mapping failed
+        (virtio 1.x, 4.1.5.1.2), and saved state never holds a vector that is not there."""
+        return value if value < self.msix.vectors else NO_VECTOR
 
     def _write_queue(self, queue: SplitQueue, offset: int, size: int, value: int) -> None:
         if offset == 24 and size == 2:
             queue.size = value
         elif offset == 26 and size == 2:
-            self.queue_vectors[self.queue_select] = value
+            self.queue_vectors[self.queue_select] = self._vector(value)
         elif offset == 28 and size == 2 and value == 1:
             queue.event_idx = bool(self.driver_features & F_EVENT_IDX)
             try:
@@ -323,6 +350,88 @@ class VirtioPciTransport:
                 self.device.activate(self._mem, self.queues, self.driver_features, self.interrupt)
             except GuestError as error:
                 self.fail(str(error))
+
+    # --- state ---------------------------------------------------------------------------
+    def save(self) -> TransportState:
+        """The transport's state, under the device's lock (no request is half done)."""
+        with self._lock:
+            return TransportState(
+                self.config.save(), self.msix.save(), self.status, self.device.features,
+                self.driver_features, self.device_feature_select, self.driver_feature_select,
+                self.queue_select, self.config_vector, tuple(self.queue_vectors), self.isr,
+                self.config_generation, tuple(queue.save() for queue in self.queues),
+            )  # fmt: skip
+
+    def restore(self, state: TransportState) -> None:
+        """Load ``state``, validated as untrusted; raises RestoreError naming the field.
+
+        Nothing runs yet: the BARs are placed by the PCI root, and :meth:`start_after_restore`
+        re-drives INTx, reactivates the device and serves what the rings hold once the
+        irqchip and vCPUs are restored too.
+        """
+        offered, acked = self.device.features, state.driver_features
+        if state.device_features != offered:
+            was = state.device_features
+            raise RestoreError(f"saved virtio device offered features {was:#x}; this one offers {offered:#x}")
+        if acked < 0 or acked & ~offered:
+            raise RestoreError(
+                f"saved virtio features acknowledged {acked:#x} were never offered ({offered:#x})"
+            )
+        if state.status & STATUS_FEATURES_OK and not acked & F_VERSION_1:
+            raise RestoreError("saved virtio status has FEATURES_OK without VIRTIO_F_VERSION_1 acknowledged")
+        vectors = (state.config_vector, *state.queue_vectors)
+        if any(vector != NO_VECTOR and not 0 <= vector < self.msix.vectors for vector in vectors):
+            raise RestoreError(f"saved virtio MSI-X vectors {vectors} are not among the {self.msix.vectors}")
+        if len(state.queues) != len(self.queues) or len(state.queue_vectors) != len(self.queues):
+            raise RestoreError(
+                f"saved virtio state has {len(state.queues)} queues; this device has {len(self.queues)}"
+            )
+        ranges = (
+            (state.status, 0xFF, "status"), (state.isr, 3, "ISR"),
+            (state.config_generation, 0xFF, "config generation"),
+            (state.queue_select, 0xFFFF, "queue select"),
+            (state.device_feature_select, 0xFFFF_FFFF, "feature select"),
+            (state.driver_feature_select, 0xFFFF_FFFF, "feature select"),
+        )  # fmt: skip
+        for value, limit, what in ranges:
+            if not 0 <= value <= limit:
+                raise RestoreError(f"saved virtio {what} {value} is out of range")
+        with self._lock:
+            try:
+                self.config.restore(state.config)
+                self.msix.restore(state.msix)
+            except ValueError as error:
+                raise RestoreError(str(error)) from None
+            for queue, saved in zip(self.queues, state.queues, strict=True):
+                queue.restore(saved, self._mem)
+            self.status, self.driver_features = state.status, acked
+            self.device_feature_select = state.device_feature_select
+            self.driver_feature_select = state.driver_feature_select
+            self.queue_select, self.config_vector = state.queue_select, state.config_vector
+            self.queue_vectors = list(state.queue_vectors)
+            self.isr, self.config_generation = state.isr, state.config_generation
+
+    def start_after_restore(self) -> None:
+        """Bring a restored device back to work, from its restored state alone.
+
+        INTx is driven to the level the ISR gives, a live device is activated again (which
+        sets virtio-net's offloads on the tap), unmasked pending MSI-X vectors are sent, and
+        every ready queue is served once: kicks that waited in the old process's eventfds
+        are gone, and serving an empty ring is harmless.
+        """
+        with self._lock:
+            self._intx_level = False
+            self._update_intx()
+            live = self.status & STATUS_DRIVER_OK and self.status & STATUS_FEATURES_OK
+            if live and not self.status & STATUS_NEEDS_RESET:
+                try:
+                    self.device.activate(self._mem, self.queues, self.driver_features, self.interrupt)
+                except GuestError as error:
+                    self.fail(str(error))
+        self.msix.config_written()
+        for index, queue in enumerate(self.queues):
+            if queue.ready:
+                self.notify(index)
 
     def read_isr(self) -> int:
         """Reading the ISR acknowledges it: the bits clear and INTx drops."""
@@ -365,4 +474,4 @@ class _Bar0:
                 t.device.write_config(offset - DEVICE_OFFSET, data)
 
 
-__all__ = ["VirtioPciTransport"]
+__all__ = ["TransportState", "VirtioPciTransport"]

@@ -64,6 +64,9 @@ class QueueState:
     last_avail_idx: int
     next_used_idx: int
     event_idx: bool
+    #: The used index when the driver was last considered for an interrupt (event-index
+    #: suppression); None: the next push interrupts unconditionally.
+    signalled_used: int | None = None
 
 
 class SplitQueue:
@@ -149,7 +152,7 @@ class SplitQueue:
         head = _U16.unpack_from(self._avail_view, slot)[0]
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         if self.event_idx:  # avail_event: kick me again after this index
-            _U16.pack_into(self._used_view, self._used_at + 4 + 8 * self.size, self.last_avail_idx)
+            _store_u16(self._used_view, self._used_at + 4 + 8 * self.size, self.last_avail_idx)
         return self._walk(mem, head)
 
     def unpop(self) -> None:
@@ -199,7 +202,7 @@ class SplitQueue:
         used, at = self._used_view, self._used_at
         _USED_ELEMENT.pack_into(used, at + 4 + 8 * (self.next_used_idx % self.size), head, written)
         self.next_used_idx = (self.next_used_idx + 1) & 0xFFFF
-        _U16.pack_into(used, at + 2, self.next_used_idx)  # after the entry: x86 keeps store order
+        _store_u16(used, at + 2, self.next_used_idx)  # after the entry: x86 keeps store order
 
     def needs_interrupt(self, mem: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
@@ -218,27 +221,46 @@ class SplitQueue:
     def save(self) -> QueueState:
         return QueueState(
             self.size, self.ready, self.desc_addr, self.driver_addr, self.device_addr,
-            self.last_avail_idx, self.next_used_idx, self.event_idx,
+            self.last_avail_idx, self.next_used_idx, self.event_idx, self._signalled_used,
         )  # fmt: skip
 
-    def restore(self, state: QueueState) -> None:
+    def restore(self, state: QueueState, mem: GuestMemory) -> None:
+        """Load ``state``, checked as untrusted: a ready queue's rings must lie in ``mem``
+        (the restored guest RAM), every index must be a 16-bit value."""
         if not 0 < state.size <= self.max_size or state.size & (state.size - 1):
             limit = self.max_size
             raise RestoreError(f"saved virtqueue size {state.size} is not a power of two up to {limit}")
-        if not (0 <= state.last_avail_idx <= 0xFFFF and 0 <= state.next_used_idx <= 0xFFFF):
+        indexes = (state.last_avail_idx, state.next_used_idx, state.signalled_used or 0)
+        if not all(0 <= index <= 0xFFFF for index in indexes):
             raise RestoreError("saved virtqueue indexes are not 16-bit values")
+        addresses = (state.desc_addr, state.driver_addr, state.device_addr)
+        if not all(0 <= address < 1 << 64 for address in addresses):
+            raise RestoreError("saved virtqueue ring addresses are not 64-bit values")
+        if state.ready:
+            for address, length, what in (
+                (state.desc_addr, DESCRIPTOR_SIZE * state.size, "descriptor table"),
+                (state.driver_addr, 6 + 2 * state.size, "available ring"),
+                (state.device_addr, 6 + 8 * state.size, "used ring"),
+            ):
+                if not mem.is_ram(address, length):
+                    raise RestoreError(f"saved virtqueue {what} {address:#x}+{length:#x} is not guest RAM")
         self.size, self.ready = state.size, state.ready
-        self.desc_addr, self.driver_addr, self.device_addr = (
-            state.desc_addr,
-            state.driver_addr,
-            state.device_addr,
-        )
-        self.last_avail_idx, self.next_used_idx, self.event_idx = (
-            state.last_avail_idx,
-            state.next_used_idx,
-            state.event_idx,
-        )
-        self._signalled_used = None
+        self.desc_addr, self.driver_addr, self.device_addr = addresses
+        self.last_avail_idx, self.next_used_idx = state.last_avail_idx, state.next_used_idx
+        self.event_idx = state.event_idx
+        self._signalled_used = state.signalled_used
+        self._located_for = None
+
+
+def _store_u16(view: memoryview, offset: int, value: int) -> None:
+    """Store a ring index the driver may be reading at this moment, in one 2-byte copy.
+
+    Not ``struct.pack_into``: CPython zero-fills its target before packing, so a driver
+    polling the used index could read 0 in between (a test guest did, about once in a
+    thousand completions, and took its used index for having jumped back), and a zero
+    avail_event could make a driver skip the kick the device waits for.
+    """
+    view[offset : offset + 2] = value.to_bytes(2, "little")
 
 
 __all__ = ["DescriptorChain", "QueueError", "QueueState", "SplitQueue"]

@@ -144,6 +144,8 @@ class LoadSnapshot(msgspec.Struct, frozen=True):
     resume_vm: bool = False
     #: Record dirty pages from the start, so the next snapshot can be a Diff.
     track_dirty_pages: bool = False
+    #: (iface_id, tap): a restored interface on another tap (Firecracker's network_overrides).
+    network_overrides: tuple[tuple[str, str], ...] = ()
 
 
 class Migrate(msgspec.Struct, frozen=True):

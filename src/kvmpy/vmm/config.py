@@ -213,6 +213,9 @@ class VmConfig(msgspec.Struct, frozen=True):
     track_dirty_pages: bool = False
     logger: LoggerConfig | None = None
     metrics: MetricsConfig | None = None
+    #: (device id, PCI slot) of virtio devices that must sit in a given slot: a restored
+    #: machine puts each device where the snapshot's guest found it. Others take free slots.
+    pci_slots: tuple[tuple[str, int], ...] = ()
 
     def validate(self, host_memory: int | None = None) -> None:
         """Raise ConfigError for anything that cannot work, before touching KVM."""

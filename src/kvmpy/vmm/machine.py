@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgspec
+
 from kvmpy.abi import kvm as abi
 from kvmpy.arch.x86 import boot_cpu, layout
 from kvmpy.arch.x86.acpi import build_acpi_tables, write_acpi_tables
@@ -44,7 +46,7 @@ from kvmpy.errors import ConfigError, HostError
 from kvmpy.kvm import System, Vcpu
 from kvmpy.loader import BootMode, BootSetup, load_kernel
 from kvmpy.memory.guest_memory import GuestMemory
-from kvmpy.vmm.config import SerialMode, VmConfig
+from kvmpy.vmm.config import DiskConfig, NetConfig, SerialMode, VmConfig
 from kvmpy.vmm.console import ConsoleOutput, ConsoleSink, FileSink
 from kvmpy.vmm.event_loop import EventLoop
 from kvmpy.vmm.irq import KvmIrqLine
@@ -295,6 +297,7 @@ class Machine:
         if self.config.nets:
             from kvmpy.virtio.devices.net import VirtioNet, parse_mac
             from kvmpy.virtio.devices.tap import Tap
+        slots = dict(self.config.pci_slots)
         #: drive id -> its transport (PATCH /drives reaches the device through it)
         self.disks: dict[str, VirtioPciTransport] = {}
         for number, disk in enumerate(self.config.disks):
@@ -306,7 +309,8 @@ class Machine:
                 cache_type=disk.cache_type,
                 throttle=self._throttle(disk.rate_limiter),
             )
-            self.disks[disk.id or f"disk{number}"] = self.pci.add_virtio(device, f"virtio-blk{number}")
+            name = disk_device_id(number, disk.id)
+            self.disks[disk.id or f"disk{number}"] = self.pci.add_virtio(device, name, slots.get(name))
         #: interface id -> its transport (PATCH /network-interfaces reaches the device through it)
         self.nets: dict[str, VirtioPciTransport] = {}
         for number, net in enumerate(self.config.nets):
@@ -319,17 +323,19 @@ class Machine:
                 rx_throttle=self._throttle(net.rx_rate_limiter),
                 tx_throttle=self._throttle(net.tx_rate_limiter),
             )
-            self.nets[net.id or f"net{number}"] = self.pci.add_virtio(nic, f"virtio-net{number}")
+            name = net_device_id(number, net.id)
+            self.nets[net.id or f"net{number}"] = self.pci.add_virtio(nic, name, slots.get(name))
         if self.config.rng:
             from kvmpy.virtio.devices.rng import VirtioRng
 
-            self.pci.add_virtio(VirtioRng(self._throttle(self.config.rng_rate_limiter)), "virtio-rng")
+            rng = VirtioRng(self._throttle(self.config.rng_rate_limiter))
+            self.pci.add_virtio(rng, "virtio-rng", slots.get("virtio-rng"))
         self.virtio_console: VirtioConsole | None = None
         if self.config.console == "virtio":
             from kvmpy.virtio.devices.console import VirtioConsole
 
             self.virtio_console = VirtioConsole(self.console.write)
-            self.pci.add_virtio(self.virtio_console, "virtio-console")
+            self.pci.add_virtio(self.virtio_console, "virtio-console", slots.get("virtio-console"))
 
     def _throttle(self, config: RateLimiterConfig | None) -> Throttle | None:
         """A device's rate limiter if one is configured; its retries run on the event loop."""
@@ -397,6 +403,7 @@ class Machine:
             raise ConfigError(f"there is no drive {drive_id!r}")
         transport.device.replace_backing(path)  # type: ignore[attr-defined]
         transport.config_changed()
+        self._config_changed(disks=_changed(self.config.disks, drive_id, path=path))
 
     def set_rate_limiter(self, transport: VirtioPciTransport, side: str, config: RateLimiterConfig) -> None:
         """A running device's limits, replaced whole (Firecracker's PATCH with a rate_limiter).
@@ -413,6 +420,18 @@ class Machine:
                 throttle.limiter = limiter_for(config)
             else:
                 setattr(device, side, self._throttle(config))
+        for drive_id, disk in self.disks.items():
+            if disk is transport:
+                self._config_changed(disks=_changed(self.config.disks, drive_id, rate_limiter=config))
+        for iface_id, nic in self.nets.items():
+            if nic is transport:
+                limits = {f"{side.removesuffix('_throttle')}_rate_limiter": config}
+                self._config_changed(nets=_changed(self.config.nets, iface_id, **limits))
+
+    def _config_changed(self, **changes: Any) -> None:
+        """Keep ``config`` what the machine is now: a snapshot or migration describes the
+        devices from it (the image a drive serves since a PATCH, its current limits)."""
+        self.config = msgspec.structs.replace(self.config, **changes)
 
     def send_ctrl_alt_del(self) -> None:
         """Ctrl-Alt-Del on the keyboard: the guest decides what it means (Linux: SIGINT to init)."""
@@ -610,6 +629,27 @@ class _VcpuCall:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+_Item = TypeVar("_Item", DiskConfig, NetConfig)
+
+
+def _changed(items: tuple[_Item, ...], item_id: str, **changes: Any) -> tuple[_Item, ...]:
+    """``items`` with the one whose id (or ``disk<N>``/``net<N>`` name) is ``item_id`` changed."""
+    prefix = "disk" if items and isinstance(items[0], DiskConfig) else "net"
+    return tuple(
+        msgspec.structs.replace(item, **changes) if (item.id or f"{prefix}{n}") == item_id else item
+        for n, item in enumerate(items)
+    )
+
+
+def disk_device_id(number: int, drive_id: str) -> str:
+    """A disk's device id (its snapshot section, its PCI slot's key): by drive id if it has one."""
+    return f"virtio-blk:{drive_id}" if drive_id else f"virtio-blk{number}"
+
+
+def net_device_id(number: int, iface_id: str) -> str:
+    return f"virtio-net:{iface_id}" if iface_id else f"virtio-net{number}"
 
 
 def _install_kick_handler() -> None:

@@ -28,8 +28,8 @@ def register_machine(registry: MetricsRegistry, machine: Machine) -> None:
         registry.register(f"vcpu{index}", lambda index=index: _vcpu(machine, index))  # type: ignore[misc]
     for bus in (machine.pio_bus, machine.mmio_bus):
         _register_bus(registry, bus)
-    for slot, transport in enumerate(machine.pci.transports, start=1):
-        name = component_name(machine.pci.root.slot_name(slot))
+    for device_id, transport in machine.pci.by_id.items():  # by id: a restore may use other slots
+        name = component_name(device_id)
         registry.register(name, lambda transport=transport: _virtio(transport))  # type: ignore[misc]
     registry.register("pci", lambda: {"refused_bars": machine.pci.root.refused_bars})
     registry.register(

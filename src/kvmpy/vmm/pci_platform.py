@@ -4,6 +4,10 @@ This is the builder's helper for everything PCI: it places each function's
 BARs in the layout's window, registers the configuration mechanisms, and
 whenever the guest maps a virtio notify area, binds an ioeventfd per queue
 so that a queue kick never reaches Python on the vCPU thread.
+
+Each virtio function has a device id (its name) and a slot; a restore gives
+every id the slot it had (``VmConfig.pci_slots``), so the guest finds each
+device where it left it whatever order the devices were configured in.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from collections.abc import Callable
 from kvmpy.arch.x86 import layout
 from kvmpy.bus import Bus
 from kvmpy.devices.pci.host_bridge import HostBridge
-from kvmpy.devices.pci.root import ConfigMechanism1, Ecam, PciRoot
+from kvmpy.devices.pci.root import MAX_SLOTS, ConfigMechanism1, Ecam, PciRoot
+from kvmpy.errors import ConfigError
 from kvmpy.kvm import MsiRoute, Vm
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.virtio.device import VirtioDevice
@@ -41,13 +46,22 @@ class PciPlatform:
         self.root.add(HostBridge(), slot=0, name="host-bridge")
         self._router = MsiRouter(vm)
         self.transports: list[VirtioPciTransport] = []
+        #: Device id -> its transport, and slot -> its transport.
+        self.by_id: dict[str, VirtioPciTransport] = {}
+        self._by_slot: dict[int, VirtioPciTransport] = {}
         self._senders: list[IrqfdMsiSender] = []
         self._notifiers: dict[int, list[tuple[int, int, EventFd]]] = {}
         self._intx_lock = threading.Lock()
         self._intx_holders: dict[int, int] = {}  # GSI -> functions holding INTx high
 
-    def add_virtio(self, device: VirtioDevice, name: str) -> VirtioPciTransport:
-        slot = len(self.transports) + 1
+    def add_virtio(self, device: VirtioDevice, name: str, slot: int | None = None) -> VirtioPciTransport:
+        """Add ``device`` as ``name`` (its device id) in ``slot``, or in the first free one."""
+        if name in self.by_id:
+            raise ConfigError(f"two PCI devices have the id {name!r}")
+        if slot is None:
+            slot = next(s for s in range(1, MAX_SLOTS) if self.root.slots[s] is None)
+        elif not 1 <= slot < MAX_SLOTS or self.root.slots[slot] is not None:
+            raise ConfigError(f"PCI slot {slot} for {name} is not a free slot (1 to {MAX_SLOTS - 1})")
         window = layout.pci_bar_window(slot)
         sender = IrqfdMsiSender(self._router, len(device.queue_sizes) + 1)
         transport = VirtioPciTransport(
@@ -62,8 +76,20 @@ class PciPlatform:
         )
         self._senders.append(sender)
         self.transports.append(transport)
+        self.by_id[name] = transport
+        self._by_slot[slot] = transport
         self.root.add(transport, slot=slot, name=name)
         return transport
+
+    def slots(self) -> dict[str, int]:
+        """Device id -> slot, for the machine description a snapshot carries."""
+        return {name: self.root.slot_of(transport) for name, transport in self.by_id.items()}
+
+    def place_restored_bars(self) -> None:
+        """Map every function's BARs (and so its notify ioeventfds) where its restored
+        configuration space puts them."""
+        for slot in sorted(self._by_slot):
+            self.root.refresh(slot)
 
     def msi_routes(self) -> list[MsiRoute]:
         """The MSI routes the guest's MSI-X programming has installed in KVM, by GSI."""
@@ -82,7 +108,7 @@ class PciPlatform:
             self._events.remove(eventfd.fd)
             self._vm.register_ioeventfd(eventfd.fd, address, length, pio=False, deassign=True)
             eventfd.close()
-        transport = self.transports[slot - 1]
+        transport = self._by_slot[slot]
         wired = []
         for address, length, queue in areas:
             eventfd = EventFd()

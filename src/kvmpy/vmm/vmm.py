@@ -463,7 +463,9 @@ class Vmm:
             memory = GuestMemory.from_file(str(action.mem_file_path), ranges)
         except (OSError, ValueError) as error:
             raise ConfigError(f"cannot map the memory file {action.mem_file_path}: {error}") from None
-        self.config = config_for_restore(described, self.config.serial, action.track_dirty_pages)
+        self.config = config_for_restore(
+            described, self.config.serial, action.track_dirty_pages, action.network_overrides
+        )
         self._open_console()
         machine = Machine(self.config, serial_sink=self._serial_sink, memory=memory)
         try:

@@ -63,6 +63,13 @@ class Bar:
         return self.kind is BarKind.IO
 
 
+@dataclass(frozen=True, slots=True)
+class PciConfigState:
+    """The whole configuration space; only the bits the guest could write are taken back."""
+
+    data: bytes
+
+
 class PciConfigSpace:
     """Configuration registers of one function, with per-byte write masks."""
 
@@ -158,6 +165,27 @@ class PciConfigSpace:
         if self.on_write is not None:
             self.on_write(offset, size)
 
+    # --- state ------------------------------------------------------------------------
+    def save(self) -> PciConfigState:
+        return PciConfigState(bytes(self._data))
+
+    def restore(self, state: PciConfigState) -> None:
+        """Take the guest-writable bits of ``state``; the read-only ones must be what this
+        function has (the same device, capabilities and BAR sizes), else ValueError.
+
+        BAR placement follows from the restored BAR registers; the caller (the PCI root)
+        maps them again, so no write callback runs here.
+        """
+        if len(state.data) != CONFIG_SIZE:
+            raise ValueError(f"saved PCI configuration space is {len(state.data)} bytes, not {CONFIG_SIZE}")
+        for offset, (saved, mine, mask) in enumerate(zip(state.data, self._data, self._mask, strict=True)):
+            if saved & ~mask != mine & ~mask:
+                raise ValueError(
+                    f"saved PCI configuration space differs from this function's at read-only offset"
+                    f" {offset:#x}"
+                )
+        self._data[:] = state.data
+
     # --- queries ----------------------------------------------------------------------
     def raw(self, offset: int, size: int) -> bytes:
         return bytes(self._data[offset : offset + size])
@@ -195,4 +223,4 @@ class PciConfigSpace:
         return bool(enabled) and self.bar_address(index) != 0 and not sizing
 
 
-__all__ = ["Bar", "BarKind", "PciConfigSpace"]
+__all__ = ["Bar", "BarKind", "PciConfigSpace", "PciConfigState"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from dataclasses import dataclass
 from typing import Protocol
 
 from kvmpy.devices.pci.config_space import PciConfigSpace
@@ -39,6 +40,15 @@ class MsiSender(Protocol):
     def send(self, vector: int, address: int, data: int) -> None: ...
 
     def changed(self, vector: int, address: int, data: int) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MsixState:
+    """The vector table as the guest programmed it, and the pending bits (the control word
+    and function mask live in configuration space, saved with it)."""
+
+    table: bytes
+    pending: tuple[bool, ...]
 
 
 class MsixTable:
@@ -98,6 +108,31 @@ class MsixTable:
                 address, data, _ = self._entry(vector)
                 self._sender.send(vector, address, data)
 
+    # --- state ------------------------------------------------------------------------
+    def save(self) -> MsixState:
+        with self._lock:
+            return MsixState(bytes(self._table), tuple(self._pending))
+
+    def restore(self, state: MsixState) -> None:
+        """Load the table and pending bits, and route every programmed vector again.
+
+        The routes are rebuilt from the restored entries (the sender's ``changed``), never
+        from what this process did before; nothing is delivered here: what is pending goes
+        out when the guest next unmasks, or at :meth:`config_written`.
+        """
+        if len(state.table) != ENTRY_SIZE * self.vectors or len(state.pending) != self.vectors:
+            raise ValueError(
+                f"saved MSI-X state has {len(state.table)} table bytes and {len(state.pending)} pending"
+                f" bits; this function has {self.vectors} vectors"
+            )
+        with self._lock:
+            self._table[:] = state.table
+            self._pending = list(state.pending)
+            for vector in range(self.vectors):
+                address, data, _ = self._entry(vector)
+                if address:
+                    self._sender.changed(vector, address, data)
+
     # --- the BAR ----------------------------------------------------------------------
     def read(self, offset: int, data: memoryview) -> None:
         size = len(data)
@@ -128,4 +163,4 @@ class MsixTable:
             self._deliver_pending()
 
 
-__all__ = ["BAR_SIZE", "CAP_ID_MSIX", "NO_VECTOR", "MsiSender", "MsixTable"]
+__all__ = ["BAR_SIZE", "CAP_ID_MSIX", "NO_VECTOR", "MsiSender", "MsixState", "MsixTable"]

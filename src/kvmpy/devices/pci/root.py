@@ -64,6 +64,14 @@ class PciRoot:
         """The name the function in ``slot`` was added with (its bus ranges carry it too)."""
         return self._names.get(slot, "pci")
 
+    def slot_of(self, function: PciFunction) -> int:
+        return self.slots.index(function)
+
+    def refresh(self, slot: int) -> None:
+        """Place ``slot``'s BARs where its (restored) configuration space says: the wiring
+        comes from the state, whatever this process mapped before."""
+        self._update_bars(slot)
+
     # --- configuration access ----------------------------------------------------------
     def config_read(self, bus: int, slot: int, function: int, offset: int, size: int) -> int:
         target = self._function(bus, slot, function)

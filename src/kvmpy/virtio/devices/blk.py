@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpy.errors import ConfigError
@@ -53,6 +54,17 @@ MAX_REQUEST_BYTES = 1 << 30
 CACHE_TYPES = ("Writeback", "Unsafe")
 
 log = logging.getLogger("kvmpy.virtio")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockState:
+    """What the guest saw of the disk: the image itself is not in a snapshot (the user keeps
+    it), so a restore checks the reopened image still looks the same to the guest."""
+
+    capacity: int
+    read_only: bool
+    device_id: bytes
+    features: int
 
 
 class VirtioBlock:
@@ -138,6 +150,30 @@ class VirtioBlock:
 
     def read_config(self, offset: int, size: int) -> bytes:
         return self._config[offset : offset + size]
+
+    # --- state ----------------------------------------------------------------------------
+    state_type = BlockState
+
+    def save(self) -> BlockState:
+        """Flushed first: the image a snapshot relies on holds every write acknowledged."""
+        with self.guard.lock:
+            if not self.read_only:
+                self._file.flush()
+            return BlockState(self.capacity, self.read_only, self.device_id, self.features)
+
+    def restore(self, state: BlockState) -> None:
+        name = self.device_id.decode(errors="replace")
+        if state.capacity != self.capacity:
+            raise ValueError(
+                f"disk {name} has {self.capacity} sectors; the snapshot's guest saw {state.capacity}"
+                " (restore with the image the snapshot was taken with)"
+            )
+        if (state.read_only, state.device_id, state.features) != (
+            self.read_only,
+            self.device_id,
+            self.features,
+        ):
+            raise ValueError(f"disk {name} is not configured as it was when the snapshot was taken")
 
     def write_config(self, offset: int, data: bytes) -> None:
         pass  # writeback toggling is not offered

@@ -14,6 +14,7 @@ ring marks the device as needing reset instead of killing that thread.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from kvmpy.errors import GuestError
 from kvmpy.memory.guest_memory import GuestMemory
@@ -24,6 +25,12 @@ from kvmpy.virtio.queue import SplitQueue
 RECEIVE, TRANSMIT = 0, 1
 #: Host input held while the guest has no receive buffers posted.
 PENDING_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleState:
+    #: Host input taken but not yet delivered (no receive buffer was posted).
+    pending: bytes
 
 
 class VirtioConsole:
@@ -47,6 +54,19 @@ class VirtioConsole:
 
     def write_config(self, offset: int, data: bytes) -> None:
         pass
+
+    # --- state ----------------------------------------------------------------------------
+    state_type = ConsoleState
+
+    def save(self) -> ConsoleState:
+        with self._lock:
+            return ConsoleState(bytes(self._pending))
+
+    def restore(self, state: ConsoleState) -> None:
+        if len(state.pending) > PENDING_LIMIT:
+            raise ValueError(f"saved console input of {len(state.pending)} bytes is over {PENDING_LIMIT}")
+        with self._lock:
+            self._pending = bytearray(state.pending)
 
     def activate(
         self, mem: GuestMemory, queues: list[SplitQueue], acked_features: int, interrupt: Interrupt

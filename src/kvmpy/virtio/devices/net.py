@@ -14,6 +14,7 @@ import logging
 import os
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from kvmpy.abi import tun
 from kvmpy.errors import ConfigError, GuestError
@@ -54,6 +55,15 @@ def parse_mac(text: str) -> bytes:
     return mac
 
 
+@dataclass(frozen=True, slots=True)
+class NetState:
+    """The configuration the guest read (MAC, link status). Offloads are the acknowledged
+    features, set on the tap again when the transport reactivates the device; no packet is
+    held between the tap and the rings, so nothing else is pending."""
+
+    config: bytes
+
+
 class VirtioNet:
     device_type = TYPE_NET
     queue_sizes: tuple[int, ...] = (256, 256)
@@ -91,6 +101,21 @@ class VirtioNet:
 
     def write_config(self, offset: int, data: bytes) -> None:
         pass
+
+    @property
+    def mac(self) -> bytes:
+        return self._config[:6]
+
+    # --- state ----------------------------------------------------------------------------
+    state_type = NetState
+
+    def save(self) -> NetState:
+        return NetState(self._config)
+
+    def restore(self, state: NetState) -> None:
+        if state.config != self._config:
+            mac = ":".join(f"{byte:02x}" for byte in state.config[:6])
+            raise ValueError(f"saved virtio-net configuration (MAC {mac}) is not this interface's")
 
     def activate(
         self, mem: GuestMemory, queues: list[SplitQueue], acked_features: int, interrupt: Interrupt

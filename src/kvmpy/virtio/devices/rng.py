@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.virtio.device import COMMON_FEATURES, TYPE_RNG, Interrupt
@@ -12,6 +13,11 @@ from kvmpy.virtio.throttle import Throttle
 
 #: Bytes handed out per request at most, so one request cannot make us read megabytes.
 MAX_REQUEST = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RngState:
+    """Nothing of its own: the ring is the transport's, the rate limiter restarts full."""
 
 
 class VirtioRng:
@@ -32,6 +38,14 @@ class VirtioRng:
         return bytes(size)  # no configuration space
 
     def write_config(self, offset: int, data: bytes) -> None:
+        pass
+
+    state_type = RngState
+
+    def save(self) -> RngState:
+        return RngState()
+
+    def restore(self, state: RngState) -> None:
         pass
 
     def activate(
