@@ -162,7 +162,7 @@ def test_kvmpy_snapshot_inspect(snapshot: tuple[Path, str]) -> None:
 def test_restore_continues_where_the_guest_left_off_after_its_own_exit(guests: Path, tmp_path: Path) -> None:
     """A guest that ends after ticks=N ends after the restore too, with its status."""
     console = CapturedConsole()
-    config = VmConfig(kernel=guests / "counter.elf", cmdline="ticks=8 gap=20000000",
+    config = VmConfig(kernel=guests / "counter.elf", cmdline="ticks=60 gap=20000000",
                       serial=SerialConfig(SerialMode.NONE))
     vmm = Vmm(config, serial_sink=console)
     vmm.submit(a.StartInstance())
@@ -179,7 +179,7 @@ def test_restore_continues_where_the_guest_left_off_after_its_own_exit(guests: P
     thread.join(10)
     done = kvmpy("run", "--restore", str(tmp_path), timeout=60)
     assert done.returncode == 0, done.stderr
-    assert ticks(console.text + done.stdout)[-1] == 8
+    assert ticks(console.text + done.stdout)[-1] == 60
 
 
 def test_a_diff_snapshot_holds_the_pages_written_since_the_last_and_merges_onto_it(
