@@ -420,12 +420,6 @@ def test_unknown_paths_and_methods(vmm: FakeVmm, method: str, path: str, body: o
         (
             "PUT",
             "/snapshot/load",
-            {"snapshot_path": "s", "mem_file_path": "m", "clock_realtime": True},
-            "clock_realtime",
-        ),
-        (
-            "PUT",
-            "/snapshot/load",
             {"snapshot_path": "s", "mem_file_path": "m", "huge_pages": "2M"},
             "huge_pages",
         ),

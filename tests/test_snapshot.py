@@ -249,3 +249,24 @@ def test_a_diff_snapshot_needs_dirty_tracking(guests: Path, tmp_path: Path) -> N
     thread.start()
     vmm.run()
     thread.join(10)
+
+
+def test_clock_realtime_moves_kvmclock_on_by_the_time_spent_in_the_snapshot(
+    snapshot: tuple[Path, str],
+) -> None:
+    """Firecracker's clock_realtime: the guest's kvmclock, read right after the load, is later by
+    about the time since the snapshot was taken; without it, kvmclock goes on from where it was."""
+    import os
+
+    directory = snapshot[0]
+    taken = os.stat(directory / "state").st_mtime
+    clocks = {}
+    for realtime in (False, True):
+        vmm = Vmm(VmConfig(serial=SerialConfig(SerialMode.NONE)), serial_sink=CapturedConsole())
+        vmm.submit(a.LoadSnapshot(directory / "state", directory / "memory", clock_realtime=realtime))
+        assert vmm.machine is not None
+        clocks[realtime] = vmm.machine.vm.get_clock().clock
+        vmm.submit(a.Stop())
+        vmm.run()
+    elapsed_ns = (time.time() - taken) * 1e9
+    assert clocks[True] - clocks[False] > 0.5 * elapsed_ns

@@ -306,10 +306,6 @@ def snapshot_load(body: schemas.SnapshotLoadParams) -> LoadSnapshot:
     memory = _memory_file(body)
     if body.vsock_override is not None:
         raise not_supported("vsock_override: kvmpy has no virtio-vsock device yet.")
-    if body.clock_realtime:
-        raise not_supported(
-            "clock_realtime: kvmpy restores kvmclock where it was when the snapshot was taken."
-        )
     if body.huge_pages in ("Transparent", "2M"):
         raise not_supported(
             f'huge_pages "{body.huge_pages}" on restore: kvmpy maps the memory file with 4 KiB pages.'
@@ -320,6 +316,7 @@ def snapshot_load(body: schemas.SnapshotLoadParams) -> LoadSnapshot:
         resume_vm=body.resume_vm,
         track_dirty_pages=body.track_dirty_pages or body.enable_diff_snapshots,
         network_overrides=tuple((o.iface_id, o.host_dev_name) for o in body.network_overrides),
+        clock_realtime=body.clock_realtime,
     )
 
 

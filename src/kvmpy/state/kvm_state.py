@@ -129,8 +129,12 @@ def save_vm(vm: Vm) -> VmState:
     )
 
 
-def restore_vm(vm: Vm, state: VmState) -> None:
-    """The in-kernel devices and kvmclock; the chip ids inside the saved chips are checked."""
+def restore_vm(vm: Vm, state: VmState, clock_realtime: bool = False) -> None:
+    """The in-kernel devices and kvmclock; the chip ids inside the saved chips are checked.
+
+    ``clock_realtime``: KVM moves kvmclock on by the host's realtime elapsed since the save
+    (the saved clock carries the host's realtime then), so the guest's wall clock is current.
+    """
     chips = (
         ("PIC master", state.pic_master, abi.KVM_IRQCHIP_PIC_MASTER),
         ("PIC slave", state.pic_slave, abi.KVM_IRQCHIP_PIC_SLAVE),
@@ -144,7 +148,10 @@ def restore_vm(vm: Vm, state: VmState) -> None:
     pit = _struct(abi.kvm_pit_state2, _check_size("VM", "PIT", state.pit, abi.kvm_pit_state2))
     _apply("VM", "PIT", lambda: vm.set_pit2(pit))
     clock = _struct(abi.kvm_clock_data, _check_size("VM", "kvmclock", state.clock, abi.kvm_clock_data))
-    clock.flags = 0  # only the clock value: realtime and host TSC are this host's to decide
+    if clock_realtime and not clock.flags & abi.KVM_CLOCK_REALTIME:
+        raise StateError("the snapshot's kvmclock has no realtime stamp (its host's KVM gave none)")
+    # The clock value, and the realtime stamp if asked for; the host TSC is this host's to decide.
+    clock.flags = abi.KVM_CLOCK_REALTIME if clock_realtime else 0
     _apply("VM", "kvmclock", lambda: vm.set_clock(clock))
 
 

@@ -345,13 +345,13 @@ def config_for_restore(
     )
 
 
-def restore_machine(machine: Machine, sections: dict[str, Section]) -> None:
+def restore_machine(machine: Machine, sections: dict[str, Section], clock_realtime: bool = False) -> None:
     """Load every saved device, the VM and each vCPU into a freshly built ``machine``."""
     for name, (device, kind) in _legacy_devices(machine).items():
         state: Any = section(sections, f"device:{name}", kind, (DEVICE_VERSION,))
         _restore_device(name, device.restore, state)
     _restore_virtio(machine, sections)
-    restore_vm(machine.vm, section(sections, "vm", VmState, (KVM_VERSION,)))
+    restore_vm(machine.vm, section(sections, "vm", VmState, (KVM_VERSION,)), clock_realtime)
     vcpus = section(sections, "vcpus", tuple[VcpuState, ...], (KVM_VERSION,))
     if len(vcpus) != len(machine.vcpus) or [v.id for v in vcpus] != [v.id for v in machine.vcpus]:
         raise StateError(f"the snapshot has {len(vcpus)} vCPU states for {len(machine.vcpus)} vCPUs")

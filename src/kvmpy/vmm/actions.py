@@ -146,6 +146,9 @@ class LoadSnapshot(msgspec.Struct, frozen=True):
     track_dirty_pages: bool = False
     #: (iface_id, tap): a restored interface on another tap (Firecracker's network_overrides).
     network_overrides: tuple[tuple[str, str], ...] = ()
+    #: Advance the guest's clock by the time the VM spent in the snapshot (KVM_CLOCK_REALTIME),
+    #: as Firecracker's clock_realtime; otherwise kvmclock goes on from where it was.
+    clock_realtime: bool = False
 
 
 class Migrate(msgspec.Struct, frozen=True):

@@ -469,7 +469,7 @@ class Vmm:
         self._open_console()
         machine = Machine(self.config, serial_sink=self._serial_sink, memory=memory)
         try:
-            restore_machine(machine, sections)
+            restore_machine(machine, sections, action.clock_realtime)
             machine.on_stop = lambda reason: self._queue.put(_MachineStopped(reason, machine))
             machine.start(paused=True)
         except BaseException:
