@@ -37,6 +37,13 @@ def _image_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_distro(args: argparse.Namespace) -> int:
+    from kvmpy.lab.distro import distro_image
+
+    print(distro_image(release=args.release, mirror=args.mirror))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     lab = subparsers.add_parser("lab", help="the nested lab: a machine with AMD SVM under QEMU TCG")
     lab_commands = lab.add_subparsers(dest="lab_action", required=True)
@@ -55,6 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     build.add_argument("--kernel-package", default="linux-image-amd64")
     build.add_argument("--modules", default=None, help="comma-separated kernel modules for the initramfs")
     build.set_defaults(handler=_image_build)
+    distro = image_commands.add_parser("distro", help="build a Debian root file system image (needs root)")
+    distro.add_argument("--release", default="bookworm")
+    distro.add_argument("--mirror", default="http://deb.debian.org/debian")
+    distro.set_defaults(handler=_image_distro)
 
 
 __all__ = ["register"]

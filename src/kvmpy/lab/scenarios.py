@@ -75,6 +75,9 @@ class Scenario:
     #: "api": kvmpy starts with only ``args`` (which name ``--api-sock``) and the API driver
     #: (kvmpy.lab.api_driver) configures, starts and operates the VM; its facts land in notes.
     driver: str = ""
+    #: How many of the console's last lines the result keeps (a distribution's shutdown alone
+    #: prints dozens after the command's own output).
+    output_lines: int = 40
 
 
 API_FACTS_PREFIX = "api-facts "
@@ -280,7 +283,7 @@ def _run_vm(scenario: Scenario, raw_profile: Path | None = None) -> ScenarioResu
         readies=readies,
         ready_seconds=ready_at,
         wall_seconds=time.monotonic() - started,
-        output="\n".join(text.splitlines()[-40:]),
+        output="\n".join(text.splitlines()[-scenario.output_lines :]),
         stderr="\n".join(stderr.splitlines()[-60:]),
         notes=driver_facts,
     )

@@ -1,0 +1,178 @@
+"""A Debian root file system for the lab's second level: systemd, udev, a real userspace.
+
+The busybox initramfs the other scenarios boot runs one shell command as PID 1; a
+distribution does far more to its devices at boot (udev, systemd's parallel start-up,
+journald writing to the root disk) and that is where a virtio defect showed that busybox
+never hit (issue 13). This module builds that distribution with debootstrap (minbase
+plus what a scenario needs), adds one systemd unit that runs the scenario's command
+from the kernel command line once the multi-user target is reached, and packs the tree
+into an ext4 image file (``mkfs.ext4 -d``: no loop mount). The image is cached under a
+digest of its inputs, like the lab's other assets.
+
+The guest boots it through the busybox initramfs: ``kvmpy.root=/dev/vda`` on the
+kernel command line makes that init load the modules, mount the disk and
+``switch_root`` into systemd (see ``kvmpy.lab.image``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from kvmpy.lab import LabError
+from kvmpy.lab.debian import cache_dir
+from kvmpy.lab.image import READY_MARKER
+
+DEFAULT_RELEASE = "bookworm"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+#: On top of debootstrap's minbase: an init system and device manager, and the tools the
+#: network scenarios use (ping, ip, nc). Nothing else: every package is boot time in the lab.
+PACKAGES = ("systemd", "systemd-sysv", "udev", "iproute2", "iputils-ping", "netcat-openbsd")
+#: What a scenario needs on the kernel command line to boot this image as its root disk
+#: (``net.ifnames=0`` keeps the interface named eth0 instead of udev's enp0sN).
+ROOT_ARGS = "kvmpy.root=/dev/vda net.ifnames=0"
+#: Free space left in the image beyond the tree: the journal and a scenario's own files.
+FREE_SPACE_MIB = 256
+#: 4 KiB blocks as a distribution installer makes them (mke2fs would pick 1 KiB for an image
+#: this small).
+MKFS_OPTIONS = ("-b", "4096", "-L", "kvmpy-root")
+#: Directories a booted test system never reads; dropped to keep the image (and the copy the
+#: lab makes of it for every boot) small.
+TRIMMED = (
+    "var/cache/apt/archives",
+    "var/lib/apt/lists",
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/locale",
+)
+
+COMMAND_RUNNER = f"""#!/bin/sh
+# kvmpy: run the scenario's command (kvmpy.cmd=BASE64 on the kernel command line) once
+# systemd has reached multi-user.target, then power off cleanly. Without one, a shell.
+cmd=""
+for word in $(cat /proc/cmdline); do
+    case "$word" in kvmpy.cmd=*) cmd="${{word#kvmpy.cmd=}}" ;; esac
+done
+echo "{READY_MARKER}"
+if [ -n "$cmd" ]; then
+    sh -c "$(echo "$cmd" | base64 -d)"
+    echo "kvmpy-init: command exited $?"
+else
+    sh -i
+fi
+exec systemctl poweroff
+"""
+
+COMMAND_UNIT = """[Unit]
+Description=kvmpy scenario command (kvmpy.cmd= on the kernel command line)
+# Wanted by multi-user.target and ordered after it: it starts once the system is up.
+After=multi-user.target
+
+[Service]
+# idle: starts when the boot's other jobs are dispatched, so its lines are not interleaved
+# with systemd's status output on the console.
+Type=idle
+ExecStart=/usr/local/sbin/kvmpy-command
+StandardInput=tty
+StandardOutput=tty
+StandardError=tty
+TTYPath=/dev/console
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+#: Files written into the tree: path, content, mode.
+FILES: tuple[tuple[str, str, int], ...] = (
+    ("usr/local/sbin/kvmpy-command", COMMAND_RUNNER, 0o755),
+    ("etc/systemd/system/kvmpy-command.service", COMMAND_UNIT, 0o644),
+    ("etc/hostname", "kvmpy-guest\n", 0o644),
+    ("etc/fstab", "/dev/vda / ext4 defaults 0 0\n", 0o644),
+)
+#: Symbolic links: path, target. The unit is enabled; the gettys are masked because the
+#: console carries the command's output, which the lab reads line by line.
+LINKS: tuple[tuple[str, str], ...] = (
+    ("etc/systemd/system/multi-user.target.wants/kvmpy-command.service", "../kvmpy-command.service"),
+    ("etc/systemd/system/getty@.service", "/dev/null"),
+    ("etc/systemd/system/serial-getty@.service", "/dev/null"),
+)
+
+
+def image_key(release: str = DEFAULT_RELEASE) -> str:
+    """A digest of everything that goes into the image (the mirror does not: same packages)."""
+    parts = [release, *PACKAGES, *TRIMMED, *MKFS_OPTIONS, str(FREE_SPACE_MIB)]
+    parts += [f"{path}:{mode:o}:{content}" for path, content, mode in FILES]
+    parts += [f"{path}->{target}" for path, target in LINKS]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def distro_image(release: str = DEFAULT_RELEASE, mirror: str = DEFAULT_MIRROR) -> Path:
+    """The ext4 image of Debian ``release`` for the lab, built on first use and cached."""
+    image = cache_dir() / "distro" / f"debian-{release}-{image_key(release)}.ext4"
+    if image.exists():
+        return image
+    _check_tools()
+    image.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="build-", dir=image.parent) as work:
+        root = Path(work) / "root"
+        debootstrap(release, mirror, root)
+        configure(root)
+        partial = Path(work) / "image.ext4"
+        make_ext4(root, partial)
+        partial.rename(image)
+    return image
+
+
+def _check_tools() -> None:
+    if shutil.which("debootstrap") is None:
+        raise LabError("building the Debian image: debootstrap is not installed (run scripts/setup)")
+    if os.geteuid() != 0:
+        raise LabError("building the Debian image: debootstrap needs root (run as root or with sudo)")
+
+
+def debootstrap(release: str, mirror: str, root: Path) -> None:
+    """A minbase ``release`` with :data:`PACKAGES` in ``root``; one line naming the cause on failure."""
+    packages = ",".join(PACKAGES)
+    command = ["debootstrap", "--variant=minbase", f"--include={packages}", release, str(root), mirror]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = (done.stderr + done.stdout).strip().splitlines()
+        errors = [line for line in lines if line.startswith("E:")]
+        reason = (errors or lines or [f"exit {done.returncode}"])[-1]
+        raise LabError(f"debootstrap {release} from {mirror} failed: {reason}")
+
+
+def configure(root: Path) -> None:
+    """The kvmpy command unit, host name and fstab; trimmed of what a test boot never reads."""
+    for relative, content, mode in FILES:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+        path.chmod(mode)
+    for relative, target in LINKS:
+        link = root / relative
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+    for relative in TRIMMED:
+        shutil.rmtree(root / relative, ignore_errors=True)
+        (root / relative).mkdir(parents=True)
+
+
+def make_ext4(root: Path, image: Path) -> None:
+    """An ext4 file system holding ``root``, sized to it plus :data:`FREE_SPACE_MIB` (sparse)."""
+    used = subprocess.run(["du", "-s", "-B1M", str(root)], capture_output=True, text=True, check=True)
+    size_mib = int(used.stdout.split()[0]) * 5 // 4 + FREE_SPACE_MIB  # a quarter more for metadata
+    command = ["mkfs.ext4", "-q", "-F", *MKFS_OPTIONS, "-d", str(root), str(image), f"{size_mib}M"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit {done.returncode}"]
+        raise LabError(f"making the Debian image's ext4 file system failed: {lines[-1]}")
+
+
+__all__ = ["DEFAULT_MIRROR", "DEFAULT_RELEASE", "PACKAGES", "ROOT_ARGS", "distro_image", "image_key"]
