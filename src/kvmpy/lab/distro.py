@@ -65,7 +65,8 @@ if [ -n "$cmd" ]; then
 else
     sh -i
 fi
-exec systemctl poweroff
+# What "systemctl poweroff" asks of systemd, without first asking logind (no D-Bus here).
+exec systemctl start --no-block --job-mode=replace-irreversibly poweroff.target
 """
 
 COMMAND_UNIT = """[Unit]
@@ -95,11 +96,13 @@ FILES: tuple[tuple[str, str, int], ...] = (
     ("etc/fstab", "/dev/vda / ext4 defaults 0 0\n", 0o644),
 )
 #: Symbolic links: path, target. The unit is enabled; the gettys are masked because the
-#: console carries the command's output, which the lab reads line by line.
+#: console carries the command's output, which the lab reads line by line (getty-static
+#: starts gettys on tty2-6 where there is no D-Bus, and fails once they are masked).
 LINKS: tuple[tuple[str, str], ...] = (
     ("etc/systemd/system/multi-user.target.wants/kvmpy-command.service", "../kvmpy-command.service"),
     ("etc/systemd/system/getty@.service", "/dev/null"),
     ("etc/systemd/system/serial-getty@.service", "/dev/null"),
+    ("etc/systemd/system/getty-static.service", "/dev/null"),
 )
 
 

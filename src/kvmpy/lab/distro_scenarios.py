@@ -28,9 +28,10 @@ from kvmpy.lab.scenarios import Scenario, ScenarioResult
 TAP, MAC = "kvmtap0", "52:54:00:ab:cd:ef"
 HOST_ADDRESS, GUEST_ADDRESS, SINK_PORT = "10.0.2.1", "10.0.2.15", 5000
 MIB = 1 << 20
-#: Rounds of TCP sends: (file name, bytes, the vCPU nc runs on); a round's streams run at
-#: once. 2 MiB is the send that broke (issue 13); the last round has both vCPUs sending.
-STREAMS: tuple[tuple[tuple[str, int, int], ...], ...] = (
+#: Rounds of TCP sends: (file name, bytes, the vCPU nc runs on); a round's streams run at once.
+Streams = tuple[tuple[tuple[str, int, int], ...], ...]
+#: 2 MiB is the send that broke (issue 13); the last round has both vCPUs sending.
+STREAMS: Streams = (
     (("a", 2 * MIB, 0),),
     (("b", 16 * MIB, 1),),
     (("c", 16 * MIB, 0), ("d", 16 * MIB, 1)),
@@ -40,20 +41,26 @@ NC_IDLE_SECONDS = 30
 #: The virtio-blk check: a file written with fsync, read back cold, and read by the lab.
 BLK_FILE, BLK_MIB = "/var/tmp/kvmpy-blk-check", 16
 #: Boot, sends and shutdown under kvmpy in the lab, with room to spare (docs/lab.md).
-TIMEOUT_SECONDS = 480.0
+TIMEOUT_SECONDS = 600.0
 
 
-def _sends() -> list[str]:
+def _sends(streams: Streams, ping_flood: int) -> list[str]:
     lines = []
-    for round_ in STREAMS:
+    for position, round_ in enumerate(streams):
         for name, size, _cpu in round_:
             lines.append(f"blob {size} {name}")
-        lines.append(" ".join(f"send {cpu} {name} &" for name, _size, cpu in round_) + " wait")
+        sends = " ".join(f"send {cpu} {name} &" for name, _size, cpu in round_)
+        if ping_flood and position == len(streams) - 1:  # small packets both ways beside the bulk
+            sends = f"ping -q -f -c {ping_flood} {HOST_ADDRESS} | tail -2 & {sends}"
+        lines.append(f"{sends} wait")
     return lines
 
 
-def guest_command() -> str:
-    """The shell command the Debian guest runs once systemd has booted."""
+def guest_command(streams: Streams = STREAMS, ping_flood: int = 0) -> str:
+    """The shell command the Debian guest runs once systemd has booted.
+
+    ``ping_flood``: that many flood pings (``ping -f``) run beside the last round's sends.
+    """
     lines = [
         "echo SYSTEMD=$(timeout 180 systemctl is-system-running --wait)",
         "echo FAILED-UNITS: $(systemctl list-units --failed --plain --no-legend | cut -d' ' -f1)",
@@ -64,7 +71,7 @@ def guest_command() -> str:
         "echo GUEST-MD5 $(md5sum < /var/tmp/$2 | cut -c1-32) $1; }",
         f"send() {{ taskset -c $1 nc -N -w {NC_IDLE_SECONDS} {HOST_ADDRESS} {SINK_PORT} < /var/tmp/$2; "
         "echo NC-EXIT $2 $?; }",
-        *_sends(),
+        *_sends(streams, ping_flood),
         f"dd if=/dev/urandom of={BLK_FILE} bs=1M count={BLK_MIB} conv=fsync status=none",
         f"echo BLK-WRITTEN $(md5sum < {BLK_FILE} | cut -c1-32)",
         "sync && echo 3 > /proc/sys/vm/drop_caches",
@@ -108,13 +115,21 @@ def _vmm_args(vmm: str) -> tuple[str, ...]:
     return ("--disk", "{tmp}/root.img", "--net", f"tap={TAP},mac={MAC}")
 
 
-def distro_scenario(name: str, vmm: str, kernel: str, initrd: str, image: Path) -> Scenario:
+def distro_scenario(
+    name: str,
+    vmm: str,
+    kernel: str,
+    initrd: str,
+    image: Path,
+    streams: Streams = STREAMS,
+    ping_flood: int = 0,
+) -> Scenario:
     """Debian on its root disk under ``vmm`` ("kvmpy" or "qemu"), 2 vCPUs, the checks above."""
     return Scenario(
         name,
         kernel,
         initrd,
-        guest_command(),
+        guest_command(streams, ping_flood),
         vmm=vmm,
         cpus=2,
         memory="1024M",
