@@ -8,15 +8,13 @@ missing.
 from __future__ import annotations
 
 import io
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from kvmpy.testing.process import kvmpy, start_kvmpy
 from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
 from kvmpy.vmm.runner import run_vm
 from kvmpy.vmm.stop import StopKind
@@ -24,31 +22,6 @@ from kvmpy.vmm.stop import StopKind
 pytestmark = pytest.mark.kvm
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def kvmpy(*args: str, timeout: float = 60, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    return subprocess.run(
-        [sys.executable, "-m", "kvmpy", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        **kwargs,  # type: ignore[arg-type]
-    )
-
-
-def start_kvmpy(*args: str) -> subprocess.Popen[str]:
-    """``kvmpy ARGS`` in the background, its output in pipes."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "kvmpy", *args],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
-    )
 
 
 def boot(guest: Path, cmdline: str = "", **options: object):  # type: ignore[no-untyped-def]

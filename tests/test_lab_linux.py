@@ -68,6 +68,17 @@ NET_COMMAND = (
 )
 
 
+#: The API scenario's guest: the banner's address for the monitor, a tick a second across a
+#: 30 s pause, the kernel's complaints after it, then Ctrl-Alt-Del (which the init turns into
+#: a poweroff).
+API_COMMAND = (
+    "echo BANNER_GVA=$(grep ' linux_banner$' /proc/kallsyms | cut -d' ' -f1); "
+    "i=0; while [ $i -lt 50 ]; do i=$((i+1)); echo tick $i; sleep 1; done; "
+    "echo LOCKUPS=$(dmesg | grep -c -i 'soft lockup') "
+    "CLOCK=$(dmesg | grep -c -i -E 'clocksource.*(unstable|skew)|hung task|rcu.*stall'); "
+    "dmesg | grep -i -E 'lockup|clocksource|stall' | tail -5; "
+    "echo WAITING-FOR-CTRL-ALT-DEL; sleep 600"
+)
 #: Debian 12 with systemd on a virtio-blk root, 2 vCPUs, virtio-net on a tap: scenario, VMM.
 DISTRO_SCENARIOS = {"debian_kvmpy": "kvmpy", "debian_qemu": "qemu"}
 
@@ -167,6 +178,16 @@ def _scenarios(disk: Path) -> list[Scenario]:
             INTX_COMMAND,
             args=("--disk", f"{disk},readonly=on"),
             kernel_args="console=ttyS0 pci=nomsi",
+        ),
+        Scenario(
+            "api",
+            kernel,
+            initrd,
+            API_COMMAND,
+            cpus=2,
+            args=("--api-sock", "{tmp}/api.sock", "--id", "lab-api"),
+            driver="api",
+            timeout=420.0,
         ),
         Scenario(
             "hvc0_shell",
@@ -425,3 +446,43 @@ def test_a_silent_lab_counts_as_hung() -> None:
     with pytest.raises(LabStalledError, match="printed nothing for 40 s"):
         run_in_lab(["sleep", "600"], cwd=ROOT, output=io.BytesIO(), timeout=300, stall_seconds=40)
     assert time.monotonic() - started < 120
+
+
+def _api_facts(result: ScenarioResult) -> dict[str, object]:
+    from kvmpy.lab.scenarios import API_FACTS_PREFIX
+
+    facts = [note for note in result.notes if note.startswith(API_FACTS_PREFIX)]
+    assert facts, result.output + result.stderr + "\n".join(result.notes)
+    found: dict[str, object] = json.loads(facts[-1][len(API_FACTS_PREFIX) :])
+    print(json.dumps(found, indent=1)[:4000])
+    return found
+
+
+def test_linux_through_the_api_pause_monitor_and_ctrl_alt_del(lab_results: dict[str, ScenarioResult]) -> None:
+    """Debian's kernel configured and started through the API alone; the monitor finds the
+    kernel's version banner through the guest's page tables; a 30 s pause leaves no soft
+    lockup or clocksource warning; Ctrl-Alt-Del ends the guest as its init says."""
+    result = _result(lab_results, "api")
+    facts = _api_facts(result)
+    detail = json.dumps(facts)[:3000] + result.output + result.stderr
+    assert "error" not in facts, detail
+    assert facts["state_before"] == "Not started" and facts["state_running"] == "Running", detail
+    assert facts["machine_config"] == facts["boot_source"] == facts["start"] == 204, detail
+    translate = facts["translate"]
+    assert isinstance(translate, dict) and translate["agrees_with_kvm"], detail
+    assert translate["host_frame"]["present"], detail  # GVA -> GPA -> HVA -> HPA
+    banner = bytes.fromhex(facts["banner_bytes"]["data"])  # type: ignore[index]
+    assert banner.startswith(b"Linux version "), banner
+    regs = facts["regs"]
+    assert isinstance(regs, dict) and regs["general"]["rip"] >= 0xFFFF_FFFF_8000_0000, detail  # kernel text
+    first, second = facts["stats"]  # type: ignore[misc]
+    assert second["total_exits"] > first["total_exits"], detail
+    assert facts["pause"] == facts["resume"] == 204, detail
+    assert facts["state_paused"] == "Paused" and facts["state_resumed"] == "Running", detail
+    assert facts["console_grew_while_paused"] == 0, detail
+    ticks = facts["ticks_after_resume"]
+    assert ticks == list(range(1, len(ticks) + 1)), detail  # type: ignore[arg-type]
+    assert facts["warnings"] == ["0", "0"], detail
+    assert facts["ctrl_alt_del"] == 204, detail
+    assert "kvmpy-init: ctrl-alt-del" in result.output, detail
+    assert result.status == 0, detail

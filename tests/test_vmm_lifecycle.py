@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy.errors import ConfigError
+from kvmpy.testing.process import start_kvmpy
 from kvmpy.vmm import actions as a
 from kvmpy.vmm.actions import ActionError, VmState
 from kvmpy.vmm.config import NetConfig, SerialConfig, SerialMode, VmConfig
@@ -197,8 +198,9 @@ def test_stop_while_paused_ends_the_vm(running: tuple[Vmm, _Console, list[object
 
     result = _drive(vmm, body)
     assert result.reason.kind is StopKind.STOPPED  # type: ignore[attr-defined]
+    assert vmm.submit(a.GetInstanceInfo()).state is VmState.STOPPED  # type: ignore[attr-defined]
     with pytest.raises(ActionError, match="stopped"):
-        vmm.submit(a.GetInstanceInfo())
+        vmm.submit(a.Pause())
 
 
 def test_guest_that_ends_stops_the_vmm(guests: Path) -> None:
@@ -229,3 +231,14 @@ def test_failed_start_leaves_no_descriptors_and_a_fixed_config_starts(guests: Pa
     vmm.submit(a.StartInstance())
     assert vmm.run().reason.status == 0
     assert console.ticks() == [1]
+
+
+def test_sigterm_stops_the_vm_cleanly(guests: Path) -> None:
+    process = start_kvmpy("run", "--kernel", str(guests / "counter.elf"), "--cmdline", "gap=20000000")
+    assert process.stdout is not None
+    assert process.stdout.readline().startswith("banner at")
+    process.terminate()
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode == 143, stderr
+    assert "terminated (SIGTERM)" in stderr
+    assert "Traceback" not in stderr

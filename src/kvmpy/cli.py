@@ -81,8 +81,10 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     )
     run.add_argument("--api-sock", type=Path, help="serve the Firecracker-compatible API on this Unix socket")
     run.add_argument("--id", default="anonymous-instance", help="the VM's id (GET / reports it)")
+    run.add_argument("--config-file", type=Path, help="configure the VM from Firecracker's JSON, then start")
+    run.add_argument("--restore", type=Path, metavar="DIR", help="continue the VM snapshotted in DIR")
     run.add_argument(
-        "--config-file", type=Path, help="configure the VM from Firecracker's JSON, then start"
+        "--incoming", metavar="ADDRESS", help="become a VM migrated to tcp:HOST:PORT or unix:PATH"
     )
     run.add_argument("--no-api", action="store_true", help="no API socket (needs --config-file)")
     run.set_defaults(handler=_run_command)
@@ -90,7 +92,8 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
 
 def _config_from_args(args: argparse.Namespace) -> VmConfig:
     kernel = args.kernel
-    if kernel is None and args.api_sock is None and args.config_file is None:
+    given_vm = args.api_sock or args.config_file or args.restore or args.incoming
+    if kernel is None and not given_vm:
         kernel = _default_kernel(args)
     return VmConfig(
         kernel=kernel,
@@ -127,7 +130,10 @@ def _run_command(args: argparse.Namespace) -> int:
         raise ConfigError("--no-api and --api-sock exclude each other")
     if args.no_api and args.config_file is None:
         raise ConfigError("--no-api needs --config-file: without the API nothing could configure the VM")
-    if args.api_sock is None:
+    takes_whole_vm = args.restore is not None or args.incoming is not None
+    if takes_whole_vm and (args.kernel or args.config_file or (args.restore and args.incoming)):
+        raise ConfigError("--restore and --incoming take the whole VM: no --kernel or --config-file")
+    if args.api_sock is None and not takes_whole_vm:
         from kvmpy.vmm.runner import run_vm
 
         if args.config_file is None:
@@ -157,7 +163,15 @@ def _run_vmm(args: argparse.Namespace) -> RunResult:
 
             for action in load_config_file(args.config_file):
                 vmm.submit(action)
-        if args.config_file is not None or args.kernel is not None:
+        if args.restore is not None:
+            from kvmpy.vmm.actions import LoadSnapshot
+
+            vmm.submit(LoadSnapshot(args.restore / "state", args.restore / "memory", resume_vm=True))
+        elif args.incoming is not None:
+            from kvmpy.vmm.actions import IncomingMigration
+
+            vmm.submit(IncomingMigration(args.incoming))
+        elif args.config_file is not None or args.kernel is not None:
             vmm.submit(StartInstance())
         with terminal_mode(stdin_fd):
             return vmm.run()
@@ -228,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(subparsers)
     _add_demo_parser(subparsers)
-    for optional in ("kvmpy.lab.command", "kvmpy.bench.command"):
+    for optional in ("kvmpy.lab.command", "kvmpy.bench.command", "kvmpy.state.command", "kvmpy.ctl"):
         try:
             module = importlib.import_module(optional)
         except ImportError:

@@ -199,6 +199,15 @@ class Vcpu:
     def set_lapic(self, lapic: abi.kvm_lapic_state) -> None:
         ioctl(self.fd, abi.KVM_SET_LAPIC, lapic, name="KVM_SET_LAPIC")
 
+    def translate(self, gva: int) -> abi.kvm_translation:
+        """KVM's own walk of ``gva`` through the vCPU's current page tables (KVM_TRANSLATE).
+
+        ``valid`` says whether a translation exists; ``physical_address`` is the GPA.
+        """
+        translation = abi.kvm_translation(linear_address=gva)
+        ioctl(self.fd, abi.KVM_TRANSLATE, translation, name="KVM_TRANSLATE")
+        return translation
+
     def get_mp_state(self) -> int:
         state = abi.kvm_mp_state()
         ioctl(self.fd, abi.KVM_GET_MP_STATE, state, name="KVM_GET_MP_STATE")
@@ -231,6 +240,40 @@ class Vcpu:
 
     def set_xcrs(self, xcrs: abi.kvm_xcrs) -> None:
         ioctl(self.fd, abi.KVM_SET_XCRS, xcrs, name="KVM_SET_XCRS")
+
+    def get_debugregs(self) -> abi.kvm_debugregs:
+        debugregs = abi.kvm_debugregs()
+        ioctl(self.fd, abi.KVM_GET_DEBUGREGS, debugregs, name="KVM_GET_DEBUGREGS")
+        return debugregs
+
+    def set_debugregs(self, debugregs: abi.kvm_debugregs) -> None:
+        ioctl(self.fd, abi.KVM_SET_DEBUGREGS, debugregs, name="KVM_SET_DEBUGREGS")
+
+    def get_tsc_khz(self) -> int:
+        """The guest's TSC frequency in kHz (what its TSC ticks at, wherever it runs)."""
+        return ioctl(self.fd, abi.KVM_GET_TSC_KHZ, 0, name="KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        ioctl(self.fd, abi.KVM_SET_TSC_KHZ, khz, name="KVM_SET_TSC_KHZ")
+
+    def get_cpuid(self, max_entries: int = 256) -> list[abi.kvm_cpuid_entry2]:
+        """The CPUID this vCPU presents (what KVM_SET_CPUID2 gave it)."""
+        cpuid = abi.make_cpuid2(max_entries)
+        cpuid.nent = max_entries
+        ioctl(self.fd, abi.KVM_GET_CPUID2, cpuid, name="KVM_GET_CPUID2")
+        return [abi.kvm_cpuid_entry2.from_buffer_copy(cpuid.entries[i]) for i in range(cpuid.nent)]
+
+    def get_all_msrs(self, indices: Sequence[int]) -> dict[int, int]:
+        """Every MSR of ``indices`` KVM can read; KVM_GET_MSRS stops at the first it cannot,
+        so the rest are asked again past it (those it refuses are left out)."""
+        values: dict[int, int] = {}
+        position = 0
+        while position < len(indices):
+            chunk = indices[position:]
+            got = self.get_msrs(chunk)
+            values.update(got)
+            position += len(got) + 1  # skip the one KVM refused
+        return values
 
 
 __all__ = ["Vcpu"]

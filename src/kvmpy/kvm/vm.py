@@ -26,6 +26,18 @@ class MsiRoute:
 
 
 @dataclass(frozen=True, slots=True)
+class MemorySlot:
+    """A memory slot as it was given to KVM (KVM has no ioctl that reads them back)."""
+
+    slot: int
+    guest_phys_addr: int
+    size: int
+    host_address: int
+    #: KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY.
+    flags: int
+
+
+@dataclass(frozen=True, slots=True)
 class IrqchipRoute:
     """A GSI routed to a pin of the in-kernel PIC or IOAPIC."""
 
@@ -41,6 +53,8 @@ class Vm:
         self.fd = fd
         self.system = system
         self._vcpu_mmap_size = system.vcpu_mmap_size()
+        #: Every memory slot currently registered, by slot number.
+        self.memory_slots: dict[int, MemorySlot] = {}
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -63,6 +77,10 @@ class Vm:
             userspace_addr=host_address,
         )
         ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region, name="KVM_SET_USER_MEMORY_REGION")
+        if size == 0:  # a slot of size 0 deletes it
+            self.memory_slots.pop(slot, None)
+        else:
+            self.memory_slots[slot] = MemorySlot(slot, guest_phys_addr, size, host_address, flags)
 
     def get_dirty_log(self, slot: int, pages: int) -> bytes:
         """The dirty-page bitmap of ``slot`` since the last call (needs KVM_MEM_LOG_DIRTY_PAGES)."""
@@ -88,6 +106,33 @@ class Vm:
         """In-kernel i8254 PIT; the speaker port (0x61) stays with userspace."""
         config = abi.kvm_pit_config(flags=abi.KVM_PIT_SPEAKER_DUMMY)
         ioctl(self.fd, abi.KVM_CREATE_PIT2, config, name="KVM_CREATE_PIT2")
+
+    def get_irqchip(self, chip_id: int) -> abi.kvm_irqchip:
+        """The state of one in-kernel interrupt controller (KVM_GET_IRQCHIP): chip_id is
+        KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE or KVM_IRQCHIP_IOAPIC."""
+        chip = abi.kvm_irqchip(chip_id=chip_id)
+        ioctl(self.fd, abi.KVM_GET_IRQCHIP, chip, name="KVM_GET_IRQCHIP")
+        return chip
+
+    def set_irqchip(self, chip: abi.kvm_irqchip) -> None:
+        ioctl(self.fd, abi.KVM_SET_IRQCHIP, chip, name="KVM_SET_IRQCHIP")
+
+    def get_pit2(self) -> abi.kvm_pit_state2:
+        pit = abi.kvm_pit_state2()
+        ioctl(self.fd, abi.KVM_GET_PIT2, pit, name="KVM_GET_PIT2")
+        return pit
+
+    def set_pit2(self, pit: abi.kvm_pit_state2) -> None:
+        ioctl(self.fd, abi.KVM_SET_PIT2, pit, name="KVM_SET_PIT2")
+
+    def get_clock(self) -> abi.kvm_clock_data:
+        """kvmclock's time base for the whole VM (nanoseconds since the VM started, roughly)."""
+        clock = abi.kvm_clock_data()
+        ioctl(self.fd, abi.KVM_GET_CLOCK, clock, name="KVM_GET_CLOCK")
+        return clock
+
+    def set_clock(self, clock: abi.kvm_clock_data) -> None:
+        ioctl(self.fd, abi.KVM_SET_CLOCK, clock, name="KVM_SET_CLOCK")
 
     def set_irq_line(self, irq: int, level: bool) -> None:
         """Drive GSI ``irq`` of the in-kernel irqchip high or low."""
@@ -164,4 +209,4 @@ class Vm:
         return Vcpu(fd, vcpu_id, self._vcpu_mmap_size)
 
 
-__all__ = ["IrqchipRoute", "MsiRoute", "Vm"]
+__all__ = ["IrqchipRoute", "MemorySlot", "MsiRoute", "Vm"]

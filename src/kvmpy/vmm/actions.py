@@ -96,9 +96,14 @@ class SetEntropyDevice:
 
 @dataclass(frozen=True, slots=True)
 class ConfigureSerial:
-    """PUT /serial: the 16550A's output appended to ``path``."""
+    """PUT /serial: the 16550A's output appended to ``path`` (None: the process's standard output).
 
-    path: Path
+    ``console`` is kvmpy's: where the terminal connects, "serial" (the 16550A) or
+    "virtio" (virtio-console, hvc0); None leaves it as configured.
+    """
+
+    path: Path | None = None
+    console: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +143,44 @@ class Resume:
 
 
 @dataclass(frozen=True, slots=True)
+class CreateSnapshot:
+    """PUT /snapshot/create: the state file and the memory file of a paused VM."""
+
+    snapshot_path: Path
+    mem_file_path: Path
+    snapshot_type: str = "Full"
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSnapshot:
+    """PUT /snapshot/load: a fresh VMM becomes the snapshotted VM (paused unless ``resume_vm``)."""
+
+    snapshot_path: Path
+    mem_file_path: Path
+    resume_vm: bool = False
+    #: Record dirty pages from the start, so the next snapshot can be a Diff.
+    track_dirty_pages: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Migrate:
+    """Send the running VM to a kvmpy started with ``--incoming``; this VMM ends once it runs there."""
+
+    destination: str  # tcp:HOST:PORT or unix:PATH
+    downtime_ms: int = 300
+    max_rounds: int = 30
+    #: A limit hit before the downtime fits the budget: "pause" finishes anyway, "cancel" gives up.
+    on_limit: str = "pause"
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMigration:
+    """Wait on ``address`` for a migrating VM and become it."""
+
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
 class Stop:
     """End the VM from the host (the CLI's Ctrl-C, SIGTERM, ``kvmpy ctl quit``)."""
 
@@ -153,6 +196,11 @@ class GetInstanceInfo:
 @dataclass(frozen=True, slots=True)
 class GetVmConfig:
     """GET /vm/config and GET /machine-config: the result is the current VmConfig."""
+
+
+@dataclass(frozen=True, slots=True)
+class GetMigrationStatus:
+    """How the current (or last) migration is going; answered even while it runs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,9 +271,14 @@ Action = (
     | FlushMetrics
     | Pause
     | Resume
+    | CreateSnapshot
+    | LoadSnapshot
+    | Migrate
+    | IncomingMigration
     | Stop
     | GetInstanceInfo
     | GetVmConfig
+    | GetMigrationStatus
     | GetRegisters
     | TranslateAddress
     | ReadMemory
@@ -235,7 +288,10 @@ Action = (
     | GetStats
 )
 
-_QUERIES: frozenset[type] = frozenset({GetInstanceInfo, GetVmConfig})
+_QUERIES: frozenset[type] = frozenset({GetInstanceInfo, GetVmConfig, GetMigrationStatus})
+#: Queries that read only plain state: answered on the caller's thread at once, even while
+#: the VMM thread is busy with a long action (a migration, a snapshot).
+IMMEDIATE: frozenset[type] = frozenset({GetInstanceInfo, GetMigrationStatus})
 _MONITOR: frozenset[type] = frozenset(
     {GetRegisters, TranslateAddress, ReadMemory, GetMemoryTree, GetIrqState, GetVcpus, GetStats}
 )
@@ -252,6 +308,8 @@ ALLOWED_BEFORE_START: frozenset[type] = frozenset(
         ConfigureLogger,
         ConfigureMetrics,
         StartInstance,
+        LoadSnapshot,
+        IncomingMigration,
         Stop,
     }
     | _QUERIES
@@ -259,7 +317,17 @@ ALLOWED_BEFORE_START: frozenset[type] = frozenset(
 
 #: What may be asked once the VM has started, running or paused (Firecracker's runtime table).
 ALLOWED_AFTER_START: frozenset[type] = frozenset(
-    {UpdateBlockDevice, UpdateNetworkDevice, SendCtrlAltDel, FlushMetrics, Pause, Resume, Stop}
+    {
+        UpdateBlockDevice,
+        UpdateNetworkDevice,
+        SendCtrlAltDel,
+        FlushMetrics,
+        Pause,
+        Resume,
+        CreateSnapshot,
+        Migrate,
+        Stop,
+    }
     | _QUERIES
     | _MONITOR
 )
@@ -279,6 +347,7 @@ def check_allowed(action: Any, started: bool) -> None:
 __all__ = [
     "ALLOWED_AFTER_START",
     "ALLOWED_BEFORE_START",
+    "IMMEDIATE",
     "Action",
     "ActionError",
     "ConfigureBootSource",
@@ -286,9 +355,11 @@ __all__ = [
     "ConfigureMachine",
     "ConfigureMetrics",
     "ConfigureSerial",
+    "CreateSnapshot",
     "FlushMetrics",
     "GetInstanceInfo",
     "GetIrqState",
+    "GetMigrationStatus",
     "GetMemoryTree",
     "GetRegisters",
     "GetStats",
@@ -296,7 +367,10 @@ __all__ = [
     "GetVmConfig",
     "InsertBlockDevice",
     "InsertNetworkDevice",
+    "IncomingMigration",
     "InstanceInfo",
+    "LoadSnapshot",
+    "Migrate",
     "Pause",
     "ReadMemory",
     "Resume",

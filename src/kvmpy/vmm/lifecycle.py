@@ -1,6 +1,6 @@
 """The VM's lifecycle as one transition table (h11's habit: one module owns the state machine).
 
-Not started -> Running <-> Paused -> Stopped. Pause and resume are
+Not started -> Running <-> Paused -> Stopped; a restore goes Not started -> Paused. Pause and resume are
 idempotent; a guest reboot is Running -> Running (the machine underneath is
 rebuilt, the VMM goes on). Anything not in the table is refused with a
 message naming the state and the event, never ignored and never a hang.
@@ -15,6 +15,7 @@ from kvmpy.vmm.actions import ActionError, VmState
 
 class Event(Enum):
     START = "start"
+    RESTORE = "restore"
     PAUSE = "pause"
     RESUME = "resume"
     REBOOT = "reboot"
@@ -31,6 +32,7 @@ _NOT_STARTED, _RUNNING, _PAUSED, _STOPPED = (
 #: (state, event) -> next state; the only place transitions are decided.
 TRANSITIONS: dict[tuple[VmState, Event], VmState] = {
     (_NOT_STARTED, Event.START): _RUNNING,
+    (_NOT_STARTED, Event.RESTORE): _PAUSED,  # a loaded snapshot starts paused; resume_vm resumes it
     (_NOT_STARTED, Event.STOP): _STOPPED,
     (_RUNNING, Event.PAUSE): _PAUSED,
     (_RUNNING, Event.RESUME): _RUNNING,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import mmap
 import signal
 import struct
 import sys
@@ -93,7 +94,13 @@ QUIET_PORT_RANGES: tuple[tuple[int, int, str], ...] = (
 class Machine:
     """One VM built from a :class:`VmConfig`."""
 
-    def __init__(self, config: VmConfig, *, serial_sink: ConsoleSink | None = None) -> None:
+    def __init__(
+        self,
+        config: VmConfig,
+        *,
+        serial_sink: ConsoleSink | None = None,
+        memory: GuestMemory | None = None,
+    ) -> None:
         """Build the machine (KVM objects, RAM, devices, vCPUs) without booting it.
 
         A failure halfway closes everything built so far: no file descriptor
@@ -110,6 +117,7 @@ class Machine:
         self.paused = False
         #: Called (from any thread) once, with the first stop reason.
         self.on_stop: Callable[[StopReason], None] | None = None
+        self._given_memory = memory
         try:
             self._build(serial_sink)
         except BaseException:
@@ -118,6 +126,8 @@ class Machine:
 
     def _build(self, serial_sink: ConsoleSink | None) -> None:
         closing = self._resources.callback
+        if self._given_memory is not None:
+            closing(self._given_memory.close)  # ours from now on, even if the build fails
         self.system = System()
         closing(self.system.close)
         self.vm = self.system.create_vm()
@@ -126,7 +136,8 @@ class Machine:
         self.mmio_bus = Bus("mmio")
         self._setup_platform()
         self.memory = self._setup_memory()
-        closing(self.memory.close)
+        if self._given_memory is None:
+            closing(self.memory.close)
         self.console = ConsoleOutput(self._serial_sink(serial_sink))
         closing(self.console.flush)
         self._setup_devices()
@@ -174,10 +185,54 @@ class Machine:
         self.vm.create_pit()
 
     def _setup_memory(self) -> GuestMemory:
-        memory = GuestMemory.anonymous(layout.ram_ranges(self.config.memory), hugepages=self.config.hugepages)
+        memory = self._given_memory  # a restore's memory file, mapped privately
+        if memory is None:
+            ranges = layout.ram_ranges(self.config.memory)
+            memory = GuestMemory.anonymous(ranges, hugepages=self.config.hugepages)
+        flags = abi.KVM_MEM_LOG_DIRTY_PAGES if self.config.track_dirty_pages else 0
         for slot, region in enumerate(memory):
-            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address())
+            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address(), flags)
+        self.tracking_dirty = self.config.track_dirty_pages
+        if self.tracking_dirty:
+            memory.track_writes()
         return memory
+
+    def start_dirty_tracking(self) -> None:
+        """Log dirty pages from now on (a migration starts it on a running VM)."""
+        for slot, region in enumerate(self.memory):
+            self.vm.set_user_memory_region(
+                slot, region.gpa, region.size, region.host_address(), abi.KVM_MEM_LOG_DIRTY_PAGES
+            )
+        self.memory.track_writes()
+        self.tracking_dirty = True
+
+    def stop_dirty_tracking(self) -> None:
+        """Back to untracked slots, unless the configuration asked for tracking throughout."""
+        if self.config.track_dirty_pages or not self.tracking_dirty:
+            return
+        for slot, region in enumerate(self.memory):
+            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address())
+        self.tracking_dirty = False
+
+    def take_dirty_pages(self) -> list[list[int]]:
+        """Per RAM region, the pages written since the last call, by the guest (KVM's dirty
+        log) or by the VMM (GuestMemory's record); needs dirty tracking on."""
+        if not self.tracking_dirty:
+            raise HostError("dirty pages are tracked only with track_dirty_pages (machine-config)")
+        written = self.memory.take_written()
+        pages: list[list[int]] = []
+        for slot, (region, by_vmm) in enumerate(zip(self.memory, written, strict=True)):
+            count = region.size // mmap.PAGESIZE
+            bitmap = self.vm.get_dirty_log(slot, count)
+            words = memoryview(bitmap).cast("Q")
+            by_guest = {
+                index * 64 + bit
+                for index, word in enumerate(words) if word
+                for bit in range(64) if word >> bit & 1
+            }
+            by_guest.update(page for page, flag in enumerate(by_vmm) if flag)
+            pages.append(sorted(page for page in by_guest if page < count))
+        return pages
 
     def _serial_sink(self, override: ConsoleSink | None) -> ConsoleSink | None:
         if override is not None:
@@ -204,7 +259,8 @@ class Machine:
         self._add_pio(layout.DEBUG_EXIT_PORT, 1, DebugExit(on_exit=self._debug_exit), "debug-exit")
         self.i8042 = I8042(on_reset=self._reset, irq=KvmIrqLine(self.vm, layout.I8042_KBD_IRQ))
         self._add_pio(layout.I8042_DATA_PORT, 5, self.i8042, "i8042")
-        self._add_pio(layout.RTC_PORT, 2, CmosRtc(), "rtc")
+        self.rtc = CmosRtc()
+        self._add_pio(layout.RTC_PORT, 2, self.rtc, "rtc")
         # Writes whose effect the guest only sees at its next access to the device, which
         # exits, wait in KVM's coalesced ring instead of exiting: a byte for the 16550A's THR
         # (Linux reads LSR before each byte, and IIR after each burst from its interrupt
@@ -213,14 +269,10 @@ class Machine:
         self._coalescing = [
             self.vm.register_coalesced_pio(port, 1) for port in (layout.COM1_PORT, layout.RTC_PORT)
         ]
-        self._add_pio(
-            layout.ACPI_PM1_EVENT_PORT,
-            acpi_pm.SIZE,
-            AcpiPm(
-                on_poweroff=self._poweroff, on_reset=self._reset, irq=KvmIrqLine(self.vm, layout.ACPI_SCI_IRQ)
-            ),
-            "acpi-pm",
+        self.acpi_pm = AcpiPm(
+            on_poweroff=self._poweroff, on_reset=self._reset, irq=KvmIrqLine(self.vm, layout.ACPI_SCI_IRQ)
         )
+        self._add_pio(layout.ACPI_PM1_EVENT_PORT, acpi_pm.SIZE, self.acpi_pm, "acpi-pm")
         self._add_pio(layout.PVPANIC_PORT, 1, PvPanic(on_panic=self._panic), "pvpanic")
         self._add_pio(layout.POST_CODE_PORT, 1, PostCode(), "post-code (0x80)")
         for base, size, name in QUIET_PORT_RANGES:
@@ -325,13 +377,23 @@ class Machine:
         self.request_stop(StopReason(StopKind.RESET, 0, "guest rebooted"))
 
     # --- running --------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the device event loop and one thread per vCPU (from the main thread)."""
+    def start(self, *, paused: bool = False) -> None:
+        """Start the device event loop and one thread per vCPU (from the main thread).
+
+        ``paused``: the vCPUs park before their first KVM_RUN (a restored VM
+        that is not resumed yet).
+        """
         _install_kick_handler()
         self.events.start()
         self.threads = [VcpuThread(self, vcpu) for vcpu in self.vcpus]
+        if paused:
+            self.pause_requested = True
+            for thread in self.threads:
+                thread.control = True
         for thread in self.threads:
             thread.start()
+        if paused:
+            self._wait_until_parked()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until the VM has been asked to stop; True once it has."""
@@ -370,6 +432,9 @@ class Machine:
             self.pause_requested = True
         for thread in self.threads:
             thread.kick()
+        self._wait_until_parked()
+
+    def _wait_until_parked(self) -> None:
         deadline = time.monotonic() + PAUSE_TIMEOUT
         with self._pause_cond:
             while not all(t.parked or not t.is_alive() for t in self.threads):

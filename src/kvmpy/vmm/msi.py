@@ -47,6 +47,11 @@ class MsiRouter:
         self._vm.register_irqfd(eventfd.fd, gsi)
         return gsi, eventfd
 
+    def routes(self) -> list[MsiRoute]:
+        """The MSI routes installed now, by GSI (for the monitor)."""
+        with self._lock:
+            return sorted(self._routes.values(), key=lambda route: route.gsi)
+
     def route(self, gsi: int, address: int, data: int) -> None:
         with self._lock:
             route = MsiRoute(gsi, address, data)

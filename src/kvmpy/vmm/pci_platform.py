@@ -17,7 +17,7 @@ from kvmpy.arch.x86 import layout
 from kvmpy.bus import Bus
 from kvmpy.devices.pci.host_bridge import HostBridge
 from kvmpy.devices.pci.root import ConfigMechanism1, Ecam, PciRoot
-from kvmpy.kvm import Vm
+from kvmpy.kvm import MsiRoute, Vm
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.virtio.device import VirtioDevice
 from kvmpy.virtio.pci_transport import BAR0_SIZE, VirtioPciTransport
@@ -64,6 +64,10 @@ class PciPlatform:
         self.transports.append(transport)
         self.root.add(transport, slot=slot, name=name)
         return transport
+
+    def msi_routes(self) -> list[MsiRoute]:
+        """The MSI routes the guest's MSI-X programming has installed in KVM, by GSI."""
+        return self._router.routes()
 
     def _set_intx(self, gsi: int, level: bool) -> None:
         """A function's INTx changed: the shared, level-triggered pin is high while any holds it."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmpy import __version__
-from kvmpy.errors import ConfigError, KvmpyError
+from kvmpy.errors import ConfigError, HostError, KvmpyError
 from kvmpy.vmm import actions as a
 from kvmpy.vmm.actions import ActionError, InstanceInfo, VmState, check_allowed
 from kvmpy.vmm.config import (
@@ -57,6 +58,8 @@ TICK_SECONDS = 0.25
 #: Firecracker writes metrics every minute, and on FlushMetrics.
 METRICS_PERIOD = 60.0
 DEFAULT_ID = "anonymous-instance"
+#: Firecracker's answer to a snapshot load into a VMM that was already configured.
+SNAPSHOT_AFTER_CONFIG = "Loading a microVM snapshot not allowed after configuring boot-specific resources."
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,10 @@ class Vmm:
         self._console_tail: tuple[str, ...] = ()
         self._metrics: Any = None
         self._next_metrics = 0.0
+        #: The current or last migration's progress, as plain data (replaced, never mutated).
+        self._migration: dict[str, object] | None = None
+        #: Set from a signal handler (SIGTERM); the loop's next tick stops the VM.
+        self.terminate_requested = False
 
     @property
     def state(self) -> VmState:
@@ -124,6 +131,8 @@ class Vmm:
 
         Raises ActionError if the action is refused or fails.
         """
+        if type(action) in a.IMMEDIATE:
+            return self._answer_now(action)
         if threading.get_ident() == self._thread_ident:
             return self._execute(action)
         if self._closed:
@@ -138,8 +147,12 @@ class Vmm:
         return request.value
 
     def run(self) -> RunResult:
-        """Serve actions on this thread until the VM stops; returns why it stopped."""
+        """Serve actions on this thread until the VM stops; returns why it stopped.
+
+        On the main thread, SIGTERM stops the VM the way Ctrl-C does (status 143).
+        """
         self._thread_ident = threading.get_ident()
+        previous = self._handle_sigterm()
         try:
             while self.state is not VmState.STOPPED:
                 try:
@@ -148,8 +161,19 @@ class Vmm:
                     self._stop_from_host(StopReason(StopKind.INTERRUPTED, 130, "interrupted from the host"))
         finally:
             self._shutdown()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         assert self._result is not None
         return self._result
+
+    def _handle_sigterm(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def terminate(signum: int, frame: object) -> None:
+            self.terminate_requested = True  # only a flag: the handler may interrupt any code
+
+        return signal.signal(signal.SIGTERM, terminate)
 
     def _serve_one(self) -> None:
         try:
@@ -167,7 +191,22 @@ class Vmm:
         finally:
             item.done.set()
 
+    def _answer_now(self, action: a.Action) -> object:
+        """An immediate query (see actions.IMMEDIATE): plain state, read without the queue."""
+        if isinstance(action, a.GetInstanceInfo):
+            return InstanceInfo(self.id, self.state, __version__)
+        return self._migration_status()
+
+    def _migration_status(self) -> dict[str, object]:
+        progress = self._migration
+        if progress is None:
+            return {"state": "none"}
+        return dict(progress)
+
     def _tick(self) -> None:
+        if self.terminate_requested and self.state is not VmState.STOPPED:
+            self.terminate_requested = False
+            self._stop_from_host(StopReason(StopKind.INTERRUPTED, 143, "terminated (SIGTERM)"))
         if self._metrics is not None and time.monotonic() >= self._next_metrics:
             self._write_metrics()
 
@@ -198,9 +237,14 @@ class Vmm:
             a.FlushMetrics: lambda _: self._flush_metrics(),
             a.Pause: lambda _: self._pause(),
             a.Resume: lambda _: self._resume(),
+            a.CreateSnapshot: self._create_snapshot,
+            a.LoadSnapshot: self._load_snapshot,
+            a.Migrate: self._migrate,
+            a.IncomingMigration: self._incoming,
             a.Stop: lambda action: self._stop_from_host(StopReason(StopKind.STOPPED, 0, action.reason)),
             a.GetInstanceInfo: lambda _: InstanceInfo(self.id, self.state, __version__),
             a.GetVmConfig: lambda _: self.config,
+            a.GetMigrationStatus: lambda _: self._migration_status(),
         }
 
     def _update(self, **changes: Any) -> None:
@@ -278,7 +322,10 @@ class Vmm:
         self._update(rng=True, rng_rate_limiter=action.rate_limiter)
 
     def _configure_serial(self, action: a.ConfigureSerial) -> None:
-        self._update(serial=SerialConfig(SerialMode.FILE, action.path))
+        serial = SerialConfig(SerialMode.FILE, action.path) if action.path else SerialConfig(SerialMode.STDIO)
+        if action.console is not None and action.console not in ("serial", "virtio"):
+            raise ConfigError(f"invalid console {action.console!r}: use serial or virtio")
+        self._update(serial=serial, console=action.console or self.config.console)
 
     def _configure_logger(self, action: a.ConfigureLogger) -> None:
         from kvmpy.vmm.log_output import configure_logger
@@ -332,6 +379,160 @@ class Vmm:
         self.machine.resume()
         self.lifecycle.state = next_state
 
+    # snapshots
+    def _create_snapshot(self, action: a.CreateSnapshot) -> None:
+        from kvmpy.state.machine_state import save_machine, write_memory_file
+        from kvmpy.state.snapshot_file import write_state_file
+
+        assert self.machine is not None
+        if self.state is not VmState.PAUSED:
+            raise ActionError("the VM must be paused to take a snapshot (PATCH /vm with Paused)")
+        if action.snapshot_type not in ("Full", "Diff"):
+            raise ActionError(f"snapshot_type {action.snapshot_type!r}: use Full or Diff")
+        tracking = self.machine.config.track_dirty_pages
+        if action.snapshot_type == "Diff" and not tracking:
+            raise ActionError("Diff snapshots need track_dirty_pages set in the machine configuration")
+        started = time.monotonic()
+        sections = save_machine(self.machine)
+        # Dirty pages are taken at every snapshot, so a Diff holds what changed since the last one.
+        dirty = self.machine.take_dirty_pages() if tracking else None
+        pages = dirty if action.snapshot_type == "Diff" else None
+        memory_bytes = write_memory_file(self.machine, action.mem_file_path, pages)
+        state_bytes = write_state_file(action.snapshot_path, sections)
+        log.info(
+            "snapshot: %d bytes of state, %d MiB of memory written in %.0f ms",
+            state_bytes, memory_bytes >> 20, (time.monotonic() - started) * 1000,
+        )
+
+    def _load_snapshot(self, action: a.LoadSnapshot) -> None:
+        """Become the snapshotted VM; a load that fails ends this VMM (as Firecracker's does)."""
+        if self.config.kernel is not None or self.config.disks or self.config.nets:
+            raise ActionError(SNAPSHOT_AFTER_CONFIG)
+        next_state = self.lifecycle.next_state(Event.RESTORE)
+        try:
+            self._restore_machine(action)
+        except KvmpyError as error:
+            self.lifecycle.apply(Event.STOP)
+            reason = StopReason(StopKind.HOST_ERROR, 1, f"loading the snapshot failed: {error}")
+            self._result = RunResult(reason, None, self.boots, ())
+            kind = ConfigError if isinstance(error, ConfigError) else HostError
+            raise kind(f"Load snapshot error: {error}") from None
+        self.lifecycle.state = next_state
+        self._start_input()
+        if action.resume_vm:
+            self._resume()
+
+    def _restore_machine(self, action: a.LoadSnapshot) -> None:
+        from kvmpy.memory.guest_memory import GuestMemory
+        from kvmpy.state.machine_state import (
+            check_memory_file,
+            config_for_restore,
+            read_description,
+            restore_machine,
+        )
+        from kvmpy.state.snapshot_file import read_state_file
+        from kvmpy.vmm.machine import Machine
+
+        sections = read_state_file(action.snapshot_path)
+        described = read_description(sections)
+        check_memory_file(action.mem_file_path, described)
+        ranges = [(r.gpa, r.size, r.offset) for r in described.regions]
+        try:
+            memory = GuestMemory.from_file(str(action.mem_file_path), ranges)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"cannot map the memory file {action.mem_file_path}: {error}") from None
+        self.config = config_for_restore(described, self.config.serial, action.track_dirty_pages)
+        self._open_console()
+        machine = Machine(self.config, serial_sink=self._serial_sink, memory=memory)
+        try:
+            restore_machine(machine, sections)
+            machine.on_stop = lambda reason: self._queue.put(_MachineStopped(reason, machine))
+            machine.start(paused=True)
+        except BaseException:
+            machine.close()
+            raise
+        self.machine = machine
+        self.boots += 1
+        self._started_at = time.monotonic()
+
+    # live migration
+    def _migrate(self, action: a.Migrate) -> dict[str, object]:
+        from kvmpy.state.migration_sender import MigrationLimits, MigrationReport, migrate
+
+        assert self.machine is not None
+        if self.state is not VmState.RUNNING:
+            raise ActionError("only a running VM migrates (resume it first)")
+        if action.on_limit not in ("pause", "cancel"):
+            raise ActionError(f"on_limit {action.on_limit!r}: use pause or cancel")
+        limits = MigrationLimits(action.downtime_ms / 1000, action.max_rounds, on_limit=action.on_limit)
+        total_pages = self.machine.memory.total_size // 4096
+        started = time.monotonic()
+
+        def progress(report: MigrationReport, pages_this_round: int) -> None:
+            self._migration = {
+                "state": "active",
+                "destination": action.destination,
+                "round": report.rounds,
+                "pages_this_round": pages_this_round,
+                "pages_sent": report.pages_sent + pages_this_round,
+                "guest_pages": total_pages,
+                "bytes_sent": report.bytes_sent,
+                "seconds": time.monotonic() - started,
+            }
+
+        self._migration = {"state": "active", "destination": action.destination, "round": 0}
+        try:
+            report = migrate(self.machine, action.destination, limits, progress)
+        except KvmpyError as error:
+            self._migration = {"state": "failed", "destination": action.destination, "error": str(error)}
+            raise
+        downtime = f"{report.downtime_seconds * 1000:.0f} ms" if report.downtime_seconds is not None else "?"
+        message = (
+            f"migrated to {action.destination}: {report.rounds} rounds, {report.bytes_sent >> 20} MiB, "
+            f"{report.total_seconds:.2f} s, downtime {downtime}"
+        )
+        log.warning("%s", message)
+        # Stopped while still paused: the vCPUs leave their park without running the guest
+        # again, so nothing happens here that the destination does not know about.
+        self.machine.request_stop(StopReason(StopKind.STOPPED, 0, message))
+        self._migration = {
+            "state": "completed",
+            "destination": action.destination,
+            "rounds": report.rounds,
+            "round_pages": report.round_pages,
+            "pages_sent": report.pages_sent,
+            "bytes_sent": report.bytes_sent,
+            "total_seconds": report.total_seconds,
+            "downtime_seconds": report.downtime_seconds,
+            "note": report.note,
+        }
+        return dict(self._migration)
+
+    def _incoming(self, action: a.IncomingMigration) -> None:
+        """Become the VM a source sends; a failure ends this VMM (nothing half migrated runs)."""
+        from kvmpy.state import migration_receiver
+
+        if self.config.kernel is not None or self.config.disks or self.config.nets:
+            raise ActionError(SNAPSHOT_AFTER_CONFIG)
+        next_state = self.lifecycle.next_state(Event.RESTORE)
+        listener, text = migration_receiver.listen(action.address)
+        try:
+            self._open_console()
+            machine = migration_receiver.receive(listener, text, self.config.serial, self._serial_sink)
+        except KvmpyError as error:
+            self.lifecycle.apply(Event.STOP)
+            reason = StopReason(StopKind.HOST_ERROR, 1, f"incoming migration failed: {error}")
+            self._result = RunResult(reason, None, self.boots, ())
+            raise
+        machine.on_stop = lambda reason: self._queue.put(_MachineStopped(reason, machine))
+        self.machine = machine
+        self.config = machine.config
+        self.boots += 1
+        self._started_at = time.monotonic()
+        self.lifecycle.state = next_state
+        self.lifecycle.apply(Event.RESUME)
+        self._start_input()
+
     def _send_ctrl_alt_del(self) -> None:
         assert self.machine is not None
         if self.state is VmState.PAUSED:
@@ -344,9 +545,7 @@ class Vmm:
             self.lifecycle.apply(Event.STOP)
             self._result = RunResult(reason, self._last_stats, self.boots, self._console_tail)
             return
-        if self.machine.paused:
-            self.machine.resume()  # parked vCPUs leave through the normal path
-        self.machine.request_stop(reason)
+        self.machine.request_stop(reason)  # parked vCPUs see it and leave without running
 
     def _machine_stopped(self, event: _MachineStopped) -> None:
         machine = event.machine
@@ -414,7 +613,7 @@ class Vmm:
         from kvmpy.vmm.inspect import answer
 
         try:
-            return answer(self.machine, action)
+            return answer(self.machine, action, vm_state=self.state.value, started_at=self._started_at)
         except ActionError:
             raise
         except KvmpyError as error:

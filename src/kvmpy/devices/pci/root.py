@@ -59,6 +59,10 @@ class PciRoot:
         self._update_bars(slot)
         return slot
 
+    def slot_name(self, slot: int) -> str:
+        """The name the function in ``slot`` was added with (its bus ranges carry it too)."""
+        return self._names.get(slot, "pci")
+
     # --- configuration access ----------------------------------------------------------
     def config_read(self, bus: int, slot: int, function: int, offset: int, size: int) -> int:
         target = self._function(bus, slot, function)

@@ -1,0 +1,42 @@
+"""kvmpy as a separate process, the way a user starts it, for tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+#: The source tree this kvmpy was imported from (tests run the same code in the child).
+SOURCE = Path(__file__).resolve().parents[2]
+
+
+def _environment() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(SOURCE))
+
+
+def kvmpy(*args: str, timeout: float = 60, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``kvmpy ARGS`` to its end, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "kvmpy", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_environment(),
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+    )
+
+
+def start_kvmpy(*args: str) -> subprocess.Popen[str]:
+    """``kvmpy ARGS`` in the background, its output in pipes."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvmpy", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_environment(),
+    )
+
+__all__ = ["SOURCE", "kvmpy", "start_kvmpy"]
