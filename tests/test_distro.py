@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy.lab import LabError, distro
+from kvmpy.lab.debian import cache_dir
 from kvmpy.lab.distro_scenarios import STREAMS, DistroFacts, distro_scenario, guest_command
 from kvmpy.lab.image import encode_command
 from kvmpy.lab.scenarios import ScenarioResult
@@ -34,6 +35,7 @@ def test_image_key_follows_every_input(monkeypatch: pytest.MonkeyPatch) -> None:
     key = distro.image_key()
     assert distro.image_key() == key
     assert distro.image_key("trixie") != key
+    assert distro.image_key(kernel="linux-image-6.1.0-58-amd64_6.1.193-1_amd64.deb") != key
     monkeypatch.setattr(distro, "PACKAGES", (*distro.PACKAGES, "python3"))
     assert distro.image_key() != key
     monkeypatch.undo()
@@ -62,17 +64,19 @@ def test_debootstrap_failure_is_one_line(tmp_path: Path) -> None:
 
 
 @needs_debootstrap
-def test_image_distro_command_fails_with_one_line(tmp_path: Path) -> None:
+def test_image_distro_command_fails_with_one_line() -> None:
+    # trixie: no image of it is cached, so debootstrap runs (bookworm's may be in the cache)
     done = subprocess.run(
-        [sys.executable, "-m", "kvmpy", "image", "distro", "--mirror", DEAD_MIRROR],
+        [sys.executable, "-m", "kvmpy", "image", "distro", "--release", "trixie", "--mirror", DEAD_MIRROR],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "XDG_CACHE_HOME": str(tmp_path)},
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
     )
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr
-    assert done.stderr.startswith("kvmpy: error: debootstrap bookworm from"), done.stderr
-    assert not list((tmp_path / "kvmpy" / "distro").glob("*.ext4"))  # nothing half-built is cached
+    expected = f"kvmpy: error: debootstrap trixie from {DEAD_MIRROR} failed: E: "
+    assert done.stderr.startswith(expected), done.stderr
+    assert not list((cache_dir() / "distro").glob("debian-trixie-*"))  # nothing half-built is kept
 
 
 def test_guest_command_fits_the_kernel_command_line(tmp_path: Path) -> None:

@@ -97,14 +97,15 @@ def _disk_image(directory: Path) -> tuple[Path, str, str]:
     return image, hashlib.md5(data.read_bytes()).hexdigest(), hashlib.md5(image.read_bytes()).hexdigest()
 
 
-def _distro_scenarios(kernel: str) -> list[Scenario]:
+def _distro_scenarios() -> list[Scenario]:
     """Debian 12 on its root disk, under kvmpy and under QEMU (built here, once, if not cached)."""
-    from kvmpy.lab.distro import distro_image
-    from kvmpy.lab.image import build_image
+    from kvmpy.lab.distro import distro_boot
 
-    image = distro_image()
-    initrd = str(build_image().initrd)
-    return [distro_scenario(name, vmm, kernel, initrd, image) for name, vmm in DISTRO_SCENARIOS.items()]
+    boot = distro_boot()
+    return [
+        distro_scenario(name, vmm, str(boot.kernel), str(boot.initrd), boot.image)
+        for name, vmm in DISTRO_SCENARIOS.items()
+    ]
 
 
 def _scenarios(disk: Path) -> list[Scenario]:
@@ -202,7 +203,7 @@ def _scenarios(disk: Path) -> list[Scenario]:
     ]
     if generic.vmlinux is not None:
         scenarios.append(Scenario("pvh_smp2", str(generic.vmlinux), initrd, PRINT_NPROC, cpus=2))
-    scenarios += _distro_scenarios(kernel)
+    scenarios += _distro_scenarios()
     # One more boot after a hang or a triple fault, which the lab causes now and then under
     # either VMM (docs/lab.md); the retry shows in the result's notes, which tests print.
     return [replace(scenario, retries=1) for scenario in scenarios]

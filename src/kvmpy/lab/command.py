@@ -38,9 +38,10 @@ def _image_build(args: argparse.Namespace) -> int:
 
 
 def _image_distro(args: argparse.Namespace) -> int:
-    from kvmpy.lab.distro import distro_image
+    from kvmpy.lab.distro import distro_boot
 
-    print(distro_image(release=args.release, mirror=args.mirror))
+    boot = distro_boot(release=args.release, mirror=args.mirror, kernel_package=args.kernel_package)
+    print(f"kernel: {boot.kernel}\ninitrd: {boot.initrd}\nimage: {boot.image}")
     return 0
 
 
@@ -65,6 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     distro = image_commands.add_parser("distro", help="build a Debian root file system image (needs root)")
     distro.add_argument("--release", default="bookworm")
     distro.add_argument("--mirror", default="http://deb.debian.org/debian")
+    distro.add_argument("--kernel-package", default="linux-image-amd64", help="whose modules udev loads")
     distro.set_defaults(handler=_image_distro)
 
 

@@ -9,9 +9,11 @@ from the kernel command line once the multi-user target is reached, and packs th
 into an ext4 image file (``mkfs.ext4 -d``: no loop mount). The image is cached under a
 digest of its inputs, like the lab's other assets.
 
-The guest boots it through the busybox initramfs: ``kvmpy.root=/dev/vda`` on the
-kernel command line makes that init load the modules, mount the disk and
-``switch_root`` into systemd (see ``kvmpy.lab.image``).
+The guest boots it as Debian boots: an initramfs (kvmpy's busybox one, with only the
+modules the root disk needs) mounts the root and ``switch_root``s into systemd
+(``kvmpy.root=/dev/vda`` on the kernel command line: see ``kvmpy.lab.image``), and udev
+loads the drivers of the other devices (virtio-net among them) from the image's
+/lib/modules while systemd starts everything else, on every vCPU at once.
 """
 
 from __future__ import annotations
@@ -21,21 +23,29 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpy.lab import LabError
-from kvmpy.lab.debian import cache_dir
-from kvmpy.lab.image import READY_MARKER
+from kvmpy.lab.debian import cache_dir, fetch_package, package_version, resolve_kernel_package
+from kvmpy.lab.image import DEFAULT_KERNEL_PACKAGE, READY_MARKER, build_image
+from kvmpy.lab.modules import KernelTree, load_order
 
 DEFAULT_RELEASE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 #: On top of debootstrap's minbase: an init system and device manager, and the tools the
 #: network scenarios use (ping, ip, nc). Nothing else: every package is boot time in the lab.
-PACKAGES = ("systemd", "systemd-sysv", "udev", "iproute2", "iputils-ping", "netcat-openbsd")
+PACKAGES = ("systemd", "systemd-sysv", "udev", "kmod", "iproute2", "iputils-ping", "netcat-openbsd")
+#: What the initramfs loads: enough to mount the root disk, as Debian's own initramfs does.
+ROOT_MODULES = ("virtio_pci", "virtio_blk", "crc32c_generic", "ext4")
+#: Drivers udev loads from the root disk's /lib/modules when it sees the devices (with their
+#: dependencies; depmod, run at build time, writes the indexes udev looks them up in).
+UDEV_MODULES = ("virtio_net", "virtio_console", "virtio_rng", "pvpanic_mmio")
 #: What a scenario needs on the kernel command line to boot this image as its root disk
 #: (``net.ifnames=0`` keeps the interface named eth0 instead of udev's enp0sN).
 ROOT_ARGS = "kvmpy.root=/dev/vda net.ifnames=0"
-#: Free space left in the image beyond the tree: the journal and a scenario's own files.
+#: Space added beyond the tree, for the journal and a scenario's own files (ext4's own
+#: metadata takes part of it: about 176 MiB are free in the bookworm image).
 FREE_SPACE_MIB = 256
 #: 4 KiB blocks as a distribution installer makes them (mke2fs would pick 1 KiB for an image
 #: this small).
@@ -106,17 +116,38 @@ LINKS: tuple[tuple[str, str], ...] = (
 )
 
 
-def image_key(release: str = DEFAULT_RELEASE) -> str:
+@dataclass(frozen=True, slots=True)
+class DistroBoot:
+    """What a guest boots the distribution with: kernel, root-disk initramfs, root image."""
+
+    kernel: Path
+    initrd: Path
+    image: Path
+
+
+def distro_boot(
+    release: str = DEFAULT_RELEASE, mirror: str = DEFAULT_MIRROR, kernel_package: str = DEFAULT_KERNEL_PACKAGE
+) -> DistroBoot:
+    """The kernel, an initramfs with :data:`ROOT_MODULES` only, and the image with that kernel's modules."""
+    package = resolve_kernel_package(kernel_package)
+    kernel_root = fetch_package(package)
+    guest = build_image(kernel_package=package, modules=list(ROOT_MODULES))
+    return DistroBoot(guest.kernel, guest.initrd, distro_image(release, mirror, kernel_root))
+
+
+def image_key(release: str = DEFAULT_RELEASE, kernel: str = "") -> str:
     """A digest of everything that goes into the image (the mirror does not: same packages)."""
-    parts = [release, *PACKAGES, *TRIMMED, *MKFS_OPTIONS, str(FREE_SPACE_MIB)]
+    parts = [release, kernel, *PACKAGES, *UDEV_MODULES, *TRIMMED, *MKFS_OPTIONS, str(FREE_SPACE_MIB)]
     parts += [f"{path}:{mode:o}:{content}" for path, content, mode in FILES]
     parts += [f"{path}->{target}" for path, target in LINKS]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def distro_image(release: str = DEFAULT_RELEASE, mirror: str = DEFAULT_MIRROR) -> Path:
-    """The ext4 image of Debian ``release`` for the lab, built on first use and cached."""
-    image = cache_dir() / "distro" / f"debian-{release}-{image_key(release)}.ext4"
+def distro_image(release: str, mirror: str, kernel_root: Path) -> Path:
+    """The ext4 image of Debian ``release`` with the unpacked kernel package's
+    :data:`UDEV_MODULES`, built on first use and cached."""
+    key = image_key(release, package_version(kernel_root))
+    image = cache_dir() / "distro" / f"debian-{release}-{key}.ext4"
     if image.exists():
         return image
     _check_tools()
@@ -125,6 +156,7 @@ def distro_image(release: str = DEFAULT_RELEASE, mirror: str = DEFAULT_MIRROR) -
         root = Path(work) / "root"
         debootstrap(release, mirror, root)
         configure(root)
+        install_modules(root, KernelTree.find(kernel_root), list(UDEV_MODULES))
         partial = Path(work) / "image.ext4"
         make_ext4(root, partial)
         partial.rename(image)
@@ -167,6 +199,21 @@ def configure(root: Path) -> None:
         (root / relative).mkdir(parents=True)
 
 
+def install_modules(root: Path, tree: KernelTree, names: list[str]) -> None:
+    """``names`` and their dependencies under the root's /lib/modules, indexed by depmod."""
+    target = root / "lib" / "modules" / tree.version
+    for _name, path in load_order(tree, names):
+        destination = target / path.relative_to(tree.modules_dir)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, destination)
+    for listing in tree.modules_dir.glob("modules.*"):  # builtin, builtin.modinfo, order
+        shutil.copyfile(listing, target / listing.name)
+    done = subprocess.run(["chroot", str(root), "depmod", tree.version], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit {done.returncode}"]
+        raise LabError(f"depmod in the Debian image failed: {lines[-1]}")
+
+
 def make_ext4(root: Path, image: Path) -> None:
     """An ext4 file system holding ``root``, sized to it plus :data:`FREE_SPACE_MIB` (sparse)."""
     used = subprocess.run(["du", "-s", "-B1M", str(root)], capture_output=True, text=True, check=True)
@@ -178,4 +225,15 @@ def make_ext4(root: Path, image: Path) -> None:
         raise LabError(f"making the Debian image's ext4 file system failed: {lines[-1]}")
 
 
-__all__ = ["DEFAULT_MIRROR", "DEFAULT_RELEASE", "PACKAGES", "ROOT_ARGS", "distro_image", "image_key"]
+__all__ = [
+    "DEFAULT_MIRROR",
+    "DEFAULT_RELEASE",
+    "PACKAGES",
+    "ROOT_ARGS",
+    "ROOT_MODULES",
+    "UDEV_MODULES",
+    "DistroBoot",
+    "distro_boot",
+    "distro_image",
+    "image_key",
+]
