@@ -16,9 +16,16 @@ import pytest
 
 from kvmpy.lab import LabError, distro
 from kvmpy.lab.debian import cache_dir
-from kvmpy.lab.distro_scenarios import STREAMS, DistroFacts, distro_scenario, guest_command
+from kvmpy.lab.distro_scenarios import (
+    DEVICE_ERRORS,
+    PING_FLOOD,
+    STREAMS,
+    DistroFacts,
+    distro_scenario,
+    guest_command,
+)
 from kvmpy.lab.image import encode_command
-from kvmpy.lab.scenarios import ScenarioResult
+from kvmpy.lab.scenarios import DEVICE_ERROR_LINES, ScenarioResult, _matching_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 #: A mirror nothing answers on (the discard port on this machine): debootstrap fails at once.
@@ -151,4 +158,12 @@ def test_facts_show_a_stalled_stream() -> None:
 def test_guest_command_sends_every_stream() -> None:
     command, streams = guest_command(), sum(len(round_) for round_ in STREAMS)
     assert command.count("\nblob ") == command.count("send ") == streams
-    assert "send 0 c & send 1 d & wait" in command  # both vCPUs at once
+    assert "send 0 c & send 1 d & send 0 e & send 1 f & wait" in command  # both vCPUs at once
+    assert f"ping -q -f -c {PING_FLOOD}" in command
+
+
+def test_device_errors_come_from_the_whole_console() -> None:
+    console = "\n".join(["boot"] * 500 + ["[ 400.4] virtio_net virtio1: output.0:id 15 is not a head!"] * 30)
+    lines = _matching_lines(console, DEVICE_ERRORS)
+    assert lines == ["[ 400.4] virtio_net virtio1: output.0:id 15 is not a head!"] * DEVICE_ERROR_LINES
+    assert _matching_lines(console, ()) == []
