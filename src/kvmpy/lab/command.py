@@ -37,6 +37,14 @@ def _image_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_distro(args: argparse.Namespace) -> int:
+    from kvmpy.lab.distro import distro_boot
+
+    boot = distro_boot(release=args.release, mirror=args.mirror, kernel_package=args.kernel_package)
+    print(f"kernel: {boot.kernel}\ninitrd: {boot.initrd}\nimage: {boot.image}")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     lab = subparsers.add_parser("lab", help="the nested lab: a machine with AMD SVM under QEMU TCG")
     lab_commands = lab.add_subparsers(dest="lab_action", required=True)
@@ -55,6 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     build.add_argument("--kernel-package", default="linux-image-amd64")
     build.add_argument("--modules", default=None, help="comma-separated kernel modules for the initramfs")
     build.set_defaults(handler=_image_build)
+    distro = image_commands.add_parser("distro", help="build a Debian root file system image (needs root)")
+    distro.add_argument("--release", default="bookworm")
+    distro.add_argument("--mirror", default="http://deb.debian.org/debian")
+    distro.add_argument("--kernel-package", default="linux-image-amd64", help="whose modules udev loads")
+    distro.set_defaults(handler=_image_distro)
 
 
 __all__ = ["register"]

@@ -4,7 +4,9 @@ The image's init mounts /proc, /sys and /dev, loads the modules for kvmpy's
 devices in dependency order, prints ``kvmpy-init: ready``, then runs the
 command passed on the kernel command line as ``kvmpy.cmd=BASE64`` (base64 of a
 shell command, so it survives the command line's whitespace splitting) and
-powers off, or starts a shell on the console when there is none.
+powers off, or starts a shell on the console when there is none. With
+``kvmpy.root=DEVICE`` it mounts that ext4 disk instead and hands over to the
+distribution's /sbin/init (``kvmpy.lab.distro``), which runs the command.
 
 Debian ships only the compressed bzImage; the uncompressed vmlinux (an ELF
 with a PVH note) is extracted from it for the PVH boot route.
@@ -52,11 +54,26 @@ done < /modules.list
 # The kernel opened init's console before virtio_console existed: with console=hvc0 that
 # open failed. Now that the modules are in, open it again (a no-op on ttyS0).
 if (: > /dev/console) 2>/dev/null; then exec </dev/console >/dev/console 2>&1; fi
-echo "kvmpy-init: ready"
 cmd=""
+root=""
 for word in $(cat /proc/cmdline); do
-    case "$word" in kvmpy.cmd=*) cmd="${word#kvmpy.cmd=}" ;; esac
+    case "$word" in
+        kvmpy.cmd=*) cmd="${word#kvmpy.cmd=}" ;;
+        kvmpy.root=*) root="${word#kvmpy.root=}" ;;
+    esac
 done
+# kvmpy.root=DEVICE: a distribution on that disk takes over (its init runs kvmpy.cmd).
+if [ -n "$root" ]; then
+    for _ in 1 2 3 4 5; do [ -b "$root" ] && break; sleep 1; done
+    mkdir -p /newroot
+    if mount -t ext4 "$root" /newroot; then
+        for fs in dev proc sys; do mount --move "/$fs" "/newroot/$fs"; done
+        exec switch_root /newroot /sbin/init
+    fi
+    echo "kvmpy-init: cannot mount $root; powering off"
+    poweroff -f
+fi
+echo "kvmpy-init: ready"
 # Ctrl-Alt-Del reaches init as SIGINT (the kernel's default, kernel.ctrl-alt-del = 0): this init
 # powers off. The command runs in the background so that the trap runs while init waits
 # (with the console as its input: a background job's would be /dev/null).

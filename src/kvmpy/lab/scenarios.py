@@ -14,6 +14,7 @@ so boot times are measured side by side on the same kernel and initramfs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -79,8 +80,17 @@ class Scenario:
     #: "api": kvmpy starts with only ``args`` (which name ``--api-sock``) and the API driver
     #: (kvmpy.lab.api_driver) configures, starts and operates the VM; its facts land in notes.
     driver: str = ""
+    #: How many of the console's last lines the result keeps (a distribution's shutdown alone
+    #: prints dozens after the command's own output).
+    output_lines: int = 40
+    #: Console text that means the VMM failed the guest (a driver's complaint about its device):
+    #: lines with any of these, from the whole console, land in the result's ``device_errors``,
+    #: and such a boot is never retried, even if it then hangs (a lab failure looks the same).
+    device_errors: tuple[str, ...] = ()
 
 
+#: At most this many ``device_errors`` lines per result (a broken queue can log one per packet).
+DEVICE_ERROR_LINES = 20
 API_FACTS_PREFIX = "api-facts "
 
 
@@ -96,6 +106,8 @@ class ScenarioResult:
     notes: list[str] = field(default_factory=list)
     #: With ``Scenario.profile``: (innermost frame, share of py-spy samples), largest first.
     profile: list[tuple[str, float]] = field(default_factory=list)
+    #: Console lines that matched ``Scenario.device_errors``.
+    device_errors: list[str] = field(default_factory=list)
 
 
 def _kvmpy_command(scenario: Scenario) -> list[str]:
@@ -195,7 +207,7 @@ def run_scenario(scenario: Scenario) -> ScenarioResult:
     result = _run_vm(scenario, raw_profile)
     notes += result.notes
     for _ in range(scenario.retries):
-        failure = _lab_failure(result)
+        failure = None if result.device_errors else _lab_failure(result)
         if failure is None:
             break
         notes.append(f"boot {result.wall_seconds:.0f} s ended in {failure}; booting again")
@@ -288,10 +300,18 @@ def _run_vm(scenario: Scenario, raw_profile: Path | None = None) -> ScenarioResu
         readies=readies,
         ready_seconds=ready_at,
         wall_seconds=time.monotonic() - started,
-        output="\n".join(text.splitlines()[-40:]),
+        output="\n".join(text.splitlines()[-scenario.output_lines :]),
         stderr="\n".join(stderr.splitlines()[-60:]),
         notes=driver_facts,
+        device_errors=_matching_lines(text, scenario.device_errors),
     )
+
+
+def _matching_lines(text: str, patterns: tuple[str, ...]) -> list[str]:
+    if not patterns:
+        return []
+    matches = (line for line in text.splitlines() if any(pattern in line for pattern in patterns))
+    return list(itertools.islice(matches, DEVICE_ERROR_LINES))
 
 
 def _drive_api(scenario: Scenario, watch: _ConsoleWatch, facts_out: list[str]) -> None:
