@@ -48,16 +48,18 @@ class GuardedMemory(GuestMemory):
         for region in self.regions:
             region.view[:] = bytes(region.size)
 
-    def contains_view(self, view: memoryview) -> bool:
-        """Whether ``view`` lies entirely inside one region's RAM (host addresses compared)."""
-        if view.nbytes == 0:
-            return True  # an empty buffer touches nothing
+    def gpa_of(self, view: memoryview) -> int | None:
+        """The guest-physical address of a non-empty ``view`` if it lies inside one region's RAM."""
         start = _address(view)
         for region in self.regions:
             base = _address(region.view)
             if base <= start and start + view.nbytes <= base + region.size:
-                return True
-        return False
+                return region.gpa + start - base
+        return None
+
+    def contains_view(self, view: memoryview) -> bool:
+        """Whether ``view`` lies entirely inside one region's RAM (host addresses compared)."""
+        return view.nbytes == 0 or self.gpa_of(view) is not None
 
 
 def _address(view: memoryview) -> int:
