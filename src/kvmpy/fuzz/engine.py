@@ -18,7 +18,11 @@ REPORT_PREFIX = "kvmpy-fuzz:"
 
 
 def main(argv: list[str]) -> None:
+    import logging
+
     import atheris
+
+    logging.disable(logging.CRITICAL)  # a guest error logs a warning: millions of them are noise
 
     name, flags = argv[1], argv[2:]
     with atheris.instrument_imports(include=["kvmpy"], exclude=["kvmpy.fuzz"]):
