@@ -96,7 +96,7 @@ def wrap(payload: bytes) -> bytes:
 
 class SnapshotTarget:
     name = "snapshot"
-    max_len = 24576
+    max_len = 32768
     invariants = (
         "only StateError (a ConfigError) escapes: from parse_state, the section decoders, "
         "read_description and restore_machine",
