@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m kvmpy.fuzz", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--root", type=Path, default=default_root(), help="corpus, work and crash directories")
+    parser.add_argument(
+        "--root", type=Path, default=default_root(), help="corpus, work and crash directories"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="the targets")
     run = commands.add_parser("run", help="fuzz targets with a budget each")

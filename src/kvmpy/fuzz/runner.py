@@ -132,7 +132,7 @@ def format_table(outcomes: list[Outcome]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for o in outcomes:
-        crashes = ", ".join(p.name for p in o.crashes) or ("exit status %d" % o.exit_status if o.crashed else "0")
+        crashes = ", ".join(p.name for p in o.crashes) or (f"exit {o.exit_status}" if o.crashed else "0")
         lines.append(
             f"| {o.target} | {o.inputs:,} | {o.edges} | {o.features} | {o.corpus} | {o.known:,} "
             f"| {crashes} | {o.seconds:.0f} |"

@@ -120,7 +120,9 @@ class ApiTarget:
 
         bucket = schemas.TokenBucket(size=1 << 20, refill_time=100, one_time_burst=1 << 22)
         limiter = schemas.RateLimiter(bandwidth=bucket, ops=schemas.TokenBucket(size=100, refill_time=1000))
-        boot = schemas.BootSource(kernel_image_path="/vmlinux", initrd_path="/initrd", boot_args="console=ttyS0")
+        boot = schemas.BootSource(
+            kernel_image_path="/vmlinux", initrd_path="/initrd", boot_args="console=ttyS0"
+        )
         machine = schemas.MachineConfiguration(vcpu_count=2, mem_size_mib=256, huge_pages="2M")
         drive = schemas.Drive(drive_id="root", is_root_device=True, path_on_host="/rootfs.ext4",
                               is_read_only=False, rate_limiter=limiter)  # fmt: skip
@@ -129,14 +131,16 @@ class ApiTarget:
         configure = (
             request("PUT", "/boot-source", boot) + request("PUT", "/machine-config", machine)
             + request("PUT", "/drives", drive, "root") + request("PUT", "/network-interfaces", net, "eth0")
-            + request("PUT", "/entropy", schemas.EntropyDevice()) + request("PUT", "/serial", schemas.SerialDevice())
+            + request("PUT", "/entropy", schemas.EntropyDevice())
+            + request("PUT", "/serial", schemas.SerialDevice())
         )  # fmt: skip
         start = request("PUT", "/actions", schemas.InstanceActionInfo(action_type="InstanceStart"))
         runtime = (
-            request("PATCH", "/vm", schemas.Vm(state="Paused")) + request("GET", "/kvmpy/regs", query={"cpu": "0"})
+            request("PATCH", "/vm", schemas.Vm(state="Paused"))
+            + request("GET", "/kvmpy/regs", query={"cpu": "0"})
             + request("GET", "/kvmpy/translate", query={"cpu": "0", "gva": "0xffffffff81000000"})
             + request("GET", "/kvmpy/memory", query={"gpa": "0x1000", "size": "64"})
-            + request("PATCH", "/drives", schemas.PartialDrive(drive_id="root", path_on_host="/other"), "root")
+            + request("PATCH", "/drives", schemas.PartialDrive(drive_id="root", path_on_host="/o"), "root")
             + request("PATCH", "/vm", schemas.Vm(state="Resumed")) + request("GET", "/vm/config")
         )  # fmt: skip
         logging = request("PUT", "/logger", schemas.Logger(log_path="/tmp/log", level="Info"))

@@ -3,6 +3,8 @@ pvpanic and debug-exit (with the POST code port), each in its own target."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from kvmpy.devices.legacy import acpi_pm, i8042, serial
 from kvmpy.devices.legacy.acpi_pm import AcpiPm
 from kvmpy.devices.legacy.debug_exit import DebugExit
@@ -19,7 +21,7 @@ from kvmpy.testing.fakes import RecordingInterruptLine
 class UartTarget(RegisterTarget):
     name = "uart16550"
     span = 8
-    invariants = (
+    invariants: tuple[str, ...] = (
         *RegisterTarget.invariants,
         "the receive FIFO never holds more than 64 bytes; host input is taken only as room allows",
         "every register in the saved state is a byte",
@@ -80,7 +82,7 @@ class UartTarget(RegisterTarget):
 class I8042Target(RegisterTarget):
     name = "i8042"
     span = 5
-    invariants = (
+    invariants: tuple[str, ...] = (
         *RegisterTarget.invariants,
         "the output buffer never holds more than 16 bytes",
         "a CPU reset is requested only by a write (a reset command, or the output port with bit 0 clear)",
@@ -132,12 +134,12 @@ class I8042Target(RegisterTarget):
 class RtcTarget(RegisterTarget):
     name = "rtc"
     span = 2
-    invariants = (
+    invariants: tuple[str, ...] = (
         *RegisterTarget.invariants,
         "the selected index stays below 0x80 and CMOS holds 128 bytes",
         "the guest's clock offset stays a finite number of seconds",
     )
-    known = (
+    known: tuple[KnownIssue, ...] = (
         KnownIssue(ValueError, "devices/legacy/rtc.py", "_now",
                    "tests/test_fuzz_regressions.py::test_rtc_survives_the_clock_set_to_the_end_of_9999"),
         KnownIssue(OverflowError, "devices/legacy/rtc.py", "_now",
@@ -176,7 +178,7 @@ class RtcTarget(RegisterTarget):
 class AcpiPmTarget(RegisterTarget):
     name = "acpi-pm"
     span = acpi_pm.SIZE
-    invariants = (
+    invariants: tuple[str, ...] = (
         *RegisterTarget.invariants,
         "poweroff only from a write of SLP_EN with SLP_TYP S5; reset only from RESET_VALUE written "
         "to the reset register",
@@ -222,7 +224,9 @@ class AcpiPmTarget(RegisterTarget):
                   f"reset from {operation}")  # fmt: skip
         self._seen = (self.poweroffs, self.resets)
         check(not state.control & acpi_pm.SLP_EN, "SLP_EN reads back as one")
-        check(self.irq.level == bool(state.status & state.enable), "SCI level disagrees with PM1_STS & PM1_EN")
+        check(
+            self.irq.level == bool(state.status & state.enable), "SCI level disagrees with PM1_STS & PM1_EN"
+        )
         timer = bytearray(4)
         device.read(acpi_pm.PM_TIMER, memoryview(timer))
         check(int.from_bytes(timer, "little") < 1 << 24, "the PM timer has more than 24 bits")
@@ -241,7 +245,7 @@ class PanicExitTarget(RegisterTarget):
 
     name = "pvpanic-debug-exit"
     span = 3
-    invariants = (
+    invariants: tuple[str, ...] = (
         "no read or write raises, whatever the offset and size",
         "pvpanic reads its supported events and reports a panic only for a write with PANICKED",
         "debug-exit reports exactly the byte written, and only for writes",
@@ -249,7 +253,7 @@ class PanicExitTarget(RegisterTarget):
     )
 
     def fresh(self) -> object:
-        self.panics, self.exits = 0, []
+        self.panics, self.exits = 0, list[int]()
         self.ports = (PvPanic(self._panic), DebugExit(self.exits.append), PostCode())
         return self
 
@@ -285,7 +289,7 @@ class PanicExitTarget(RegisterTarget):
                         (WRITE, 1, 1, 3)])]  # fmt: skip
 
 
-FACTORIES: dict[str, type[Target]] = {  # type: ignore[dict-item]
+FACTORIES: dict[str, Callable[[], Target]] = {
     "uart16550": UartTarget,
     "i8042": I8042Target,
     "rtc": RtcTarget,

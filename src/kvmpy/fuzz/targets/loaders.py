@@ -137,11 +137,16 @@ class LoaderTarget:
         self.mem.check_canaries()
         check(self.mem.is_ram(boot.entry), f"entry {boot.entry:#x} is not RAM")
         encoded = text.encode("utf-8") + b"\0"
-        check(self.mem.read(layout.CMDLINE_START, len(encoded)) == encoded, "the command line is not as given")
+        check(
+            self.mem.read(layout.CMDLINE_START, len(encoded)) == encoded, "the command line is not as given"
+        )
         if initrd is not None:
             address, size, highest = self.initrd_placement(boot)
             check(size == len(initrd_data), f"initrd size {size}, not {len(initrd_data)}")
-            check(address % PAGE == 0 and address >= boot.kernel_end, f"initrd at {address:#x} overlaps the kernel")
+            check(
+                address % PAGE == 0 and address >= boot.kernel_end,
+                f"initrd at {address:#x} overlaps the kernel",
+            )
             check(address + size <= highest, f"initrd ends at {address + size:#x}, past {highest:#x}")
             check(self.mem.read(address, size) == initrd_data, "the initrd in RAM differs from the file")
         self.check_boot(boot, encoded)
@@ -165,7 +170,9 @@ class ElfTarget(LoaderTarget):
     def check_boot(self, boot: BootSetup, cmdline: bytes) -> None:
         info = self.mem.read_struct(layout.PVH_START_INFO, pvh.hvm_start_info)
         check(info.magic == pvh.XEN_HVM_START_MAGIC_VALUE, "PVH start info without its magic")
-        check(info.cmdline_paddr == layout.CMDLINE_START, "PVH start info points elsewhere for the command line")
+        check(
+            info.cmdline_paddr == layout.CMDLINE_START, "PVH start info points elsewhere for the command line"
+        )
         check(info.memmap_entries <= layout.PVH_MEMMAP_MAX_ENTRIES, "too many memory map entries")
 
     def seeds(self) -> list[bytes]:
@@ -186,7 +193,9 @@ class BzImageTarget(LoaderTarget):
     )
 
     def load(self, data: bytes, initrd: Path | None, cmdline: str, rsdp: int) -> BootSetup:
-        return bzimage.load_bzimage(self.mem, self.kernel, data, initrd=initrd, cmdline=cmdline, rsdp_address=rsdp)
+        return bzimage.load_bzimage(
+            self.mem, self.kernel, data, initrd=initrd, cmdline=cmdline, rsdp_address=rsdp
+        )
 
     def initrd_placement(self, boot: BootSetup) -> tuple[int, int, int]:
         zero_page = self.mem.read(layout.ZERO_PAGE_START, bp.ZERO_PAGE_SIZE)
@@ -200,7 +209,9 @@ class BzImageTarget(LoaderTarget):
         check(struct.unpack_from("<I", zero_page, bp.CMD_LINE_PTR)[0] == layout.CMDLINE_START, "cmd_line_ptr")
         check(zero_page[bp.E820_ENTRIES] <= bp.E820_MAX_ENTRIES, "too many e820 entries")
         limit = struct.unpack_from("<I", zero_page, bp.CMDLINE_SIZE)[0]
-        check(len(cmdline) - 1 <= limit, f"a command line of {len(cmdline) - 1} bytes passed a limit of {limit}")
+        check(
+            len(cmdline) - 1 <= limit, f"a command line of {len(cmdline) - 1} bytes passed a limit of {limit}"
+        )
 
     def seeds(self) -> list[bytes]:
         return [

@@ -79,7 +79,9 @@ class PciConfigTarget:
     def run(self, data: bytes) -> None:
         pio, mmio = Bus("pio"), Bus("mmio")
         root = PciRoot(pio, mmio, self.mem.is_ram)
-        rng = VirtioPciTransport(VirtioRng(), self.mem, RecordingMsi(), 0xC000_0000, 0xC000_4000, lambda _a: None)
+        rng = VirtioPciTransport(
+            VirtioRng(), self.mem, RecordingMsi(), 0xC000_0000, 0xC000_4000, lambda _a: None
+        )
         functions: list[PciFunction] = [HostBridge(), rng, TestFunction()]
         for slot, function in enumerate(functions):
             root.add(function, slot, f"f{slot}")
@@ -90,7 +92,12 @@ class PciConfigTarget:
         for _ in range(MAX_OPERATIONS):
             if not reader.remaining:
                 break
-            mechanism, kind, offset, size = reader.u8() & 1, reader.u8() & 1, reader.u32(), SIZES[reader.u8() % 4]
+            mechanism, kind, offset, size = (
+                reader.u8() & 1,
+                reader.u8() & 1,
+                reader.u32(),
+                SIZES[reader.u8() % 4],
+            )
             device, span = (ports, 8) if mechanism == 0 else (ecam, 2 << 20)
             offset %= span
             if offset + size > span:
@@ -100,20 +107,25 @@ class PciConfigTarget:
             else:
                 buffer = bytearray(b"\x5c" * (size + 2))
                 device.read(offset, memoryview(buffer)[1 : 1 + size])
-                check(buffer[0] == 0x5C and buffer[-1] == 0x5C, f"config read of {size} at {offset:#x} overran")
+                check(
+                    buffer[0] == 0x5C and buffer[-1] == 0x5C, f"config read of {size} at {offset:#x} overran"
+                )
         for function, before in zip(functions, identity, strict=True):
             check(self._identity(function.config) == before, "a read-only configuration register changed")
             self._check_bars(root, function, pio, mmio)
         msix_after = rng.config.raw(rng.msix.cap_offset, 2) + rng.config.raw(rng.msix.cap_offset + 4, 8)
         check(msix_after == msix_before, "the MSI-X capability's ID, table size or BIR changed")
         self.mem.check_canaries()
-        untouched = all(bytes(region.view) == zeros for region, zeros in zip(self.mem.regions, self._zeros, strict=True))
+        untouched = all(
+            bytes(region.view) == zeros for region, zeros in zip(self.mem.regions, self._zeros, strict=True)
+        )
         check(untouched, "guest RAM was written")
 
     @staticmethod
     def _identity(config: PciConfigSpace) -> tuple[bytes, list[tuple[int, int]]]:
         registers = b"".join(config.raw(offset, size) for offset, size in READ_ONLY)
-        chain, at = [], config.raw(cs.CAPABILITIES_POINTER, 1)[0]
+        chain: list[tuple[int, int]] = []
+        at = config.raw(cs.CAPABILITIES_POINTER, 1)[0]
         while at and len(chain) < 64:
             chain.append((at, config.raw(at, 1)[0]))
             at = config.raw(at + 1, 1)[0]
@@ -140,7 +152,9 @@ class PciConfigTarget:
 
     def _msix_control(self) -> int:
         """The MSI-X message control register's offset in the virtio function's configuration space."""
-        rng = VirtioPciTransport(VirtioRng(), self.mem, RecordingMsi(), 0xC000_0000, 0xC000_4000, lambda _a: None)
+        rng = VirtioPciTransport(
+            VirtioRng(), self.mem, RecordingMsi(), 0xC000_0000, 0xC000_4000, lambda _a: None
+        )
         return rng.msix.cap_offset + 2
 
     def seeds(self) -> list[bytes]:
@@ -153,7 +167,9 @@ class PciConfigTarget:
             return out.bytes()
 
         def ecam(slot: int, register: int, size: int, value: int | None) -> bytes:
-            out = Writer().u8(1).u8(0 if value is None else 1).u32(slot << 15 | register).u8(SIZES.index(size))
+            out = (
+                Writer().u8(1).u8(0 if value is None else 1).u32(slot << 15 | register).u8(SIZES.index(size))
+            )
             if value is not None:
                 out.uint(size, value)
             return out.bytes()

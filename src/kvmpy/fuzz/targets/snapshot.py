@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvmpy.abi import kvm as abi
 from kvmpy.devices.legacy.acpi_pm import AcpiPm
@@ -72,6 +73,13 @@ class RecordingSystem:
         return list(MSR_INDICES)
 
 
+def _acpi_pm() -> AcpiPm:
+    def nothing() -> None:
+        pass
+
+    return AcpiPm(nothing, nothing, RecordingInterruptLine(), clock=lambda: 0.0)
+
+
 @dataclass
 class StandInMachine:
     """The attributes restore_machine reads: the legacy devices, the VM, the vCPUs, the system."""
@@ -79,8 +87,7 @@ class StandInMachine:
     serial: Uart16550 = field(default_factory=lambda: Uart16550(RecordingInterruptLine(), lambda _d: None))
     i8042: I8042 = field(default_factory=lambda: I8042(lambda: None, RecordingInterruptLine()))
     rtc: CmosRtc = field(default_factory=lambda: CmosRtc(clock=lambda: 1_780_000_000.0))
-    acpi_pm: AcpiPm = field(default_factory=lambda: AcpiPm(lambda: None, lambda: None, RecordingInterruptLine(),
-                                                           clock=lambda: 0.0))  # fmt: skip
+    acpi_pm: AcpiPm = field(default_factory=lambda: _acpi_pm())
     vm: RecordingVm = field(default_factory=RecordingVm)
     vcpus: list[RecordingVcpu] = field(default_factory=lambda: [RecordingVcpu(i) for i in range(CPUS)])
     system: RecordingSystem = field(default_factory=RecordingSystem)
@@ -126,10 +133,11 @@ class SnapshotTarget:
             machine_state.restore_machine(machine, sections)  # type: ignore[arg-type]
         except ConfigError:
             return
-        for device in (machine.serial, machine.i8042, machine.rtc, machine.acpi_pm):
-            saved = device.save()  # type: ignore[attr-defined]
-            device.restore(saved)  # type: ignore[attr-defined]
-            check(device.save() == saved, f"{type(device).__name__}: a restored state does not restore to itself")  # type: ignore[attr-defined]
+        devices: tuple[Any, ...] = (machine.serial, machine.i8042, machine.rtc, machine.acpi_pm)
+        for device in devices:
+            saved = device.save()
+            device.restore(saved)
+            check(device.save() == saved, f"{type(device).__name__}: a restored state changes on restore")
 
     def seeds(self) -> list[bytes]:
         machine = StandInMachine()
@@ -139,7 +147,9 @@ class SnapshotTarget:
         sections = {"machine": Section(machine_state.MACHINE_VERSION, snapshot_file.encode(described))}
         for name, device in (("serial", machine.serial), ("i8042", machine.i8042), ("rtc", machine.rtc),
                              ("acpi-pm", machine.acpi_pm)):  # fmt: skip
-            sections[f"device:{name}"] = Section(machine_state.DEVICE_VERSION, snapshot_file.encode(device.save()))
+            sections[f"device:{name}"] = Section(
+                machine_state.DEVICE_VERSION, snapshot_file.encode(device.save())
+            )
 
         def chip(chip_id: int) -> bytes:
             value = abi.kvm_irqchip()
@@ -160,9 +170,13 @@ class SnapshotTarget:
                              ((0x10, 12345), (0xC0000080, 0x500)), zeros(abi.kvm_lapic_state), 0,
                              zeros(abi.kvm_vcpu_events), zeros(abi.kvm_debugregs))  # fmt: skip
 
-        sections["vcpus"] = Section(machine_state.KVM_VERSION, snapshot_file.encode(tuple(vcpu(i) for i in range(CPUS))))
+        sections["vcpus"] = Section(
+            machine_state.KVM_VERSION, snapshot_file.encode(tuple(vcpu(i) for i in range(CPUS)))
+        )
         payload = snapshot_file.msgspec.msgpack.encode(sections)
-        without_vcpus = snapshot_file.msgspec.msgpack.encode({k: v for k, v in sections.items() if k != "vcpus"})
+        without_vcpus = snapshot_file.msgspec.msgpack.encode(
+            {k: v for k, v in sections.items() if k != "vcpus"}
+        )
         return [b"\1" + payload, b"\0" + wrap(payload), b"\1" + without_vcpus]
 
 

@@ -284,7 +284,7 @@ def notify(queue: int) -> bytes:
 class BlockTarget(DeviceTarget):
     name = "virtio-blk"
     IMAGE_SIZE = 64 * 1024
-    invariants = (
+    invariants: tuple[str, ...] = (
         *DeviceTarget.invariants,
         "no file but the configured image is written, and the image never grows past its size",
         "a read of sector 0 after reset returns the image's bytes; GET_ID returns the device id",
@@ -316,7 +316,9 @@ class BlockTarget(DeviceTarget):
         mem.write_u8(DATA + 0x1000, 0xEE)
         driver.add([Buffer(DATA, 16), Buffer(DATA + 0x200, 512, True), Buffer(DATA + 0x1000, 1, True)])
         mem.write(DATA + 0x1100, struct.pack("<IIQ", blk.T_GET_ID, 0, 0))
-        driver.add([Buffer(DATA + 0x1100, 16), Buffer(DATA + 0x1200, 20, True), Buffer(DATA + 0x1001, 1, True)])
+        driver.add(
+            [Buffer(DATA + 0x1100, 16), Buffer(DATA + 0x1200, 20, True), Buffer(DATA + 0x1001, 1, True)]
+        )
         self.transport.notify(0)
         check(mem.read_u8(DATA + 0x1000) == blk.S_OK and mem.read_u8(DATA + 0x1001) == blk.S_OK,
               "a well-behaved read or GET_ID failed after reset")  # fmt: skip
@@ -334,8 +336,12 @@ class BlockTarget(DeviceTarget):
         write = poke(0x9000, b"\xab" * 64) + request(blk.T_OUT, 2, [(0x9000, 512, False)])
         read = request(blk.T_IN, 1, [(0x9000, 1024, True)])
         flush_id = request(blk.T_FLUSH, 0, []) + request(blk.T_GET_ID, 0, [(0x9000, 20, True)])
-        discard = poke(0x9000, struct.pack("<QII", 4, 8, 0)) + request(blk.T_DISCARD, 0, [(0x9000, 16, False)])
-        zeroes = poke(0x9000, struct.pack("<QII", 8, 2, 0)) + request(blk.T_WRITE_ZEROES, 0, [(0x9000, 16, False)])
+        discard = poke(0x9000, struct.pack("<QII", 4, 8, 0)) + request(
+            blk.T_DISCARD, 0, [(0x9000, 16, False)]
+        )
+        zeroes = poke(0x9000, struct.pack("<QII", 8, 2, 0)) + request(
+            blk.T_WRITE_ZEROES, 0, [(0x9000, 16, False)]
+        )
         unknown = request(99, 0, []) + request(blk.T_IN, 1 << 40, [(0x9000, 512, True)])
         return [write, read, flush_id, discard, zeroes, unknown, read + write + flush_id]
 
@@ -364,12 +370,12 @@ class RngTarget(DeviceTarget):
 # --- virtio-console ------------------------------------------------------------------------
 class ConsoleTarget(DeviceTarget):
     name = "virtio-console"
-    invariants = (
+    invariants: tuple[str, ...] = (
         *DeviceTarget.invariants,
         "console output is exactly the bytes of the transmit buffers (through kvmpy's ConsoleOutput)",
         "host input after reset reaches a posted receive buffer",
     )
-    known = (
+    known: tuple[KnownIssue, ...] = (
         KnownIssue(QueueError, "virtio/devices/console.py", "_fill_receive",
                    "tests/test_fuzz_regressions.py::test_console_broken_receive_ring_with_input_pending"),
     )  # fmt: skip
@@ -406,7 +412,9 @@ class ConsoleTarget(DeviceTarget):
     def seed_requests(self) -> list[bytes]:
         send = poke(0x9000, b"Linux version 6.1\n") + chain(1, [(0x9000, 18, False)]) + notify(1)
         receive = chain(0, [(0xA000, 64, True)]) + notify(0) + bytes([HOST_EVENT, 3]) + b"ls\n"
-        pending = bytes([HOST_EVENT, 4]) + b"abcd" + chain(0, [(0xA000, 2, True), (0xA100, 2, True)]) + notify(0)
+        pending = (
+            bytes([HOST_EVENT, 4]) + b"abcd" + chain(0, [(0xA000, 2, True), (0xA100, 2, True)]) + notify(0)
+        )
         return [send, receive, pending, send + receive]
 
 
@@ -414,13 +422,13 @@ class ConsoleTarget(DeviceTarget):
 class NetTarget(DeviceTarget):
     name = "virtio-net"
     HEADER = 12
-    invariants = (
+    invariants: tuple[str, ...] = (
         *DeviceTarget.invariants,
         "the receive handler the event loop runs never raises",
         "after reset, a transmitted packet reaches the tap whole and a packet from the tap fills "
         "a posted receive buffer",
     )
-    known = (
+    known: tuple[KnownIssue, ...] = (
         KnownIssue(QueueError, "virtio/devices/net.py", "_receive",
                    "tests/test_fuzz_regressions.py::test_net_receive_ring_run_ahead_is_contained"),
         KnownIssue(OSError, "virtio/devices/net.py", "_receive",
@@ -474,7 +482,9 @@ class NetTarget(DeviceTarget):
 
     def seed_requests(self) -> list[bytes]:
         frame = bytes(self.HEADER) + b"\xff" * 6 + b"\x52\x54\x00\x00\x00\x01\x08\x06" + b"arp"
-        send = poke(0x9000, frame) + chain(1, [(0x9000, self.HEADER, False), (0x900C, len(frame) - 12, False)])
+        send = poke(0x9000, frame) + chain(
+            1, [(0x9000, self.HEADER, False), (0x900C, len(frame) - 12, False)]
+        )
         send += notify(1)
         receive = chain(0, [(0xA000, 1526, True)]) + notify(0) + bytes([HOST_EVENT, len(frame)]) + frame
         small = chain(0, [(0xA000, 4, True)]) + notify(0) + bytes([HOST_EVENT, len(frame)]) + frame

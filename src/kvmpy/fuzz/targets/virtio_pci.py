@@ -85,7 +85,9 @@ class VirtioPciTarget:
         return VirtioRng(), None
 
     def _transport(self, device: VirtioDevice, msi: RecordingMsi) -> VirtioPciTransport:
-        transport = VirtioPciTransport(device, self.mem, msi, 0xC000_0000, 0xC000_4000, lambda _a: None, self._intx)
+        transport = VirtioPciTransport(
+            device, self.mem, msi, 0xC000_0000, 0xC000_4000, lambda _a: None, self._intx
+        )
         transport.bar_mapped(0, 0xC000_0000)
         return transport
 
@@ -102,10 +104,13 @@ class VirtioPciTarget:
 
         def counting_activate(*args: object) -> None:
             self.activations += 1
-            check(bool(transport.status & pt.STATUS_FEATURES_OK), "DRIVER_OK started the device without FEATURES_OK")
+            check(
+                bool(transport.status & pt.STATUS_FEATURES_OK),
+                "DRIVER_OK started the device without FEATURES_OK",
+            )
             activate(*args)  # type: ignore[arg-type]
 
-        device.activate = counting_activate  # type: ignore[method-assign]
+        device.activate = counting_activate  # type: ignore[method-assign,assignment]
         msi = MsiLog()
         transport = self._transport(device, msi)
         bar0, msix = transport.bar_device(0), transport.msix
@@ -136,7 +141,9 @@ class VirtioPciTarget:
                     target.read(offset, memoryview(buffer)[1 : 1 + size])
                     check(buffer[0] == 0x5C and buffer[-1] == 0x5C, f"read of {size} at {offset:#x} overran")
                 self._check(transport)
-            check(all(v < msix.vectors for v in msi.vectors), f"MSI-X message to a vector past {msix.vectors}")
+            check(
+                all(v < msix.vectors for v in msi.vectors), f"MSI-X message to a vector past {msix.vectors}"
+            )
             bar0.write(pt.COMMON_OFFSET + 20, b"\0")
             check(self._dump(transport) == self._fresh_dump(kind), "status 0 left common registers changed")
             self.mem.check_canaries()
@@ -155,8 +162,9 @@ class VirtioPciTarget:
             if queue.ready:
                 size_ok = 0 < queue.size <= queue.max_size and not queue.size & (queue.size - 1)
                 check(size_ok, f"a ready queue of size {queue.size}")
-                for at, length in ((queue.desc_addr, 16 * queue.size), (queue.driver_addr, 6 + 2 * queue.size),
-                                   (queue.device_addr, 6 + 8 * queue.size)):  # fmt: skip
+                rings = ((queue.desc_addr, 16 * queue.size), (queue.driver_addr, 6 + 2 * queue.size),
+                         (queue.device_addr, 6 + 8 * queue.size))  # fmt: skip
+                for at, length in rings:
                     check(self.mem.is_ram(at, length), f"a ready queue's ring at {at:#x} is not RAM")
 
     @staticmethod

@@ -55,7 +55,7 @@ def address(kind: int, value: int) -> int:
 
 class VirtqueueTarget:
     name = "virtqueue"
-    max_len = 12288
+    max_len = 16384
     invariants = (
         "only QueueError (a GuestError) escapes the queue; restore() refuses bad state with ValueError",
         "every buffer of a chain lies inside guest RAM and is one the driver described: a "
@@ -83,7 +83,8 @@ class VirtqueueTarget:
         mem.write(RAM0[0], image0)
         mem.write(RAM1[0], reader.rest()[: RAM1[1]])
         queue = SplitQueue(MAX_QUEUE)
-        state = QueueState(size, True, *addresses, last_avail, next_used, bool(flags & 1))
+        desc, avail, used = addresses
+        state = QueueState(size, True, desc, avail, used, last_avail, next_used, bool(flags & 1))
         if flags & 2:
             try:
                 queue.restore(state)
@@ -91,7 +92,11 @@ class VirtqueueTarget:
                 return  # refused, as documented
         else:
             queue.size, queue.desc_addr, queue.driver_addr, queue.device_addr = size, *addresses
-            queue.last_avail_idx, queue.next_used_idx, queue.event_idx = last_avail, next_used, bool(flags & 1)
+            queue.last_avail_idx, queue.next_used_idx, queue.event_idx = (
+                last_avail,
+                next_used,
+                bool(flags & 1),
+            )
             try:
                 queue.check_layout(mem)
             except GuestError:
@@ -147,7 +152,9 @@ class VirtqueueTarget:
             count = length // DESCRIPTOR_SIZE
             if flags & DESC_F_INDIRECT and 0 < count <= MAX_INDIRECT and self.mem.is_ram(addr, length):
                 indirect = self.mem.read(addr, DESCRIPTOR_SIZE * count)
-                found.update((a, n, bool(f & DESC_F_WRITE)) for a, n, f, _ in _DESCRIPTOR.iter_unpack(indirect))
+                found.update(
+                    (a, n, bool(f & DESC_F_WRITE)) for a, n, f, _ in _DESCRIPTOR.iter_unpack(indirect)
+                )
         return found
 
     def _check_only_used_ring_written(self, queue: SplitQueue, before: list[bytes]) -> None:
