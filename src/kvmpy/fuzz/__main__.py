@@ -1,6 +1,6 @@
 """``python -m kvmpy.fuzz``: run targets with a budget, replay crashes, write the seed corpora.
 
-    python -m kvmpy.fuzz list
+    python -m kvmpy.fuzz list [--invariants]
     python -m kvmpy.fuzz run [TARGET...] (--seconds S | --runs N) [--root DIR]
     python -m kvmpy.fuzz replay TARGET FILE...
     python -m kvmpy.fuzz seeds [TARGET...]
@@ -76,6 +76,23 @@ def _seeds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list(invariants: bool) -> int:
+    from kvmpy.fuzz.registry import load
+
+    for name in TARGETS:
+        if not invariants:
+            print(name)
+            continue
+        target = load(name)
+        print(f"- **{name}** (`{type(target).__module__}`):")
+        for line in target.invariants:
+            print(f"  - {line}")
+        for issue in target.known:
+            where = f"{issue.error.__name__} from {issue.function} in {issue.file}"
+            print(f"  - known, counted: {where} (`{issue.test}`)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from kvmpy.fuzz.runner import default_root
 
@@ -85,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         "--root", type=Path, default=default_root(), help="corpus, work and crash directories"
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="the targets")
+    listing = commands.add_parser("list", help="the targets")
+    listing.add_argument("--invariants", action="store_true", help="each target's invariants, as Markdown")
     run = commands.add_parser("run", help="fuzz targets with a budget each")
     run.add_argument("targets", nargs="*")
     run.add_argument("--seconds", type=int, help="wall-clock budget per target")
@@ -98,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds.add_argument("targets", nargs="*")
     args = parser.parse_args(argv)
     if args.command == "list":
-        for name in TARGETS:
-            print(name)
-        return 0
+        return _list(args.invariants)
     handlers = {"run": _run, "replay": _replay, "seeds": _seeds}
     return handlers[args.command](args)
 
