@@ -14,9 +14,11 @@ import pytest
 from kvmpy.bus import Bus
 from kvmpy.devices.legacy.rtc import CmosRtc
 from kvmpy.devices.pci.root import PciRoot
+from kvmpy.errors import ConfigError
 from kvmpy.fuzz.harness import execute
 from kvmpy.fuzz.registry import load
 from kvmpy.fuzz.targets.virtio_devices import FakeTap, RecordingMsi
+from kvmpy.loader.cmdline import write_cmdline
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.testing.virtio_driver import MockDriver
 from kvmpy.virtio import pci_transport as pt
@@ -130,3 +132,14 @@ def test_rtc_survives_the_clock_set_to_the_end_of_9999() -> None:
     rtc.write(0, bytes([0x00]))
     data = bytearray(1)
     rtc.read(1, memoryview(data))  # must not raise
+
+
+def test_a_command_line_of_any_bytes_reaches_the_kernel_as_typed() -> None:
+    """loader-elf and loader-bzimage: a command line that is not UTF-8 (Python hands argv over with
+    surrogate escapes) raised UnicodeEncodeError out of the loader, a traceback instead of a boot."""
+    mem = GuestMemory.anonymous([(0, 1 << 20)])
+    address = write_cmdline(mem, b"console=ttyS0 name=\xff\xfe".decode("utf-8", "surrogateescape"))
+    assert mem.read(address, 22) == b"console=ttyS0 name=\xff\xfe\0"
+    with pytest.raises(ConfigError, match="command line"):
+        write_cmdline(mem, "lone \ud800 surrogate")  # no bytes stand behind it: one line, not a traceback
+    mem.close()

@@ -3,7 +3,8 @@
 An input is::
 
     initrd length  u16   in units of 64 bytes (0: no initrd)
-    cmdline        u8 length, then that many bytes (read as Latin-1 text)
+    cmdline        u8 length, then that many bytes (decoded as Python decodes argv: UTF-8 with
+                   surrogate escapes, so any bytes a user can type reach the loader)
     rsdp           u32
     the rest       the kernel file
 
@@ -93,8 +94,8 @@ class LoaderTarget:
     invariants: tuple[str, ...] = (
         "only ConfigError escapes, whatever the file says",
         "the guard pages around RAM are untouched",
-        "on success: the entry point is RAM, the command line is in RAM as given and "
-        "NUL-terminated, and the initrd is in RAM byte for byte, page aligned, above the kernel "
+        "on success: the entry point is RAM, the command line is in RAM byte for byte as given "
+        "and NUL-terminated, and the initrd is in RAM byte for byte, page aligned, above the kernel "
         "and below the limit the format sets",
     )
     known: tuple[KnownIssue, ...] = ()
@@ -128,7 +129,7 @@ class LoaderTarget:
         if initrd_units:
             self.initrd.write_bytes(initrd_data)
             initrd = self.initrd
-        text = cmdline.decode("latin-1")
+        text = cmdline.decode("utf-8", errors="surrogateescape")
         try:
             boot = self.load(kernel, initrd, text, rsdp)
         except ConfigError:
@@ -136,7 +137,7 @@ class LoaderTarget:
             return
         self.mem.check_canaries()
         check(self.mem.is_ram(boot.entry), f"entry {boot.entry:#x} is not RAM")
-        encoded = text.encode("utf-8") + b"\0"
+        encoded = cmdline + b"\0"
         check(
             self.mem.read(layout.CMDLINE_START, len(encoded)) == encoded, "the command line is not as given"
         )
