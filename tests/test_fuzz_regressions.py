@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy.bus import Bus
+from kvmpy.devices.legacy.acpi_pm import AcpiPm, AcpiPmState
 from kvmpy.devices.legacy.rtc import CmosRtc
 from kvmpy.devices.pci.root import PciRoot
 from kvmpy.errors import ConfigError
@@ -20,6 +21,7 @@ from kvmpy.fuzz.registry import load
 from kvmpy.fuzz.targets.virtio_devices import FakeTap, RecordingMsi
 from kvmpy.loader.cmdline import write_cmdline
 from kvmpy.memory.guest_memory import GuestMemory
+from kvmpy.testing.fakes import RecordingInterruptLine
 from kvmpy.testing.virtio_driver import MockDriver
 from kvmpy.virtio import pci_transport as pt
 from kvmpy.virtio.devices.console import VirtioConsole
@@ -143,3 +145,16 @@ def test_a_command_line_of_any_bytes_reaches_the_kernel_as_typed() -> None:
     with pytest.raises(ConfigError, match="command line"):
         write_cmdline(mem, "lone \ud800 surrogate")  # no bytes stand behind it: one line, not a traceback
     mem.close()
+
+
+def test_acpi_pm_restored_with_sci_asserted_lowers_it_when_cleared() -> None:
+    """Found reading the restore paths for the snapshot target: AcpiPm.restore left its idea of the
+    SCI level at False, so a guest clearing PM1_STS after a restore never lowered the line that
+    KVM's restored IOAPIC still held high (and SLP_EN, which always reads 0, could be restored set)."""
+    line = RecordingInterruptLine()
+    line.set_level(True)  # the pin as KVM's restored irqchip has it
+    pm = AcpiPm(lambda: None, lambda: None, line, clock=lambda: 0.0)
+    pm.restore(AcpiPmState(status=1, enable=1, control=1 | 1 << 13))
+    assert not pm.save().control & 1 << 13
+    pm.write(0, b"\x01\x00")  # the guest's SCI handler clears the status bit
+    assert line.level is False

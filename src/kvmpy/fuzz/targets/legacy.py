@@ -36,8 +36,8 @@ class UartTarget(RegisterTarget):
         self._thr_writes = 0
         return Uart16550(self.irq, self.output.extend)
 
-    def spare(self) -> Uart16550:
-        return Uart16550(RecordingInterruptLine(), lambda _data: None)
+    def wired(self) -> Uart16550:
+        return Uart16550(self.irq, self.output.extend)
 
     def event(self, device: object, reader: Reader) -> None:
         assert isinstance(device, Uart16550)
@@ -94,8 +94,8 @@ class I8042Target(RegisterTarget):
         self.irq = RecordingInterruptLine()
         return I8042(self._reset, self.irq)
 
-    def spare(self) -> I8042:
-        return I8042(lambda: None, RecordingInterruptLine())
+    def wired(self) -> I8042:
+        return I8042(self._reset, self.irq)
 
     def _reset(self) -> None:
         self.resets += 1
@@ -150,7 +150,7 @@ class RtcTarget(RegisterTarget):
         self.now = 1_780_000_000.0  # a fixed host time, moved only by events
         return CmosRtc(clock=lambda: self.now)
 
-    def spare(self) -> CmosRtc:
+    def wired(self) -> CmosRtc:
         return CmosRtc(clock=lambda: self.now)
 
     def event(self, device: object, reader: Reader) -> None:
@@ -193,8 +193,8 @@ class AcpiPmTarget(RegisterTarget):
         self.irq = RecordingInterruptLine()
         return AcpiPm(self._poweroff, self._reset, self.irq, clock=lambda: self.now)
 
-    def spare(self) -> AcpiPm:
-        return AcpiPm(lambda: None, lambda: None, RecordingInterruptLine(), clock=lambda: self.now)
+    def wired(self) -> AcpiPm:
+        return AcpiPm(self._poweroff, self._reset, self.irq, clock=lambda: self.now)
 
     def _poweroff(self) -> None:
         self.poweroffs += 1
@@ -281,8 +281,8 @@ class PanicExitTarget(RegisterTarget):
     def restore(self, state: object) -> None:
         pass
 
-    def round_trip(self, device: object) -> None:
-        pass  # these ports keep no state worth a snapshot
+    def round_trip(self, device: object) -> object:
+        return device  # these ports keep no state worth a snapshot
 
     def seeds(self) -> list[bytes]:
         return [encode([(READ, 0, 1, 0), (WRITE, 2, 1, 0x42), (READ, 2, 1, 0), (WRITE, 0, 1, 1),

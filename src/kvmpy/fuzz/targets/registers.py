@@ -50,7 +50,8 @@ class RegisterTarget:
     invariants: tuple[str, ...] = (
         "no read or write raises, whatever the offset and size",
         "a read fills exactly its buffer",
-        "save() then restore() into a fresh device then save() gives the same state",
+        "save() then restore() into a fresh device then save() gives the same state, and the "
+        "restored device goes on obeying every invariant below",
     )
     known: tuple[KnownIssue, ...] = ()
     max_len = 256
@@ -59,8 +60,9 @@ class RegisterTarget:
         """A new device wired to this target's recorders."""
         raise NotImplementedError
 
-    def spare(self) -> object:
-        """A new device wired to nothing, for the round trip."""
+    def wired(self) -> object:
+        """Another device wired to the same recorders, as a restored one is to the same
+        interrupt line (whose level KVM restores with its irqchip)."""
         raise NotImplementedError
 
     def event(self, device: object, reader: Reader) -> None:
@@ -92,14 +94,16 @@ class RegisterTarget:
             elif kind == EVENT:
                 self.event(device, reader)
             else:
-                self.round_trip(device)
+                device = self.round_trip(device)
             self.after(device, operation)
 
-    def round_trip(self, device: object) -> None:
+    def round_trip(self, device: object) -> object:
+        """Save, restore into another device, and go on with that one (a snapshot taken and loaded)."""
         saved = device.save()  # type: ignore[attr-defined]
-        other = self.spare()
+        other = self.wired()
         other.restore(saved)  # type: ignore[attr-defined]
         check(other.save() == saved, f"{self.name}: restore(save()) changed the state")  # type: ignore[attr-defined]
+        return other
 
 
 __all__ = ["EVENT", "READ", "ROUND_TRIP", "SIZES", "WRITE", "Operation", "RegisterTarget", "encode"]
