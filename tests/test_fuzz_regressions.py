@@ -7,10 +7,14 @@ KnownIssue of its fuzz target, so the campaign counts it instead of stopping on 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from kvmpy.api.config_file import config_actions
+from kvmpy.api.messages import Request
+from kvmpy.api.router import Router
 from kvmpy.bus import Bus
 from kvmpy.devices.legacy.acpi_pm import AcpiPm, AcpiPmState
 from kvmpy.devices.legacy.rtc import CmosRtc
@@ -21,6 +25,7 @@ from kvmpy.fuzz.registry import load
 from kvmpy.fuzz.targets.virtio_devices import FakeTap, RecordingMsi
 from kvmpy.loader.cmdline import write_cmdline
 from kvmpy.memory.guest_memory import GuestMemory
+from kvmpy.testing.fake_vmm import FakeVmm
 from kvmpy.testing.fakes import RecordingInterruptLine
 from kvmpy.testing.virtio_driver import MockDriver
 from kvmpy.virtio import pci_transport as pt
@@ -158,3 +163,16 @@ def test_acpi_pm_restored_with_sci_asserted_lowers_it_when_cleared() -> None:
     assert not pm.save().control & 1 << 13
     pm.write(0, b"\x01\x00")  # the guest's SCI handler clears the status bit
     assert line.level is False
+
+
+@pytest.mark.parametrize("field", ["kernel_image_path", "initrd_path"])
+def test_a_path_with_a_nul_byte_is_refused_by_the_api(field: str) -> None:
+    """api: a JSON path with an escaped NUL (\\u0000) became a Path the VMM cannot open(): a
+    ValueError, not an OSError, deep in the loader instead of a 400 naming the field."""
+    vmm = FakeVmm()
+    body = {"kernel_image_path": "/vmlinux", field: "/boot/vm\u0000linux"}
+    response = Router(vmm.submit).handle(Request("PUT", "/boot-source", {}, json.dumps(body).encode()))
+    assert response.status == 400 and field in json.loads(response.body)["fault_message"]
+    assert not vmm.actions
+    with pytest.raises(ConfigError, match=field):
+        config_actions(json.dumps({"boot-source": body}).encode(), "vm.json")

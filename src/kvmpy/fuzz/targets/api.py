@@ -14,6 +14,9 @@ and for mode 1 the rest is a configuration file.
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import PurePath
+
 import msgspec
 
 from kvmpy.api import schemas
@@ -37,6 +40,18 @@ def _text(reader: Reader) -> str:
     return reader.take(reader.u8()).decode("utf-8", errors="replace")
 
 
+def _check_paths(value: object) -> None:
+    """Every path an action carries is a name the VMM can hand to open(): no NUL byte in it."""
+    if isinstance(value, PurePath):
+        check("\0" not in str(value), f"an action carries the path {str(value)!r}, which open() refuses")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for item in dataclasses.fields(value):
+            _check_paths(getattr(value, item.name))
+    elif isinstance(value, tuple | list):
+        for item in value:
+            _check_paths(item)
+
+
 class ApiTarget:
     name = "api"
     max_len = 4096
@@ -46,6 +61,8 @@ class ApiTarget:
         "an error answer is 4xx with a JSON body holding a string fault_message; 204 has no body; "
         "200 has a JSON body",
         "a configuration file gives a list of actions or a ConfigError, nothing else",
+        "every file path an action carries (kernel, initrd, disk, serial, log, metrics) is one "
+        "open() takes: no NUL byte",
         "every action the configuration file gives is accepted or refused by the fake VMM as an "
         "ActionError, never with another exception",
     )
@@ -70,8 +87,11 @@ class ApiTarget:
             query = {_text(reader): _text(reader) for _ in range(reader.u8() % 5)}
             length = reader.u16()
             body = None if length == NO_BODY else reader.take(length)
+            seen = len(vmm.actions)
             response = router.handle(Request(method, path, query, body))
             self._check_response(response.status, response.body, f"{method} {path}")
+            for action in vmm.actions[seen:]:
+                _check_paths(action)
 
     @staticmethod
     def _check_response(status: int, body: bytes, what: str) -> None:
@@ -97,6 +117,8 @@ class ApiTarget:
         except ConfigError:
             return
         check(isinstance(actions, list), "config_actions returned no list")
+        for action in actions:
+            _check_paths(action)
         from kvmpy.vmm.actions import ActionError
 
         vmm = FakeVmm()
