@@ -17,7 +17,7 @@ from kvmpy.api.messages import Request
 from kvmpy.api.router import Router
 from kvmpy.bus import Bus
 from kvmpy.devices.legacy.acpi_pm import AcpiPm, AcpiPmState
-from kvmpy.devices.legacy.rtc import CmosRtc
+from kvmpy.devices.legacy.rtc import CmosRtc, CmosRtcState
 from kvmpy.devices.pci.root import PciRoot
 from kvmpy.errors import ConfigError
 from kvmpy.fuzz.harness import execute
@@ -176,3 +176,18 @@ def test_a_path_with_a_nul_byte_is_refused_by_the_api(field: str) -> None:
     assert not vmm.actions
     with pytest.raises(ConfigError, match=field):
         config_actions(json.dumps({"boot-source": body}).encode(), "vm.json")
+
+
+@pytest.mark.xfail(strict=True, reason="CMOS RTC (devices/legacy/rtc.py, owned by the virtio/bus "
+                   "rewrite): restore() takes any float as the clock offset, and NaN, infinity or "
+                   "10**20 seconds make the guest's first time read raise; found for the snapshot "
+                   "target, which counts it as known")  # fmt: skip
+@pytest.mark.parametrize("offset", [float("nan"), float("inf"), 1e20])
+def test_rtc_restored_with_a_clock_offset_it_cannot_use(offset: float) -> None:
+    rtc = CmosRtc(clock=lambda: 1_780_000_000.0)
+    try:
+        rtc.restore(CmosRtcState(0, bytes(128), offset))
+    except ValueError:
+        return  # refused at restore, as untrusted state should be
+    rtc.write(0, b"\x00")
+    rtc.read(1, memoryview(bytearray(1)))  # must not raise

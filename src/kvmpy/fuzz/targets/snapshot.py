@@ -93,6 +93,17 @@ class StandInMachine:
     system: RecordingSystem = field(default_factory=RecordingSystem)
 
 
+def _use(machine: StandInMachine) -> None:
+    """What a guest does first after a restore: read the clock, the UART, the i8042, the PM timer."""
+    byte, word = memoryview(bytearray(1)), memoryview(bytearray(4))
+    for register in (0x00, 0x02, 0x04, 0x06, 0x07, 0x08, 0x09, 0x32):
+        machine.rtc.write(0, bytes([register]))
+        machine.rtc.read(1, byte)
+    machine.serial.read(5, byte)
+    machine.i8042.read(4, byte)
+    machine.acpi_pm.read(8, word)
+
+
 def wrap(payload: bytes) -> bytes:
     """``payload`` as a state file with a valid header and checksum."""
     header = snapshot_file._HEADER.pack(snapshot_file.MAGIC, snapshot_file.ARCH, snapshot_file.FORMAT_VERSION,
@@ -108,10 +119,16 @@ class SnapshotTarget:
         "only StateError (a ConfigError) escapes: from parse_state, the section decoders, "
         "read_description and restore_machine",
         "a description that is accepted gives a configuration a machine can be built from",
-        "every device restored from a snapshot saves a state that restores to itself",
+        "every device restored from a snapshot answers the guest (the RTC's time, the UART's "
+        "line status, the i8042's status, the PM timer) and saves a state that restores to itself",
         "what reaches KVM has been checked: at most 256 CPUID entries, only MSRs the host lists",
     )
-    known: tuple[KnownIssue, ...] = ()
+    known: tuple[KnownIssue, ...] = (
+        KnownIssue(ValueError, "devices/legacy/rtc.py", "_now",
+                   "tests/test_fuzz_regressions.py::test_rtc_restored_with_a_clock_offset_it_cannot_use"),
+        KnownIssue(OverflowError, "devices/legacy/rtc.py", "_now",
+                   "tests/test_fuzz_regressions.py::test_rtc_restored_with_a_clock_offset_it_cannot_use"),
+    )  # fmt: skip
 
     def run(self, data: bytes) -> None:
         reader = Reader(data)
@@ -133,6 +150,7 @@ class SnapshotTarget:
             machine_state.restore_machine(machine, sections)  # type: ignore[arg-type]
         except ConfigError:
             return
+        _use(machine)
         devices: tuple[Any, ...] = (machine.serial, machine.i8042, machine.rtc, machine.acpi_pm)
         for device in devices:
             saved = device.save()
