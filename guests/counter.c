@@ -1,9 +1,12 @@
-/* counter: prints "tick N" about every gap=CYCLES TSC cycles (default 2^27), ticks=N times
+/* counter: counts in memory and prints "tick N" about every gap=CYCLES TSC cycles (default 2^27), ticks=N times
  * (default 0: forever), then exits with status 0. It also prints the guest-virtual address of
  * a banner string, so a monitor test can walk the page tables to it on the live guest. */
 #include "runtime/runtime.h"
 
 static const char banner[] = "kvmpy counter guest: the banner a monitor can find";
+/* The count lives in memory, not in a register: a snapshot or migration that loses a
+ * page of RAM shows as a count that jumps back. */
+static volatile u64 count;
 
 static inline u64 rdtsc(void) {
     u32 lo, hi;
@@ -18,12 +21,12 @@ int main(const char *cmdline) {
     serial_puts("banner at ");
     print_hex((u64)banner);
     serial_puts("\n");
-    for (u64 n = 1; ticks == 0 || n <= ticks; n++) {
+    for (count = 1; ticks == 0 || count <= ticks; count++) {
         u64 start = rdtsc();
         while (rdtsc() - start < gap) {
         }
         serial_puts("tick ");
-        print_u64(n);
+        print_u64(count);
         serial_puts("\n");
     }
     return 0;

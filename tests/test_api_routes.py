@@ -411,8 +411,34 @@ def test_unknown_paths_and_methods(vmm: FakeVmm, method: str, path: str, body: o
 @pytest.mark.parametrize(
     ("method", "path", "body", "words"),
     [
-        ("PUT", "/snapshot/create", {"snapshot_path": "s", "mem_file_path": "m"}, "snapshots"),
-        ("PUT", "/snapshot/load", {"snapshot_path": "s"}, "snapshots"),
+        (
+            "PUT",
+            "/snapshot/load",
+            {"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"}},
+            "Uffd",
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            {
+                "snapshot_path": "s",
+                "mem_file_path": "m",
+                "network_overrides": [{"iface_id": "e", "host_dev_name": "tap1"}],
+            },
+            "network_overrides",
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            {"snapshot_path": "s", "mem_file_path": "m", "clock_realtime": True},
+            "clock_realtime",
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            {"snapshot_path": "s", "mem_file_path": "m", "huge_pages": "2M"},
+            "huge_pages",
+        ),
         ("PUT", "/vsock", {"guest_cid": 3, "uds_path": "/v"}, "vsock"),
         ("PUT", "/balloon", {"amount_mib": 1, "deflate_on_oom": True}, "balloon"),
         ("GET", "/balloon", None, "balloon"),
@@ -511,3 +537,87 @@ def test_a_submit_that_returns_the_wrong_type_is_500() -> None:
     response = router.handle(Request("GET", "/"))
     assert response.status == 500
     assert "not InstanceInfo" in json.loads(response.body)["fault_message"]
+
+
+# --- snapshots -----------------------------------------------------------------------------------
+def test_snapshot_create_from_a_paused_vm(vmm: FakeVmm) -> None:
+    boot(vmm)
+    body = {"snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"}
+    assert fault(call(vmm, "PUT", "/snapshot/create", body)).startswith("the VM must be paused")
+    call(vmm, "PATCH", "/vm", {"state": "Paused"})
+    assert call(vmm, "PUT", "/snapshot/create", {**body, "snapshot_type": "Diff"}).status == 204
+    assert vmm.actions[-1] == a.CreateSnapshot(Path("/tmp/s"), Path("/tmp/m"), "Diff")
+
+
+@pytest.mark.parametrize(
+    ("body", "action"),
+    [
+        ({"snapshot_path": "/s", "mem_file_path": "/m"}, a.LoadSnapshot(Path("/s"), Path("/m"))),
+        (
+            {
+                "snapshot_path": "/s",
+                "mem_backend": {"backend_type": "File", "backend_path": "/m"},
+                "resume_vm": True,
+                "track_dirty_pages": True,
+                "huge_pages": "Snapshot",
+            },
+            a.LoadSnapshot(Path("/s"), Path("/m"), resume_vm=True, track_dirty_pages=True),
+        ),
+        (
+            {"snapshot_path": "/s", "mem_file_path": "/m", "enable_diff_snapshots": True},
+            a.LoadSnapshot(Path("/s"), Path("/m"), track_dirty_pages=True),
+        ),
+    ],
+)
+def test_snapshot_load_into_a_fresh_vmm(vmm: FakeVmm, body: dict, action: a.LoadSnapshot) -> None:
+    assert call(vmm, "PUT", "/snapshot/load", body).status == 204
+    assert vmm.actions == [action]
+    state = json.loads(call(vmm, "GET", "/").body)["state"]
+    assert state == ("Running" if action.resume_vm else "Paused")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/snapshot", {"snapshot_path": "s"}, "Missing snapshot operation type."),
+        ("/snapshot/take", {"snapshot_path": "s"}, "Invalid request method and/or path: PUT /snapshot/take."),
+        (
+            "/snapshot/load",
+            {"snapshot_path": "s"},
+            DESERIALIZE + "missing field: either `mem_backend` or `mem_file_path` is required.",
+        ),
+        (
+            "/snapshot/load",
+            {
+                "snapshot_path": "s",
+                "mem_file_path": "m",
+                "mem_backend": {"backend_type": "File", "backend_path": "m"},
+            },
+            DESERIALIZE + "too many fields: either `mem_backend` or `mem_file_path` exclusively is required.",
+        ),
+        (
+            "/snapshot/create",
+            {"snapshot_path": "s", "mem_file_path": "m", "snapshot_type": "Half"},
+            DESERIALIZE + "Invalid enum value 'Half' - at `$.snapshot_type`.",
+        ),
+        (
+            "/snapshot/create",
+            {"snapshot_path": "s"},
+            DESERIALIZE + "Object missing required field `mem_file_path`.",
+        ),
+    ],
+)
+def test_snapshot_errors_as_firecracker_words_them(vmm: FakeVmm, path: str, body: dict, message: str) -> None:
+    assert fault(call(vmm, "PUT", path, body)) == message
+    assert vmm.actions == []
+
+
+def test_snapshot_phases(vmm: FakeVmm) -> None:
+    body = {"snapshot_path": "/s", "mem_file_path": "/m"}
+    assert fault(call(vmm, "PUT", "/snapshot/create", body)) == a.NOT_ALLOWED_BEFORE_START
+    call(vmm, "PUT", "/boot-source", {"kernel_image_path": "/k"})
+    assert fault(call(vmm, "PUT", "/snapshot/load", body)) == (
+        "Loading a microVM snapshot not allowed after configuring boot-specific resources."
+    )
+    call(vmm, "PUT", "/actions", {"action_type": "InstanceStart"})
+    assert fault(call(vmm, "PUT", "/snapshot/load", body)) == a.NOT_ALLOWED_AFTER_START

@@ -289,3 +289,26 @@ def time_to_first_answer(sock_path: Path) -> float:
 def test_a_fresh_process_answers_get_root(tmp_path: Path) -> None:
     times = [time_to_first_answer(tmp_path / f"ready{i}.sock") for i in range(3)]
     print(f"GET / answered {', '.join(f'{t * 1000:.0f}' for t in times)} ms after process start")
+
+
+def test_connections_over_the_cap_are_closed_and_the_server_recovers(server: ApiServer) -> None:
+    idle = []
+    for _ in range(MAX_CONNECTIONS):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(server.path))
+        idle.append(s)
+    time.sleep(0.2)  # let the accept thread admit them all
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as extra:
+        extra.settimeout(5)
+        extra.connect(str(server.path))
+        assert extra.recv(10) == b""  # refused by closing
+    for s in idle:
+        s.close()
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            still_answers(server.path)
+            break
+        except (ConnectionError, http.client.RemoteDisconnected):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)

@@ -69,3 +69,90 @@ def test_adjacent_ranges_allowed_and_counted() -> None:
     assert stats["first"].writes == 1
     assert second.writes[0] == (0, b"\x01")
     assert first.writes == [(0xF, b"\x02")]
+
+
+def test_lookups_during_a_bar_move_never_see_a_half_updated_table() -> None:
+    """``find`` takes no lock: a register/unregister racing it must not give a wrong device or raise.
+
+    A BAR move used to delete from the bus's two lists one after the other, so a vCPU thread's
+    lookup in between saw the base of one range beside the device of another (or ran off the end).
+    """
+    import sys
+    import threading
+    import time
+
+    bus = Bus("mmio")
+    stable = Recorder()
+    for i in range(8):
+        bus.register(0x10_000 * (i + 1), 0x1000, Recorder(), f"neighbour{i}")
+    bus.register(0x100_000, 0x1000, stable, "stable")
+    moving = Recorder()
+    failures: list[str] = []
+    done = threading.Event()
+
+    def move_bars() -> None:
+        while not done.is_set():
+            for address in (0x8000, 0x48_000, 0x200_000):
+                entry = bus.register(address, 0x1000, moving, "moving")
+                bus.unregister(entry)
+
+    def look_up() -> None:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and not failures:
+            try:
+                found = bus.find(0x100_800, 4)
+            except Exception as error:  # noqa: BLE001 - any exception here is the bug
+                failures.append(repr(error))
+                break
+            if found is None or found.device is not stable:
+                failures.append(f"found {found.name if found else None} for the stable device")
+        done.set()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=move_bars), threading.Thread(target=look_up)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert failures == []
+
+
+def test_unclaimed_addresses_are_counted_within_a_bound() -> None:
+    from kvmpy.bus.bus import MAX_UNCLAIMED_ADDRESSES, OTHER_UNCLAIMED
+
+    bus = Bus("mmio")
+    for address in range(MAX_UNCLAIMED_ADDRESSES + 1000):
+        bus.write(0x1000_0000 + address * 8, b"\0")
+    counted = dict(bus.unclaimed())
+    assert len(counted) == MAX_UNCLAIMED_ADDRESSES + 1
+    assert counted[OTHER_UNCLAIMED] == 1000
+    assert sum(counted.values()) == MAX_UNCLAIMED_ADDRESSES + 1000
+
+
+def test_no_access_count_is_lost_between_threads() -> None:
+    import threading
+
+    class Nothing:
+        def read(self, offset: int, data: memoryview) -> None:
+            data[:] = b"\0" * len(data)
+
+        def write(self, offset: int, data: bytes) -> None:
+            pass
+
+    bus = Bus("pio")
+    entry = bus.register(0x80, 1, Nothing(), "sink")
+
+    def hammer() -> None:
+        for _ in range(20000):
+            bus.write(0x80, b"\1")
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert entry.writes == 80000 and entry.bytes == 80000

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from kvmpy import ctl
 from kvmpy.cli import main
+from kvmpy.ctl import formatting as ctl
+from kvmpy.ctl import parse_address, parse_length
 
 RECORDED = Path(__file__).parent / "data" / "monitor"
 
@@ -69,6 +70,12 @@ def test_translate_of_an_unmapped_address_says_where_the_walk_stopped() -> None:
     assert f"-> no translation: {answer['walk']['fault']}" in text
     assert "KVM_TRANSLATE: no translation (agrees)" in text
     assert "HVA" not in text
+
+
+def test_translate_to_mmio_names_the_device() -> None:
+    answer = recorded("translate_mmio")
+    text = ctl.format_translate(answer)
+    assert text.splitlines()[-1] == f"GPA {answer['gpa']:#x} -> the MMIO of {answer['device']}"
 
 
 def test_hex_dump_aligns_lines_and_shows_printable_bytes() -> None:
@@ -138,12 +145,19 @@ def test_rates_between_two_samples() -> None:
         rate = (row["count"] - old.get(row["reason"], 0)) / seconds
         assert any(line.split()[:2] == [row["reason"], f"{rate:.1f}"] for line in text.splitlines())
     assert f"{(after['total_exits'] - before['total_exits']) / seconds:.0f} exits/s" in text
+    earlier = {row["vcpu"]: row["guest_ns"] for row in before["vcpus"]}
+    for row in after["vcpus"]:
+        share = 100 * (row["guest_ns"] - earlier[row["vcpu"]]) / 1e9 / seconds
+        assert f"vCPU {row['vcpu']} {share:.0f}%" in text.splitlines()[0]
+    kernel = text.split("KVM's own counters")[1]
+    exits = after["kernel"]["exits"] - before["kernel"]["exits"]
+    assert any(line.split()[:2] == ["exits", f"{exits / seconds:.1f}"] for line in kernel.splitlines())
 
 
 def test_addresses_parse_as_hex() -> None:
-    assert ctl.parse_address("0xffff_8000_0000_0000") == 0xFFFF_8000_0000_0000
-    assert ctl.parse_address("100dc0") == 0x100DC0
-    assert ctl.parse_length("0x10") == 16 and ctl.parse_length("64") == 64
+    assert parse_address("0xffff_8000_0000_0000") == 0xFFFF_8000_0000_0000
+    assert parse_address("100dc0") == 0x100DC0
+    assert parse_length("0x10") == 16 and parse_length("64") == 64
 
 
 # --- the transport ----------------------------------------------------------------------
@@ -254,9 +268,10 @@ def test_a_refused_request_is_one_line_and_exit_1(
     assert main(["ctl", path, "x", "0x10", "16"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err.startswith("kvmpy: error: GET /kvmpy/memory?") and err.endswith(
-        ": 400: GVA 0x10 has no translation: not present\n"
-    )
+    assert err == "kvmpy: error: GET /kvmpy/memory: GVA 0x10 has no translation: not present\n"
+    server.answer("GET", "/kvmpy/irq", 500, {"fault_message": "internal error: boom"})
+    assert main(["ctl", path, "irq"]) == 1
+    assert capsys.readouterr().err == "kvmpy: error: GET /kvmpy/irq: 500: internal error: boom\n"
 
 
 def test_an_answer_that_is_not_json_is_an_error(

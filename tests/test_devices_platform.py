@@ -162,3 +162,74 @@ def test_hostile_traffic_never_raises(factory, accesses) -> None:  # type: ignor
     for offset, size, value in accesses:
         device.write(offset, bytes([value]) * size)
         device.read(offset, memoryview(bytearray(size)))
+
+
+def test_rtc_survives_the_end_of_year_9999_and_can_be_set_back() -> None:
+    """Set to 9999-12-31 23:59:59, one second later every time register read raised ValueError
+    (datetime ends at year 9999) and the guest could not set the clock back."""
+    now = [datetime.datetime(2026, 12, 1, tzinfo=datetime.UTC).timestamp()]
+    port = PortAccessor(CmosRtc(clock=lambda: now[0]))
+
+    def write(index: int, value: int) -> None:
+        port.outb(rtc.INDEX, index)
+        port.outb(rtc.DATA, value)
+
+    def read(index: int) -> int:
+        port.outb(rtc.INDEX, index)
+        return port.inb(rtc.DATA)
+
+    for index, value in (
+        (rtc.REG_CENTURY, 0x99), (rtc.REG_YEAR, 0x99), (rtc.REG_MONTH, 0x12), (rtc.REG_DAY, 0x31),
+        (rtc.REG_HOURS, 0x23), (rtc.REG_MINUTES, 0x59), (rtc.REG_SECONDS, 0x59),
+    ):  # fmt: skip
+        write(index, value)
+    assert (read(rtc.REG_CENTURY), read(rtc.REG_YEAR), read(rtc.REG_SECONDS)) == (0x99, 0x99, 0x59)
+    now[0] += 2
+    registers = [read(index) for index in (rtc.REG_SECONDS, rtc.REG_MINUTES, rtc.REG_HOURS, rtc.REG_DAY)]
+    assert registers == [0x01, 0x00, 0x00, 0x01]  # midnight, a new day: no exception
+    assert read(rtc.REG_MONTH) == 0x01 and read(rtc.REG_YEAR) == 0x00
+    write(rtc.REG_SECONDS, 0x30)  # writes work past the end too
+    write(rtc.REG_CENTURY, 0x20)
+    write(rtc.REG_YEAR, 0x26)
+    assert (read(rtc.REG_CENTURY), read(rtc.REG_YEAR), read(rtc.REG_SECONDS)) == (0x20, 0x26, 0x30)
+
+
+def test_rtc_far_offsets_never_raise() -> None:
+    device = CmosRtc(clock=lambda: 0.0)
+    for offset in (1e18, -1e18, 253402300800.0, -62135596801.0):
+        device.restore(rtc.CmosRtcState(0, bytes(device.save().cmos), offset))
+        port = PortAccessor(device)
+        for index in (rtc.REG_SECONDS, rtc.REG_DAY, rtc.REG_YEAR, rtc.REG_CENTURY):
+            port.outb(rtc.INDEX, index)
+            port.inb(rtc.DATA)
+            port.outb(rtc.DATA, 0x01)
+
+
+def test_restore_refuses_bad_state_with_a_kvmpy_error() -> None:
+    """Saved state is untrusted input: a bad one is a RestoreError with one line, never ValueError."""
+    from kvmpy.devices.legacy.serial import Uart16550
+    from kvmpy.errors import HostError, RestoreError
+    from kvmpy.virtio.queue import QueueState, SplitQueue
+
+    uart = Uart16550(RecordingInterruptLine(), output=lambda data: None)
+    rtc_device = CmosRtc()
+    bad = [
+        (lambda: rtc_device.restore(rtc.CmosRtcState(0, b"", 0.0)), "CMOS"),
+        (lambda: rtc_device.restore(rtc.CmosRtcState(0, bytes(128), float("nan"))), "CMOS"),
+        (lambda: AcpiPm(lambda: None, lambda: None, RecordingInterruptLine()).restore(
+            acpi_pm.AcpiPmState(0x1_0000, 0, 0)), "ACPI"),
+        (lambda: I8042(lambda: None).restore(i8042.I8042State(256, 0, 0, b"", 0)), "i8042"),
+        (lambda: uart.restore(dataclass_replace(uart.save(), ier=300)), "UART"),
+        (lambda: SplitQueue(16).restore(QueueState(3, True, 0, 0, 0, 0, 0, False)), "queue"),
+        (lambda: SplitQueue(16).restore(QueueState(16, True, 0, 0, 0, 1 << 16, 0, False)), "queue"),
+    ]  # fmt: skip
+    for restore, name in bad:
+        with pytest.raises(RestoreError, match=name) as raised:
+            restore()
+        assert isinstance(raised.value, HostError) and "\n" not in str(raised.value)
+
+
+def dataclass_replace(state, **changes):  # type: ignore[no-untyped-def]
+    import dataclasses
+
+    return dataclasses.replace(state, **changes)

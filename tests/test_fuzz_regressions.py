@@ -1,8 +1,8 @@
 """Every bug the fuzz targets found, as a test that failed before its fix (docs/security.md).
 
-Bugs in code another change owns (virtio, the buses, the RTC, the console) are pinned here
-as strict xfails with their reproducer until that change fixes them; each is also a
-KnownIssue of its fuzz target, so the campaign counts it instead of stopping on it.
+Bugs in code another change owned (virtio, the buses, the RTC, the console) were pinned here
+as strict xfails, and as KnownIssues of their fuzz targets, until that change (the hostile-guest
+fixes) fixed them; they are plain regression tests now.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def test_every_saved_crash_replays_clean(path: Path) -> None:
     execute(load(path.parent.name), path.read_bytes())
 
 
-# --- open bugs in code another change owns: strict xfails until it fixes them -------------------
+# --- bugs in code the hostile-guest change owned: strict xfails until it fixed them ---------------
 def _driver_ok(transport: VirtioPciTransport, mem: GuestMemory) -> list[MockDriver]:
     """A well-behaved driver's set-up through the common configuration, up to FEATURES_OK and the
     queues; returns their mock drivers (DRIVER_OK is left to the test)."""
@@ -87,10 +87,9 @@ def _driver_ok(transport: VirtioPciTransport, mem: GuestMemory) -> list[MockDriv
     return drivers
 
 
-@pytest.mark.xfail(strict=True, reason="virtio-console (virtio/devices/console.py, owned by the virtio "
-                   "rewrite): a broken receive ring raises QueueError out of activate() in the guest's "
-                   "DRIVER_OK write when host input is pending; issue 13")  # fmt: skip
 def test_console_broken_receive_ring_with_input_pending() -> None:
+    """virtio-console: a broken receive ring raised QueueError out of activate() in the guest's
+    DRIVER_OK write when host input was pending (issue 13)."""
     mem = GuestMemory.anonymous([(0, 0x20000)])
     console = VirtioConsole(lambda _data: None)
     transport = VirtioPciTransport(console, mem, RecordingMsi(), 0xC000_0000, 0xC000_4000, lambda _a: None)
@@ -103,10 +102,9 @@ def test_console_broken_receive_ring_with_input_pending() -> None:
     assert transport.status & pt.STATUS_NEEDS_RESET
 
 
-@pytest.mark.xfail(strict=True, reason="virtio-net (virtio/devices/net.py, owned by the virtio rewrite): "
-                   "_receive runs on the event loop outside the transport's guard, so a receive ring "
-                   "whose available index runs ahead raises QueueError there; issue 13")  # fmt: skip
 def test_net_receive_ring_run_ahead_is_contained() -> None:
+    """virtio-net: _receive ran on the event loop outside the transport's guard, so a receive ring
+    whose available index ran ahead raised QueueError there (issue 13)."""
     mem = GuestMemory.anonymous([(0, 0x20000)])
     tap, watched = FakeTap(), {}
     net = VirtioNet(tap, bytes(6), watched.__setitem__, lambda fd: watched.pop(fd, None))  # type: ignore[arg-type]
@@ -124,11 +122,9 @@ def test_net_receive_ring_run_ahead_is_contained() -> None:
         net.close()
 
 
-@pytest.mark.xfail(strict=True, reason="CMOS RTC (devices/legacy/rtc.py, owned by the virtio/bus "
-                   "rewrite): a clock set to 9999-12-31 23:59:59 makes every time register access "
-                   "raise ValueError one second later; issue 13 (pinned for the rtc fuzz target, which "
-                   "counts it as known)")  # fmt: skip
 def test_rtc_survives_the_clock_set_to_the_end_of_9999() -> None:
+    """CMOS RTC: a clock set to 9999-12-31 23:59:59 made every time register access raise
+    ValueError one second later (issue 13)."""
     now = [1_780_000_000.0]
     rtc = CmosRtc(clock=lambda: now[0])
     for index, value in ((0x0B, 0x82), (0x32, 0x99), (0x09, 0x99), (0x08, 0x12), (0x07, 0x31),
@@ -178,12 +174,10 @@ def test_a_path_with_a_nul_byte_is_refused_by_the_api(field: str) -> None:
         config_actions(json.dumps({"boot-source": body}).encode(), "vm.json")
 
 
-@pytest.mark.xfail(strict=True, reason="CMOS RTC (devices/legacy/rtc.py, owned by the virtio/bus "
-                   "rewrite): restore() takes any float as the clock offset, and NaN, infinity or "
-                   "10**20 seconds make the guest's first time read raise; found for the snapshot "
-                   "target, which counts it as known")  # fmt: skip
 @pytest.mark.parametrize("offset", [float("nan"), float("inf"), 1e20])
 def test_rtc_restored_with_a_clock_offset_it_cannot_use(offset: float) -> None:
+    """CMOS RTC, found writing the snapshot target: restore() took any float as the clock offset,
+    and NaN, infinity or 10**20 seconds made the guest's first time read raise."""
     rtc = CmosRtc(clock=lambda: 1_780_000_000.0)
     try:
         rtc.restore(CmosRtcState(0, bytes(128), offset))

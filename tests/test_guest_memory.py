@@ -85,3 +85,31 @@ def test_ram_ranges_leave_the_mmio_hole() -> None:
     low, high = layout.ram_ranges(4 << 30)
     assert low == (0, layout.MMIO_HOLE_START)
     assert high == (layout.HIGH_RAM_START, (4 << 30) - layout.MMIO_HOLE_START)
+
+
+def test_written_pages_are_recorded_for_diff_snapshots_and_migration() -> None:
+    from kvmpy.memory.guest_memory import PAGE_SIZE
+
+    memory = GuestMemory.anonymous([(0, 64 * PAGE_SIZE), (1 << 32, 16 * PAGE_SIZE)])
+    with pytest.raises(ValueError, match="not tracked"):
+        memory.take_written()
+    memory.track_writes()
+    memory.write(3 * PAGE_SIZE + 10, b"x" * (PAGE_SIZE + 1))  # pages 3 and 4
+    memory.slice((1 << 32) + 5 * PAGE_SIZE, 1)  # a view handed out counts, it may be written
+    view, offset = memory.locate(7 * PAGE_SIZE, 16)  # a ring: written at will, always dirty
+    first, second = memory.take_written()
+    assert [page for page, flag in enumerate(first) if flag] == [3, 4, 7]
+    assert [page for page, flag in enumerate(second) if flag] == [5]
+    view[offset] = 1  # written through the located view, never through GuestMemory again
+    first, second = memory.take_written()
+    assert [page for page, flag in enumerate(first) if flag] == [7] and not any(second)
+    memory.close()
+
+
+def test_is_zeros() -> None:
+    from kvmpy.memory.guest_memory import is_zeros
+
+    data = bytearray(1 << 20)
+    assert is_zeros(memoryview(data))
+    data[-1] = 1
+    assert not is_zeros(memoryview(data))

@@ -17,6 +17,7 @@ import pytest
 from kvmpy.testing.process import kvmpy, start_kvmpy
 from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
 from kvmpy.vmm.runner import run_vm
+from kvmpy.vmm.stats_report import format_stats
 from kvmpy.vmm.stop import StopKind
 
 pytestmark = pytest.mark.kvm
@@ -150,6 +151,25 @@ def test_ring3_virtio_blk_driver(guests: Path, tmp_path: Path, direct: bool) -> 
     assert bar0.reads + bar0.writes < 30  # only set-up: 53 requests cost no exits
 
 
+def test_a_rate_limited_disk_holds_its_rate(guests: Path, tmp_path: Path) -> None:
+    """53 requests at 50 a second (a bucket of 5 refilled every 100 ms): about a second, where
+    the same guest unlimited takes a tenth of that; the throttled queue waits on a timerfd."""
+    import time
+
+    from kvmpy.vmm.config import DiskConfig, RateLimiterConfig, TokenBucketConfig
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"".join(bytes([sector]) * 512 for sector in range(64)))
+    limit = RateLimiterConfig(ops=TokenBucketConfig(size=5, refill_time_ms=100))
+    disk = DiskConfig(image, rate_limiter=limit)
+    started = time.monotonic()
+    result, output = boot(guests / "virtio_blk.elf", "reads=50", disks=(disk,))
+    elapsed = time.monotonic() - started
+    assert result.reason.status == 0, output
+    assert "virtio_blk ok" in output
+    assert 0.9 <= elapsed < 20
+
+
 def test_console_exits_serial_vs_virtio(guests: Path) -> None:
     """The lecture's point in numbers: one exit per byte (the LSR poll; KVM buffers the THR
     write in its coalesced ring) against none per request."""
@@ -174,6 +194,9 @@ def test_guest_scribbling_over_its_rings(guests: Path, tmp_path: Path) -> None:
     assert result.reason.kind is StopKind.DEBUG_EXIT and result.reason.status == 0, output
     assert "device status 0x000000000000004f" in output
     assert image.read_bytes() == bytes(64 * 512)
+    counters = dict(result.stats.counters)  # the metrics registry, as --stats prints it
+    assert dict(counters["virtio-blk0"])["guest_errors"] >= 1
+    assert "virtio-blk0   guest_errors" in format_stats(result.stats)
 
 
 def test_pci_address_writes_are_coalesced(guests: Path, tmp_path: Path) -> None:
@@ -263,3 +286,24 @@ def test_a_guest_error_on_a_vcpu_exit_is_contained(guests: Path, monkeypatch: py
     assert result.reason.kind is StopKind.DEBUG_EXIT and result.reason.status == 0, output
     assert "pio_storm done 100" in output
     assert sum(vcpu.guest_errors for vcpu in result.stats.vcpus) == 100
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_hostile_guest_attacks_every_device_and_the_vm_ends_cleanly(
+    guests: Path, tmp_path: Path, seed: int
+) -> None:
+    """Garbage on every port, PCI BARs over RAM and each other, MSI-X and virtio registers of
+    every size, rings outside RAM: the VM goes on, ends with the guest's own status, and a
+    well-behaved driver reads the disk after resetting the device."""
+    from kvmpy.vmm.config import DiskConfig
+
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"KVMPY-HOSTILE-SECTOR".ljust(64 * 512, b"\0"))
+    before = image.read_bytes()
+    result, output = boot(guests / "hostile.elf", f"seed={seed}", disks=(DiskConfig(image),))
+    assert "hostile: recovered, sector 0 read back" in output, output[-2000:]
+    assert result.reason.kind is StopKind.DEBUG_EXIT and result.reason.status == 0, result.reason
+    assert image.read_bytes() == before  # the garbage wrote nothing to the disk
+    counters = dict(dict(result.stats.counters)["virtio-blk0"])
+    assert counters["guest_errors"] >= 1  # the device was marked as needing reset, and recovered
+    assert dict(dict(result.stats.counters)["pci"])["refused_bars"] >= 1

@@ -299,3 +299,11 @@ def test_a_read_only_table_entry_makes_the_page_read_only(memory: GuestMemory) -
     builder.map(0x1000, 0x2000, 1 << 12, flags=0x7, table_flags=0x5)
     result = walk(memory, 0x1000, context(builder))
     assert result.ok and not result.writable and result.user
+
+
+def test_without_1_gib_pages_ps_in_a_pdpt_entry_is_reserved(memory: GuestMemory) -> None:
+    builder = PageTableBuilder(memory, PagingMode.LEVEL4, TABLES, TABLES_SIZE)
+    builder.map(0x4000_0000, 0, 1 << 30)
+    assert walk(memory, 0x4000_0123, context(builder)).gpa == 0x123
+    result = walk(memory, 0x4000_0123, context(builder, gib_pages=False))
+    assert result.fault == f"reserved bits 0x80 set at level 3 (PDPT[1] = {result.steps[-1].entry:#x})"

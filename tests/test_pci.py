@@ -207,3 +207,46 @@ def test_hostile_register_writes(writes: list[tuple[int, int, int]]) -> None:
         platform.mmio.write(BAR0 + offset, (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))
         platform.mmio.read(BAR0 + offset, memoryview(bytearray(size)))
         platform.cfg_write(1, offset & 0xFF, value & 0xFFFF_FFFF)
+
+
+def test_an_interrupt_racing_a_table_write_never_routes_the_old_message_last() -> None:
+    """The event loop signals a vector while a vCPU moves it (Linux masks, rewrites, unmasks
+    it on an affinity change). The message read before the move used to be routed after the
+    new one, leaving KVM's route on the old destination."""
+    import threading
+    import time
+
+    from kvmpy.devices.pci.config_space import PciConfigSpace
+    from kvmpy.devices.pci.msix import MsixTable
+
+    class SlowSender:
+        def __init__(self) -> None:
+            self.routed: list[int] = []
+            self.sending, self.release = threading.Event(), threading.Event()
+
+        def send(self, vector: int, address: int, data: int) -> None:
+            self.sending.set()
+            self.release.wait(5)
+            self.routed.append(data)  # send routes the message it was given, then signals
+
+        def changed(self, vector: int, address: int, data: int) -> None:
+            self.routed.append(data)
+
+    config = PciConfigSpace(vendor_id=1, device_id=2, class_code=0, revision=0)
+    sender = SlowSender()
+    msix = MsixTable(config, 2, bar=1, sender=sender)
+    entry = struct.pack("<QII", 0xFEE0_0000, 0x41, 0)  # vector 0: message 0x41, unmasked
+    for word in range(4):
+        msix.write(4 * word, entry[4 * word : 4 * word + 4])
+    config.write(msix.cap_offset + 2, 2, 1 << 15)  # MSI-X enable
+    sender.routed.clear()
+    signaller = threading.Thread(target=msix.signal, args=(0,))
+    signaller.start()
+    assert sender.sending.wait(5)
+    mover = threading.Thread(target=msix.write, args=(8, struct.pack("<I", 0x52)))  # new data word
+    mover.start()
+    time.sleep(0.05)
+    sender.release.set()
+    signaller.join(5)
+    mover.join(5)
+    assert sender.routed[-1] == 0x52

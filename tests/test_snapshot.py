@@ -209,3 +209,72 @@ def test_restore_continues_where_the_guest_left_off_after_its_own_exit(guests: P
     done = kvmpy("run", "--restore", str(tmp_path), timeout=60)
     assert done.returncode == 0, done.stderr
     assert _ticks(console.text() + done.stdout)[-1] == 8
+
+
+def test_a_diff_snapshot_holds_the_pages_written_since_the_last_and_merges_onto_it(
+    guests: Path, tmp_path: Path
+) -> None:
+    console = _Console()
+    config = VmConfig(kernel=guests / "counter.elf", cmdline="gap=20000000", track_dirty_pages=True,
+                      serial=SerialConfig(SerialMode.NONE))
+    vmm = Vmm(config, serial_sink=console)
+    vmm.submit(a.StartInstance())
+    full, diff, merged = tmp_path / "full", tmp_path / "diff", tmp_path / "merged"
+    for directory in (full, diff, merged):
+        directory.mkdir()
+    marks: list[int] = []
+
+    def client() -> None:
+        try:
+            _wait(lambda: len(_ticks(console.text())) >= 3)
+            vmm.submit(a.Pause())
+            vmm.submit(a.CreateSnapshot(full / "state", full / "memory", "Full"))
+            vmm.submit(a.Resume())
+            marks.append(len(_ticks(console.text())))
+            _wait(lambda: len(_ticks(console.text())) >= marks[0] + 3)
+            vmm.submit(a.Pause())
+            vmm.submit(a.CreateSnapshot(diff / "state", diff / "memory", "Diff"))
+        finally:
+            vmm.submit(a.Stop())
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    vmm.run()
+    thread.join(10)
+    before = console.text()
+    stored = (diff / "memory").stat().st_blocks * 512
+    print(f"diff memory file: {stored} bytes on disk of {(diff / 'memory').stat().st_size}")
+    assert 0 < stored <= 64 * 4096  # the stack, the guest's page-table A/D bits: a few pages
+    (merged / "memory").write_bytes((full / "memory").read_bytes())
+    (merged / "state").write_bytes((diff / "state").read_bytes())
+    done = kvmpy("snapshot", "merge", str(diff / "memory"), str(merged / "memory"))
+    assert done.returncode == 0, done.stderr
+    process = start_kvmpy("run", "--restore", str(merged))
+    assert process.stdout is not None
+    after = ""
+    deadline = time.monotonic() + 30
+    while len(_ticks(after)) < 3 and time.monotonic() < deadline:
+        after += process.stdout.readline()
+    process.terminate()
+    _, stderr = process.communicate(timeout=20)
+    ticks = _ticks(before + after)
+    assert len(_ticks(after)) >= 3 and ticks == list(range(1, len(ticks) + 1)), f"{ticks}\n{stderr}"
+
+
+def test_a_diff_snapshot_needs_dirty_tracking(guests: Path, tmp_path: Path) -> None:
+    vmm = Vmm(VmConfig(kernel=guests / "counter.elf", cmdline="gap=20000000",
+                       serial=SerialConfig(SerialMode.NONE)), serial_sink=_Console())
+    vmm.submit(a.StartInstance())
+
+    def client() -> None:
+        try:
+            vmm.submit(a.Pause())
+            with pytest.raises(ActionError, match="track_dirty_pages"):
+                vmm.submit(a.CreateSnapshot(tmp_path / "state", tmp_path / "memory", "Diff"))
+        finally:
+            vmm.submit(a.Stop())
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    vmm.run()
+    thread.join(10)

@@ -198,8 +198,9 @@ def test_stop_while_paused_ends_the_vm(running: tuple[Vmm, _Console, list[object
 
     result = _drive(vmm, body)
     assert result.reason.kind is StopKind.STOPPED  # type: ignore[attr-defined]
+    assert vmm.submit(a.GetInstanceInfo()).state is VmState.STOPPED  # type: ignore[attr-defined]
     with pytest.raises(ActionError, match="stopped"):
-        vmm.submit(a.GetInstanceInfo())
+        vmm.submit(a.Pause())
 
 
 def test_guest_that_ends_stops_the_vmm(guests: Path) -> None:
@@ -241,3 +242,53 @@ def test_sigterm_stops_the_vm_cleanly(guests: Path) -> None:
     assert process.returncode == 143, stderr
     assert "terminated (SIGTERM)" in stderr
     assert "Traceback" not in stderr
+
+
+def test_flush_metrics_writes_the_registry_as_json_lines(guests: Path, tmp_path: Path) -> None:
+    import json
+
+    from kvmpy.vmm.config import MetricsConfig
+
+    console = _Console()
+    vmm = Vmm(_counter_config(guests), serial_sink=console)
+    vmm.submit(a.ConfigureMetrics(MetricsConfig(tmp_path / "metrics.json")))
+    vmm.submit(a.StartInstance())
+
+    def body() -> None:
+        console.wait_for_ticks(2)
+        vmm.submit(a.FlushMetrics())
+        console.wait_for_ticks(4)
+        vmm.submit(a.FlushMetrics())
+
+    _drive(vmm, body)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    assert len(lines) >= 2  # two flushes, and one more as the machine was retired
+    first, second = lines[0], lines[1]
+    assert first["vmm"]["state"] == "Running"
+    assert second["vcpus"]["exits"] > first["vcpus"]["exits"] > 0
+    assert second["pio.serial-com1"]["writes"] > first["pio.serial-com1"]["writes"]
+    assert {"serial", "console", "pci", "event-loop", "vcpu0"} <= set(first)
+
+
+def test_a_running_drive_takes_another_backing_file(guests: Path, tmp_path: Path) -> None:
+    from kvmpy.vmm.config import DiskConfig
+
+    first, second = tmp_path / "first.img", tmp_path / "second.img"
+    first.write_bytes(bytes(512 * 8))
+    second.write_bytes(bytes(512 * 64))
+    console = _Console()
+    vmm = Vmm(_counter_config(guests, disks=(DiskConfig(first, id="scratch"),)), serial_sink=console)
+    vmm.submit(a.StartInstance())
+
+    def body() -> None:
+        with pytest.raises(ActionError, match="Invalid block device ID"):
+            vmm.submit(a.UpdateBlockDevice("nope", path=second))
+        with pytest.raises(ActionError, match="does not exist"):
+            vmm.submit(a.UpdateBlockDevice("scratch", path=tmp_path / "missing.img"))
+        vmm.submit(a.UpdateBlockDevice("scratch", path=second))
+        config = vmm.submit(a.GetVmConfig())
+        assert config.disks[0].path == second  # type: ignore[attr-defined]
+        assert vmm.machine is not None
+        assert vmm.machine.disks["scratch"].device.capacity == 64  # type: ignore[attr-defined]
+
+    _drive(vmm, body)

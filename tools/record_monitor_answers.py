@@ -81,6 +81,7 @@ def main(out: Path) -> None:
             "regs": answer(machine, actions.GetRegisters(0)),
             "translate": answer(machine, actions.TranslateAddress(banner)),
             "translate_unmapped": answer(machine, actions.TranslateAddress(0x7F00_0000_0000)),
+            "translate_mmio": answer(machine, actions.TranslateAddress(0xE000_0000)),
             "memory": answer(machine, actions.ReadMemory((banner | 0xFFF) - 7, 40)),
             "memory_physical": answer(machine, actions.ReadMemory(banner, 51, physical=True)),
             "mtree": answer(machine, actions.GetMemoryTree()),

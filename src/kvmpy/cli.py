@@ -83,13 +83,17 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     run.add_argument("--id", default="anonymous-instance", help="the VM's id (GET / reports it)")
     run.add_argument("--config-file", type=Path, help="configure the VM from Firecracker's JSON, then start")
     run.add_argument("--restore", type=Path, metavar="DIR", help="continue the VM snapshotted in DIR")
+    run.add_argument(
+        "--incoming", metavar="ADDRESS", help="become a VM migrated to tcp:HOST:PORT or unix:PATH"
+    )
     run.add_argument("--no-api", action="store_true", help="no API socket (needs --config-file)")
     run.set_defaults(handler=_run_command)
 
 
 def _config_from_args(args: argparse.Namespace) -> VmConfig:
     kernel = args.kernel
-    if kernel is None and args.api_sock is None and args.config_file is None and args.restore is None:
+    given_vm = args.api_sock or args.config_file or args.restore or args.incoming
+    if kernel is None and not given_vm:
         kernel = _default_kernel(args)
     return VmConfig(
         kernel=kernel,
@@ -126,9 +130,10 @@ def _run_command(args: argparse.Namespace) -> int:
         raise ConfigError("--no-api and --api-sock exclude each other")
     if args.no_api and args.config_file is None:
         raise ConfigError("--no-api needs --config-file: without the API nothing could configure the VM")
-    if args.restore is not None and (args.kernel or args.config_file):
-        raise ConfigError("--restore takes the whole VM from the snapshot: no --kernel or --config-file")
-    if args.api_sock is None and args.restore is None:
+    takes_whole_vm = args.restore is not None or args.incoming is not None
+    if takes_whole_vm and (args.kernel or args.config_file or (args.restore and args.incoming)):
+        raise ConfigError("--restore and --incoming take the whole VM: no --kernel or --config-file")
+    if args.api_sock is None and not takes_whole_vm:
         from kvmpy.vmm.runner import run_vm
 
         if args.config_file is None:
@@ -137,22 +142,29 @@ def _run_command(args: argparse.Namespace) -> int:
 
 
 def _run_vmm(args: argparse.Namespace) -> RunResult:
-    """The VMM driven by the API and/or a config file: the socket is bound first of all."""
-    from kvmpy.vmm.actions import StartInstance
-    from kvmpy.vmm.vmm import Vmm
+    """The VMM driven by the API and/or a config file.
 
-    config = _config_from_args(args)
-    from kvmpy.vmm.runner import stdin_fileno, terminal_mode
-
-    stdin_fd = stdin_fileno() if config.serial.mode is SerialMode.STDIO else None
-    vmm = Vmm(config, vm_id=args.id, stdin_fd=stdin_fd)
+    The API socket is bound before anything else is imported or built (clients poll
+    for it from the moment they start the process); requests that arrive before the
+    VMM exists wait for it.
+    """
     server = None
     if args.api_sock is not None:
-        from kvmpy.api.server import ApiServer
+        from kvmpy.api.server import ApiServer, DeferredSubmit
 
-        server = ApiServer(args.api_sock, vmm.submit)
+        deferred = DeferredSubmit()
+        server = ApiServer(args.api_sock, deferred)
         server.start()
     try:
+        from kvmpy.vmm.actions import StartInstance
+        from kvmpy.vmm.runner import stdin_fileno, terminal_mode
+        from kvmpy.vmm.vmm import Vmm
+
+        config = _config_from_args(args)
+        stdin_fd = stdin_fileno() if config.serial.mode is SerialMode.STDIO else None
+        vmm = Vmm(config, vm_id=args.id, stdin_fd=stdin_fd)
+        if server is not None:
+            deferred.attach(vmm.submit)
         if args.config_file is not None:
             from kvmpy.api.config_file import load_config_file
 
@@ -162,6 +174,10 @@ def _run_vmm(args: argparse.Namespace) -> RunResult:
             from kvmpy.vmm.actions import LoadSnapshot
 
             vmm.submit(LoadSnapshot(args.restore / "state", args.restore / "memory", resume_vm=True))
+        elif args.incoming is not None:
+            from kvmpy.vmm.actions import IncomingMigration
+
+            vmm.submit(IncomingMigration(args.incoming))
         elif args.config_file is not None or args.kernel is not None:
             vmm.submit(StartInstance())
         with terminal_mode(stdin_fd):

@@ -22,8 +22,17 @@ class ConfigError(HostError):
     """The user's configuration or input cannot be used as given."""
 
 
+class RestoreError(ConfigError, ValueError):
+    """Saved state cannot be restored: it is corrupt, foreign or from another version.
+
+    Saved state is validated like untrusted input; the message names the device and field.
+    A snapshot is the user's input, hence a ConfigError; it is also a ValueError because
+    that is what device restores raised before, and callers catch it.
+    """
+
+
 class GuestError(KvmpyError):
     """The guest did something invalid; the VMM survives it."""
 
 
-__all__ = ["ConfigError", "GuestError", "HostError", "KvmpyError"]
+__all__ = ["ConfigError", "GuestError", "HostError", "KvmpyError", "RestoreError"]

@@ -14,7 +14,6 @@ UNSUPPORTED = {
     "hotplug": "memory hotplug: kvmpy has no virtio-mem.",
     "mmds": "MMDS: kvmpy's virtio-net has no microVM metadata service.",
     "pmem": "virtio-pmem devices: kvmpy has none.",
-    "snapshot": "snapshots: kvmpy cannot save or load a microVM yet (that is its snapshot stage).",
     "vsock": "vsock: kvmpy has no virtio-vsock device yet.",
 }
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-
-import msgspec
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,8 +28,11 @@ NO_CONTENT = Response(204)
 
 
 def json_response(value: object, status: int = 200) -> Response:
-    """``value`` (dicts, lists, str, int, bool, None) as a JSON body."""
-    return Response(status, msgspec.json.encode(value))
+    """``value`` (dicts, lists, str, int, bool, None) as a JSON body.
+
+    The standard library's json, not msgspec: GET / must not wait for msgspec to load.
+    """
+    return Response(status, json.dumps(value, separators=(",", ":")).encode())
 
 
 def fault(message: str, status: int = 400) -> Response:

@@ -14,6 +14,7 @@ from kvmpy.api.errors import RequestError
 from kvmpy.vmm.actions import (
     GetIrqState,
     GetMemoryTree,
+    GetMigrationStatus,
     GetRegisters,
     GetStats,
     GetVcpus,
@@ -23,7 +24,14 @@ from kvmpy.vmm.actions import (
 
 Query = Mapping[str, str]
 MonitorAction = (
-    GetRegisters | TranslateAddress | ReadMemory | GetMemoryTree | GetIrqState | GetVcpus | GetStats
+    GetRegisters
+    | TranslateAddress
+    | ReadMemory
+    | GetMemoryTree
+    | GetIrqState
+    | GetVcpus
+    | GetStats
+    | GetMigrationStatus
 )
 
 #: Enough for a page table dump or a banner; larger reads belong in a file, not a JSON answer.
@@ -101,6 +109,7 @@ ROUTES: dict[str, Callable[[Query], MonitorAction]] = {
     "irq": _no_query(GetIrqState),
     "vcpus": _no_query(GetVcpus),
     "stats": _no_query(GetStats),
+    "migration": _no_query(GetMigrationStatus),
 }
 
 

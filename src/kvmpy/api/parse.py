@@ -23,9 +23,12 @@ from kvmpy.vmm.actions import (
     ConfigureMachine,
     ConfigureMetrics,
     ConfigureSerial,
+    CreateSnapshot,
     FlushMetrics,
     InsertBlockDevice,
     InsertNetworkDevice,
+    LoadSnapshot,
+    Migrate,
     Pause,
     Resume,
     SendCtrlAltDel,
@@ -273,12 +276,67 @@ def vm_state(body: schemas.Vm) -> Pause | Resume:
     return Pause() if body.state == "Paused" else Resume()
 
 
+def snapshot_create(body: schemas.SnapshotCreateParams) -> CreateSnapshot:
+    return CreateSnapshot(
+        snapshot_path=_path(body.snapshot_path, "snapshot_path"),
+        mem_file_path=_path(body.mem_file_path, "mem_file_path"),
+        snapshot_type=body.snapshot_type,
+    )
+
+
+def _memory_file(body: schemas.SnapshotLoadParams) -> Path:
+    """Firecracker's rule: exactly one of mem_file_path and mem_backend, and kvmpy's: a File."""
+    if body.mem_file_path is not None and body.mem_backend is not None:
+        raise RequestError(
+            f"{DESERIALIZE_PREFIX}too many fields: either `mem_backend` or `mem_file_path` exclusively "
+            "is required."
+        )
+    if body.mem_backend is not None:
+        if body.mem_backend.backend_type == "Uffd":
+            raise not_supported(
+                "the Uffd memory backend: kvmpy maps the memory file itself (MAP_PRIVATE); use File."
+            )
+        return _path(body.mem_backend.backend_path, "backend_path")
+    if body.mem_file_path is None:
+        raise RequestError(
+            f"{DESERIALIZE_PREFIX}missing field: either `mem_backend` or `mem_file_path` is required."
+        )
+    return _path(body.mem_file_path, "mem_file_path")
+
+
+def snapshot_load(body: schemas.SnapshotLoadParams) -> LoadSnapshot:
+    memory = _memory_file(body)
+    if body.network_overrides:
+        raise not_supported("network_overrides: kvmpy cannot give a restored interface another tap yet.")
+    if body.vsock_override is not None:
+        raise not_supported("vsock_override: kvmpy has no virtio-vsock device yet.")
+    if body.clock_realtime:
+        raise not_supported(
+            "clock_realtime: kvmpy restores kvmclock where it was when the snapshot was taken."
+        )
+    if body.huge_pages in ("Transparent", "2M"):
+        raise not_supported(
+            f'huge_pages "{body.huge_pages}" on restore: kvmpy maps the memory file with 4 KiB pages.'
+        )
+    return LoadSnapshot(
+        snapshot_path=_path(body.snapshot_path, "snapshot_path"),
+        mem_file_path=memory,
+        resume_vm=body.resume_vm,
+        track_dirty_pages=body.track_dirty_pages or body.enable_diff_snapshots,
+    )
+
+
 def stop(body: schemas.KvmpyStop) -> Stop:
     return Stop(body.reason)
 
 
+def migrate(body: schemas.KvmpyMigrate) -> Migrate:
+    return Migrate(body.destination, body.downtime_ms, body.max_rounds, body.on_limit)
+
+
 __all__ = [
     "boot_source",
+    "migrate",
     "checked_id",
     "decode",
     "drive",
@@ -293,6 +351,8 @@ __all__ = [
     "network_interface_update",
     "rate_limiter",
     "serial",
+    "snapshot_create",
+    "snapshot_load",
     "stop",
     "vm_state",
 ]

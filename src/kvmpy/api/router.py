@@ -11,13 +11,16 @@ that is logged, and the server goes on.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from kvmpy.api import monitor, parse, render, schemas
+from kvmpy.api import monitor, render
 from kvmpy.api.errors import UNSUPPORTED, RequestError, invalid_path_method, not_supported
 from kvmpy.api.messages import NO_CONTENT, Request, Response, fault, json_response
 from kvmpy.vmm.actions import Action, ActionError, GetInstanceInfo, GetVmConfig, InstanceInfo
 from kvmpy.vmm.config import VmConfig
+
+if TYPE_CHECKING:
+    pass
 
 Submit = Callable[[Action], object]
 Renderer = Callable[[object], Response]
@@ -26,7 +29,7 @@ Result = TypeVar("Result")
 #: Which methods Firecracker routes for each of them (the others are an invalid path).
 _UNSUPPORTED_METHODS = {
     "GET": {"balloon", "mmds", "hotplug"},
-    "PUT": {"balloon", "cpu-config", "pmem", "mmds", "snapshot", "vsock", "hotplug"},
+    "PUT": {"balloon", "cpu-config", "pmem", "mmds", "vsock", "hotplug"},
     "PATCH": {"balloon", "mmds", "pmem", "hotplug"},
     "DELETE": {"drives", "network-interfaces", "pmem"},
 }
@@ -135,9 +138,13 @@ class Router:
         raise invalid_path_method("GET", resource)
 
     def _put(self, resource: str, rest: list[str], body: bytes) -> Routed:
+        from kvmpy.api import parse, schemas  # msgspec loads with the first body, not before GET /
+
         self._unsupported("PUT", resource)
         if resource in ("drives", "network-interfaces"):
             return self._put_device(resource, rest, body), _no_content
+        if resource == "snapshot":
+            return self._put_snapshot(rest, body), _no_content
         if rest:
             raise invalid_path_method("PUT", resource)
         action: Action
@@ -161,17 +168,34 @@ class Router:
 
     @staticmethod
     def _device_id(method: str, resource: str, rest: list[str]) -> str:
+        from kvmpy.api import parse
+
         if len(rest) > 1:
             raise invalid_path_method(method, resource)
         return parse.checked_id(rest[0] if rest else None)
 
     def _put_device(self, resource: str, rest: list[str], body: bytes) -> Action:
+        from kvmpy.api import parse, schemas  # msgspec loads with the first body, not before GET /
+
         path_id = self._device_id("PUT", resource, rest)
         if resource == "drives":
             return parse.drive(parse.decode(body, schemas.Drive), path_id)
         return parse.network_interface(parse.decode(body, schemas.NetworkInterface), path_id)
 
+    def _put_snapshot(self, rest: list[str], body: bytes) -> Action:
+        from kvmpy.api import parse, schemas  # msgspec loads with the first body, not before GET /
+
+        if not rest:
+            raise RequestError("Missing snapshot operation type.")
+        if rest == ["create"]:
+            return parse.snapshot_create(parse.decode(body, schemas.SnapshotCreateParams))
+        if rest == ["load"]:
+            return parse.snapshot_load(parse.decode(body, schemas.SnapshotLoadParams))
+        raise invalid_path_method("PUT", "/snapshot/" + "/".join(rest))
+
     def _patch(self, resource: str, rest: list[str], body: bytes) -> Routed:
+        from kvmpy.api import parse, schemas  # msgspec loads with the first body, not before GET /
+
         self._unsupported("PATCH", resource)
         action: Action
         if resource == "drives":
@@ -192,11 +216,15 @@ class Router:
         return action, _no_content
 
     def _kvmpy(self, request: Request, rest: list[str]) -> Routed:
-        """kvmpy's own routes: the monitor's GETs and PUT /kvmpy/stop."""
+        """kvmpy's own routes: the monitor's GETs, PUT /kvmpy/stop and PUT /kvmpy/migrate."""
+        from kvmpy.api import parse, schemas
+
         name = rest[0] if len(rest) == 1 else None
         if request.method == "PUT" and name == "stop":
             body = parse.decode(request.body or b"{}", schemas.KvmpyStop)
             return parse.stop(body), _no_content
+        if request.method == "PUT" and name == "migrate":
+            return parse.migrate(parse.decode(request.body or b"", schemas.KvmpyMigrate)), _monitor_result
         if request.method == "GET" and name in monitor.ROUTES:
             if request.body is not None:
                 raise RequestError("GET request cannot have a body.")

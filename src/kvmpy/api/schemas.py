@@ -133,10 +133,55 @@ class Vm(_Body):
     state: Literal["Paused", "Resumed"]
 
 
+class SnapshotCreateParams(_Body):
+    snapshot_path: str
+    mem_file_path: str
+    snapshot_type: Literal["Full", "Diff"] = "Full"
+
+
+class MemoryBackend(_Body):
+    backend_type: Literal["File", "Uffd"]
+    backend_path: str
+
+
+class NetworkOverride(_Body):
+    iface_id: str
+    host_dev_name: str
+
+
+class VsockOverride(_Body):
+    uds_path: str
+
+
+class SnapshotLoadParams(_Body):
+    """PUT /snapshot/load: exactly one of ``mem_file_path`` (deprecated) and ``mem_backend``."""
+
+    snapshot_path: str
+    mem_file_path: str | None = None
+    mem_backend: MemoryBackend | None = None
+    track_dirty_pages: bool = False
+    #: Deprecated in Firecracker for track_dirty_pages.
+    enable_diff_snapshots: bool = False
+    resume_vm: bool = False
+    network_overrides: list[NetworkOverride] = []
+    vsock_override: VsockOverride | None = None
+    clock_realtime: bool = False
+    huge_pages: Literal["Snapshot", "None", "Transparent", "2M"] | None = None
+
+
 class KvmpyStop(_Body):
     """PUT /kvmpy/stop: end the VM from the host (Firecracker has no such call; it is killed)."""
 
     reason: str = "stopped through the API"
+
+
+class KvmpyMigrate(_Body):
+    """PUT /kvmpy/migrate: send the running VM to a kvmpy started with ``--incoming``."""
+
+    destination: str
+    downtime_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 300
+    max_rounds: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 30
+    on_limit: Literal["pause", "cancel"] = "pause"
 
 
 class FullVmConfiguration(_Body):
@@ -179,6 +224,8 @@ __all__ = [
     "PartialNetworkInterface",
     "RateLimiter",
     "SerialDevice",
+    "SnapshotCreateParams",
+    "SnapshotLoadParams",
     "TokenBucket",
     "Vm",
 ]

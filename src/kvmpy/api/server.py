@@ -14,25 +14,26 @@ slow or silent client never holds up another; their requests meet in
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import stat
 import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from kvmpy.errors import HostError
 
+#: Not typing.TYPE_CHECKING: this module avoids even importing typing before bind() (mypy knows the name).
+TYPE_CHECKING = False
 if TYPE_CHECKING:  # the real imports happen on the server's thread, after bind()
+    from collections.abc import Callable
+
     from kvmpy.api.connection import Connection
     from kvmpy.vmm.actions import Action
+
+    Submit = Callable[[Action], object]
 
 #: Clients served at once; one more is accepted and closed at once.
 MAX_CONNECTIONS = 32
 _BACKLOG = 64
-
-Submit = Callable[["Action"], object]
 
 
 class DeferredSubmit:
@@ -95,13 +96,11 @@ class ApiServer:
         """Stop accepting, end every connection, wait for the threads and remove the socket."""
         self._closing.set()
         if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept()
+            _shutdown(self._listener)  # wakes accept()
         with self._lock:
             clients = list(self._clients)
         for client in clients:
-            with contextlib.suppress(OSError):
-                client.shutdown(socket.SHUT_RDWR)  # wakes recv()
+            _shutdown(client)  # wakes recv()
         if self._thread is not None:
             self._thread.join(timeout=5)
         if self._listener is not None:
@@ -118,10 +117,12 @@ class ApiServer:
 
     def _remove_socket_file(self) -> None:
         """Remove our socket, and never a file someone else put at the same path since."""
-        with contextlib.suppress(OSError):
+        try:
             info = os.lstat(self.path)
             if stat.S_ISSOCK(info.st_mode) and info.st_ino == self._inode:
                 os.unlink(self.path)
+        except OSError:
+            pass
 
     def _serve(self) -> None:
         from kvmpy.api.connection import Connection
@@ -164,6 +165,13 @@ class ApiServer:
         finally:
             with self._lock:
                 self._clients.discard(client)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by its own thread
 
 
 __all__ = ["MAX_CONNECTIONS", "ApiServer", "DeferredSubmit"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -72,6 +73,9 @@ class Scenario:
     #: Sample kvmpy with py-spy and report the innermost frames (kvmpy only): "boot" from
     #: the start, "workload" from the guest's init on (what its command does).
     profile: str = ""
+    #: SIGKILL the VMM a random 0-2 s after the console shows this text (crash-consistency tests);
+    #: the seconds waited land in the notes.
+    kill_after: str = ""
     #: "api": kvmpy starts with only ``args`` (which name ``--api-sock``) and the API driver
     #: (kvmpy.lab.api_driver) configures, starts and operates the VM; its facts land in notes.
     driver: str = ""
@@ -219,6 +223,8 @@ def _lab_failure(result: ScenarioResult) -> str | None:
 
 def _run_vm(scenario: Scenario, raw_profile: Path | None = None) -> ScenarioResult:
     command = _qemu_command(scenario) if scenario.vmm == "qemu" else _kvmpy_command(scenario)
+    if scenario.driver:  # a boot before this one (a retry) left its socket: the VMM refuses a used path
+        Path(scenario.args[scenario.args.index("--api-sock") + 1]).unlink(missing_ok=True)
     py_spy_path = py_spy() if raw_profile is not None else None
     if py_spy_path is not None and raw_profile is not None and scenario.profile == "boot":
         command = record_command(py_spy_path, raw_profile, command)
@@ -261,6 +267,8 @@ def _run_vm(scenario: Scenario, raw_profile: Path | None = None) -> ScenarioResu
     finally:
         watchdog.cancel()
     readies, ready_at, sampler, output = watch.readies, watch.ready_at, watch.sampler, watch.output
+    if watch.killed_at is not None:
+        driver_facts.append(f"killed with SIGKILL {watch.killed_at:.1f} s after the start")
     if reader.is_alive():
         errors += b"\nkvmpy.lab.scenarios: the VMM outlived SIGKILL (stuck in the kernel); abandoned"
     drain.join(timeout=10)
@@ -318,12 +326,23 @@ class _ConsoleWatch:
         self.readies = 0
         self.ready_at: float | None = None
         self.sampler: subprocess.Popen[bytes] | None = None
+        self.killer: threading.Timer | None = None
+        #: When the VMM was killed (``Scenario.kill_after``), seconds after its start.
+        self.killed_at: float | None = None
+
+    def _kill(self) -> None:
+        self.killed_at = time.monotonic() - self.started
+        self.process.kill()
 
     def follow(self) -> None:
         assert self.process.stdout is not None
         marker = READY_MARKER.encode()
+        kill_mark = self.scenario.kill_after.encode()
         for line in iter(self.process.stdout.readline, b""):
             self.output += line
+            if kill_mark and kill_mark in line and self.killer is None:
+                self.killer = threading.Timer(random.uniform(0.0, 2.0), self._kill)
+                self.killer.start()
             if marker in line:
                 self.readies += 1
                 self.ready_at = self.ready_at or time.monotonic() - self.started

@@ -92,10 +92,18 @@ class PagingContext:
     pse: bool = False
     #: The CPU's physical address width (CPUID 0x80000008 EAX[7:0]); bits above are reserved.
     max_phys_bits: int = DEFAULT_MAX_PHYS_BITS
+    #: 1 GiB pages (CPUID 0x80000001 EDX bit 26); without them PS in a PDPT entry is reserved.
+    gib_pages: bool = True
 
     @classmethod
     def from_registers(
-        cls, cr0: int, cr3: int, cr4: int, efer: int, max_phys_bits: int = DEFAULT_MAX_PHYS_BITS
+        cls,
+        cr0: int,
+        cr3: int,
+        cr4: int,
+        efer: int,
+        max_phys_bits: int = DEFAULT_MAX_PHYS_BITS,
+        gib_pages: bool = True,
     ) -> PagingContext:
         return cls(
             mode=paging_mode(cr0, cr4, efer),
@@ -103,6 +111,7 @@ class PagingContext:
             nx_enabled=bool(efer & EFER_NXE),
             pse=bool(cr4 & CR4_PSE),
             max_phys_bits=max_phys_bits,
+            gib_pages=gib_pages,
         )
 
 
@@ -263,6 +272,8 @@ def _reserved_bits(level: _Level, entry: int, leaf_size: int | None, context: Pa
         reserved |= entry & NO_EXECUTE
     if level.large_page is None and level.name != "PT":
         reserved |= entry & PAGE_SIZE  # PS is reserved in PML5 and PML4 entries
+    if leaf_size == GIB1 and not context.gib_pages:
+        reserved |= entry & PAGE_SIZE  # a CPU without 1 GiB pages
     if leaf_size is not None and leaf_size > KIB4:
         # Between the PAT bit and the page's address: bits 29:13 (1 GiB) or 20:13 (2 MiB).
         reserved |= entry & (leaf_size - 1) & ~(LARGE_PAT | (KIB4 - 1))

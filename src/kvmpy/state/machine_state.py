@@ -28,6 +28,7 @@ from kvmpy.devices.legacy.acpi_pm import AcpiPmState
 from kvmpy.devices.legacy.i8042 import I8042State
 from kvmpy.devices.legacy.rtc import CmosRtcState
 from kvmpy.devices.legacy.serial import Uart16550State
+from kvmpy.memory.guest_memory import PAGE_SIZE
 from kvmpy.state.errors import StateError
 from kvmpy.state.kvm_state import VcpuState, VmState, restore_vcpu, restore_vm, save_vcpu, save_vm
 from kvmpy.state.snapshot_file import Section, encode, section
@@ -96,20 +97,76 @@ def save_machine(machine: Machine) -> dict[str, Section]:
     return sections
 
 
-def write_memory_file(machine: Machine, path: Path) -> int:
-    """Guest RAM into ``path`` (regions back to back, as the machine section describes)."""
+def write_memory_file(machine: Machine, path: Path, pages: list[list[int]] | None = None) -> int:
+    """Guest RAM into ``path`` (regions back to back, as the machine section describes).
+
+    With ``pages`` (per region, as ``Machine.take_dirty_pages`` gives them) only
+    those pages are written, at their places in an otherwise empty sparse file:
+    a diff snapshot, to be merged onto its base (``kvmpy snapshot merge``).
+    """
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     except OSError as error:
         raise StateError(f"cannot write the memory file {path}: {error.strerror}") from None
     try:
-        written = machine.memory.write_to(fd)
+        if pages is None:
+            written = machine.memory.write_to(fd)
+        else:
+            written = _write_pages(machine, fd, pages)
         os.fsync(fd)
     except OSError as error:
         raise StateError(f"cannot write the memory file {path}: {error.strerror}") from None
     finally:
         os.close(fd)
     return written
+
+
+def _write_pages(machine: Machine, fd: int, pages: list[list[int]]) -> int:
+    offset, written = 0, 0
+    for region, numbers in zip(machine.memory, pages, strict=True):
+        for number in numbers:
+            start = number * PAGE_SIZE
+            written += os.pwrite(fd, region.view[start : start + PAGE_SIZE], offset + start)
+        offset += region.size
+    os.ftruncate(fd, offset)
+    return written
+
+
+def merge_memory_file(diff: Path, base: Path) -> int:
+    """Copy the pages a diff memory file holds onto its base; returns the bytes copied.
+
+    A diff file is sparse: its data extents (SEEK_DATA/SEEK_HOLE) are exactly
+    the pages it holds, written even where they are zeros.
+    """
+    copied = 0
+    try:
+        with diff.open("rb") as source, base.open("r+b") as target:
+            size = os.fstat(source.fileno()).st_size
+            if os.fstat(target.fileno()).st_size != size:
+                raise StateError(f"{diff} and {base} are memory files of different sizes")
+            position = 0
+            while position < size:
+                try:
+                    start = os.lseek(source.fileno(), position, os.SEEK_DATA)
+                except OSError:  # ENXIO: no data past here
+                    break
+                end = os.lseek(source.fileno(), start, os.SEEK_HOLE)
+                copied += _copy_range(source.fileno(), target.fileno(), start, end)
+                position = end
+            os.fsync(target.fileno())
+    except OSError as error:
+        raise StateError(f"cannot merge {diff} onto {base}: {error.strerror}") from None
+    return copied
+
+
+def _copy_range(source: int, target: int, start: int, end: int) -> int:
+    copied = 0
+    while start < end:
+        chunk = os.pread(source, min(end - start, 1 << 20), start)
+        os.pwrite(target, chunk, start)
+        start += len(chunk)
+        copied += len(chunk)
+    return copied
 
 
 def read_description(sections: dict[str, Section]) -> MachineDescription:
@@ -142,9 +199,12 @@ def check_memory_file(path: Path, described: MachineDescription) -> None:
         raise StateError(f"the memory file {path} has {size} bytes; the snapshot's RAM needs {needed}")
 
 
-def config_for_restore(described: MachineDescription, serial: SerialConfig | None = None) -> VmConfig:
+def config_for_restore(
+    described: MachineDescription, serial: SerialConfig | None = None, track_dirty_pages: bool = False
+) -> VmConfig:
     """The configuration a restored machine is built from."""
     return VmConfig(
+        track_dirty_pages=track_dirty_pages,
         cpus=described.cpus,
         memory=described.memory,
         console=described.console,
@@ -179,6 +239,7 @@ __all__ = [
     "RegionState",
     "check_memory_file",
     "config_for_restore",
+    "merge_memory_file",
     "read_description",
     "restore_machine",
     "save_machine",

@@ -10,8 +10,9 @@ needs to see.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
+
+import msgspec
 
 from kvmpy.vmm.actions import (
     Action,
@@ -21,6 +22,7 @@ from kvmpy.vmm.actions import (
     ConfigureMachine,
     ConfigureMetrics,
     ConfigureSerial,
+    CreateSnapshot,
     GetInstanceInfo,
     GetIrqState,
     GetMemoryTree,
@@ -31,6 +33,7 @@ from kvmpy.vmm.actions import (
     InsertBlockDevice,
     InsertNetworkDevice,
     InstanceInfo,
+    LoadSnapshot,
     Pause,
     ReadMemory,
     Resume,
@@ -45,6 +48,8 @@ from kvmpy.vmm.actions import (
 )
 from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
 
+#: Firecracker's words, as the real VMM answers them.
+SNAPSHOT_AFTER_CONFIG = "Loading a microVM snapshot not allowed after configuring boot-specific resources."
 _MONITOR = (GetRegisters, TranslateAddress, ReadMemory, GetMemoryTree, GetIrqState, GetVcpus, GetStats)
 
 
@@ -80,9 +85,11 @@ class FakeVmm:
         if isinstance(action, GetVmConfig):
             return self.config
         if isinstance(action, _MONITOR):
-            return {"query": type(action).__name__, **dataclasses.asdict(action)}
+            return {"query": type(action).__name__, **msgspec.structs.asdict(action)}
         if isinstance(action, StartInstance | Pause | Resume | Stop):
             self._lifecycle(action)
+        elif isinstance(action, CreateSnapshot | LoadSnapshot):
+            self._snapshot(action)
         else:
             self.config = _configured(self.config, action)
         return None
@@ -98,9 +105,20 @@ class FakeVmm:
             self.state = VmState.PAUSED if isinstance(action, Pause) else VmState.RUNNING
 
 
+    def _snapshot(self, action: CreateSnapshot | LoadSnapshot) -> None:
+        """The lifecycle of snapshots without their files: paused to save, fresh to load."""
+        if isinstance(action, CreateSnapshot):
+            if self.state is not VmState.PAUSED:
+                raise ActionError("the VM must be paused to take a snapshot (PATCH /vm with Paused)")
+            return
+        if self.config.kernel is not None or self.config.disks or self.config.nets:
+            raise ActionError(SNAPSHOT_AFTER_CONFIG)
+        self.state = VmState.RUNNING if action.resume_vm else VmState.PAUSED
+
+
 def _configured(config: VmConfig, action: object) -> VmConfig:
     """``config`` with a configuration action applied (actions without config effect leave it)."""
-    replace = dataclasses.replace
+    replace = msgspec.structs.replace
     if isinstance(action, ConfigureBootSource):
         return replace(config, kernel=action.kernel, initrd=action.initrd, cmdline=action.cmdline)
     if isinstance(action, ConfigureMachine):
@@ -138,14 +156,14 @@ def _machine(config: VmConfig, action: ConfigureMachine) -> VmConfig:
             changes[name] = value
     if action.hugepages is not None:
         changes["hugepages"] = action.hugepages
-    return dataclasses.replace(config, **changes)  # type: ignore[arg-type]
+    return msgspec.structs.replace(config, **changes)  # type: ignore[arg-type]
 
 
 def _update_disk(config: VmConfig, action: UpdateBlockDevice) -> tuple:
     if action.drive_id not in [d.id for d in config.disks]:
         raise ActionError(f"Drive config error: no drive with id {action.drive_id}")
     return tuple(
-        dataclasses.replace(
+        msgspec.structs.replace(
             d,
             path=action.path or d.path,
             rate_limiter=action.rate_limiter if action.rate_limiter is not None else d.rate_limiter,
@@ -160,7 +178,7 @@ def _update_net(config: VmConfig, action: UpdateNetworkDevice) -> tuple:
     if action.iface_id not in [n.id for n in config.nets]:
         raise ActionError(f"Network config error: no interface with id {action.iface_id}")
     return tuple(
-        dataclasses.replace(
+        msgspec.structs.replace(
             n,
             rx_rate_limiter=action.rx_rate_limiter or n.rx_rate_limiter,
             tx_rate_limiter=action.tx_rate_limiter or n.tx_rate_limiter,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 
 class RecordingInterruptLine:
     """An InterruptLine that remembers every level it was driven to."""
@@ -35,4 +37,24 @@ class PortAccessor:
         self.device.write(offset, bytes([value]))  # type: ignore[attr-defined]
 
 
-__all__ = ["PortAccessor", "RecordingInterruptLine"]
+class SocketTap:
+    """A tap stand-in for virtio-net: a datagram socket pair, one packet per writev/readv.
+
+    The device gets ``fd`` (non-blocking); the test talks to ``host``.
+    """
+
+    def __init__(self) -> None:
+        self.host, self._device_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._device_side.setblocking(False)
+        self.fd = self._device_side.fileno()
+        self.offloads: list[int] = []
+
+    def set_offloads(self, flags: int) -> None:
+        self.offloads.append(flags)
+
+    def close(self) -> None:
+        self._device_side.close()
+        self.host.close()
+
+
+__all__ = ["PortAccessor", "RecordingInterruptLine", "SocketTap"]

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from kvmpy.memory.guest_memory import GuestMemory
+from kvmpy.virtio.guard import DeviceGuard
 from kvmpy.virtio.queue import SplitQueue
 
 # Feature bits common to every device (virtio 1.x, 6).
@@ -32,6 +33,8 @@ class VirtioDevice(Protocol):
     queue_sizes: tuple[int, ...]
     #: Features offered to the driver (COMMON_FEATURES | device bits).
     features: int
+    #: The device's one lock, shared with its transport, and its guest-error path.
+    guard: DeviceGuard
 
     def read_config(self, offset: int, size: int) -> bytes: ...
 
@@ -43,10 +46,10 @@ class VirtioDevice(Protocol):
         """DRIVER_OK: the rings are set up, work may start."""
 
     def queue_notify(self, index: int) -> None:
-        """The driver made buffers available on queue ``index`` (event-loop thread)."""
+        """The driver made buffers available on queue ``index`` (any thread; lock held)."""
 
     def reset(self) -> None:
-        """The driver reset the device: drop every reference to guest memory."""
+        """The driver reset the device: drop every reference to guest memory (lock held)."""
 
 
 __all__ = [

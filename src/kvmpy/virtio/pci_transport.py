@@ -13,13 +13,18 @@ raised with the ISR bits and lowered when the driver reads the ISR.
 Everything the driver writes is checked: an invalid queue setup or a
 broken ring marks the device DEVICE_NEEDS_RESET, logs once and leaves the
 VM running.
+
+Locking: the transport and its device model share the device's one lock
+(:class:`kvmpy.virtio.guard.DeviceGuard`, whose docstring holds the lock order).
+Every BAR 0 access, every queue notification (ioeventfd on the event loop or a
+notify write that exited on a vCPU thread), activation and reset run under it,
+so a reset waits for the request in flight and no queue is walked twice at once.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
-import threading
 from collections.abc import Callable
 
 from kvmpy.bus import BusDevice
@@ -34,6 +39,7 @@ from kvmpy.devices.pci.msix import BAR_SIZE as MSIX_BAR_SIZE
 from kvmpy.devices.pci.msix import NO_VECTOR, MsiSender, MsixTable
 from kvmpy.errors import GuestError
 from kvmpy.memory.guest_memory import GuestMemory
+from kvmpy.ratelimit import guest_log
 from kvmpy.virtio.device import F_EVENT_IDX, F_VERSION_1, VirtioDevice
 from kvmpy.virtio.queue import SplitQueue
 
@@ -85,7 +91,9 @@ class VirtioPciTransport:
         self._wire_notify = wire_notify
         self._intx = intx
         self._intx_level = False
-        self._lock = threading.RLock()
+        #: The device's one lock (see kvmpy.virtio.guard), shared with the device model.
+        self._lock = device.guard.lock
+        device.guard.bind(self.fail)
         self.config = PciConfigSpace(
             vendor_id=VENDOR_VIRTIO,
             device_id=DEVICE_ID_BASE + device.device_type,
@@ -149,27 +157,31 @@ class VirtioPciTransport:
     def bar_mapped(self, index: int, address: int | None) -> None:
         if index != 0:
             return
-        self._bar0_address = address
-        self._wire_notify(self.notify_areas())
+        with self._lock:
+            self._bar0_address = address
+            areas = self.notify_areas()
+        self._wire_notify(areas)  # outside the lock: wiring waits on the event loop's lock
 
     def notify_areas(self) -> list[tuple[int, int, int]]:
         """(address, length, queue) of every notify register while BAR 0 is mapped."""
-        if self._bar0_address is None:
+        address = self._bar0_address
+        if address is None:
             return []
-        base = self._bar0_address + NOTIFY_OFFSET
+        base = address + NOTIFY_OFFSET
         return [(base + NOTIFY_MULTIPLIER * i, 2, i) for i in range(len(self.queues))]
 
     # --- notifications and interrupts ---------------------------------------------------
     def notify(self, index: int) -> None:
-        """Queue ``index`` was kicked (from an ioeventfd or an exit)."""
-        if not 0 <= index < len(self.queues) or not self.status & STATUS_DRIVER_OK:
-            return
-        if self.status & STATUS_NEEDS_RESET:
-            return  # a broken device stays quiet until the driver resets it
-        try:
-            self.device.queue_notify(index)
-        except GuestError as error:
-            self.fail(str(error))
+        """Queue ``index`` was kicked (from an ioeventfd or an exit), under the device's lock."""
+        with self._lock:
+            if not 0 <= index < len(self.queues) or not self.status & STATUS_DRIVER_OK:
+                return
+            if self.status & STATUS_NEEDS_RESET:
+                return  # a broken device stays quiet until the driver resets it
+            try:
+                self.device.queue_notify(index)
+            except GuestError as error:
+                self.fail(str(error))
 
     def interrupt(self, index: int) -> None:
         """Tell the driver queue ``index`` has used buffers."""
@@ -179,12 +191,20 @@ class VirtioPciTransport:
             self._update_intx()
         self.msix.signal(vector)
 
+    def config_changed(self) -> None:
+        """The device's configuration changed (a disk's new size): the driver rereads it."""
+        with self._lock:
+            self.config_generation = (self.config_generation + 1) & 0xFF
+            self.isr |= 2
+            self._update_intx()
+        self.msix.signal(self.config_vector)
+
     def fail(self, why: str) -> None:
         """The driver broke the rules: flag DEVICE_NEEDS_RESET and tell it through the config vector."""
-        self.guest_errors += 1
-        if self.guest_errors <= 4:
-            log.warning("virtio device type %d needs reset: %s", self.device.device_type, why)
         with self._lock:
+            self.guest_errors += 1
+            kind, message = self.device.device_type, "virtio device type %d needs reset: %s"
+            guest_log.warning(log, ("virtio-needs-reset", id(self)), message, kind, why)
             self.status |= STATUS_NEEDS_RESET
             self.isr |= 2
             self.config_generation = (self.config_generation + 1) & 0xFF
@@ -299,7 +319,10 @@ class VirtioPciTransport:
                 value &= ~STATUS_FEATURES_OK  # refused: the driver must notice and give up
         self.status = (self.status & STATUS_NEEDS_RESET) | value
         if newly & STATUS_DRIVER_OK and self.status & STATUS_FEATURES_OK:
-            self.device.activate(self._mem, self.queues, self.driver_features, self.interrupt)
+            try:  # activation may already use a ring (pending console input, say)
+                self.device.activate(self._mem, self.queues, self.driver_features, self.interrupt)
+            except GuestError as error:
+                self.fail(str(error))
 
     def read_isr(self) -> int:
         """Reading the ISR acknowledges it: the bits clear and INTx drops."""
@@ -333,7 +356,7 @@ class _Bar0:
         size, t = len(data), self._t
         value = int.from_bytes(data, "little")
         if NOTIFY_OFFSET <= offset < NOTIFY_OFFSET + NOTIFY_MULTIPLIER * len(t.queues):
-            t.notify((offset - NOTIFY_OFFSET) // NOTIFY_MULTIPLIER)
+            t.notify((offset - NOTIFY_OFFSET) // NOTIFY_MULTIPLIER)  # takes the device lock
             return
         with t._lock:
             if COMMON_OFFSET <= offset < COMMON_OFFSET + COMMON_SIZE and size in (1, 2, 4, 8):

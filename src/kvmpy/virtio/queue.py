@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from kvmpy.errors import GuestError
+from kvmpy.errors import GuestError, RestoreError
 from kvmpy.memory.guest_memory import GuestMemory, GuestMemoryError
 
 DESC_F_NEXT = 1
@@ -44,11 +44,11 @@ class DescriptorChain:
 
     @property
     def readable_length(self) -> int:
-        return sum(len(b) for b in self.readable)
+        return sum(map(len, self.readable))
 
     @property
     def writable_length(self) -> int:
-        return sum(len(b) for b in self.writable)
+        return sum(map(len, self.writable))
 
     def read_all(self) -> bytes:
         return b"".join(bytes(b) for b in self.readable)
@@ -137,6 +137,10 @@ class SplitQueue:
             raise QueueError(f"available index ran {count} entries ahead of a queue of {self.size}")
         return count
 
+    def has_work(self, mem: GuestMemory) -> bool:
+        """Whether :meth:`pop` would return a chain (checked before a rate limiter is asked)."""
+        return self.ready and self.pending(mem) > 0
+
     def pop(self, mem: GuestMemory) -> DescriptorChain | None:
         """The next available chain, or None."""
         if not self.ready or self.pending(mem) == 0:
@@ -153,6 +157,9 @@ class SplitQueue:
         self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
 
     def _walk(self, mem: GuestMemory, head: int) -> DescriptorChain:
+        """The chain at ``head``: at most ``size`` buffers (virtio 1.x, 2.7.5.3.1: a driver must
+        not make a chain longer than the queue), which also bounds every device's iovec count
+        below IOV_MAX (1024) and ends any loop."""
         if head >= self.size:
             raise QueueError(f"descriptor head {head} is outside a queue of {self.size}")
         chain = DescriptorChain(head)
@@ -160,7 +167,8 @@ class SplitQueue:
         table, table_at, table_size, index = self._desc_view, self._desc_at, self.size, head
         unpack = _DESCRIPTOR.unpack_from
         in_indirect = False
-        for _ in range(self.size + MAX_INDIRECT + 1):
+        buffers = 0
+        for _ in range(self.size + 2):  # each step adds a buffer, but the one into a table
             addr, length, flags, next_index = unpack(table, table_at + DESCRIPTOR_SIZE * index)
             if flags & DESC_F_INDIRECT:
                 if in_indirect:
@@ -170,6 +178,9 @@ class SplitQueue:
                 table_size, index, in_indirect = length // DESCRIPTOR_SIZE, 0, True
                 table, table_at = self._table(mem, addr, table_size), 0
                 continue
+            buffers += 1
+            if buffers > self.size:
+                raise QueueError(f"descriptor chain longer than the queue size {self.size} (or it loops)")
             try:
                 buffer = mem.slice(addr, length)
             except GuestMemoryError:
@@ -180,7 +191,7 @@ class SplitQueue:
             if next_index >= table_size:
                 raise QueueError(f"descriptor next {next_index} is outside its table of {table_size}")
             index = next_index
-        raise QueueError("descriptor chain loops")
+        raise QueueError("descriptor chain loops")  # not reached: the buffer count stops it first
 
     def push(self, mem: GuestMemory, head: int, written: int) -> None:
         """Return chain ``head`` to the driver with ``written`` bytes filled in."""
@@ -212,9 +223,10 @@ class SplitQueue:
 
     def restore(self, state: QueueState) -> None:
         if not 0 < state.size <= self.max_size or state.size & (state.size - 1):
-            raise ValueError(f"saved queue size {state.size} is invalid")
+            limit = self.max_size
+            raise RestoreError(f"saved virtqueue size {state.size} is not a power of two up to {limit}")
         if not (0 <= state.last_avail_idx <= 0xFFFF and 0 <= state.next_used_idx <= 0xFFFF):
-            raise ValueError("saved queue indexes are out of range")
+            raise RestoreError("saved virtqueue indexes are not 16-bit values")
         self.size, self.ready = state.size, state.ready
         self.desc_addr, self.driver_addr, self.device_addr = (
             state.desc_addr,

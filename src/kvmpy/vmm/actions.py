@@ -13,10 +13,11 @@ dataclasses below. A request that cannot be carried out raises
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from kvmpy.errors import KvmpyError
 from kvmpy.vmm.config import DiskConfig, LoggerConfig, MetricsConfig, NetConfig, RateLimiterConfig
@@ -36,15 +37,13 @@ class VmState(Enum):
 
 
 # --- configuration (before InstanceStart, unless the runtime table says otherwise) -------
-@dataclass(frozen=True, slots=True)
-class ConfigureBootSource:
+class ConfigureBootSource(msgspec.Struct, frozen=True):
     kernel: Path
     initrd: Path | None = None
     cmdline: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class ConfigureMachine:
+class ConfigureMachine(msgspec.Struct, frozen=True):
     """PUT (``partial=False``: every field given) or PATCH (``partial=True``) /machine-config."""
 
     cpus: int | None = None
@@ -55,15 +54,13 @@ class ConfigureMachine:
     partial: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class InsertBlockDevice:
+class InsertBlockDevice(msgspec.Struct, frozen=True):
     """PUT /drives/{id}: add the drive, or replace the one with the same id."""
 
     disk: DiskConfig
 
 
-@dataclass(frozen=True, slots=True)
-class UpdateBlockDevice:
+class UpdateBlockDevice(msgspec.Struct, frozen=True):
     """PATCH /drives/{id}: a new backing file (the guest sees the new size) or rate limiter."""
 
     drive_id: str
@@ -71,15 +68,13 @@ class UpdateBlockDevice:
     rate_limiter: RateLimiterConfig | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class InsertNetworkDevice:
+class InsertNetworkDevice(msgspec.Struct, frozen=True):
     """PUT /network-interfaces/{id}."""
 
     net: NetConfig
 
 
-@dataclass(frozen=True, slots=True)
-class UpdateNetworkDevice:
+class UpdateNetworkDevice(msgspec.Struct, frozen=True):
     """PATCH /network-interfaces/{id}: new rate limiters."""
 
     iface_id: str
@@ -87,15 +82,13 @@ class UpdateNetworkDevice:
     tx_rate_limiter: RateLimiterConfig | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class SetEntropyDevice:
+class SetEntropyDevice(msgspec.Struct, frozen=True):
     """PUT /entropy: a virtio-rng device."""
 
     rate_limiter: RateLimiterConfig | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class ConfigureSerial:
+class ConfigureSerial(msgspec.Struct, frozen=True):
     """PUT /serial: the 16550A's output appended to ``path`` (None: the process's standard output).
 
     ``console`` is kvmpy's: where the terminal connects, "serial" (the 16550A) or
@@ -106,44 +99,36 @@ class ConfigureSerial:
     console: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class ConfigureLogger:
+class ConfigureLogger(msgspec.Struct, frozen=True):
     logger: LoggerConfig
 
 
-@dataclass(frozen=True, slots=True)
-class ConfigureMetrics:
+class ConfigureMetrics(msgspec.Struct, frozen=True):
     metrics: MetricsConfig
 
 
 # --- commands -------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class StartInstance:
+class StartInstance(msgspec.Struct, frozen=True):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class SendCtrlAltDel:
+class SendCtrlAltDel(msgspec.Struct, frozen=True):
     """Ctrl-Alt-Del on the i8042 keyboard: Linux reboots or powers off as it is configured."""
 
 
-@dataclass(frozen=True, slots=True)
-class FlushMetrics:
+class FlushMetrics(msgspec.Struct, frozen=True):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Pause:
+class Pause(msgspec.Struct, frozen=True):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class Resume:
+class Resume(msgspec.Struct, frozen=True):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class CreateSnapshot:
+class CreateSnapshot(msgspec.Struct, frozen=True):
     """PUT /snapshot/create: the state file and the memory file of a paused VM."""
 
     snapshot_path: Path
@@ -151,35 +136,52 @@ class CreateSnapshot:
     snapshot_type: str = "Full"
 
 
-@dataclass(frozen=True, slots=True)
-class LoadSnapshot:
+class LoadSnapshot(msgspec.Struct, frozen=True):
     """PUT /snapshot/load: a fresh VMM becomes the snapshotted VM (paused unless ``resume_vm``)."""
 
     snapshot_path: Path
     mem_file_path: Path
     resume_vm: bool = False
+    #: Record dirty pages from the start, so the next snapshot can be a Diff.
+    track_dirty_pages: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Stop:
+class Migrate(msgspec.Struct, frozen=True):
+    """Send the running VM to a kvmpy started with ``--incoming``; this VMM ends once it runs there."""
+
+    destination: str  # tcp:HOST:PORT or unix:PATH
+    downtime_ms: int = 300
+    max_rounds: int = 30
+    #: A limit hit before the downtime fits the budget: "pause" finishes anyway, "cancel" gives up.
+    on_limit: str = "pause"
+
+
+class IncomingMigration(msgspec.Struct, frozen=True):
+    """Wait on ``address`` for a migrating VM and become it."""
+
+    address: str
+
+
+class Stop(msgspec.Struct, frozen=True):
     """End the VM from the host (the CLI's Ctrl-C, SIGTERM, ``kvmpy ctl quit``)."""
 
     reason: str = "stopped from the host"
 
 
 # --- queries --------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class GetInstanceInfo:
+class GetInstanceInfo(msgspec.Struct, frozen=True):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class GetVmConfig:
+class GetVmConfig(msgspec.Struct, frozen=True):
     """GET /vm/config and GET /machine-config: the result is the current VmConfig."""
 
 
-@dataclass(frozen=True, slots=True)
-class InstanceInfo:
+class GetMigrationStatus(msgspec.Struct, frozen=True):
+    """How the current (or last) migration is going; answered even while it runs."""
+
+
+class InstanceInfo(msgspec.Struct, frozen=True):
     id: str
     state: VmState
     vmm_version: str
@@ -187,21 +189,18 @@ class InstanceInfo:
 
 
 # --- the monitor (kvmpy's own, under /kvmpy/) ---------------------------------------------
-@dataclass(frozen=True, slots=True)
-class GetRegisters:
+class GetRegisters(msgspec.Struct, frozen=True):
     vcpu: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class TranslateAddress:
+class TranslateAddress(msgspec.Struct, frozen=True):
     """The guest page-table walk of ``gva`` from ``vcpu``'s CR3, down to the host frame."""
 
     gva: int
     vcpu: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class ReadMemory:
+class ReadMemory(msgspec.Struct, frozen=True):
     """``length`` bytes at ``address``, a guest-virtual (through ``vcpu``'s page tables) or physical one."""
 
     address: int
@@ -210,23 +209,19 @@ class ReadMemory:
     vcpu: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class GetMemoryTree:
+class GetMemoryTree(msgspec.Struct, frozen=True):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class GetIrqState:
+class GetIrqState(msgspec.Struct, frozen=True):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class GetVcpus:
+class GetVcpus(msgspec.Struct, frozen=True):
     pass
 
 
-@dataclass(frozen=True, slots=True)
-class GetStats:
+class GetStats(msgspec.Struct, frozen=True):
     pass
 
 
@@ -248,9 +243,12 @@ Action = (
     | Resume
     | CreateSnapshot
     | LoadSnapshot
+    | Migrate
+    | IncomingMigration
     | Stop
     | GetInstanceInfo
     | GetVmConfig
+    | GetMigrationStatus
     | GetRegisters
     | TranslateAddress
     | ReadMemory
@@ -260,7 +258,10 @@ Action = (
     | GetStats
 )
 
-_QUERIES: frozenset[type] = frozenset({GetInstanceInfo, GetVmConfig})
+_QUERIES: frozenset[type] = frozenset({GetInstanceInfo, GetVmConfig, GetMigrationStatus})
+#: Queries that read only plain state: answered on the caller's thread at once, even while
+#: the VMM thread is busy with a long action (a migration, a snapshot).
+IMMEDIATE: frozenset[type] = frozenset({GetInstanceInfo, GetMigrationStatus})
 _MONITOR: frozenset[type] = frozenset(
     {GetRegisters, TranslateAddress, ReadMemory, GetMemoryTree, GetIrqState, GetVcpus, GetStats}
 )
@@ -278,6 +279,7 @@ ALLOWED_BEFORE_START: frozenset[type] = frozenset(
         ConfigureMetrics,
         StartInstance,
         LoadSnapshot,
+        IncomingMigration,
         Stop,
     }
     | _QUERIES
@@ -293,6 +295,7 @@ ALLOWED_AFTER_START: frozenset[type] = frozenset(
         Pause,
         Resume,
         CreateSnapshot,
+        Migrate,
         Stop,
     }
     | _QUERIES
@@ -314,6 +317,7 @@ def check_allowed(action: Any, started: bool) -> None:
 __all__ = [
     "ALLOWED_AFTER_START",
     "ALLOWED_BEFORE_START",
+    "IMMEDIATE",
     "Action",
     "ActionError",
     "ConfigureBootSource",
@@ -325,6 +329,7 @@ __all__ = [
     "FlushMetrics",
     "GetInstanceInfo",
     "GetIrqState",
+    "GetMigrationStatus",
     "GetMemoryTree",
     "GetRegisters",
     "GetStats",
@@ -332,8 +337,10 @@ __all__ = [
     "GetVmConfig",
     "InsertBlockDevice",
     "InsertNetworkDevice",
+    "IncomingMigration",
     "InstanceInfo",
     "LoadSnapshot",
+    "Migrate",
     "Pause",
     "ReadMemory",
     "Resume",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+
+import msgspec
 
 from kvmpy.errors import ConfigError
 
@@ -31,8 +32,7 @@ class SerialMode(Enum):
     NONE = "none"
 
 
-@dataclass(frozen=True, slots=True)
-class SerialConfig:
+class SerialConfig(msgspec.Struct, frozen=True):
     mode: SerialMode = SerialMode.STDIO
     path: Path | None = None
 
@@ -47,8 +47,7 @@ class SerialConfig:
         raise ConfigError(f"invalid --serial {text!r}: use stdio, none, file:PATH or unix:PATH")
 
 
-@dataclass(frozen=True, slots=True)
-class TokenBucketConfig:
+class TokenBucketConfig(msgspec.Struct, frozen=True):
     """One token bucket (Firecracker's shape): ``size`` tokens refilled every ``refill_time_ms``.
 
     ``one_time_burst`` extra tokens are available once, at the start, and are not refilled.
@@ -60,16 +59,14 @@ class TokenBucketConfig:
     one_time_burst: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class RateLimiterConfig:
+class RateLimiterConfig(msgspec.Struct, frozen=True):
     """Limits on a device's bandwidth and operations; a missing bucket means no limit."""
 
     bandwidth: TokenBucketConfig | None = None
     ops: TokenBucketConfig | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class DiskConfig:
+class DiskConfig(msgspec.Struct, frozen=True):
     """A virtio-blk disk: a raw image file, through the host's page cache or with O_DIRECT."""
 
     path: Path
@@ -106,8 +103,7 @@ class DiskConfig:
         return cls(Path(path), read_only, name, direct)
 
 
-@dataclass(frozen=True, slots=True)
-class NetConfig:
+class NetConfig(msgspec.Struct, frozen=True):
     """A virtio-net interface on a tap device."""
 
     tap: str
@@ -134,8 +130,7 @@ class NetConfig:
         return cls(tap, mac)
 
 
-@dataclass(frozen=True, slots=True)
-class LoggerConfig:
+class LoggerConfig(msgspec.Struct, frozen=True):
     """Where kvmpy's own log goes (Firecracker's PUT /logger)."""
 
     path: Path | None = None
@@ -145,8 +140,7 @@ class LoggerConfig:
     module: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class MetricsConfig:
+class MetricsConfig(msgspec.Struct, frozen=True):
     """Where metrics are written as newline-delimited JSON (Firecracker's PUT /metrics)."""
 
     path: Path
@@ -157,8 +151,7 @@ class OnReboot(Enum):
     EXIT = "exit"
 
 
-@dataclass(frozen=True, slots=True)
-class VmConfig:
+class VmConfig(msgspec.Struct, frozen=True):
     """Everything needed to build one VM."""
 
     #: None until a boot source is configured (through the API a VM starts empty).

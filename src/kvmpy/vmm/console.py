@@ -4,18 +4,43 @@ Output goes to stdout, a file or nowhere, and the last lines are kept so an
 error report can show what the guest said before it died. Input comes from
 the host terminal, switched to character-at-a-time mode without echo while
 the VM runs (signals stay on, so Ctrl-C stops the VM) and restored after.
+
+The guest is hostile here too, and its output arrives on a vCPU thread (the
+16550A) or the event loop (virtio-console, whole buffers of up to 4 GiB):
+writing costs bounded work and memory whatever the guest sends. The bytes
+go into a bounded buffer that a writer thread hands to the sink, so a sink
+that blocks (a socket client that stopped reading, a slow disk) costs
+dropped bytes, counted, and never a stalled guest; a log file stops at a
+size limit with a note saying so.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
+import logging
 import os
 import select
 import termios
 import threading
+import time
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import BinaryIO, Protocol
+
+log = logging.getLogger("kvmpy.console")
+
+#: Bytes waiting for the writer thread at most: beyond it, output is dropped (and counted).
+BUFFER_LIMIT = 1 << 20
+#: The tail kept for error reports: enough for 20 lines of a chatty console, whatever the burst.
+TAIL_BYTES = 8192
+#: A log file's size limit for one run (1 GiB): a guest that prints forever does not fill the disk.
+FILE_LIMIT = 1 << 30
+#: How long the writer thread lingers without output before it ends (a new one starts on demand).
+WRITER_IDLE_SECONDS = 1.0
+#: How long the writer lets output gather before writing it: the 16550A hands over a byte per
+#: exit, and one write (and one wake-up of this thread) per byte would cost the vCPU's GIL time.
+GATHER_SECONDS = 0.002
+#: How long ``flush`` waits for a sink that does not take its bytes.
+FLUSH_TIMEOUT_SECONDS = 2.0
 
 
 class ConsoleSink(Protocol):
@@ -26,46 +51,139 @@ class ConsoleSink(Protocol):
     def flush(self) -> None: ...
 
 
+class FileSink:
+    """A log file that takes at most ``limit`` bytes from this run, then a note and no more."""
+
+    def __init__(self, file: BinaryIO, limit: int = FILE_LIMIT) -> None:
+        self._file = file
+        self.limit = limit
+        self.written = 0
+        self.dropped = 0
+
+    def write(self, data: bytes, /) -> int:
+        room = self.limit - self.written
+        if room <= 0:
+            self.dropped += len(data)
+            return len(data)
+        kept = data[:room]
+        self._file.write(kept)
+        self.written += len(kept)
+        if len(kept) < len(data):
+            self.dropped += len(data) - len(kept)
+            self._file.write(
+                f"\n[kvmpy: console output limit of {self.limit} bytes reached;"
+                " further output is dropped]\n".encode()
+            )
+        return len(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class ConsoleOutput:
-    """Where the guest's console bytes go, keeping the last lines for reports."""
+    """Where the guest's console bytes go, keeping the last lines for reports.
+
+    ``write`` only copies what the buffer has room for and the tail it keeps (at most
+    BUFFER_LIMIT + TAIL_BYTES bytes, whatever it is given) and returns: a writer thread
+    does the sink's I/O.
+    """
 
     def __init__(self, sink: ConsoleSink | None, keep_lines: int = 20) -> None:
         self._sink = sink
-        self._lines: collections.deque[bytes] = collections.deque(maxlen=keep_lines)
-        self._partial = bytearray()
+        self._keep_lines = keep_lines
+        self._tail = bytearray()
+        self._pending = bytearray()
         self._lock = threading.Lock()
+        self._data = threading.Condition(self._lock)  # the writer waits for output
+        self._drained = threading.Condition(self._lock)  # flush waits for the writer
+        self._writer: threading.Thread | None = None
+        self._idle = False  # the writer waits on _data
+        self._writing = False
         self.bytes_written = 0
+        #: Bytes the sink never got because the buffer was full (a slow or stalled consumer).
+        self.dropped = 0
+        self.sink_errors = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
+        size = len(data)
         with self._lock:
-            self.bytes_written += len(data)
-            if self._sink is not None:
-                self._sink.write(data)
-                if b"\n" in data or len(data) > 1 or self._partial == b"":
-                    self._sink.flush()
+            self.bytes_written += size
             self._remember(data)
+            if self._sink is None:
+                return
+            room = BUFFER_LIMIT - len(self._pending)
+            if room < size:
+                self.dropped += size - max(room, 0)
+            if room > 0:
+                self._pending += data[:room]
+                self._start_writer()
+                if self._idle:
+                    self._data.notify()
 
-    def _remember(self, data: bytes) -> None:
-        self._partial += data
-        if b"\n" not in data:  # the serial port's common case: one byte, mid-line
-            if len(self._partial) > 8192:
-                del self._partial[:-4096]
-            return
-        *complete, rest = self._partial.split(b"\n")
-        self._lines.extend(bytes(line) for line in complete)
-        self._partial = bytearray(rest[-4096:])
+    def _remember(self, data: bytes | memoryview) -> None:
+        """Keep the last TAIL_BYTES: lines are only split when someone asks for them."""
+        self._tail += data[-TAIL_BYTES:]
+        if len(self._tail) > 2 * TAIL_BYTES:  # trimmed now and then: amortised O(1) per byte
+            del self._tail[:-TAIL_BYTES]
+
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write_out, name="console-output", daemon=True)
+            self._writer.start()
+
+    def _write_out(self) -> None:
+        """The writer thread: hands buffered bytes to the sink; ends after a quiet second."""
+        sink = self._sink
+        assert sink is not None
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._idle = True
+                    self._data.wait(WRITER_IDLE_SECONDS)
+                    self._idle = False
+                if not self._pending:
+                    self._writer = None
+                    self._drained.notify_all()
+                    return
+                self._writing = True
+            time.sleep(GATHER_SECONDS)
+            with self._lock:
+                chunk, self._pending = bytes(self._pending), bytearray()
+            try:
+                sink.write(chunk)
+                sink.flush()
+            except Exception as error:  # noqa: BLE001 - a broken sink must not end the output
+                self._sink_failed(error)
+            finally:
+                with self._lock:
+                    self._writing = False
+                    self._drained.notify_all()
+
+    def _sink_failed(self, error: Exception) -> None:
+        self.sink_errors += 1
+        if self.sink_errors == 1:
+            log.warning("console output failed (%s); the guest goes on", error)
 
     def flush(self) -> None:
+        """Wait (a bounded time) until the writer has handed everything to the sink."""
         with self._lock:
-            if self._sink is not None:
+            self._drained.wait_for(lambda: not self._pending and not self._writing, FLUSH_TIMEOUT_SECONDS)
+        if self._sink is not None:
+            with contextlib.suppress(OSError, ValueError):
                 self._sink.flush()
 
     def last_lines(self) -> list[str]:
         with self._lock:
-            lines = list(self._lines)
-            if self._partial:
-                lines.append(bytes(self._partial))
-        return [line.decode("utf-8", "replace").rstrip("\r") for line in lines]
+            tail = bytes(self._tail[-TAIL_BYTES:])
+        lines = tail.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()  # the output ended with a newline: no partial line
+        if len(tail) >= TAIL_BYTES and len(lines) > 1:
+            lines.pop(0)  # probably cut in the middle
+        return [line.decode("utf-8", "replace").rstrip("\r") for line in lines[-self._keep_lines :]]
 
 
 @contextlib.contextmanager
@@ -135,4 +253,4 @@ class InputPump(threading.Thread):
                 return
 
 
-__all__ = ["ConsoleOutput", "ConsoleSink", "InputPump", "terminal_input_mode"]
+__all__ = ["ConsoleOutput", "ConsoleSink", "FileSink", "InputPump", "terminal_input_mode"]

@@ -20,7 +20,12 @@ from kvmpy.errors import HostError
 
 
 class SocketSink:
-    """A write-only file-like view of the client connection for :class:`ConsoleOutput`."""
+    """A write-only file-like view of the client connection for :class:`ConsoleOutput`.
+
+    It is written from the console's writer thread, never a vCPU thread: a client that
+    stops reading blocks only that thread, and the guest's further output is dropped
+    (counted in ``ConsoleOutput.dropped``) until the client reads again or hangs up.
+    """
 
     def __init__(self, connection: socket.socket) -> None:
         self._connection = connection

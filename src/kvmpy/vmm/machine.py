@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import mmap
 import signal
 import struct
 import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvmpy.abi import kvm as abi
@@ -38,20 +40,25 @@ from kvmpy.devices.legacy.port_sinks import PostCode, QuietPorts
 from kvmpy.devices.legacy.pvpanic import PvPanic
 from kvmpy.devices.legacy.rtc import CmosRtc
 from kvmpy.devices.legacy.serial import Uart16550
-from kvmpy.errors import HostError
+from kvmpy.errors import ConfigError, HostError
 from kvmpy.kvm import System, Vcpu
 from kvmpy.loader import BootMode, BootSetup, load_kernel
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.vmm.config import SerialMode, VmConfig
-from kvmpy.vmm.console import ConsoleOutput, ConsoleSink
+from kvmpy.vmm.console import ConsoleOutput, ConsoleSink, FileSink
 from kvmpy.vmm.event_loop import EventLoop
 from kvmpy.vmm.irq import KvmIrqLine
+from kvmpy.vmm.metrics_registry import MetricsRegistry
+from kvmpy.vmm.metrics_sources import register_machine
 from kvmpy.vmm.pci_platform import PciPlatform
 from kvmpy.vmm.stop import StopKind, StopReason
 from kvmpy.vmm.vcpu_thread import KICK_SIGNAL, VcpuThread, describe_registers
 
 if TYPE_CHECKING:
     from kvmpy.virtio.devices.console import VirtioConsole
+    from kvmpy.virtio.pci_transport import VirtioPciTransport
+    from kvmpy.virtio.throttle import Throttle
+    from kvmpy.vmm.config import RateLimiterConfig
 
 log = logging.getLogger("kvmpy.machine")
 
@@ -158,6 +165,9 @@ class Machine:
         self.coalesced = self.vcpus[0].coalesced_ring() if coalescing else None
         self.coalesced_lock = threading.Lock()
         self.boot: BootSetup | None = None
+        #: Every counter of this machine under a stable name (vmm/metrics_sources.py names them).
+        self.metrics = MetricsRegistry()
+        register_machine(self.metrics, self)
 
     def boot_kernel(self) -> None:
         """Firmware tables, the kernel and its boot information, and every vCPU's boot state."""
@@ -188,9 +198,50 @@ class Machine:
         if memory is None:
             ranges = layout.ram_ranges(self.config.memory)
             memory = GuestMemory.anonymous(ranges, hugepages=self.config.hugepages)
+        flags = abi.KVM_MEM_LOG_DIRTY_PAGES if self.config.track_dirty_pages else 0
         for slot, region in enumerate(memory):
-            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address())
+            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address(), flags)
+        self.tracking_dirty = self.config.track_dirty_pages
+        if self.tracking_dirty:
+            memory.track_writes()
         return memory
+
+    def start_dirty_tracking(self) -> None:
+        """Log dirty pages from now on (a migration starts it on a running VM)."""
+        for slot, region in enumerate(self.memory):
+            self.vm.set_user_memory_region(
+                slot, region.gpa, region.size, region.host_address(), abi.KVM_MEM_LOG_DIRTY_PAGES
+            )
+        self.memory.track_writes()
+        self.tracking_dirty = True
+
+    def stop_dirty_tracking(self) -> None:
+        """Back to untracked slots, unless the configuration asked for tracking throughout."""
+        if self.config.track_dirty_pages or not self.tracking_dirty:
+            return
+        for slot, region in enumerate(self.memory):
+            self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address())
+        self.tracking_dirty = False
+
+    def take_dirty_pages(self) -> list[list[int]]:
+        """Per RAM region, the pages written since the last call, by the guest (KVM's dirty
+        log) or by the VMM (GuestMemory's record); needs dirty tracking on."""
+        if not self.tracking_dirty:
+            raise HostError("dirty pages are tracked only with track_dirty_pages (machine-config)")
+        written = self.memory.take_written()
+        pages: list[list[int]] = []
+        for slot, (region, by_vmm) in enumerate(zip(self.memory, written, strict=True)):
+            count = region.size // mmap.PAGESIZE
+            bitmap = self.vm.get_dirty_log(slot, count)
+            words = memoryview(bitmap).cast("Q")
+            by_guest = {
+                index * 64 + bit
+                for index, word in enumerate(words) if word
+                for bit in range(64) if word >> bit & 1
+            }
+            by_guest.update(page for page, flag in enumerate(by_vmm) if flag)
+            pages.append(sorted(page for page in by_guest if page < count))
+        return pages
 
     def _serial_sink(self, override: ConsoleSink | None) -> ConsoleSink | None:
         if override is not None:
@@ -201,7 +252,7 @@ class Machine:
         if serial.mode is SerialMode.FILE:
             assert serial.path is not None
             try:
-                sink = serial.path.open("ab")
+                sink = FileSink(serial.path.open("ab"))  # capped at console.FILE_LIMIT
             except OSError as error:
                 raise HostError(f"cannot open serial output {serial.path}: {error.strerror}") from None
             self._resources.callback(sink.close)
@@ -244,23 +295,47 @@ class Machine:
         if self.config.nets:
             from kvmpy.virtio.devices.net import VirtioNet, parse_mac
             from kvmpy.virtio.devices.tap import Tap
+        #: drive id -> its transport (PATCH /drives reaches the device through it)
+        self.disks: dict[str, VirtioPciTransport] = {}
         for number, disk in enumerate(self.config.disks):
-            device = VirtioBlock(disk.path, read_only=disk.read_only, device_id=disk.id, direct=disk.direct)
-            self.pci.add_virtio(device, f"virtio-blk{number}")
+            device = VirtioBlock(
+                disk.path,
+                read_only=disk.read_only,
+                device_id=disk.id,
+                direct=disk.direct,
+                cache_type=disk.cache_type,
+                throttle=self._throttle(disk.rate_limiter),
+            )
+            self.disks[disk.id or f"disk{number}"] = self.pci.add_virtio(device, f"virtio-blk{number}")
         for number, net in enumerate(self.config.nets):
             mac = parse_mac(net.mac) if net.mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + number])
-            nic = VirtioNet(Tap(net.tap), mac, watch=self.events.add, unwatch=self.events.remove)
+            nic = VirtioNet(
+                Tap(net.tap),
+                mac,
+                watch=self.events.add,
+                unwatch=self.events.remove,
+                rx_throttle=self._throttle(net.rx_rate_limiter),
+                tx_throttle=self._throttle(net.tx_rate_limiter),
+            )
             self.pci.add_virtio(nic, f"virtio-net{number}")
         if self.config.rng:
             from kvmpy.virtio.devices.rng import VirtioRng
 
-            self.pci.add_virtio(VirtioRng(), "virtio-rng")
+            self.pci.add_virtio(VirtioRng(self._throttle(self.config.rng_rate_limiter)), "virtio-rng")
         self.virtio_console: VirtioConsole | None = None
         if self.config.console == "virtio":
             from kvmpy.virtio.devices.console import VirtioConsole
 
             self.virtio_console = VirtioConsole(self.console.write)
             self.pci.add_virtio(self.virtio_console, "virtio-console")
+
+    def _throttle(self, config: RateLimiterConfig | None) -> Throttle | None:
+        """A device's rate limiter if one is configured; its retries run on the event loop."""
+        if config is None:
+            return None
+        from kvmpy.vmm.rate_limits import throttle_for  # loaded only when a limit is set
+
+        return throttle_for(config, self.events.add)
 
     @property
     def console_input(self) -> Callable[[bytes], int]:
@@ -312,6 +387,14 @@ class Machine:
             regs = boot_cpu.boot_regs(boot.entry, rsi=boot.boot_info)
         vcpu.set_sregs(sregs)
         vcpu.set_regs(regs)
+
+    def replace_disk(self, drive_id: str, path: Path) -> None:
+        """Drive ``drive_id`` serves ``path`` from now on; the guest's driver sees the new size."""
+        transport = self.disks.get(drive_id)
+        if transport is None:
+            raise ConfigError(f"there is no drive {drive_id!r}")
+        transport.device.replace_backing(path)  # type: ignore[attr-defined]
+        transport.config_changed()
 
     def send_ctrl_alt_del(self) -> None:
         """Ctrl-Alt-Del on the keyboard: the guest decides what it means (Linux: SIGINT to init)."""
@@ -403,6 +486,7 @@ class Machine:
                     if not thread.parked and thread.is_alive():
                         thread.kick()  # it was between its check and KVM_RUN
         self.events.pause()
+        self.console.flush()  # what the guest wrote before the pause reaches its sink now
         for vcpu in self.vcpus:
             vcpu.kvmclock_ctrl()
         self.paused = True

@@ -1,8 +1,10 @@
 """Metrics as Firecracker writes them: one JSON object per line, on FlushMetrics and every minute.
 
 kvmpy writes totals since the VM started (Firecracker writes most counters as
-the change since the last flush): exits by reason, every bus device's
-accesses, and the VMM's own state. The same figures ``--stats`` prints.
+the change since the last flush): every component of the metrics registry
+(vCPUs, bus ranges, virtio devices, the PCI root, the 16550A, the console, the
+event loop) under its stable name, and the VMM's own state. The same counters
+``--stats`` and ``/kvmpy/stats`` show.
 """
 
 from __future__ import annotations
@@ -36,26 +38,14 @@ class MetricsWriter:
 
 
 def collect_metrics(vmm: Vmm) -> dict[str, Any]:
-    """Every counter of the VMM and its current machine, under stable names."""
+    """Every counter of the VMM and its current machine, from the one metrics registry."""
     metrics: dict[str, Any] = {
         "utc_timestamp_ms": int(time.time() * 1000),
         "vmm": {"state": vmm.state.value, "boots": vmm.boots},
     }
     machine = vmm.machine
-    if machine is None:
-        return metrics
-    exits: dict[str, int] = {}
-    guest_ns = 0
-    for thread in machine.threads:
-        for reason, counter in thread.stats.reasons.items():
-            exits[f"exit_{reason}"] = exits.get(f"exit_{reason}", 0) + counter.count
-        guest_ns += thread.stats.guest_ns
-    metrics["vcpu"] = {**exits, "guest_us": guest_ns // 1000}
-    devices: dict[str, dict[str, int]] = {}
-    for bus in (machine.pio_bus, machine.mmio_bus):
-        for row in bus.stats():
-            devices[row.name] = {"reads": row.reads, "writes": row.writes, "bytes": row.bytes}
-    metrics["devices"] = devices
+    if machine is not None:
+        metrics.update(machine.metrics.snapshot())
     return metrics
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from kvmpy.bus import Bus, BusAccessStats
+from kvmpy.bus.bus import OTHER_UNCLAIMED
 from kvmpy.vmm.exit_stats import ReasonTotal, VcpuExitStats, merge_reasons
 
 
@@ -20,6 +22,9 @@ class MachineStats:
     mmio: tuple[BusAccessStats, ...]
     unhandled_pio: tuple[tuple[int, int], ...]
     unhandled_mmio: tuple[tuple[int, int], ...]
+    #: The metrics registry's devices (not the vCPUs and bus ranges, which have their own
+    #: tables): (component, ((counter, value), ...)).
+    counters: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
 
     @property
     def total_exits(self) -> int:
@@ -32,15 +37,34 @@ class MachineStats:
         raise KeyError(name)
 
 
-def collect(wall_seconds: float, vcpus: list[VcpuExitStats], pio: Bus, mmio: Bus) -> MachineStats:
+def collect(
+    wall_seconds: float,
+    vcpus: list[VcpuExitStats],
+    pio: Bus,
+    mmio: Bus,
+    registry: Mapping[str, Mapping[str, int]] | None = None,
+) -> MachineStats:
+    """Every counter now, as plain data; ``registry`` is a metrics registry's snapshot."""
     return MachineStats(
         wall_seconds=wall_seconds,
         vcpus=tuple(vcpus),
         reasons=tuple(merge_reasons(vcpus)),
         pio=tuple(row for row in pio.stats() if row.reads or row.writes),
         mmio=tuple(row for row in mmio.stats() if row.reads or row.writes),
-        unhandled_pio=tuple(sorted(pio.unhandled.items())),
-        unhandled_mmio=tuple(sorted(mmio.unhandled.items())),
+        unhandled_pio=tuple(pio.unclaimed()),
+        unhandled_mmio=tuple(mmio.unclaimed()),
+        counters=_device_counters(registry or {}),
+    )
+
+
+def _device_counters(
+    registry: Mapping[str, Mapping[str, int]],
+) -> tuple[tuple[str, tuple[tuple[str, int], ...]], ...]:
+    shown_elsewhere = ("vcpu", "pio.", "mmio.")
+    return tuple(
+        (component, tuple(sorted(counters.items())))
+        for component, counters in registry.items()
+        if not component.startswith(shown_elsewhere)
     )
 
 
@@ -155,7 +179,8 @@ def format_stats(stats: MachineStats) -> str:
         if not unhandled:
             continue
         out.append("")
-        out += _table([f"unclaimed {title}", "accesses"], [[f"{a:#x}", str(n)] for a, n in unhandled[:20]])
+        shown = [[f"{a:#x}" if a != OTHER_UNCLAIMED else "others", str(n)] for a, n in unhandled[:20]]
+        out += _table([f"unclaimed {title}", "accesses"], shown)
         if len(unhandled) > 20:
             out.append(f"... and {len(unhandled) - 20} more")
     kernel = _kernel_totals(stats.vcpus)
@@ -166,6 +191,7 @@ def format_stats(stats: MachineStats) -> str:
             ["KVM counter", "count"],
             [[name, str(kernel[name])] for name in KERNEL_COUNTERS if name in kernel],
         )
+    out += _counter_table(stats.counters)
     if len(stats.vcpus) > 1:
         out.append("")
         out += _table(
@@ -173,6 +199,18 @@ def format_stats(stats: MachineStats) -> str:
             [[str(v.vcpu_id), str(v.total_exits), f"{v.guest_ns / 1e9:.3f}"] for v in stats.vcpus],
         )
     return "\n".join(out)
+
+
+def _counter_table(counters: tuple[tuple[str, tuple[tuple[str, int], ...]], ...]) -> list[str]:
+    """The devices' own counters that are not zero (guest errors, drops, throttling...)."""
+    rows = [
+        [component, name, str(value)] for component, values in counters for name, value in values if value
+    ]
+    if not counters:
+        return []
+    if not rows:
+        return ["", "device counters (metrics registry): all zero (no guest errors, drops or throttling)"]
+    return ["", "device counters (metrics registry):", *_table(["device", "counter", "value"], rows)]
 
 
 def _device_rows(report: str, device: str) -> list[tuple[str, str, str, str]]:

@@ -15,7 +15,6 @@ Imports here stay light: the API server binds its socket and answers
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import signal
@@ -25,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from kvmpy import __version__
 from kvmpy.errors import ConfigError, HostError, KvmpyError
@@ -116,6 +117,8 @@ class Vmm:
         self._console_tail: tuple[str, ...] = ()
         self._metrics: Any = None
         self._next_metrics = 0.0
+        #: The current or last migration's progress, as plain data (replaced, never mutated).
+        self._migration: dict[str, object] | None = None
         #: Set from a signal handler (SIGTERM); the loop's next tick stops the VM.
         self.terminate_requested = False
 
@@ -129,6 +132,8 @@ class Vmm:
 
         Raises ActionError if the action is refused or fails.
         """
+        if type(action) in a.IMMEDIATE:
+            return self._answer_now(action)
         if threading.get_ident() == self._thread_ident:
             return self._execute(action)
         if self._closed:
@@ -187,6 +192,18 @@ class Vmm:
         finally:
             item.done.set()
 
+    def _answer_now(self, action: a.Action) -> object:
+        """An immediate query (see actions.IMMEDIATE): plain state, read without the queue."""
+        if isinstance(action, a.GetInstanceInfo):
+            return InstanceInfo(self.id, self.state, __version__)
+        return self._migration_status()
+
+    def _migration_status(self) -> dict[str, object]:
+        progress = self._migration
+        if progress is None:
+            return {"state": "none"}
+        return dict(progress)
+
     def _tick(self) -> None:
         if self.terminate_requested and self.state is not VmState.STOPPED:
             self.terminate_requested = False
@@ -223,13 +240,16 @@ class Vmm:
             a.Resume: lambda _: self._resume(),
             a.CreateSnapshot: self._create_snapshot,
             a.LoadSnapshot: self._load_snapshot,
+            a.Migrate: self._migrate,
+            a.IncomingMigration: self._incoming,
             a.Stop: lambda action: self._stop_from_host(StopReason(StopKind.STOPPED, 0, action.reason)),
             a.GetInstanceInfo: lambda _: InstanceInfo(self.id, self.state, __version__),
             a.GetVmConfig: lambda _: self.config,
+            a.GetMigrationStatus: lambda _: self._migration_status(),
         }
 
     def _update(self, **changes: Any) -> None:
-        self.config = dataclasses.replace(self.config, **changes)
+        self.config = msgspec.structs.replace(self.config, **changes)
 
     # configuration
     def _configure_boot_source(self, action: a.ConfigureBootSource) -> None:
@@ -276,9 +296,21 @@ class Vmm:
         self._update(disks=tuple(disks))
 
     def _update_block_device(self, action: a.UpdateBlockDevice) -> None:
+        """PATCH /drives after boot: a new backing file, which the guest sees with its new size."""
+        assert self.machine is not None
         if not any(d.id == action.drive_id for d in self.config.disks):
             raise ActionError(f"Invalid block device ID: {action.drive_id}")
-        raise ActionError("kvmpy cannot yet change a running VM's drive (backing file or rate limiter)")
+        if action.rate_limiter is not None:
+            raise ActionError("kvmpy cannot yet change a running drive's rate limiter")
+        if action.path is None:
+            return
+        _check_file(action.path, f"drive {action.drive_id}")
+        self.machine.replace_disk(action.drive_id, action.path)
+        disks = tuple(
+            msgspec.structs.replace(d, path=action.path) if d.id == action.drive_id else d
+            for d in self.config.disks
+        )
+        self._update(disks=disks)
 
     def _insert_network_device(self, action: a.InsertNetworkDevice) -> None:
         net = action.net
@@ -368,11 +400,17 @@ class Vmm:
         assert self.machine is not None
         if self.state is not VmState.PAUSED:
             raise ActionError("the VM must be paused to take a snapshot (PATCH /vm with Paused)")
-        if action.snapshot_type != "Full":
-            raise ActionError(f"kvmpy takes Full snapshots only (not {action.snapshot_type})")
+        if action.snapshot_type not in ("Full", "Diff"):
+            raise ActionError(f"snapshot_type {action.snapshot_type!r}: use Full or Diff")
+        tracking = self.machine.config.track_dirty_pages
+        if action.snapshot_type == "Diff" and not tracking:
+            raise ActionError("Diff snapshots need track_dirty_pages set in the machine configuration")
         started = time.monotonic()
         sections = save_machine(self.machine)
-        memory_bytes = write_memory_file(self.machine, action.mem_file_path)
+        # Dirty pages are taken at every snapshot, so a Diff holds what changed since the last one.
+        dirty = self.machine.take_dirty_pages() if tracking else None
+        pages = dirty if action.snapshot_type == "Diff" else None
+        memory_bytes = write_memory_file(self.machine, action.mem_file_path, pages)
         state_bytes = write_state_file(action.snapshot_path, sections)
         log.info(
             "snapshot: %d bytes of state, %d MiB of memory written in %.0f ms",
@@ -416,7 +454,7 @@ class Vmm:
             memory = GuestMemory.from_file(str(action.mem_file_path), ranges)
         except (OSError, ValueError) as error:
             raise ConfigError(f"cannot map the memory file {action.mem_file_path}: {error}") from None
-        self.config = config_for_restore(described, self.config.serial)
+        self.config = config_for_restore(described, self.config.serial, action.track_dirty_pages)
         self._open_console()
         machine = Machine(self.config, serial_sink=self._serial_sink, memory=memory)
         try:
@@ -430,6 +468,84 @@ class Vmm:
         self.boots += 1
         self._started_at = time.monotonic()
 
+    # live migration
+    def _migrate(self, action: a.Migrate) -> dict[str, object]:
+        from kvmpy.state.migration_sender import MigrationLimits, MigrationReport, migrate
+
+        assert self.machine is not None
+        if self.state is not VmState.RUNNING:
+            raise ActionError("only a running VM migrates (resume it first)")
+        if action.on_limit not in ("pause", "cancel"):
+            raise ActionError(f"on_limit {action.on_limit!r}: use pause or cancel")
+        limits = MigrationLimits(action.downtime_ms / 1000, action.max_rounds, on_limit=action.on_limit)
+        total_pages = self.machine.memory.total_size // 4096
+        started = time.monotonic()
+
+        def progress(report: MigrationReport, pages_this_round: int) -> None:
+            self._migration = {
+                "state": "active",
+                "destination": action.destination,
+                "round": report.rounds,
+                "pages_this_round": pages_this_round,
+                "pages_sent": report.pages_sent + pages_this_round,
+                "guest_pages": total_pages,
+                "bytes_sent": report.bytes_sent,
+                "seconds": time.monotonic() - started,
+            }
+
+        self._migration = {"state": "active", "destination": action.destination, "round": 0}
+        try:
+            report = migrate(self.machine, action.destination, limits, progress)
+        except KvmpyError as error:
+            self._migration = {"state": "failed", "destination": action.destination, "error": str(error)}
+            raise
+        downtime = f"{report.downtime_seconds * 1000:.0f} ms" if report.downtime_seconds is not None else "?"
+        message = (
+            f"migrated to {action.destination}: {report.rounds} rounds, {report.bytes_sent >> 20} MiB, "
+            f"{report.total_seconds:.2f} s, downtime {downtime}"
+        )
+        log.warning("%s", message)
+        # Stopped while still paused: the vCPUs leave their park without running the guest
+        # again, so nothing happens here that the destination does not know about.
+        self.machine.request_stop(StopReason(StopKind.STOPPED, 0, message))
+        self._migration = {
+            "state": "completed",
+            "destination": action.destination,
+            "rounds": report.rounds,
+            "round_pages": report.round_pages,
+            "pages_sent": report.pages_sent,
+            "bytes_sent": report.bytes_sent,
+            "total_seconds": report.total_seconds,
+            "downtime_seconds": report.downtime_seconds,
+            "note": report.note,
+        }
+        return dict(self._migration)
+
+    def _incoming(self, action: a.IncomingMigration) -> None:
+        """Become the VM a source sends; a failure ends this VMM (nothing half migrated runs)."""
+        from kvmpy.state import migration_receiver
+
+        if self.config.kernel is not None or self.config.disks or self.config.nets:
+            raise ActionError(SNAPSHOT_AFTER_CONFIG)
+        next_state = self.lifecycle.next_state(Event.RESTORE)
+        listener, text = migration_receiver.listen(action.address)
+        try:
+            self._open_console()
+            machine = migration_receiver.receive(listener, text, self.config.serial, self._serial_sink)
+        except KvmpyError as error:
+            self.lifecycle.apply(Event.STOP)
+            reason = StopReason(StopKind.HOST_ERROR, 1, f"incoming migration failed: {error}")
+            self._result = RunResult(reason, None, self.boots, ())
+            raise
+        machine.on_stop = lambda reason: self._queue.put(_MachineStopped(reason, machine))
+        self.machine = machine
+        self.config = machine.config
+        self.boots += 1
+        self._started_at = time.monotonic()
+        self.lifecycle.state = next_state
+        self.lifecycle.apply(Event.RESUME)
+        self._start_input()
+
     def _send_ctrl_alt_del(self) -> None:
         assert self.machine is not None
         if self.state is VmState.PAUSED:
@@ -442,9 +558,7 @@ class Vmm:
             self.lifecycle.apply(Event.STOP)
             self._result = RunResult(reason, self._last_stats, self.boots, self._console_tail)
             return
-        if self.machine.paused:
-            self.machine.resume()  # parked vCPUs leave through the normal path
-        self.machine.request_stop(reason)
+        self.machine.request_stop(reason)  # parked vCPUs see it and leave without running
 
     def _machine_stopped(self, event: _MachineStopped) -> None:
         machine = event.machine
@@ -472,6 +586,7 @@ class Vmm:
             [thread.stats for thread in machine.threads],
             machine.pio_bus,
             machine.mmio_bus,
+            machine.metrics.snapshot(),
         )
         self._console_tail = tuple(machine.console.last_lines())
         if self._metrics is not None:
@@ -566,7 +681,7 @@ def _effective(config: VmConfig) -> VmConfig:
         return config
     mode = "ro" if root.read_only else "rw"
     device = f"PARTUUID={root.partuuid}" if root.partuuid else "/dev/vda"
-    return dataclasses.replace(config, cmdline=f"{config.cmdline} root={device} {mode}".strip())
+    return msgspec.structs.replace(config, cmdline=f"{config.cmdline} root={device} {mode}".strip())
 
 
 def _check_file(path: Path, what: str) -> None:

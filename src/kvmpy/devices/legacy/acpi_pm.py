@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmpy.bus.device import InterruptLine
+from kvmpy.errors import RestoreError
 
 PM1_STATUS = 0
 PM1_ENABLE = 2
@@ -114,7 +115,7 @@ class AcpiPm:
 
     def restore(self, state: AcpiPmState) -> None:
         if any(not 0 <= v <= 0xFFFF for v in (state.status, state.enable, state.control)):
-            raise ValueError("ACPI PM registers are 16 bits")
+            raise RestoreError("saved ACPI PM state has a register wider than 16 bits")
         self._status, self._enable = state.status, state.enable
         self._control = state.control & ~SLP_EN  # always reads 0: the sleep it asked for happened
         # The SCI's level lives on in KVM's restored irqchip: remember it, so that the guest

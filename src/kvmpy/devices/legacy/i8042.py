@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from kvmpy.bus.device import InterruptLine
 from kvmpy.devices.legacy.ps2_keyboard import Ps2Keyboard
+from kvmpy.errors import RestoreError
 
 DATA = 0  # port 0x60
 PORT_B = 1  # port 0x61
@@ -181,7 +182,7 @@ class I8042:
     def restore(self, state: I8042State) -> None:
         values = (state.command_byte, state.output_port, state.pending_command, state.port_b)
         if any(not 0 <= v <= 0xFF for v in values) or len(state.output) > OUTPUT_BUFFER_LIMIT:
-            raise ValueError("i8042 state out of range")
+            raise RestoreError("saved i8042 state has a register outside 0..255 or too much output")
         self._command_byte, self._output_port = state.command_byte, state.output_port
         self._pending_command, self._port_b = state.pending_command, state.port_b
         self._output = collections.deque(state.output, maxlen=OUTPUT_BUFFER_LIMIT)

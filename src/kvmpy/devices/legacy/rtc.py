@@ -5,14 +5,23 @@ it. The time comes from an injected clock (the host's UTC time by default);
 a guest that sets the time moves an offset, never the host clock. Update
 cycles are not simulated: UIP (register A bit 7) always reads 0, so Linux's
 "wait for the end of an update" loops finish at once.
+
+The guest may set any date the registers can hold, and time goes on from
+there: past the end of year 9999 (where Python's dates end) the clock shows
+the same date 400 years earlier (the Gregorian calendar, weekdays included,
+repeats every 400 years), so every later read and write still works and the
+guest can set the clock back.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from kvmpy.errors import RestoreError
 
 INDEX = 0
 DATA = 1
@@ -52,6 +61,23 @@ class CmosRtcState:
     index: int
     cmos: bytes
     offset_seconds: float
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
+_FIRST = datetime.datetime(1, 1, 1, tzinfo=datetime.UTC)
+_LAST = datetime.datetime(9999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC)
+#: 400 Gregorian years in seconds: dates and weekdays repeat after it.
+_CYCLE_SECONDS = 146097 * 86400
+
+
+def _calendar(seconds: float) -> datetime.datetime:
+    """The date ``seconds`` after 1970 shows, moved by whole 400-year cycles into years 1-9999."""
+    first, last = (_FIRST - _EPOCH).total_seconds(), (_LAST - _EPOCH).total_seconds()
+    if seconds > last:
+        seconds -= math.ceil((seconds - last) / _CYCLE_SECONDS) * _CYCLE_SECONDS
+    elif seconds < first:
+        seconds += math.ceil((first - seconds) / _CYCLE_SECONDS) * _CYCLE_SECONDS
+    return _EPOCH + datetime.timedelta(seconds=int(seconds))
 
 
 def _to_bcd(value: int) -> int:
@@ -98,7 +124,7 @@ class CmosRtc:
             self._write_register(self._index, data[0])
 
     def _now(self) -> datetime.datetime:
-        return datetime.datetime.fromtimestamp(self._clock() + self._offset, datetime.UTC)
+        return _calendar(self._clock() + self._offset)
 
     def _encode(self, value: int) -> int:
         return value if self._cmos[REG_B] & B_BINARY else _to_bcd(value)
@@ -180,14 +206,18 @@ class CmosRtc:
             wanted = datetime.datetime(tzinfo=datetime.UTC, **fields)
         except ValueError:
             return  # an impossible date (e.g. 31 February) is ignored
-        self._offset += (wanted - now).total_seconds()
+        # From the date shown, not by the difference: past year 9999 the date shown is 400-year
+        # cycles behind the guest's seconds, and the difference would keep those cycles.
+        self._offset = (wanted - _EPOCH).total_seconds() - self._clock()
 
     def save(self) -> CmosRtcState:
         return CmosRtcState(self._index, bytes(self._cmos), self._offset)
 
     def restore(self, state: CmosRtcState) -> None:
         if len(state.cmos) != 128 or not 0 <= state.index < 0x80:
-            raise ValueError("CMOS state must hold 128 bytes and an index below 0x80")
+            raise RestoreError("saved CMOS state must hold 128 bytes and an index below 0x80")
+        if not math.isfinite(state.offset_seconds):
+            raise RestoreError(f"saved CMOS clock offset {state.offset_seconds} is not a number of seconds")
         self._index, self._cmos, self._offset = (
             state.index,
             bytearray(state.cmos),

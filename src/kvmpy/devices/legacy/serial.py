@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmpy.bus.device import InterruptLine
+from kvmpy.errors import RestoreError
 
 FIFO_SIZE = 64
 
@@ -330,9 +331,10 @@ class Uart16550:
             state.dlm,
         )
         if any(not 0 <= value <= 0xFF for value in registers):
-            raise ValueError("UART state has a register value outside 0..255")
+            raise RestoreError("saved UART state has a register value outside 0..255")
         if len(state.rx_fifo) > FIFO_SIZE:
-            raise ValueError(f"UART state has {len(state.rx_fifo)} bytes queued, more than the FIFO holds")
+            queued = len(state.rx_fifo)
+            raise RestoreError(f"saved UART state has {queued} bytes queued, more than the FIFO holds")
         with self._lock:
             self._ier = state.ier & IER_MASK
             self._fcr = state.fcr

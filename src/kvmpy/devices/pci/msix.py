@@ -4,6 +4,12 @@ The device asks for vector N; if MSI-X is enabled and neither the function
 nor the vector is masked, the message goes to an injected
 :class:`MsiSender` (the VMM routes it into KVM through irqfd); otherwise the
 pending bit is set and the message is sent when the guest unmasks.
+
+Messages are sent and entry changes reported with the table's lock held: an
+interrupt raised on the event loop while a vCPU rewrites the entry (Linux
+masks, rewrites and unmasks it to move an interrupt to another CPU) goes out
+before the rewrite or after it, never with the old message after the new one
+was routed.
 """
 
 from __future__ import annotations
@@ -71,27 +77,26 @@ class MsixTable:
         """Raise ``vector``; returns False if MSI-X is off or the vector invalid."""
         if vector == NO_VECTOR or not 0 <= vector < self.vectors or not self.enabled:
             return False
-        with self._lock:
+        with self._lock:  # held while sending: see the module docstring
             if self._blocked(vector):
                 self._pending[vector] = True
                 return True
             address, data, _ = self._entry(vector)
-        self._sender.send(vector, address, data)
+            self._sender.send(vector, address, data)
         return True
 
     def config_written(self) -> None:
         """The capability's control word may have changed: deliver what unmasking released."""
-        self._deliver_pending()
+        with self._lock:
+            self._deliver_pending()
 
     def _deliver_pending(self) -> None:
-        ready = []
-        with self._lock:
-            for vector in range(self.vectors):
-                if self._pending[vector] and self.enabled and not self._blocked(vector):
-                    self._pending[vector] = False
-                    ready.append((vector, *self._entry(vector)[:2]))
-        for vector, address, data in ready:
-            self._sender.send(vector, address, data)
+        """Send what is pending and no longer masked (lock held)."""
+        for vector in range(self.vectors):
+            if self._pending[vector] and self.enabled and not self._blocked(vector):
+                self._pending[vector] = False
+                address, data, _ = self._entry(vector)
+                self._sender.send(vector, address, data)
 
     # --- the BAR ----------------------------------------------------------------------
     def read(self, offset: int, data: memoryview) -> None:
@@ -117,10 +122,10 @@ class MsixTable:
             return  # the PBA is read-only; odd accesses are dropped
         with self._lock:
             self._table[offset : offset + size] = data
-            vector = offset // ENTRY_SIZE
-            address, data_word, _ = self._entry(vector)
-        self._sender.changed(vector, address, data_word)
-        self._deliver_pending()
+            for vector in range(offset // ENTRY_SIZE, (offset + size - 1) // ENTRY_SIZE + 1):
+                address, data_word, _ = self._entry(vector)
+                self._sender.changed(vector, address, data_word)
+            self._deliver_pending()
 
 
 __all__ = ["BAR_SIZE", "CAP_ID_MSIX", "NO_VECTOR", "MsiSender", "MsixTable"]

@@ -16,6 +16,7 @@ from typing import Protocol
 
 from kvmpy.bus import Bus, BusDevice, BusOverlapError, BusRange
 from kvmpy.devices.pci.config_space import NUM_BARS, PciConfigSpace
+from kvmpy.ratelimit import guest_log
 
 log = logging.getLogger("kvmpy.pci")
 
@@ -137,8 +138,8 @@ class PciRoot:
 
     def _refuse(self, name: str, address: int, why: str) -> None:
         self.refused_bars += 1
-        if self.refused_bars <= 8:
-            log.warning("guest placed %s at %#x but %s: left unmapped", name, address, why)
+        message = "guest placed %s at %#x but %s: left unmapped"
+        guest_log.warning(log, ("refused-bar", name), message, name, address, why)
 
 
 class ConfigMechanism1:

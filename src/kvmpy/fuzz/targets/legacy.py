@@ -13,7 +13,7 @@ from kvmpy.devices.legacy.port_sinks import PostCode
 from kvmpy.devices.legacy.pvpanic import PANICKED, SUPPORTED_EVENTS, PvPanic
 from kvmpy.devices.legacy.rtc import CmosRtc
 from kvmpy.devices.legacy.serial import Uart16550
-from kvmpy.fuzz.harness import KnownIssue, Reader, Target, check
+from kvmpy.fuzz.harness import Reader, Target, check
 from kvmpy.fuzz.targets.registers import EVENT, READ, ROUND_TRIP, WRITE, Operation, RegisterTarget, encode
 from kvmpy.testing.fakes import RecordingInterruptLine
 
@@ -139,12 +139,6 @@ class RtcTarget(RegisterTarget):
         "the selected index stays below 0x80 and CMOS holds 128 bytes",
         "the guest's clock offset stays a finite number of seconds",
     )
-    known: tuple[KnownIssue, ...] = (
-        KnownIssue(ValueError, "devices/legacy/rtc.py", "_now",
-                   "tests/test_fuzz_regressions.py::test_rtc_survives_the_clock_set_to_the_end_of_9999"),
-        KnownIssue(OverflowError, "devices/legacy/rtc.py", "_now",
-                   "tests/test_fuzz_regressions.py::test_rtc_survives_the_clock_set_to_the_end_of_9999"),
-    )  # fmt: skip
 
     def fresh(self) -> CmosRtc:
         self.now = 1_780_000_000.0  # a fixed host time, moved only by events

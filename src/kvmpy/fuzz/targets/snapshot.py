@@ -20,7 +20,7 @@ from kvmpy.devices.legacy.i8042 import I8042
 from kvmpy.devices.legacy.rtc import CmosRtc
 from kvmpy.devices.legacy.serial import Uart16550
 from kvmpy.errors import ConfigError
-from kvmpy.fuzz.harness import KnownIssue, Reader, check
+from kvmpy.fuzz.harness import Reader, check
 from kvmpy.state import machine_state, snapshot_file
 from kvmpy.state.kvm_state import MAX_CPUID_ENTRIES, VcpuState, VmState
 from kvmpy.state.snapshot_file import Section
@@ -123,12 +123,6 @@ class SnapshotTarget:
         "line status, the i8042's status, the PM timer) and saves a state that restores to itself",
         "what reaches KVM has been checked: at most 256 CPUID entries, only MSRs the host lists",
     )
-    known: tuple[KnownIssue, ...] = (
-        KnownIssue(ValueError, "devices/legacy/rtc.py", "_now",
-                   "tests/test_fuzz_regressions.py::test_rtc_restored_with_a_clock_offset_it_cannot_use"),
-        KnownIssue(OverflowError, "devices/legacy/rtc.py", "_now",
-                   "tests/test_fuzz_regressions.py::test_rtc_restored_with_a_clock_offset_it_cannot_use"),
-    )  # fmt: skip
 
     def run(self, data: bytes) -> None:
         reader = Reader(data)

@@ -173,7 +173,7 @@ class VirtqueueTarget:
         for size, event_idx, indirect in ((16, False, False), (16, True, True), (256, True, False)):
             mem = GuardedMemory([RAM0, RAM1])
             queue = SplitQueue(MAX_QUEUE)
-            driver = MockDriver(mem, queue, 0x1000, size=size)
+            driver = MockDriver(mem, queue, 0x1000, size=size, indirect_slots=4)
             driver.add([Buffer(0x8000, 16), Buffer(0x9000, 512, writable=True), Buffer(0x9800, 1, True)])
             driver.add([Buffer(RAM1[0], 64, writable=True)], indirect=indirect)
             driver.add([Buffer(0xA000, 100), Buffer(RAM1[0] + 0x100, 200)], indirect=indirect)

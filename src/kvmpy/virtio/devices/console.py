@@ -6,16 +6,19 @@ arrives as one chain, so where the UART costs an exit per byte this costs
 one notification per batch (and none at all once ioeventfd has it).
 
 Input that finds no posted buffer waits in a bounded buffer; the host side
-is told how much was accepted and keeps the rest.
+is told how much was accepted and keeps the rest. Host input arrives on the
+console input thread and goes through the device's guard: a broken receive
+ring marks the device as needing reset instead of killing that thread.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
+from kvmpy.errors import GuestError
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.virtio.device import COMMON_FEATURES, TYPE_CONSOLE, Interrupt
+from kvmpy.virtio.guard import DeviceGuard
 from kvmpy.virtio.queue import SplitQueue
 
 RECEIVE, TRANSMIT = 0, 1
@@ -28,9 +31,10 @@ class VirtioConsole:
     queue_sizes: tuple[int, ...] = (128, 128)
     features = COMMON_FEATURES
 
-    def __init__(self, output: Callable[[bytes], object]) -> None:
+    def __init__(self, output: Callable[[memoryview], object]) -> None:
         self._output = output
-        self._lock = threading.Lock()
+        self.guard = DeviceGuard()
+        self._lock = self.guard.lock
         self._mem: GuestMemory | None = None
         self._queues: list[SplitQueue] = []
         self._interrupt: Interrupt | None = None
@@ -49,17 +53,18 @@ class VirtioConsole:
     ) -> None:
         with self._lock:
             self._mem, self._queues, self._interrupt = mem, queues, interrupt
-        self._fill_receive()
+            self._fill_receive()  # input typed before the driver was ready
 
     def reset(self) -> None:
         with self._lock:
             self._mem, self._queues, self._interrupt = None, [], None
 
     def queue_notify(self, index: int) -> None:
-        if index == TRANSMIT:
-            self._drain_transmit()
-        elif index == RECEIVE:
-            self._fill_receive()
+        with self._lock:
+            if index == TRANSMIT:
+                self._drain_transmit()
+            elif index == RECEIVE:
+                self._fill_receive()
 
     def _drain_transmit(self) -> None:
         with self._lock:
@@ -70,24 +75,37 @@ class VirtioConsole:
             sent = False
             while (chain := queue.pop(mem)) is not None:
                 for buffer in chain.readable:
-                    self._output(bytes(buffer))
+                    self._output(buffer)  # a view: the output copies what it keeps, no more
                     self.bytes_out += len(buffer)
                 queue.push(mem, chain.head, 0)
                 sent = True
-            notify = sent and queue.needs_interrupt(mem)
-        if notify:
-            interrupt(TRANSMIT)
+            if sent and queue.needs_interrupt(mem):
+                interrupt(TRANSMIT)
 
     def enqueue_input(self, data: bytes) -> int:
-        """Host input for the guest; returns how many bytes were taken (the rest: try later)."""
+        """Host input for the guest (input thread); returns how many bytes were taken.
+
+        The rest is for the caller to offer again later. A broken receive ring is the
+        guest's error: the device is marked as needing reset, the thread goes on.
+        """
         with self._lock:
             room = PENDING_LIMIT - len(self._pending)
             taken = data[: max(room, 0)]
             self._pending += taken
-        self._fill_receive()
+            self.guard.run(self._fill_receive)
         return len(taken)
 
     def _fill_receive(self) -> None:
+        with self._lock:
+            try:
+                self._deliver_pending()
+            except GuestError:
+                # A broken receive ring: the device goes quiet (the transport marks it as
+                # needing reset) instead of failing again at every keystroke.
+                self._mem, self._queues, self._interrupt = None, [], None
+                raise
+
+    def _deliver_pending(self) -> None:
         with self._lock:
             mem, interrupt = self._mem, self._interrupt
             if mem is None or interrupt is None or not self._pending:
@@ -106,9 +124,8 @@ class VirtioConsole:
                 self.bytes_in += written
                 queue.push(mem, chain.head, written)
                 delivered = True
-            notify = delivered and queue.needs_interrupt(mem)
-        if notify:
-            interrupt(RECEIVE)
+            if delivered and queue.needs_interrupt(mem):
+                interrupt(RECEIVE)
 
 
 __all__ = ["VirtioConsole"]

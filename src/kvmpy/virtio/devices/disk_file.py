@@ -7,7 +7,12 @@ disk costs and the host's memory is not spent twice. O_DIRECT needs offsets,
 lengths and buffer addresses aligned to the file system's block size; the
 device advertises that size to the driver, and the rare request that is
 still misaligned (a hostile or old driver) goes through an aligned bounce
-buffer instead of failing.
+buffer of a fixed size, a piece at a time, instead of failing.
+
+Every transfer is carried to its end: the kernel may move fewer bytes than
+asked (one call moves at most 2 GiB - 4 KiB), so the rest goes in further
+calls, and a call that moves nothing is an error (:class:`OSError`), never
+a success.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import ctypes
 import errno
 import mmap
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from kvmpy.errors import ConfigError
@@ -24,10 +30,15 @@ from kvmpy.errors import ConfigError
 DIRECT_ALIGNMENTS = (512, 4096)
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+#: The bounce buffer for misaligned direct-mode requests: a fixed 1 MiB, whatever the request's
+#: size (the guest's descriptors may alias, so a request can be far larger than guest RAM).
+BOUNCE_SIZE = 1 << 20
+#: Zeroes written per call where the file system cannot punch holes: bounded memory per request.
+ZERO_CHUNK = 1 << 20
 
 
 class DiskFile:
-    """A raw image opened for a virtio-blk device."""
+    """A raw image opened for a virtio-blk device (used under the device's lock)."""
 
     def __init__(self, path: Path, *, read_only: bool = False, direct: bool = False) -> None:
         flags = os.O_RDONLY if read_only else os.O_RDWR
@@ -46,22 +57,27 @@ class DiskFile:
         self.alignment = _probe_alignment(self._fd, path) if direct else 512
         #: Requests that went through the bounce buffer because guest memory was misaligned.
         self.bounced = 0
+        self._bounce: mmap.mmap | None = None
+        self._zeroes: mmap.mmap | None = None
 
     def close(self) -> None:
         os.close(self._fd)
+        for area in (self._bounce, self._zeroes):
+            if area is not None:
+                area.close()
 
     def read(self, offset: int, buffers: list[memoryview]) -> int:
-        """Fill ``buffers`` from ``offset``; returns the bytes read."""
+        """Fill ``buffers`` from ``offset``; returns the bytes read (all of them, or OSError)."""
         if self.direct and not self._aligned(offset, buffers):
-            return self._bounced_read(offset, buffers)
-        return os.preadv(self._fd, buffers, offset)
+            return self._bounced(offset, buffers, writing=False)
+        return _transfer(os.preadv, self._fd, buffers, offset)
 
     def write(self, offset: int, buffers: list[memoryview]) -> None:
-        """Write ``buffers`` at ``offset``."""
+        """Write all of ``buffers`` at ``offset`` (or raise OSError)."""
         if self.direct and not self._aligned(offset, buffers):
-            self._bounced_write(offset, buffers)
+            self._bounced(offset, buffers, writing=True)
         else:
-            os.pwritev(self._fd, buffers, offset)
+            _transfer(os.pwritev, self._fd, buffers, offset)
 
     def flush(self) -> None:
         os.fsync(self._fd)
@@ -71,7 +87,14 @@ class DiskFile:
         mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
         if _libc().fallocate(self._fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) == 0:
             return
-        self.write(offset, [memoryview(bytearray(length))])
+        if self._zeroes is None:  # page-aligned and never written: fit for O_DIRECT too
+            self._zeroes = mmap.mmap(-1, ZERO_CHUNK)
+        zeroes = memoryview(self._zeroes)
+        try:
+            for start in range(offset, offset + length, ZERO_CHUNK):
+                self.write(start, [zeroes[: min(ZERO_CHUNK, offset + length - start)]])
+        finally:
+            zeroes.release()
 
     def _aligned(self, offset: int, buffers: list[memoryview]) -> bool:
         mask = self.alignment - 1
@@ -79,39 +102,96 @@ class DiskFile:
             return False
         return all(not (len(b) & mask or (len(b) and _address(b) & mask)) for b in buffers)
 
-    def _bounce(self, offset: int, length: int) -> tuple[mmap.mmap, int]:
-        """An aligned buffer covering ``length`` bytes at ``offset``, filled from the file."""
-        start = offset - offset % self.alignment
-        end = -(-(offset + length) // self.alignment) * self.alignment
-        bounce = mmap.mmap(-1, max(end - start, mmap.PAGESIZE))
-        os.preadv(self._fd, [memoryview(bounce)[: end - start]], start)
-        self.bounced += 1
-        return bounce, offset - start
+    def _bounced(self, offset: int, buffers: list[memoryview], *, writing: bool) -> int:
+        """A misaligned request through the bounce buffer, one aligned span of it at a time.
 
-    def _bounced_read(self, offset: int, buffers: list[memoryview]) -> int:
-        length = sum(len(b) for b in buffers)
-        bounce, skip = self._bounce(offset, length)
-        with bounce:
-            data = memoryview(bounce)
-            for buffer in buffers:
-                buffer[:] = data[skip : skip + len(buffer)]
-                skip += len(buffer)
-            data.release()
+        Reading copies each span out to the guest's buffers; writing reads back the blocks
+        the request covers only in part (its first and last), copies the guest's data in
+        and writes the span.
+        """
+        if self._bounce is None:
+            self._bounce = mmap.mmap(-1, BOUNCE_SIZE)
+        self.bounced += 1
+        length = sum(map(len, buffers))
+        end, block = offset + length, self.alignment
+        guest = _Cursor(buffers)
+        bounce = memoryview(self._bounce)
+        try:
+            position = offset
+            while position < end:
+                start = position - position % block
+                stop = min(start + BOUNCE_SIZE, -(-end // block) * block)
+                span, low, high = bounce[: stop - start], position - start, min(end, stop) - start
+                if not writing or low or high < len(span):
+                    _transfer(os.preadv, self._fd, [span], start)
+                if writing:
+                    guest.copy_to(span[low:high])
+                    _transfer(os.pwritev, self._fd, [span], start)
+                else:
+                    guest.copy_from(span[low:high])
+                span.release()
+                position = start + high
+        finally:
+            bounce.release()
         return length
 
-    def _bounced_write(self, offset: int, buffers: list[memoryview]) -> None:
-        """Read-modify-write of the aligned span around the request."""
-        length = sum(len(b) for b in buffers)
-        bounce, skip = self._bounce(offset, length)
-        with bounce:
-            data = memoryview(bounce)
-            start = skip
-            for buffer in buffers:
-                data[skip : skip + len(buffer)] = buffer
-                skip += len(buffer)
-            span = -(-skip // self.alignment) * self.alignment
-            os.pwrite(self._fd, data[:span], offset - start)
-            data.release()
+
+class _Cursor:
+    """The guest's buffers as one stream, consumed front to back."""
+
+    def __init__(self, buffers: list[memoryview]) -> None:
+        self._buffers = [b for b in buffers if len(b)]
+        self._index = self._offset = 0
+
+    def _step(self, target: memoryview, to_guest: bool) -> None:
+        done = 0
+        while done < len(target):
+            buffer = self._buffers[self._index]
+            count = min(len(buffer) - self._offset, len(target) - done)
+            piece = buffer[self._offset : self._offset + count]
+            if to_guest:
+                piece[:] = target[done : done + count]
+            else:
+                target[done : done + count] = piece
+            done += count
+            self._offset += count
+            if self._offset == len(buffer):
+                self._index, self._offset = self._index + 1, 0
+
+    def copy_from(self, source: memoryview) -> None:
+        """The next ``len(source)`` bytes of the guest's buffers get ``source``."""
+        self._step(source, to_guest=True)
+
+    def copy_to(self, target: memoryview) -> None:
+        """``target`` gets the next ``len(target)`` bytes of the guest's buffers."""
+        self._step(target, to_guest=False)
+
+
+def _transfer(
+    call: Callable[[int, list[memoryview], int], int], fd: int, buffers: list[memoryview], offset: int
+) -> int:
+    """``preadv``/``pwritev`` until every byte moved; a call that moves none is EIO."""
+    total = sum(map(len, buffers))
+    done = 0
+    while done < total:
+        moved = call(fd, buffers, offset + done)
+        if moved <= 0:
+            raise OSError(errno.EIO, f"the image moved {done} of {total} bytes at offset {offset}")
+        done += moved
+        buffers = _skip(buffers, moved)
+    return done
+
+
+def _skip(buffers: list[memoryview], count: int) -> list[memoryview]:
+    """``buffers`` without their first ``count`` bytes."""
+    out = []
+    for buffer in buffers:
+        if count >= len(buffer):
+            count -= len(buffer)
+            continue
+        out.append(buffer[count:])
+        count = 0
+    return out
 
 
 def _address(buffer: memoryview) -> int:
@@ -142,4 +222,4 @@ def _libc() -> ctypes.CDLL:
     return _LIBC
 
 
-__all__ = ["DiskFile"]
+__all__ = ["BOUNCE_SIZE", "ZERO_CHUNK", "DiskFile"]

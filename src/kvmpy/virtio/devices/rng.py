@@ -6,7 +6,9 @@ import os
 
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.virtio.device import COMMON_FEATURES, TYPE_RNG, Interrupt
+from kvmpy.virtio.guard import DeviceGuard
 from kvmpy.virtio.queue import SplitQueue
+from kvmpy.virtio.throttle import Throttle
 
 #: Bytes handed out per request at most, so one request cannot make us read megabytes.
 MAX_REQUEST = 64 * 1024
@@ -17,7 +19,10 @@ class VirtioRng:
     queue_sizes: tuple[int, ...] = (256,)
     features = COMMON_FEATURES
 
-    def __init__(self) -> None:
+    def __init__(self, throttle: Throttle | None = None) -> None:
+        self.guard = DeviceGuard()
+        #: The rate limiter (bytes handed out, and requests); None: unlimited.
+        self.throttle = throttle
         self._mem: GuestMemory | None = None
         self._queue: SplitQueue | None = None
         self._interrupt: Interrupt | None = None
@@ -32,17 +37,35 @@ class VirtioRng:
     def activate(
         self, mem: GuestMemory, queues: list[SplitQueue], acked_features: int, interrupt: Interrupt
     ) -> None:
-        self._mem, self._queue, self._interrupt = mem, queues[0], interrupt
+        with self.guard.lock:
+            self._mem, self._queue, self._interrupt = mem, queues[0], interrupt
 
     def reset(self) -> None:
-        self._mem = self._queue = self._interrupt = None
+        with self.guard.lock:
+            self._mem = self._queue = self._interrupt = None
 
     def queue_notify(self, index: int) -> None:
+        with self.guard.lock:
+            self._serve()
+
+    def close(self) -> None:
+        if self.throttle is not None:
+            self.throttle.close()
+
+    def _throttled(self, queue: SplitQueue, mem: GuestMemory) -> bool:
+        """Work waits and we are over the rate limit: the queue waits for the throttle's timer."""
+        throttle = self.throttle
+        return throttle is not None and queue.has_work(mem) and throttle.blocked(self._retry)
+
+    def _retry(self) -> None:
+        self.guard.run(self._serve)
+
+    def _serve(self) -> None:
         mem, queue, interrupt = self._mem, self._queue, self._interrupt
         if mem is None or queue is None or interrupt is None:
             return
         served = False
-        while (chain := queue.pop(mem)) is not None:
+        while not self._throttled(queue, mem) and (chain := queue.pop(mem)) is not None:
             written = 0
             for buffer in chain.writable:
                 length = min(len(buffer), MAX_REQUEST - written)
@@ -51,6 +74,8 @@ class VirtioRng:
                 buffer[:length] = os.getrandom(length)
                 written += length
             self.bytes_served += written
+            if self.throttle is not None:
+                self.throttle.spend(written)
             queue.push(mem, chain.head, written)
             served = True
         if served and queue.needs_interrupt(mem):

@@ -9,10 +9,15 @@ client's business: it takes two samples and divides by ``sampled_at``.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from kvmpy.abi import kvm as abi
+from kvmpy.errors import KvmpyError
+from kvmpy.kvm import Vcpu
+from kvmpy.kvm.binary_stats import BinaryStats
 from kvmpy.vmm.exit_stats import ReasonCounter, VcpuExitStats
 from kvmpy.vmm.inspect.addresses import on_vcpu
 from kvmpy.vmm.stats_report import MachineStats, collect, format_stats
@@ -54,10 +59,46 @@ def snapshot(stats: VcpuExitStats) -> VcpuExitStats:
     )
 
 
+#: One open KVM stats file per vCPU, kept while the vCPU lives: opening one is a vCPU ioctl
+#: (it waits for an exit), reading it is a pread that does not disturb the guest.
+_kernel_stats: weakref.WeakKeyDictionary[Vcpu, BinaryStats | None] = weakref.WeakKeyDictionary()
+_kernel_stats_lock = threading.Lock()
+
+
+def _open_kernel_stats(vcpu: Vcpu) -> BinaryStats | None:
+    try:
+        stats = vcpu.open_stats()
+    except (KvmpyError, OSError):
+        return None  # a KVM without KVM_GET_STATS_FD
+    weakref.finalize(vcpu, stats.close)
+    return stats
+
+
+def kernel_counters(machine: Machine, vcpu: Vcpu) -> dict[str, int]:
+    """KVM's in-kernel counters for ``vcpu`` now (the exits KVM handled without kvmpy)."""
+    with _kernel_stats_lock:
+        if vcpu not in _kernel_stats:
+            _kernel_stats[vcpu] = on_vcpu(machine, vcpu.id, _open_kernel_stats)
+        stats = _kernel_stats[vcpu]
+    if stats is None:
+        return {}
+    try:
+        return stats.read()
+    except OSError:
+        return {}
+
+
 def _vcpu_stats(machine: Machine) -> list[VcpuExitStats]:
-    """Every vCPU's counters (zero for a vCPU whose thread has not started)."""
+    """Every vCPU's counters (zero for a vCPU whose thread has not started), with KVM's own
+    counters read now where the run has not ended (a vCPU thread reads them at its end)."""
     by_id = {thread.vcpu.id: snapshot(thread.stats) for thread in machine.threads}
-    return [by_id.get(vcpu.id, VcpuExitStats(vcpu.id)) for vcpu in machine.vcpus]
+    rows = []
+    for vcpu in machine.vcpus:
+        stats = by_id.get(vcpu.id, VcpuExitStats(vcpu.id))
+        if not stats.kernel:
+            stats.kernel = kernel_counters(machine, vcpu)
+        rows.append(stats)
+    return rows
 
 
 def vcpu_state(mp_state: int, thread_alive: bool, vm_state: str) -> str:
@@ -95,7 +136,9 @@ def vcpus(machine: Machine, vm_state: str) -> dict[str, Any]:
 
 
 def machine_stats(machine: Machine, wall_seconds: float) -> MachineStats:
-    return collect(wall_seconds, _vcpu_stats(machine), machine.pio_bus, machine.mmio_bus)
+    return collect(
+        wall_seconds, _vcpu_stats(machine), machine.pio_bus, machine.mmio_bus, machine.metrics.snapshot()
+    )
 
 
 def stats_dict(stats: MachineStats) -> dict[str, Any]:
@@ -132,6 +175,7 @@ def stats_dict(stats: MachineStats) -> dict[str, Any]:
         "mmio": bus_rows(stats.mmio),
         "buffered": [{"pio": pio, "address": a, "count": n} for (pio, a), n in sorted(buffered.items())],
         "unhandled_pio": [{"address": a, "count": n} for a, n in stats.unhandled_pio],
+        "counters": {component: dict(values) for component, values in stats.counters},
         "unhandled_mmio": [{"address": a, "count": n} for a, n in stats.unhandled_mmio],
         "kernel": kernel,
         "vcpus": [

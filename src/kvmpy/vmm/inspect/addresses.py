@@ -38,13 +38,24 @@ class VcpuPaging:
     kvm: dict[str, Any]
 
 
-def max_phys_bits(machine: Machine) -> int:
-    """The guest's MAXPHYADDR (CPUID 0x80000008 EAX[7:0]), which sets the reserved bits."""
+@dataclass(frozen=True, slots=True)
+class PagingFeatures:
+    """The CPUID facts that decide which entry bits are reserved."""
+
+    max_phys_bits: int = DEFAULT_MAX_PHYS_BITS
+    gib_pages: bool = True
+
+
+def paging_features(machine: Machine) -> PagingFeatures:
+    """MAXPHYADDR (CPUID 0x80000008 EAX[7:0]) and 1 GiB pages (0x80000001 EDX[26]) as KVM
+    offers them, which is what kvmpy gives the guest."""
+    bits, gib_pages = DEFAULT_MAX_PHYS_BITS, True
     for entry in machine.system.supported_cpuid():
-        if entry.function == 0x8000_0008:
+        if entry.function == 0x8000_0008 and 32 <= int(entry.eax) & 0xFF <= 52:
             bits = int(entry.eax) & 0xFF
-            return bits if 32 <= bits <= 52 else DEFAULT_MAX_PHYS_BITS
-    return DEFAULT_MAX_PHYS_BITS
+        elif entry.function == 0x8000_0001:
+            gib_pages = bool(int(entry.edx) >> 26 & 1)
+    return PagingFeatures(bits, gib_pages)
 
 
 def kvm_translate(vcpu: Vcpu, gva: int) -> dict[str, Any]:
@@ -61,11 +72,13 @@ def kvm_translate(vcpu: Vcpu, gva: int) -> dict[str, Any]:
 
 
 def _paging(machine: Machine, vcpu_index: int, gva: int | None) -> VcpuPaging:
-    bits = max_phys_bits(machine)
+    features = paging_features(machine)
 
     def read(vcpu: Vcpu) -> VcpuPaging:
         sregs = vcpu.get_sregs()
-        context = PagingContext.from_registers(sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer, bits)
+        context = PagingContext.from_registers(
+            sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer, features.max_phys_bits, features.gib_pages
+        )
         return VcpuPaging(context, kvm_translate(vcpu, gva) if gva is not None else {})
 
     return on_vcpu(machine, vcpu_index, read)

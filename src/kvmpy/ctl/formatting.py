@@ -1,132 +1,10 @@
-"""``kvmpy ctl SOCKET COMMAND``: a client for people of a running kvmpy's API.
-
-It speaks HTTP/1.1 over the API's Unix socket with the standard library
-(http.client on an AF_UNIX socket) and nothing more: Firecracker's routes for
-the lifecycle (``GET /``, ``PATCH /vm``) and kvmpy's monitor routes under
-``/kvmpy/``. Every command prints a table for people, or with ``--json`` the
-API's answer as it came. A failure (no socket, nobody listening, a refused
-request) is one line on stderr and a non-zero exit status.
-"""
+"""How ``kvmpy ctl`` prints the monitor's answers: tables for people, from the API's JSON."""
 
 from __future__ import annotations
 
-import argparse
-import http.client
-import json
-import socket
 import string
-import sys
-import time
-import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
-
-from kvmpy.errors import ConfigError, HostError
-
-#: How long one request may take: monitor queries wait for a vCPU's next exit at most.
-TIMEOUT = 10.0
-#: The largest answer the client reads (a 4 KiB dump is about 9 KiB of JSON).
-MAX_ANSWER = 16 << 20
-
-
-class ApiError(HostError):
-    """The API could not be reached, or it refused the request (the message says which)."""
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    """An HTTP connection whose transport is a Unix stream socket."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-class ApiClient:
-    """One kvmpy API socket; each call is one request on a fresh connection."""
-
-    def __init__(self, socket_path: str, timeout: float = TIMEOUT) -> None:
-        self.socket_path = socket_path
-        self.timeout = timeout
-
-    def request(self, method: str, path: str, body: object | None = None) -> Any:
-        """The decoded JSON answer (None for 204 No Content); ApiError on any failure."""
-        payload = json.dumps(body).encode() if body is not None else None
-        headers = {"Accept": "application/json"}
-        if payload is not None:
-            headers["Content-Type"] = "application/json"
-        connection = _UnixConnection(self.socket_path, self.timeout)
-        try:
-            connection.request(method, path, body=payload, headers=headers)
-            response = connection.getresponse()
-            raw = response.read(MAX_ANSWER + 1)
-        except FileNotFoundError:
-            raise ApiError(f"no API socket at {self.socket_path} (start kvmpy with --api-sock)") from None
-        except ConnectionRefusedError:
-            raise ApiError(f"nothing listens on {self.socket_path} (has the VMM exited?)") from None
-        except PermissionError:
-            raise ApiError(f"no permission to connect to {self.socket_path}") from None
-        except TimeoutError:
-            raise ApiError(f"{method} {path}: no answer within {self.timeout:.0f} s") from None
-        except (OSError, http.client.HTTPException) as error:
-            raise ApiError(f"{method} {path}: {error}") from None
-        finally:
-            connection.close()
-        if len(raw) > MAX_ANSWER:
-            raise ApiError(f"{method} {path}: the answer is larger than {MAX_ANSWER >> 20} MiB")
-        return self._decode(method, path, response.status, raw)
-
-    @staticmethod
-    def _decode(method: str, path: str, status: int, raw: bytes) -> Any:
-        answer: Any = None
-        if raw:
-            try:
-                answer = json.loads(raw)
-            except ValueError:
-                if status < 300:
-                    raise ApiError(f"{method} {path}: the answer is not JSON") from None
-        if status >= 300:
-            fault = answer.get("fault_message") if isinstance(answer, dict) else None
-            detail = fault if fault else raw.decode("utf-8", "replace").strip() or "no details"
-            raise ApiError(f"{method} {path}: {status}: {detail}")
-        return answer
-
-    def get(self, path: str, **query: object) -> Any:
-        given = {key: str(value) for key, value in query.items() if value is not None}
-        return self.request("GET", path + ("?" + urllib.parse.urlencode(given) if given else ""))
-
-
-# --- numbers ----------------------------------------------------------------------------
-def parse_address(text: str) -> int:
-    """An address as people type one: hex with or without 0x, underscores allowed."""
-    cleaned = text.strip().lower().replace("_", "")
-    try:
-        value = int(cleaned, 16)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a hexadecimal address") from None
-    if not 0 <= value < 1 << 64:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a 64-bit address")
-    return value
-
-
-def parse_length(text: str) -> int:
-    """A byte count: decimal, or hex with 0x."""
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a length") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("the length must be positive")
-    return value
 
 
 def _size(size: int) -> str:
@@ -444,14 +322,17 @@ def format_rates(before: dict[str, Any], after: dict[str, Any]) -> str:
     seconds = after["sampled_at"] - before["sampled_at"]
     if seconds <= 0:
         return "the two samples are at the same time"
-    vcpus = max(len(after["vcpus"]), 1)
     exits = after["total_exits"] - before["total_exits"]
-    guest = after["guest_seconds"] - before["guest_seconds"]
+    earlier_ns = {row["vcpu"]: row["guest_ns"] for row in before["vcpus"]}
+    # Time inside KVM_RUN is added up at each exit: a vCPU blocked in the kernel shows 0 until it exits.
+    in_guest = ", ".join(
+        f"vCPU {row['vcpu']} {100 * (row['guest_ns'] - earlier_ns.get(row['vcpu'], 0)) / 1e9 / seconds:.0f}%"
+        for row in after["vcpus"]
+    )
     out = [
-        f"last {seconds:.2f} s: {exits / seconds:.0f} exits/s,"
-        f" vCPUs inside KVM_RUN {100 * guest / seconds / vcpus:.0f}% of the time"
-        f"  (whole run: {after['total_exits']} exits in {after['wall_seconds']:.1f} s,"
-        f" VM {after.get('vm_state', '?')})"
+        f"last {seconds:.2f} s: {exits / seconds:.0f} exits/s; inside KVM_RUN (counted at exits): {in_guest}",
+        f"whole run: {after['total_exits']} exits in {after['wall_seconds']:.1f} s,"
+        f" VM {after.get('vm_state', '?')}",
     ]
     previous = {row["reason"]: row for row in before["reasons"]}
     rows = []
@@ -485,139 +366,19 @@ def format_rates(before: dict[str, Any], after: dict[str, Any]) -> str:
             )
     devices.sort(key=lambda cells: -(float(cells[2]) + float(cells[3])))
     out += ["", *table(["device", "bus", "reads/s", "writes/s", "total accesses"], devices)]
+    kernel_before, kernel_after = before.get("kernel", {}), after.get("kernel", {})
+    counters = [
+        [name, f"{(value - kernel_before.get(name, 0)) / seconds:.1f}", str(value)]
+        for name, value in kernel_after.items()
+        if value != kernel_before.get(name, 0)
+    ]
+    if counters:
+        out += ["", "KVM's own counters (all its exits, kvmpy's included; its MMU's faults):"]
+        out += table(["KVM counter", "per s", "total"], counters)
     return "\n".join(out)
 
 
-# --- the commands -----------------------------------------------------------------------
-def _print(args: argparse.Namespace, answer: Any, formatter: Callable[[Any], str]) -> int:
-    print(json.dumps(answer, indent=2) if args.json else formatter(answer))
-    return 0
-
-
-def _client(args: argparse.Namespace) -> ApiClient:
-    return ApiClient(args.socket, timeout=args.timeout)
-
-
-def _status(args: argparse.Namespace) -> int:
-    return _print(args, _client(args).request("GET", "/"), format_status)
-
-
-def _set_state(state: str) -> Callable[[argparse.Namespace], int]:
-    def change(args: argparse.Namespace) -> int:
-        client = _client(args)
-        client.request("PATCH", "/vm", {"state": state})
-        return _print(args, client.request("GET", "/"), format_status)
-
-    return change
-
-
-def _quit(args: argparse.Namespace) -> int:
-    _client(args).request("PUT", "/kvmpy/stop", {"reason": "stopped by kvmpy ctl"})
-    if not args.json:
-        print("stop requested")
-    return 0
-
-
-def _stats(args: argparse.Namespace) -> int:
-    client = _client(args)
-    if not args.watch:
-        return _print(args, client.get("/kvmpy/stats"), lambda answer: str(answer["table"]))
-    if args.interval <= 0:
-        raise ConfigError("--interval must be positive")
-    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() and not args.json else ""
-    before = client.get("/kvmpy/stats")
-    shown = 0
-    try:
-        while args.count is None or shown < args.count:
-            time.sleep(args.interval)
-            after = client.get("/kvmpy/stats")
-            if args.json:
-                print(json.dumps({"before": before, "after": after}), flush=True)
-            else:
-                print(clear + format_rates(before, after), flush=True)
-                if not clear:
-                    print()
-            before = after
-            shown += 1
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-def _regs(args: argparse.Namespace) -> int:
-    return _print(args, _client(args).get("/kvmpy/regs", vcpu=args.vcpu), format_registers)
-
-
-def _translate(args: argparse.Namespace) -> int:
-    answer = _client(args).get("/kvmpy/translate", gva=f"{args.gva:#x}", vcpu=args.vcpu)
-    return _print(args, answer, format_translate)
-
-
-def _examine(args: argparse.Namespace) -> int:
-    answer = _client(args).get(
-        "/kvmpy/memory",
-        address=f"{args.address:#x}",
-        length=args.length,
-        space="gpa" if args.physical else "gva",
-        vcpu=args.vcpu,
-    )
-    return _print(args, answer, format_memory)
-
-
-def _query(path: str, formatter: Callable[[Any], str]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        return _print(args, _client(args).get(path), formatter)
-
-    return run
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    ctl = subparsers.add_parser(
-        "ctl",
-        help="inspect and drive a running kvmpy through its API socket",
-        description="A client of a running kvmpy's API (kvmpy run --api-sock SOCKET).",
-    )
-    ctl.add_argument("socket", metavar="SOCKET", help="the API socket (kvmpy run --api-sock)")
-    ctl.add_argument("--json", action="store_true", help="print the API's answer as JSON")
-    ctl.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds to wait for each answer")
-    commands = ctl.add_subparsers(dest="ctl_command", required=True, metavar="COMMAND")
-
-    def command(
-        name: str, handler: Callable[[argparse.Namespace], int], text: str
-    ) -> argparse.ArgumentParser:
-        parser = commands.add_parser(name, help=text, description=text)
-        parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        parser.set_defaults(handler=handler)
-        return parser
-
-    command("status", _status, "the instance: id, state, version (GET /)")
-    command("pause", _set_state("Paused"), "pause the VM: every vCPU parked outside the guest")
-    command("resume", _set_state("Resumed"), "resume a paused VM where it stopped")
-    command("quit", _quit, "stop the VM and the VMM")
-    stats = command("stats", _stats, "exits by reason and by device, for the whole run so far")
-    stats.add_argument("--watch", action="store_true", help="refresh exit rates over each interval")
-    stats.add_argument("--interval", type=float, default=1.0, help="seconds between samples (default 1)")
-    stats.add_argument("--count", type=int, default=None, help="stop after this many refreshes")
-    regs = command("regs", _regs, "a vCPU's registers, flags decoded, CPL and paging mode")
-    regs.add_argument("vcpu", nargs="?", type=int, default=0, metavar="VCPU")
-    translate = command("translate", _translate, "GVA -> GPA -> HVA -> HPA through the guest's page tables")
-    translate.add_argument("gva", type=parse_address, metavar="GVA")
-    translate.add_argument("--vcpu", type=int, default=0)
-    examine = command("x", _examine, "a hex and ASCII dump of guest memory (GVA, or GPA with --physical)")
-    examine.add_argument("address", type=parse_address, metavar="ADDRESS")
-    examine.add_argument("length", type=parse_length, metavar="LENGTH")
-    examine.add_argument("--physical", action="store_true", help="ADDRESS is guest-physical")
-    examine.add_argument("--vcpu", type=int, default=0, help="whose page tables translate a GVA")
-    command(
-        "mtree", _query("/kvmpy/mtree", format_memory_tree), "memory slots, MMIO and port ranges, PCI BARs"
-    )
-    command("irq", _query("/kvmpy/irq", format_irq), "PICs, IOAPIC redirections, MSI routes, local APICs")
-    command("vcpus", _query("/kvmpy/vcpus", format_vcpus), "each vCPU's state, exits and time in the guest")
-
-
 __all__ = [
-    "ApiClient",
-    "ApiError",
     "format_irq",
     "format_memory",
     "format_memory_tree",
@@ -627,5 +388,5 @@ __all__ = [
     "format_translate",
     "format_vcpus",
     "hex_dump",
-    "register",
+    "table",
 ]
