@@ -22,7 +22,9 @@ from kvmpy.devices.pci.root import PciRoot
 from kvmpy.errors import ConfigError
 from kvmpy.fuzz.harness import execute
 from kvmpy.fuzz.registry import load
+from kvmpy.fuzz.targets.loaders import bzimage_file
 from kvmpy.fuzz.targets.virtio_devices import FakeTap, RecordingMsi
+from kvmpy.loader.bzimage import load_bzimage
 from kvmpy.loader.cmdline import write_cmdline
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.testing.fake_vmm import FakeVmm
@@ -185,3 +187,16 @@ def test_rtc_restored_with_a_clock_offset_it_cannot_use(offset: float) -> None:
         return  # refused at restore, as untrusted state should be
     rtc.write(0, b"\x00")
     rtc.read(1, memoryview(bytearray(1)))  # must not raise
+
+
+def test_a_bzimage_whose_setup_header_ends_before_its_fields_is_refused() -> None:
+    """loader-bzimage, found by the campaign: the loader read initrd_addr_max, cmdline_size,
+    pref_address and init_size from past the end the header gives itself (0x202 + the byte at
+    0x201), so the zero page the kernel got (the header, up to that end) disagreed with where the
+    initrd had been put. A 2.12+ header must reach init_size."""
+    mem = GuestMemory.anonymous([(0, 8 << 20)])
+    kernel = bytearray(bzimage_file())
+    kernel[0x201] = 0x20  # the header "ends" at 0x222, before initrd_addr_max (0x22C)
+    with pytest.raises(ConfigError, match="setup header"):
+        load_bzimage(mem, Path("bzImage"), bytes(kernel), initrd=None, cmdline="", rsdp_address=0)
+    mem.close()
