@@ -21,7 +21,7 @@ from kvmpy.devices.legacy.rtc import CmosRtc, CmosRtcState
 from kvmpy.devices.pci.root import PciRoot
 from kvmpy.errors import ConfigError
 from kvmpy.fuzz.harness import execute
-from kvmpy.fuzz.registry import load
+from kvmpy.fuzz.registry import load, release
 from kvmpy.fuzz.targets.loaders import bzimage_file
 from kvmpy.fuzz.targets.virtio_devices import FakeTap, RecordingMsi
 from kvmpy.loader.bzimage import load_bzimage
@@ -58,7 +58,11 @@ def test_a_bar_straddling_the_end_of_ram_stays_unmapped() -> None:
 @pytest.mark.parametrize("path", sorted(CRASHES.glob("*/*")), ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_saved_crash_replays_clean(path: Path) -> None:
     """The inputs the campaign saved (fuzz/crashes/TARGET/) no longer crash their target."""
-    execute(load(path.parent.name), path.read_bytes())
+    target = load(path.parent.name)
+    try:
+        execute(target, path.read_bytes())
+    finally:
+        release(target)
 
 
 # --- bugs in code the hostile-guest change owned: strict xfails until it fixed them ---------------

@@ -16,7 +16,7 @@ import pytest
 
 from kvmpy.fuzz import TARGETS
 from kvmpy.fuzz.harness import execute
-from kvmpy.fuzz.registry import load
+from kvmpy.fuzz.registry import load, release
 from kvmpy.fuzz.runner import default_root, run_target
 
 SECONDS = int(os.environ.get("KVMPY_FUZZ_SMOKE_SECONDS", "3"))
@@ -32,9 +32,12 @@ def test_every_target_has_seeds_that_pass(name: str) -> None:
     assert seeds and committed == sorted(seeds), (
         f"fuzz/corpus/{name} is stale: python -m kvmpy.fuzz seeds {name}"
     )
-    for seed in seeds:
-        assert len(seed) <= target.max_len
-        execute(target, seed)
+    try:
+        for seed in seeds:
+            assert len(seed) <= target.max_len
+            execute(target, seed)
+    finally:
+        release(target)
 
 
 @pytest.mark.skipif(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import shutil
+from pathlib import Path
 
 from kvmpy.fuzz import TARGETS
 from kvmpy.fuzz.harness import Target
@@ -17,4 +19,11 @@ def load(name: str) -> Target:
     return target
 
 
-__all__ = ["load"]
+def release(target: Target) -> None:
+    """Remove the scratch directory a target made for its files (an image, an initrd), if any."""
+    directory = getattr(target, "directory", None)
+    if isinstance(directory, Path):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+__all__ = ["load", "release"]

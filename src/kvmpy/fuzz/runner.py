@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,12 +88,15 @@ def run_target(
     for directory in (work, crashes, logs):
         directory.mkdir(parents=True, exist_ok=True)
     before = set(crashes.iterdir())
-    from kvmpy.fuzz.registry import load
+    from kvmpy.fuzz.registry import load, release
 
+    instance = load(target)
+    max_len = instance.max_len
+    release(instance)
     flags = [
         f"-timeout={TIMEOUT_PER_INPUT}",
         f"-rss_limit_mb={RSS_LIMIT_MB}",
-        f"-max_len={load(target).max_len}",
+        f"-max_len={max_len}",
         f"-artifact_prefix={crashes}/",
         "-print_final_stats=1",
     ]
@@ -104,8 +109,14 @@ def run_target(
     log = logs / f"{target}.log"
     outcome = Outcome(target, log=log)
     start = time.monotonic()
-    with log.open("w") as handle:
-        process = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=_environment())
+    scratch = Path(tempfile.mkdtemp(prefix=f"kvmpy-fuzz-{target}-"))  # the targets' image files
+    env = _environment()
+    env["TMPDIR"] = str(scratch)
+    try:
+        with log.open("w") as handle:
+            process = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # libFuzzer ends the engine without Python's atexit
     outcome.seconds = time.monotonic() - start
     outcome.exit_status = process.returncode
     text = log.read_text(errors="replace")

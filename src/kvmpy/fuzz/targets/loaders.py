@@ -15,7 +15,6 @@ outside guest RAM whatever the headers say.
 
 from __future__ import annotations
 
-import os
 import struct
 import tempfile
 from pathlib import Path
@@ -102,8 +101,8 @@ class LoaderTarget:
 
     def __init__(self) -> None:
         self.mem = GuardedMemory(RAM)
-        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        self.directory = Path(tempfile.mkdtemp(prefix="kvmpy-fuzz-loader-", dir=base))
+        # Under TMPDIR, which the runner gives each engine and removes after it.
+        self.directory = Path(tempfile.mkdtemp(prefix="kvmpy-fuzz-loader-"))
         self.kernel = self.directory / "kernel"
         self.initrd = self.directory / "initrd"
 

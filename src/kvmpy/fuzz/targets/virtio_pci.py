@@ -13,7 +13,6 @@ every device configuration layout is read). Then a list of operations::
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -66,8 +65,8 @@ class VirtioPciTarget:
     def __init__(self) -> None:
         self.mem = GuardedMemory(RAM)
         self._zeros = bytes(RAM[0][1])
-        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        self.directory = Path(tempfile.mkdtemp(prefix="kvmpy-fuzz-pci-", dir=base))
+        # Under TMPDIR, which the runner gives each engine and removes after it.
+        self.directory = Path(tempfile.mkdtemp(prefix="kvmpy-fuzz-pci-"))
         self.image = self.directory / "disk.img"
         self.image.write_bytes(bytes(4096))
         self._fresh_dumps: dict[int, bytes] = {}
