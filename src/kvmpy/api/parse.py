@@ -82,6 +82,8 @@ def checked_id(token: str | None) -> str:
 def _path(value: str, field: str) -> Path:
     if not value:
         raise RequestError(f"{field} cannot be empty.")
+    if "\0" in value:  # JSON can spell one (\u0000); no file name holds one, and open() raises on it
+        raise RequestError(f"{field} cannot contain a NUL character.")
     return Path(value)
 
 

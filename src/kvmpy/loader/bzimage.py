@@ -64,6 +64,12 @@ def load_bzimage(
             f"kernel {name} speaks boot protocol {version >> 8}.{version & 0xFF:02}; kvmpy needs "
             f"{MIN_PROTOCOL >> 8}.{MIN_PROTOCOL & 0xFF} or newer (Linux 3.8+)"
         )
+    header_end = 0x202 + _u8(data, bp.HEADER_END_OFFSET)
+    if header_end < bp.INIT_SIZE + 4:  # the fields read below must be in the header the kernel gets
+        raise ConfigError(
+            f"kernel {name} has a setup header ending at {header_end:#x}, before the boot protocol "
+            f"2.12 fields it must hold (to {bp.INIT_SIZE + 4:#x})"
+        )
     if not _u16(data, bp.XLOADFLAGS) & bp.XLF_KERNEL_64:
         raise ConfigError(f"kernel {name} has no 64-bit entry point (xloadflags lacks XLF_KERNEL_64)")
     setup_sects = _u8(data, bp.SETUP_SECTS) or 4

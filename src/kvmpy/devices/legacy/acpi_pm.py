@@ -116,7 +116,11 @@ class AcpiPm:
     def restore(self, state: AcpiPmState) -> None:
         if any(not 0 <= v <= 0xFFFF for v in (state.status, state.enable, state.control)):
             raise RestoreError("saved ACPI PM state has a register wider than 16 bits")
-        self._status, self._enable, self._control = state.status, state.enable, state.control
+        self._status, self._enable = state.status, state.enable
+        self._control = state.control & ~SLP_EN  # always reads 0: the sleep it asked for happened
+        # The SCI's level lives on in KVM's restored irqchip: remember it, so that the guest
+        # clearing its status lowers the line (a fresh device would think it already low).
+        self._irq_level = bool(self._status & self._enable)
 
 
 __all__ = ["S5_SLP_TYP", "AcpiPm", "AcpiPmState"]

@@ -124,7 +124,7 @@ class PciRoot:
         if device is None:
             return
         name = f"{self._names.get(slot, 'pci')} BAR{index}"
-        if not bar.is_io and self._is_ram(address, bar.size):
+        if not bar.is_io and self._overlaps_ram(address, bar.size):
             self._refuse(name, address, "it overlaps guest RAM")
             return
         bus = self._pio if bar.is_io else self._mmio
@@ -134,6 +134,15 @@ class PciRoot:
             self._refuse(name, address, str(error))
             return
         function.bar_mapped(index, address)
+
+    def _overlaps_ram(self, address: int, size: int) -> bool:
+        """Whether any byte of the range is RAM, not only all of it (a BAR half over RAM is over RAM).
+
+        Checking both ends is enough for kvmpy's layout: RAM regions are at least as large
+        and as aligned as a BAR (pages against BARs of at most a few pages, naturally
+        aligned), so no region can lie strictly inside a BAR with neither end in RAM.
+        """
+        return self._is_ram(address, 1) or self._is_ram(address + size - 1, 1)
 
     def _refuse(self, name: str, address: int, why: str) -> None:
         self.refused_bars += 1

@@ -1,0 +1,1 @@
+"""The fuzz targets, one module per parser family; each exports FACTORIES: name -> target."""
