@@ -80,6 +80,16 @@ def _acpi_pm() -> AcpiPm:
     return AcpiPm(nothing, nothing, RecordingInterruptLine(), clock=lambda: 0.0)
 
 
+class StandInPci:
+    """A machine's PCI platform with no virtio device (this target fuzzes the rest)."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, object] = {}
+
+    def place_restored_bars(self) -> None:
+        pass
+
+
 @dataclass
 class StandInMachine:
     """The attributes restore_machine reads: the legacy devices, the VM, the vCPUs, the system."""
@@ -91,6 +101,7 @@ class StandInMachine:
     vm: RecordingVm = field(default_factory=RecordingVm)
     vcpus: list[RecordingVcpu] = field(default_factory=lambda: [RecordingVcpu(i) for i in range(CPUS)])
     system: RecordingSystem = field(default_factory=RecordingSystem)
+    pci: StandInPci = field(default_factory=StandInPci)
 
 
 def _use(machine: StandInMachine) -> None:

@@ -87,7 +87,7 @@ class VirtqueueTarget:
         state = QueueState(size, True, desc, avail, used, last_avail, next_used, bool(flags & 1))
         if flags & 2:
             try:
-                queue.restore(state)
+                queue.restore(state, mem)
             except ValueError:
                 return  # refused, as documented
         else:
