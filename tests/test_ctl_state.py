@@ -7,21 +7,16 @@ import time
 from pathlib import Path
 from subprocess import Popen
 
-from kvmpy.testing.process import kvmpy, start_kvmpy
+from kvmpy.testing.process import kvmpy, read_until, start_kvmpy
 
 
 def _ticks(text: str) -> list[int]:
     return [int(n) for n in re.findall(r"tick (\d+)\n", text)]
 
 
-def _read_ticks(process: Popen[str], count: int, timeout: float = 30) -> str:
+def _read_ticks(process: Popen[str], count: int) -> str:
     """What ``process`` printed until ``count`` ticks (or the timeout)."""
-    assert process.stdout is not None
-    seen = ""
-    deadline = time.monotonic() + timeout
-    while len(_ticks(seen)) < count and time.monotonic() < deadline:
-        seen += process.stdout.readline()
-    return seen
+    return read_until(process, lambda text: len(_ticks(text)) >= count)
 
 
 def _wait_for(path: Path) -> None:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from kvmpy.state.migration_protocol import Channel, Kind, MigrationError, parse_address
 from kvmpy.testing.console import CapturedConsole, ticks, wait_until
-from kvmpy.testing.process import kvmpy, start_kvmpy
+from kvmpy.testing.process import kvmpy, read_until, start_kvmpy
 from kvmpy.vmm import actions as a
 from kvmpy.vmm.actions import ActionError, VmState
 from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
@@ -53,11 +52,7 @@ def test_a_running_guest_moves_to_another_process_and_keeps_counting(guests: Pat
     assert isinstance(report, dict) and report["rounds"] >= 2 and report["downtime_seconds"] is not None
     assert vmm.submit(a.GetMigrationStatus()) == report  # answered after the VMM stopped, too
     print(f"migration: {report}")
-    assert destination.stdout is not None
-    after = ""
-    deadline = time.monotonic() + 30
-    while len(ticks(after)) < 3 and time.monotonic() < deadline:
-        after += destination.stdout.readline()
+    after = read_until(destination, lambda text: len(ticks(text)) >= 3)
     destination.terminate()
     _, stderr = destination.communicate(timeout=20)
     seen = ticks(console.text + after)
@@ -148,7 +143,7 @@ def test_a_destination_refuses_a_bad_source_with_one_line(tmp_path: Path) -> Non
     _wait_for_socket(address)
     family, path, _ = parse_address(f"unix:{address}")
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.connect(path)  # type: ignore[arg-type]
+    wait_until(lambda: sock.connect_ex(path) == 0, timeout=20, what="the destination to listen")  # type: ignore[arg-type]
     channel = Channel(sock, "the destination")
     channel.send(Kind.START, (99).to_bytes(4, "little"))
     with pytest.raises(MigrationError, match="protocol 99"):

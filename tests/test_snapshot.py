@@ -14,7 +14,7 @@ import pytest
 from kvmpy.state.errors import StateError
 from kvmpy.state.snapshot_file import MAGIC, Section, parse_state, read_state_file, write_state_file
 from kvmpy.testing.console import CapturedConsole, ticks, wait_until
-from kvmpy.testing.process import kvmpy, start_kvmpy
+from kvmpy.testing.process import kvmpy, read_until, start_kvmpy
 from kvmpy.vmm import actions as a
 from kvmpy.vmm.actions import ActionError
 from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
@@ -61,11 +61,7 @@ def snapshot(guests: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
 def test_restore_in_a_new_process_continues_the_count(snapshot: tuple[Path, str]) -> None:
     directory, before = snapshot
     process = start_kvmpy("run", "--restore", str(directory))
-    assert process.stdout is not None
-    after = ""
-    deadline = time.monotonic() + 30
-    while len(ticks(after)) < 3 and time.monotonic() < deadline:
-        after += process.stdout.readline()
+    after = read_until(process, lambda text: len(ticks(text)) >= 3)
     process.terminate()
     _, stderr = process.communicate(timeout=20)
     seen = ticks(before + after)  # a line cut by the pause is finished after the restore
@@ -221,11 +217,7 @@ def test_a_diff_snapshot_holds_the_pages_written_since_the_last_and_merges_onto_
     done = kvmpy("snapshot", "merge", str(diff / "memory"), str(merged / "memory"))
     assert done.returncode == 0, done.stderr
     process = start_kvmpy("run", "--restore", str(merged))
-    assert process.stdout is not None
-    after = ""
-    deadline = time.monotonic() + 30
-    while len(ticks(after)) < 3 and time.monotonic() < deadline:
-        after += process.stdout.readline()
+    after = read_until(process, lambda text: len(ticks(text)) >= 3)
     process.terminate()
     _, stderr = process.communicate(timeout=20)
     seen = ticks(before + after)

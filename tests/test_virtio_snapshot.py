@@ -12,7 +12,6 @@ import dataclasses
 import re
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 from kvmpy.state.machine_state import VirtioDeviceState
 from kvmpy.state.snapshot_file import Section, decode, encode, read_state_file, write_state_file
 from kvmpy.testing.console import CapturedConsole, wait_until
-from kvmpy.testing.process import kvmpy, start_kvmpy
+from kvmpy.testing.process import kvmpy, read_until, start_kvmpy
 from kvmpy.vmm import actions as a
 from kvmpy.vmm.config import DiskConfig, SerialConfig, SerialMode, VmConfig
 from kvmpy.vmm.stop import StopKind
@@ -85,11 +84,7 @@ def _snapshot(config: VmConfig, directory: Path, ready: Callable[[str], bool]) -
 
 def _run_restored(directory: Path, enough: Callable[[str], bool]) -> tuple[str, str]:
     process = start_kvmpy("run", "--restore", str(directory))
-    assert process.stdout is not None
-    after = ""
-    deadline = time.monotonic() + 60
-    while not enough(after) and time.monotonic() < deadline and process.poll() is None:
-        after += process.stdout.readline()
+    after = read_until(process, enough, timeout=60)
     return after + _finish(process), _stderr(process)
 
 
@@ -222,11 +217,7 @@ def test_disk_records_continue_across_a_live_migration(guests: Path, tmp_path: P
     result = vmm.run()
     thread.join(30)
     assert result.reason.kind is StopKind.STOPPED and result.reason.status == 0, result.reason
-    assert destination.stdout is not None
-    after = ""
-    deadline = time.monotonic() + 60
-    while len(_records(after)) < 10 and time.monotonic() < deadline and destination.poll() is None:
-        after += destination.stdout.readline()
+    after = read_until(destination, lambda text: len(_records(text)) >= 10, timeout=60)
     rest = _finish(destination)
     stderr = _stderr(destination)
     records = _records(console.text + after + rest)

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 #: Pages per MEMORY message (4 MiB).
 RUN_PAGES = 1024
 CONNECT_TIMEOUT = 10.0
+#: How long a refused or missing destination is tried again (it may be starting).
+CONNECT_RETRY_SECONDS = 2.0
 #: How long the source waits for any answer from the destination.
 ANSWER_TIMEOUT = 60.0
 
@@ -92,13 +94,21 @@ def migrate(
 
 def _connect(destination: str) -> Channel:
     family, address, text = parse_address(destination)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(CONNECT_TIMEOUT)
-    try:
-        sock.connect(address)  # type: ignore[arg-type]
-    except OSError as error:
-        sock.close()
-        raise MigrationError(f"cannot reach {text}: {error.strerror or error}") from None
+    deadline = time.monotonic() + CONNECT_RETRY_SECONDS
+    while True:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect(address)  # type: ignore[arg-type]
+            break
+        except (ConnectionRefusedError, FileNotFoundError) as error:
+            sock.close()  # a destination between bind() and listen(), or about to bind: try again
+            if time.monotonic() > deadline:
+                raise MigrationError(f"cannot reach {text}: {error.strerror or error}") from None
+            time.sleep(0.05)
+        except OSError as error:
+            sock.close()
+            raise MigrationError(f"cannot reach {text}: {error.strerror or error}") from None
     sock.settimeout(ANSWER_TIMEOUT)
     return Channel(sock, text)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 #: The source tree this kvmpy was imported from (tests run the same code in the child).
@@ -39,4 +41,16 @@ def start_kvmpy(*args: str) -> subprocess.Popen[str]:
         env=_environment(),
     )
 
-__all__ = ["SOURCE", "kvmpy", "start_kvmpy"]
+def read_until(
+    process: subprocess.Popen[str], enough: Callable[[str], bool], timeout: float = 30.0
+) -> str:
+    """What ``process`` printed until ``enough(printed)`` holds, it exits, or the timeout."""
+    assert process.stdout is not None
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while not enough(seen) and time.monotonic() < deadline and process.poll() is None:
+        seen += process.stdout.readline()
+    return seen
+
+
+__all__ = ["SOURCE", "kvmpy", "read_until", "start_kvmpy"]
