@@ -65,7 +65,7 @@ def test_every_saved_crash_replays_clean(path: Path) -> None:
         release(target)
 
 
-# --- bugs in code the hostile-guest change owned: strict xfails until it fixed them ---------------
+# --- bugs the fuzz targets found in code the hostile-guest change owned, fixed there ------------
 def _driver_ok(transport: VirtioPciTransport, mem: GuestMemory) -> list[MockDriver]:
     """A well-behaved driver's set-up through the common configuration, up to FEATURES_OK and the
     queues; returns their mock drivers (DRIVER_OK is left to the test)."""

@@ -15,6 +15,7 @@ from kvmpy.state.errors import StateError
 from kvmpy.state.snapshot_file import MAGIC, Section, parse_state, read_state_file, write_state_file
 from kvmpy.testing.console import CapturedConsole, ticks, wait_until
 from kvmpy.testing.process import kvmpy, read_until, start_kvmpy
+from kvmpy.testing.vmm_client import run_with_client
 from kvmpy.vmm import actions as a
 from kvmpy.vmm.actions import ActionError
 from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
@@ -29,26 +30,15 @@ def _snapshot_counter(guests: Path, directory: Path, cpus: int = 2) -> str:
                       serial=SerialConfig(SerialMode.NONE))
     vmm = Vmm(config, serial_sink=console)
     vmm.submit(a.StartInstance())
-    errors: list[BaseException] = []
 
     def client() -> None:
-        try:
-            wait_until(lambda: len(ticks(console.text)) >= 5)
-            with pytest.raises(ActionError, match="paused"):
-                vmm.submit(a.CreateSnapshot(directory / "state", directory / "memory"))
-            vmm.submit(a.Pause())
+        wait_until(lambda: len(ticks(console.text)) >= 5)
+        with pytest.raises(ActionError, match="paused"):
             vmm.submit(a.CreateSnapshot(directory / "state", directory / "memory"))
-        except BaseException as error:
-            errors.append(error)
-        finally:
-            vmm.submit(a.Stop("snapshot taken"))
+        vmm.submit(a.Pause())
+        vmm.submit(a.CreateSnapshot(directory / "state", directory / "memory"))
 
-    thread = threading.Thread(target=client)
-    thread.start()
-    vmm.run()
-    thread.join(10)
-    if errors:
-        raise errors[0]
+    run_with_client(vmm, client, "snapshot taken")
     return console.text
 
 

@@ -22,6 +22,7 @@ from kvmpy.state.machine_state import VirtioDeviceState
 from kvmpy.state.snapshot_file import Section, decode, encode, read_state_file, write_state_file
 from kvmpy.testing.console import CapturedConsole, wait_until
 from kvmpy.testing.process import kvmpy, read_until, start_kvmpy
+from kvmpy.testing.vmm_client import run_with_client
 from kvmpy.vmm import actions as a
 from kvmpy.vmm.config import DiskConfig, SerialConfig, SerialMode, VmConfig
 from kvmpy.vmm.stop import StopKind
@@ -61,24 +62,13 @@ def _snapshot(config: VmConfig, directory: Path, ready: Callable[[str], bool]) -
     console = CapturedConsole()
     vmm = Vmm(config, serial_sink=console)
     vmm.submit(a.StartInstance())
-    errors: list[BaseException] = []
 
     def client() -> None:
-        try:
-            _wait(lambda: ready(console.text))
-            vmm.submit(a.Pause())
-            vmm.submit(a.CreateSnapshot(directory / "state", directory / "memory"))
-        except BaseException as error:
-            errors.append(error)
-        finally:
-            vmm.submit(a.Stop("snapshot taken"))
+        _wait(lambda: ready(console.text))
+        vmm.submit(a.Pause())
+        vmm.submit(a.CreateSnapshot(directory / "state", directory / "memory"))
 
-    thread = threading.Thread(target=client)
-    thread.start()
-    vmm.run()
-    thread.join(30)
-    if errors:
-        raise errors[0]
+    run_with_client(vmm, client, "snapshot taken")
     return console.text
 
 
@@ -267,24 +257,13 @@ def test_a_snapshot_describes_the_image_a_drive_serves_since_a_patch(guests: Pat
     console = CapturedConsole()
     vmm = Vmm(config, serial_sink=console)
     vmm.submit(a.StartInstance())
-    errors: list[BaseException] = []
 
     def client() -> None:
-        try:
-            wait_until(lambda: len(console.ticks()) >= 2)
-            vmm.submit(a.UpdateBlockDevice("data", path=second, rate_limiter=limit))
-            vmm.submit(a.Pause())
-            vmm.submit(a.CreateSnapshot(tmp_path / "state", tmp_path / "memory"))
-        except BaseException as error:
-            errors.append(error)
-        finally:
-            vmm.submit(a.Stop("snapshot taken"))
+        wait_until(lambda: len(console.ticks()) >= 2)
+        vmm.submit(a.UpdateBlockDevice("data", path=second, rate_limiter=limit))
+        vmm.submit(a.Pause())
+        vmm.submit(a.CreateSnapshot(tmp_path / "state", tmp_path / "memory"))
 
-    thread = threading.Thread(target=client)
-    thread.start()
-    vmm.run()
-    thread.join(30)
-    if errors:
-        raise errors[0]
+    run_with_client(vmm, client, "snapshot taken")
     described = read_description(read_state_file(tmp_path / "state"))
     assert [(d.path, d.rate_limiter) for d in described.disks] == [(str(second), limit)]

@@ -14,6 +14,7 @@ import pytest
 from kvmpy.errors import ConfigError
 from kvmpy.testing.console import CapturedConsole
 from kvmpy.testing.process import start_kvmpy
+from kvmpy.testing.vmm_client import run_with_client
 from kvmpy.vmm import actions as a
 from kvmpy.vmm.actions import ActionError, VmState
 from kvmpy.vmm.config import NetConfig, SerialConfig, SerialMode, VmConfig
@@ -78,30 +79,6 @@ def running(guests: Path) -> Iterator[tuple[Vmm, CapturedConsole, list[object]]]
     yield vmm, console, []
 
 
-def _drive(vmm: Vmm, body: object) -> object:
-    """Run ``body()`` on a client thread while the VMM serves on this (the main) thread."""
-    outcome: list[BaseException] = []
-
-    def client() -> None:
-        try:
-            body()  # type: ignore[operator]
-        except BaseException as error:
-            outcome.append(error)
-        finally:
-            try:
-                vmm.submit(a.Stop("test over"))
-            except ActionError:
-                pass
-
-    thread = threading.Thread(target=client)
-    thread.start()
-    result = vmm.run()
-    thread.join(10)
-    if outcome:
-        raise outcome[0]
-    return result
-
-
 def _guest_ns(vmm: Vmm) -> int:
     assert vmm.machine is not None
     return sum(thread.stats.guest_ns for thread in vmm.machine.threads)
@@ -128,7 +105,7 @@ def test_pause_stops_the_guest_and_resume_continues_it(
         assert seen == list(range(1, len(seen) + 1)), "ticks skipped or repeated across the pause"
         assert _guest_ns(vmm) > frozen_ns
 
-    result = _drive(vmm, body)
+    result = run_with_client(vmm, body)
     assert result.reason.kind is StopKind.STOPPED  # type: ignore[attr-defined]
     assert vmm.state is VmState.STOPPED
 
@@ -158,7 +135,7 @@ def test_vcpu_state_is_read_on_the_vcpu_thread_while_it_runs(
         assert callers[-1] != "vcpu0"  # parked: read from here
         vmm.submit(a.Resume())
 
-    _drive(vmm, body)
+    run_with_client(vmm, body)
 
 
 def test_stop_while_paused_ends_the_vm(running: tuple[Vmm, CapturedConsole, list[object]]) -> None:
@@ -168,7 +145,7 @@ def test_stop_while_paused_ends_the_vm(running: tuple[Vmm, CapturedConsole, list
         console.wait_for_ticks(1)
         vmm.submit(a.Pause())
 
-    result = _drive(vmm, body)
+    result = run_with_client(vmm, body)
     assert result.reason.kind is StopKind.STOPPED  # type: ignore[attr-defined]
     assert vmm.submit(a.GetInstanceInfo()).state is VmState.STOPPED  # type: ignore[attr-defined]
     with pytest.raises(ActionError, match="stopped"):
@@ -232,7 +209,7 @@ def test_flush_metrics_writes_the_registry_as_json_lines(guests: Path, tmp_path:
         console.wait_for_ticks(4)
         vmm.submit(a.FlushMetrics())
 
-    _drive(vmm, body)
+    run_with_client(vmm, body)
     lines = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
     assert len(lines) >= 2  # two flushes, and one more as the machine was retired
     first, second = lines[0], lines[1]
@@ -263,7 +240,7 @@ def test_a_running_drive_takes_another_backing_file(guests: Path, tmp_path: Path
         assert vmm.machine is not None
         assert vmm.machine.disks["scratch"].device.capacity == 64  # type: ignore[attr-defined]
 
-    _drive(vmm, body)
+    run_with_client(vmm, body)
 
 
 def test_a_running_drive_takes_new_rate_limits(guests: Path, tmp_path: Path) -> None:
@@ -289,4 +266,4 @@ def test_a_running_drive_takes_new_rate_limits(guests: Path, tmp_path: Path) -> 
         assert throttle.limiter.bandwidth.size == 1 << 20 and throttle.limiter.ops is None
         assert vmm.submit(a.GetVmConfig()).disks[0].rate_limiter == second  # type: ignore[attr-defined]
 
-    _drive(vmm, body)
+    run_with_client(vmm, body)
