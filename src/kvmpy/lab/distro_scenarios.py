@@ -36,10 +36,10 @@ Streams = tuple[tuple[tuple[str, int, int], ...], ...]
 STREAMS: Streams = (
     (("a", 2 * MIB, 0),),
     (("b", 2 * MIB, 1),),
-    (("c", 32 * MIB, 0), ("d", 32 * MIB, 1), ("e", 32 * MIB, 0), ("f", 32 * MIB, 1)),
+    (("c", 8 * MIB, 0), ("d", 8 * MIB, 1), ("e", 8 * MIB, 0), ("f", 8 * MIB, 1)),
 )
 #: Flood pings (``ping -f``) beside the last round: small packets both ways among the bulk.
-PING_FLOOD = 20000
+PING_FLOOD = 10000
 #: What Linux says when a device breaks its rings (virtio_ring's BAD_RING) and when virtio-net
 #: then fails to transmit (issue 13's messages).
 DEVICE_ERRORS = ("is not a head", "out of range", "queue failure", "Unexpected TXQ")
