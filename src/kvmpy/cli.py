@@ -87,6 +87,9 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "--incoming", metavar="ADDRESS", help="become a VM migrated to tcp:HOST:PORT or unix:PATH"
     )
     run.add_argument("--no-api", action="store_true", help="no API socket (needs --config-file)")
+    from kvmpy.jail.command import add_run_options
+
+    add_run_options(run)
     run.set_defaults(handler=_run_command)
 
 
@@ -125,7 +128,21 @@ def _default_kernel(args: argparse.Namespace) -> Path:
     return Path(kernel)
 
 
+def run_parsed(args: argparse.Namespace) -> int:
+    """Run a command line already parsed by :func:`build_parser` (the jailer's VMM arguments)."""
+    status: int = args.handler(args)
+    return status
+
+
 def _run_command(args: argparse.Namespace) -> int:
+    if args.jail:
+        from kvmpy.jail.command import jail_run
+
+        jail_run(args)  # returns in the jailed process
+        if args.jail_probe is not None:
+            from kvmpy.jail.command import run_probe
+
+            return run_probe(args.jail_probe)
     if args.no_api and args.api_sock is not None:
         raise ConfigError("--no-api and --api-sock exclude each other")
     if args.no_api and args.config_file is None:
@@ -249,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(subparsers)
     _add_demo_parser(subparsers)
-    for optional in ("kvmpy.lab.command", "kvmpy.bench.command", "kvmpy.state.command", "kvmpy.ctl"):
+    for optional in (
+        "kvmpy.jail.command", "kvmpy.lab.command", "kvmpy.bench.command", "kvmpy.state.command", "kvmpy.ctl",
+    ):  # fmt: skip
         try:
             module = importlib.import_module(optional)
         except ImportError:
