@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,7 +67,7 @@ def add_run_options(run: argparse.ArgumentParser) -> None:
 
 
 def options_from(args: argparse.Namespace, *, vm_id: str, exec_file: Path, uid: int, gid: int,
-                 daemonize: bool) -> JailOptions:  # fmt: skip
+                 daemonize: bool, name: str | None = None) -> JailOptions:  # fmt: skip
     from kvmpy.jail.options import (
         JailOptions,
         check_id,
@@ -95,6 +96,7 @@ def options_from(args: argparse.Namespace, *, vm_id: str, exec_file: Path, uid: 
         daemonize=daemonize,
         new_pid_ns=args.new_pid_ns,
         seccomp=not args.no_seccomp,
+        name=name,
     )
 
 
@@ -119,8 +121,6 @@ def _jailer_command(args: argparse.Namespace) -> int:
 
 def run_probe(code: str) -> int:
     """Run a test's escape attempts in the jailed process (they print what happened)."""
-    import sys
-
     exec(compile(code, "<jail-probe>", "exec"), {"__name__": "__jail_probe__"})
     sys.stdout.flush()
     return 0
@@ -133,14 +133,8 @@ def jail_run(args: argparse.Namespace) -> None:
     from kvmpy.jail.run_binds import bind_run_files
 
     options = options_from(
-        args, vm_id=args.id, exec_file=Path(os.path.realpath(_executable())), uid=args.jail_uid,
-        gid=args.jail_gid, daemonize=False,
+        args, vm_id=args.id, exec_file=Path(sys.executable), uid=args.jail_uid, gid=args.jail_gid,
+        daemonize=False, name="kvmpy",
     )  # fmt: skip
     binds = bind_run_files(args, options.root)
     enter(options, binds, wait=True)
-
-
-def _executable() -> str:
-    import sys
-
-    return sys.argv[0] if os.path.isfile(sys.argv[0]) else sys.executable

@@ -38,10 +38,12 @@ class JailOptions:
     daemonize: bool = False
     new_pid_ns: bool = False
     seccomp: bool = True
+    #: The name the jail's directory and pid file take, if not the exec file's.
+    name: str | None = None
 
     @property
     def exec_name(self) -> str:
-        return self.exec_file.name
+        return self.name if self.name is not None else self.exec_file.name
 
     @property
     def jail_dir(self) -> Path:
