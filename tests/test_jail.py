@@ -228,7 +228,8 @@ def test_new_pid_namespace_and_pid_file(base: Path, guests: Path) -> None:
 def test_file_size_limit_is_in_effect(base: Path) -> None:
     probe = (
         "import os\nfd = os.open('/big', os.O_WRONLY | os.O_CREAT)\nprint(os.write(fd, bytes(8192)))\n"
-        "try:\n os.write(fd, b'x')\nexcept OSError as error:\n print('EFBIG' if error.errno == 27 else error)\n"
+        "try:\n os.write(fd, b'x')\nexcept OSError as error:\n"
+        " print('EFBIG' if error.errno == 27 else error)\n"
     )
     done = kvmpy(
         *_jailer(base, "fsize", "--resource-limit", "fsize=4096", "--no-seccomp", "--jail-probe", probe)
