@@ -288,3 +288,37 @@ def test_run_jail_binds_the_files_and_the_api_socket(tmp_path: Path, base: Path,
             process.kill()
             process.wait()
     assert disk.read_bytes() != bytes(1 << 20)  # the guest's records are in the host's image
+
+
+@pytest.fixture
+def netns():
+    """A network namespace made with iproute2, as a user of Firecracker's jailer makes one."""
+    if shutil.which("ip") is None:
+        pytest.skip("iproute2 is not installed")
+    name = f"kvmpy-jail-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    yield Path("/var/run/netns") / name
+    subprocess.run(["ip", "netns", "delete", name], check=True)
+
+
+def test_the_vmm_joins_the_network_namespace_given(base: Path, guests: Path, netns: Path) -> None:
+    process, root = _start_jailed_counter(base, guests, "netns", "--netns", str(netns), "--no-seccomp")
+    try:
+        pid = _wait_for_pid_file(root)
+        _wait_for_uid(pid, UID)
+        assert os.stat(f"/proc/{pid}/ns/net").st_ino == netns.stat().st_ino
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_daemonize_detaches_and_silences_the_vmm(base: Path, guests: Path) -> None:
+    process, root = _start_jailed_counter(base, guests, "daemon", "--daemonize", "--no-seccomp")
+    pid = _wait_for_pid_file(root)
+    try:
+        _wait_for_uid(pid, UID)
+        assert os.getsid(pid) == pid  # a session of its own, no controlling terminal
+        assert [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (0, 1, 2)] == ["/dev/null"] * 3
+    finally:
+        os.kill(pid, 9)
+        process.wait()
