@@ -83,8 +83,9 @@ class ApiDriver:
         facts = self.facts
         facts["socket_seconds"] = round(self.wait_for_socket(), 3)
         facts["state_before"] = self.call("GET", "/")[1]["state"]
-        facts["machine_config"] = self.call("PUT", "/machine-config",
-                                            {"vcpu_count": cpus, "mem_size_mib": memory_mib})[0]
+        facts["machine_config"] = self.call(
+            "PUT", "/machine-config", {"vcpu_count": cpus, "mem_size_mib": memory_mib}
+        )[0]
         boot: dict[str, Any] = {"kernel_image_path": kernel, "boot_args": boot_args}
         if initrd:
             boot["initrd_path"] = initrd

@@ -16,10 +16,11 @@ guest; a stalled stream shows up here as a short or missing checksum.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kvmpy.lab.distro import ROOT_ARGS
@@ -109,6 +110,50 @@ VERIFY = (
 )
 
 
+#: The jailed VMM's user in the lab (no such user: the jail needs none), its id and cgroup.
+JAIL_UID, JAIL_ID = 4242, "debian-jailed"
+JAIL_CGROUPS = (("cpu.weight", "50"), ("pids.max", "512"))
+#: The jailed VMM's API socket; the rest of the jail's paths follow from --chroot-base-dir.
+JAIL_SOCKET, JAIL_BASE = "{tmp}/api.sock", "{tmp}/jails"
+#: One 2 MiB send: the jailed scenario shows the jail, the others the data path under load.
+JAILED_STREAMS: Streams = ((("a", 2 * MIB, 0),),)
+
+
+def _jail_args() -> tuple[str, ...]:
+    """``kvmpy run --jail`` with a v2 cgroup (the lab mounts v2 only), the API and seccomp on."""
+    cgroups = [arg for name, value in JAIL_CGROUPS for arg in ("--cgroup", f"{name}={value}")]
+    return (
+        "--jail", "--jail-uid", str(JAIL_UID), "--jail-gid", str(JAIL_UID), "--chroot-base-dir", JAIL_BASE,
+        "--id", JAIL_ID, "--cgroup-version", "2", *cgroups, "--api-sock", JAIL_SOCKET,
+    )  # fmt: skip
+
+
+def jailed_prepare(image: Path) -> str:
+    """As :func:`prepare`, with the image and the tap the jailed user's, a v2 cgroup hierarchy,
+    and :mod:`kvmpy.lab.jail_probe` waiting beside the VMM."""
+    pid_file = f"{JAIL_BASE}/kvmpy/{JAIL_ID}/root/kvmpy.pid"
+    probe = (
+        f"{sys.executable} -m kvmpy.lab.jail_probe {JAIL_SOCKET} {pid_file} /sys/fs/cgroup/kvmpy/{JAIL_ID} "
+        "{tmp}/jail.json"
+    )
+    return (
+        "(mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup) && "
+        + prepare(image).replace("mode tap vnet_hdr", f"mode tap vnet_hdr user {JAIL_UID}")
+        + f" && chown {JAIL_UID}:{JAIL_UID} {{tmp}}/root.img && ({probe} > {{tmp}}/probe.log 2>&1 &)"
+    )
+
+
+def jailed_distro_scenario(name: str, kernel: str, initrd: str, image: Path) -> Scenario:
+    """Debian under ``kvmpy run --jail``: disk, tap and API inside the jail, seccomp on."""
+    plain = distro_scenario(name, "kvmpy", kernel, initrd, image, streams=JAILED_STREAMS, ping_flood=0)
+    return replace(
+        plain,
+        args=plain.args + _jail_args(),
+        prepare=jailed_prepare(image),
+        verify=plain.verify + "; echo JAIL-FACTS $(cat {tmp}/jail.json); cat {tmp}/probe.log",
+    )
+
+
 def _vmm_args(vmm: str) -> tuple[str, ...]:
     if vmm == "qemu":
         return (
@@ -169,6 +214,8 @@ class DistroFacts:
     blk: tuple[str, str, str]  # md5 written, read back in the guest, read by the lab
     fsck_exit: str
     done: bool
+    #: What kvmpy.lab.jail_probe saw beside a jailed VMM (empty for the others).
+    jail: dict[str, object]
 
     @classmethod
     def parse(cls, result: ScenarioResult) -> DistroFacts:
@@ -197,6 +244,7 @@ class DistroFacts:
             ),
             fsck_exit=_first(r"^FSCK-EXIT (\d+)", lab),
             done="GUEST-DONE" in out,
+            jail=json.loads(_first(r"^JAIL-FACTS (\{.*\})$", lab) or "{}"),
         )
 
 
