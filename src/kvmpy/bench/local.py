@@ -7,11 +7,12 @@ cancel out and what remains is N exit round trips.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvmpy.bench.floors import LOOPS, FloorLoops
-from kvmpy.bench.measure import Sample, run
+from kvmpy.bench.measure import JAILED, Sample, run
 from kvmpy.bench.metric import Metric, Target, per_unit
 from kvmpy.errors import HostError
 from kvmpy.testing.guests import guest_path
@@ -47,13 +48,18 @@ def _checked(sample: Sample, guest: str) -> Sample:
 
 
 def _alternate(
-    guest: str, cmdline: str, repetitions: int, progress: Progress, floors: FloorLoops | None = None
+    guest: str,
+    cmdline: str,
+    repetitions: int,
+    progress: Progress,
+    floors: FloorLoops | None = None,
+    vmms: tuple[str, ...] = VMMS,
 ) -> dict[str, list[Sample]]:
     """Run ``guest`` under each VMM in turn (and the floor loops, if given), ``repetitions`` times."""
     path = guest_path(guest)
-    samples: dict[str, list[Sample]] = {vmm: [] for vmm in VMMS}
+    samples: dict[str, list[Sample]] = {vmm: [] for vmm in vmms}
     for index in range(repetitions):
-        for vmm in VMMS:
+        for vmm in vmms:
             samples[vmm].append(_checked(run(vmm, path, cmdline, GUEST_RAM_MIB), guest))
         if floors is not None:
             for loop in LOOPS:
@@ -173,12 +179,61 @@ def _memory_metric(plan: LocalPlan, progress: Progress) -> Metric:
     return metric
 
 
+def _jail_metrics(plan: LocalPlan, progress: Progress) -> list[Metric]:
+    """What the jail costs (issue 14): start-up, and the port I/O exit that passes the vCPU's
+    seccomp filter each time, jailed against unjailed kvmpy in the same run, QEMU beside."""
+    vmms = ("kvmpy", JAILED, "qemu")
+    hello = _alternate("hello", "", plan.repetitions, progress, vmms=vmms)
+    start = Metric(
+        "jailed_start_to_first_output",
+        "VMM start to the guest's first serial byte, kvmpy jailed (kvmpy run --jail)",
+        "ms",
+        WHERE,
+        note="seccomp, Landlock, namespaces, pivot_root, uid 4242; the guest file bound into the jail",
+    )
+    setup = Metric(
+        "jail_setup", "What the jail adds to start-up (jailed minus unjailed, paired)", "ms", WHERE
+    )
+    for jailed, plain in zip(hello[JAILED], hello["kvmpy"], strict=True):
+        if jailed.first_output is not None and plain.first_output is not None:
+            start.kvmpy.append(jailed.first_output * 1000)
+            setup.kvmpy.append((jailed.first_output - plain.first_output) * 1000)
+    start.qemu.extend(s.first_output * 1000 for s in hello["qemu"] if s.first_output is not None)
+    loaded = _alternate("pio_storm", f"count={plan.exits}", plan.repetitions, progress, vmms=vmms)
+    empty = _alternate("pio_storm", "count=0", plan.repetitions, progress, vmms=vmms)
+    per_exit = {
+        vmm: [
+            w * 1e6 for w in per_unit([s.wall for s in loaded[vmm]], [s.wall for s in empty[vmm]], plan.exits)
+        ]
+        for vmm in vmms
+    }
+    jailed_exit = Metric(
+        "pio_storm_round_trip_jailed",
+        "Port I/O exit round trip, kvmpy jailed (every exit passes the vCPU's seccomp filter)",
+        "µs",
+        WHERE,
+        kvmpy=per_exit[JAILED],
+        qemu=per_exit["qemu"],
+    )
+    seccomp = Metric(
+        "seccomp_per_exit",
+        "What the jail adds to a port I/O exit round trip (jailed minus unjailed, paired)",
+        "µs",
+        WHERE,
+        kvmpy=[j - p for j, p in zip(per_exit[JAILED], per_exit["kvmpy"], strict=True)],
+        note="differences of paired runs: on a loaded machine the noise can exceed it",
+    )
+    return [start, setup, jailed_exit, seccomp]
+
+
 def run_local_suite(plan: LocalPlan, progress: Progress, floors: FloorLoops | None = None) -> list[Metric]:
     """This machine's figures; with ``floors``, the bare-loop floors beside each exit round trip."""
     metrics = _start_metrics(plan, progress)
     metrics += _storm_metrics("pio_storm", "Port I/O (OUT to 0x80)", "", plan, progress, floors)
     metrics += _storm_metrics("mmio_storm", "MMIO (4-byte write, unassigned)", "", plan, progress, floors)
     metrics.append(_memory_metric(plan, progress))
+    if os.geteuid() == 0:  # the jail is built as root
+        metrics += _jail_metrics(plan, progress)
     return metrics
 
 

@@ -15,6 +15,9 @@ QEMU = "qemu-system-x86_64"
 #: PC machine first runs SeaBIOS, which this host (PVM) emulates slowly.
 QEMU_MACHINE = "microvm,x-option-roms=off"
 QEMU_CPU = "host,-arch-capabilities"  # PVM refuses the ARCH_CAPABILITIES MSR QEMU sets for -cpu host
+#: "kvmpy-jailed": kvmpy run --jail (seccomp, Landlock, namespaces, uid 4242), the guest bound in.
+JAILED = "kvmpy-jailed"
+JAIL_BASE = Path("/tmp/kvmpy-bench-jails")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +38,9 @@ def command(vmm: str, guest: Path, cmdline: str, memory_mib: int = 256) -> list[
             "-display", "none", "-monitor", "none", "-serial", "stdio", "-no-reboot",
             "-kernel", str(guest), "-append", cmdline, "-device", "isa-debug-exit,iobase=0x501,iosize=2",
         ]  # fmt: skip
-    return [sys.executable, "-m", "kvmpy", "run", "--kernel", str(guest), "--cmdline", cmdline,
+    jail = ["--jail", "--jail-uid", "4242", "--jail-gid", "4242", "--chroot-base-dir", str(JAIL_BASE),
+            "--id", "bench"] if vmm == JAILED else []  # fmt: skip
+    return [sys.executable, "-m", "kvmpy", "run", *jail, "--kernel", str(guest), "--cmdline", cmdline,
             "--memory", f"{memory_mib}M"]  # fmt: skip
 
 
@@ -81,4 +86,4 @@ def run(vmm: str, guest: Path, cmdline: str, memory_mib: int = 256) -> Sample:
     )
 
 
-__all__ = ["QEMU", "Sample", "command", "run"]
+__all__ = ["JAILED", "QEMU", "Sample", "command", "run"]
