@@ -29,7 +29,7 @@ from kvmpy.vmm.config import (
 from kvmpy.vmm.stop import StopKind
 
 if TYPE_CHECKING:
-    from kvmpy.vmm.vmm import RunResult
+    from kvmpy.vmm.vmm import RunResult, Vmm
 
 #: Exit status for errors of kvmpy itself (as opposed to the guest's own status).
 EXIT_USAGE = 2
@@ -87,6 +87,12 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "--incoming", metavar="ADDRESS", help="become a VM migrated to tcp:HOST:PORT or unix:PATH"
     )
     run.add_argument("--no-api", action="store_true", help="no API socket (needs --config-file)")
+    run.add_argument(
+        "--seccomp",
+        action="store_true",
+        help="load the seccomp filters of each thread's role without the rest of the jail (a guest"
+        " reboot ends the VM; a disallowed call ends kvmpy with status 148: docs/security.md)",
+    )
     from kvmpy.jail.command import add_run_options
 
     add_run_options(run)
@@ -150,6 +156,10 @@ def _run_command(args: argparse.Namespace) -> int:
     takes_whole_vm = args.restore is not None or args.incoming is not None
     if takes_whole_vm and (args.kernel or args.config_file or (args.restore and args.incoming)):
         raise ConfigError("--restore and --incoming take the whole VM: no --kernel or --config-file")
+    if args.seccomp:
+        from kvmpy.jail import seccomp
+
+        seccomp.enable(metrics_flush=_METRICS_ON_FAULT)
     if args.api_sock is None and not takes_whole_vm:
         from kvmpy.vmm.runner import run_vm
 
@@ -180,6 +190,7 @@ def _run_vmm(args: argparse.Namespace) -> RunResult:
         config = _config_from_args(args)
         stdin_fd = stdin_fileno() if config.serial.mode is SerialMode.STDIO else None
         vmm = Vmm(config, vm_id=args.id, stdin_fd=stdin_fd)
+        _METRICS_ON_FAULT.vmm = vmm
         if server is not None:
             deferred.attach(vmm.submit)
         if args.config_file is not None:
@@ -202,6 +213,19 @@ def _run_vmm(args: argparse.Namespace) -> RunResult:
     finally:
         if server is not None:
             server.close()
+
+
+class _MetricsOnFault:
+    """Writes the metrics of the Vmm that runs when a seccomp filter traps (it exists only later)."""
+
+    vmm: Vmm | None = None
+
+    def __call__(self) -> None:
+        if self.vmm is not None:
+            self.vmm.write_metrics_now()
+
+
+_METRICS_ON_FAULT = _MetricsOnFault()
 
 
 def _report(args: argparse.Namespace, result: RunResult) -> int:

@@ -127,6 +127,11 @@ class ApiServer:
     def _serve(self) -> None:
         from kvmpy.api.connection import Connection
         from kvmpy.api.router import Router
+        from kvmpy.jail import seccomp
+
+        if seccomp.enabled():  # what requests import lazily, imported while files can be opened
+            from kvmpy.api import parse, schemas  # noqa: F401
+        seccomp.enter_role(seccomp.Role.API)  # the connection threads it starts inherit the filter
 
         router = Router(self._submit)
         assert self._listener is not None

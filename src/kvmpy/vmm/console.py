@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, Protocol
 
+from kvmpy.jail.seccomp import Role, enter_role
+
 log = logging.getLogger("kvmpy.console")
 
 #: Bytes waiting for the writer thread at most: beyond it, output is dropped (and counted).
@@ -136,6 +138,7 @@ class ConsoleOutput:
 
     def _write_out(self) -> None:
         """The writer thread: hands buffered bytes to the sink; ends after a quiet second."""
+        enter_role(Role.CONSOLE)
         sink = self._sink
         assert sink is not None
         while True:

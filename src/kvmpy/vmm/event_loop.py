@@ -22,6 +22,8 @@ import select
 import threading
 from collections.abc import Callable
 
+from kvmpy.jail.seccomp import Role, enter_role
+
 log = logging.getLogger("kvmpy.events")
 
 #: A handler that fails this many times in a row is unregistered: its fd stays readable
@@ -90,6 +92,7 @@ class EventLoop(threading.Thread):
         os.close(self._wake_fd)
 
     def run(self) -> None:
+        enter_role(Role.EVENT_LOOP)
         while not self._stopping:
             try:
                 events = self._epoll.poll()

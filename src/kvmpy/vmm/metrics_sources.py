@@ -4,7 +4,8 @@ Each function below registers one kind of component with the counters it
 keeps: the vCPUs (exits by reason, time in the guest, guest errors), every bus
 range (accesses), unclaimed accesses, each virtio device (its transport's guest
 errors and its model's own counters, throttling included), the PCI root
-(refused BARs), the 16550A, the console output and the event loop. Adding a
+(refused BARs), the 16550A, the console output, the event loop and, with
+seccomp on, the calls its filters trapped. Adding a
 counter to a device means adding its name here, nowhere else.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from kvmpy.jail import seccomp
 from kvmpy.vmm.metrics_registry import MetricsRegistry, component_name
 
 if TYPE_CHECKING:
@@ -37,6 +39,8 @@ def register_machine(registry: MetricsRegistry, machine: Machine) -> None:
     )
     registry.register("console", lambda: _console(machine))
     registry.register("event-loop", lambda: {"disabled_handlers": len(machine.events.disabled)})
+    if seccomp.enabled():
+        registry.register("seccomp", lambda: {"num_faults": seccomp.faults()})
 
 
 def _vcpu(machine: Machine, index: int) -> dict[str, int]:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from kvmpy.abi import kvm as abi
 from kvmpy.bus import Bus
 from kvmpy.errors import GuestError, HostError, KvmpyError
+from kvmpy.jail.seccomp import Role, enter_role
 from kvmpy.kvm import Vcpu, exits
 from kvmpy.kvm.binary_stats import BinaryStats
 from kvmpy.ratelimit import guest_log
@@ -94,6 +95,7 @@ class VcpuThread(threading.Thread):
             self.machine.park(self)
 
     def run(self) -> None:
+        enter_role(Role.VCPU)
         kernel_stats = self._open_kernel_stats()
         try:
             self._loop()

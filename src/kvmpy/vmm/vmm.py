@@ -29,6 +29,7 @@ import msgspec
 
 from kvmpy import __version__
 from kvmpy.errors import ConfigError, HostError, KvmpyError
+from kvmpy.jail import seccomp
 from kvmpy.vmm import actions as a
 from kvmpy.vmm.actions import ActionError, InstanceInfo, VmState, check_allowed
 from kvmpy.vmm.config import (
@@ -123,6 +124,8 @@ class Vmm:
         self._next_metrics = 0.0
         #: The current or last migration's progress, as plain data (replaced, never mutated).
         self._migration: dict[str, object] | None = None
+        #: This thread's seccomp filter is the VMM role's (see _enter_vmm_role).
+        self._in_vmm_role = False
         #: Set from a signal handler (SIGTERM); the loop's next tick stops the VM.
         self.terminate_requested = False
 
@@ -371,6 +374,7 @@ class Vmm:
         self._open_console()
         self._boot_machine()
         self.lifecycle.state = next_state
+        self._enter_vmm_role()
         self._start_input()
 
     def _boot_machine(self) -> None:
@@ -388,6 +392,16 @@ class Vmm:
         self.machine = machine
         self.boots += 1
         self._started_at = time.monotonic()
+
+    def _enter_vmm_role(self) -> None:
+        """The machine runs: this thread narrows its seccomp filter to the VMM role (once).
+
+        From here on this thread cannot run a vCPU or create a VM, which is why a
+        VMM with seccomp ends at a guest reboot instead of building a new machine.
+        """
+        if not self._in_vmm_role:
+            self._in_vmm_role = True
+            seccomp.enter_role(seccomp.Role.VMM)
 
     def _pause(self) -> None:
         assert self.machine is not None
@@ -440,6 +454,7 @@ class Vmm:
             kind = ConfigError if isinstance(error, ConfigError) else HostError
             raise kind(f"Load snapshot error: {error}") from None
         self.lifecycle.state = next_state
+        self._enter_vmm_role()
         self._start_input()
         if action.resume_vm:
             self._resume()
@@ -555,6 +570,7 @@ class Vmm:
         self._started_at = time.monotonic()
         self.lifecycle.state = next_state
         self.lifecycle.apply(Event.RESUME)
+        self._enter_vmm_role()
         self._start_input()
 
     def _send_ctrl_alt_del(self) -> None:
@@ -578,6 +594,9 @@ class Vmm:
         reason = machine.finish()
         self._retire(machine)
         rebooting = reason.kind is StopKind.RESET and self.config.on_reboot is OnReboot.RESTART
+        if rebooting and seccomp.enabled():
+            log.warning("the guest rebooted: with seccomp a reboot ends the VMM (no new vCPUs from here)")
+            rebooting = False
         if rebooting and self.boots <= MAX_REBOOTS:
             try:
                 self._boot_machine()
@@ -648,6 +667,11 @@ class Vmm:
         if self._metrics is None:
             raise ActionError("metrics are not configured: PUT /metrics first")
         self._write_metrics()
+
+    def write_metrics_now(self) -> None:
+        """Write the metrics file if metrics are configured (the seccomp trap's last words; any thread)."""
+        if self._metrics is not None:
+            self._write_metrics()
 
     def _write_metrics(self) -> None:
         from kvmpy.vmm.metrics import collect_metrics
