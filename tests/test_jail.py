@@ -274,7 +274,7 @@ def test_run_jail_binds_the_files_and_the_api_socket(tmp_path: Path, base: Path,
     process = start_kvmpy(
         "run", "--jail", "--jail-uid", str(UID), "--jail-gid", str(GID), "--chroot-base-dir", str(base),
         "--id", "bound", "--api-sock", str(sock), "--kernel", str(guests / "blk_records.elf"),
-        "--disk", str(disk), "--no-seccomp",
+        "--disk", str(disk),
     )  # fmt: skip
     try:
         read_until(process, lambda seen: "record 50 ok" in seen)

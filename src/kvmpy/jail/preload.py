@@ -16,8 +16,8 @@ import kvmpy
 
 #: Parts of kvmpy a jailed VMM never runs (they drive the lab, benchmarks, fuzzing and tests).
 NOT_IN_THE_JAIL = ("kvmpy.lab", "kvmpy.bench", "kvmpy.fuzz", "kvmpy.testing", "kvmpy.ctl", "kvmpy.pyspy")
-#: Modules the standard library or a dependency imports on first use, seen missing in a jail.
-LAZY_STANDARD_MODULES = ("encodings.idna", "encodings.ascii", "encodings.latin_1", "_strptime")
+#: Modules imported on first use (the seccomp bindings load libseccomp as they are imported).
+LAZY_STANDARD_MODULES = ("encodings.idna", "encodings.ascii", "encodings.latin_1", "_strptime", "pyseccomp")
 
 
 def _wanted(name: str) -> bool:
