@@ -136,5 +136,5 @@ def jail_run(args: argparse.Namespace) -> None:
         args, vm_id=args.id, exec_file=Path(sys.executable), uid=args.jail_uid, gid=args.jail_gid,
         daemonize=False, name="kvmpy",
     )  # fmt: skip
-    binds = bind_run_files(args, options.root)
+    binds = bind_run_files(args, options.root, options.uid, options.gid)
     enter(options, binds, wait=True)

@@ -52,7 +52,9 @@ def _link_socket(host: Path, root: Path, inside: str) -> None:
     os.symlink(root / inside, host)
 
 
-def bind_run_files(args: argparse.Namespace, root: Path) -> tuple[Bind, ...]:
+def bind_run_files(args: argparse.Namespace, root: Path, uid: int, gid: int) -> tuple[Bind, ...]:
+    """The binds for ``args`` (rewritten in place); a console file that does not exist yet is
+    made for the VMM's user (``uid``, ``gid``), who must be able to read (and write) the others."""
     if args.config_file is not None:
         raise ConfigError(
             "--config-file names files the jail cannot see: use `kvmpy jailer` with paths inside the jail"
@@ -79,7 +81,9 @@ def bind_run_files(args: argparse.Namespace, root: Path) -> tuple[Bind, ...]:
     args.disk = disks
     mode, _colon, target = args.serial.partition(":")
     if mode == "file" and target:
-        Path(target).touch()
+        if not Path(target).exists():
+            Path(target).touch()
+            os.chown(target, uid, gid)
         args.serial = "file:" + bind(Path(target), "--serial file:", writable=True)
     elif mode == "unix" and target:
         inside = names.take(Path(target))
