@@ -159,7 +159,8 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.seccomp:
         from kvmpy.jail import seccomp
 
-        seccomp.enable(metrics_flush=_METRICS_ON_FAULT)
+        if not seccomp.enabled():  # a jail enables it itself
+            seccomp.enable(metrics_flush=METRICS_ON_FAULT)
     if args.api_sock is None and not takes_whole_vm:
         from kvmpy.vmm.runner import run_vm
 
@@ -190,7 +191,7 @@ def _run_vmm(args: argparse.Namespace) -> RunResult:
         config = _config_from_args(args)
         stdin_fd = stdin_fileno() if config.serial.mode is SerialMode.STDIO else None
         vmm = Vmm(config, vm_id=args.id, stdin_fd=stdin_fd)
-        _METRICS_ON_FAULT.vmm = vmm
+        METRICS_ON_FAULT.vmm = vmm
         if server is not None:
             deferred.attach(vmm.submit)
         if args.config_file is not None:
@@ -225,7 +226,7 @@ class _MetricsOnFault:
             self.vmm.write_metrics_now()
 
 
-_METRICS_ON_FAULT = _MetricsOnFault()
+METRICS_ON_FAULT = _MetricsOnFault()
 
 
 def _report(args: argparse.Namespace, result: RunResult) -> int:

@@ -16,6 +16,7 @@ import os
 import resource
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,11 +114,18 @@ def _drop_privileges(uid: int, gid: int) -> None:
     libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
 
 
-def enter(options: JailOptions, binds: tuple[chroot.Bind, ...] = (), *, wait: bool = False) -> Entered:
+def enter(
+    options: JailOptions,
+    binds: tuple[chroot.Bind, ...] = (),
+    *,
+    wait: bool = False,
+    metrics_flush: Callable[[], None] | None = None,
+) -> Entered:
     """Jail this process; must run before kvmpy starts any thread of its own.
 
     ``wait``: with a new PID namespace, the parent waits for the VMM and exits with its
-    status instead of at once (Firecracker's jailer exits at once)."""
+    status instead of at once (Firecracker's jailer exits at once). ``metrics_flush`` writes the
+    metrics when a seccomp filter traps a call, before the VMM ends."""
     started = time.monotonic()
     preload()
     _close_other_fds(keep=set())
@@ -152,5 +160,5 @@ def enter(options: JailOptions, binds: tuple[chroot.Bind, ...] = (), *, wait: bo
     if options.seccomp:
         from kvmpy.jail import seccomp
 
-        seccomp.enable()
+        seccomp.enable(metrics_flush)
     return Entered(os.getpid(), joined, landlock_abi, time.monotonic() - started)

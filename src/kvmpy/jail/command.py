@@ -101,7 +101,7 @@ def options_from(args: argparse.Namespace, *, vm_id: str, exec_file: Path, uid: 
 
 
 def _jailer_command(args: argparse.Namespace) -> int:
-    from kvmpy.cli import build_parser, run_parsed
+    from kvmpy.cli import METRICS_ON_FAULT, build_parser, run_parsed
     from kvmpy.jail.cell import enter
 
     vmm_args = list(args.vmm_args)
@@ -113,7 +113,7 @@ def _jailer_command(args: argparse.Namespace) -> int:
     run_args = build_parser().parse_args(["run", *vmm_args, "--id", options.id])
     if run_args.jail:
         raise ConfigError("the arguments after -- are those of `kvmpy run` without --jail")
-    enter(options)
+    enter(options, metrics_flush=METRICS_ON_FAULT)
     if args.jail_probe is not None:
         return run_probe(args.jail_probe)
     return run_parsed(run_args)
@@ -129,6 +129,7 @@ def run_probe(code: str) -> int:
 def jail_run(args: argparse.Namespace) -> None:
     """``kvmpy run --jail``: bind what the arguments name into the jail, rewrite them to the
     paths inside, and enter it (returns in the jailed process)."""
+    from kvmpy.cli import METRICS_ON_FAULT
     from kvmpy.jail.cell import enter
     from kvmpy.jail.run_binds import bind_run_files
 
@@ -137,4 +138,4 @@ def jail_run(args: argparse.Namespace) -> None:
         daemonize=False, name="kvmpy",
     )  # fmt: skip
     binds = bind_run_files(args, options.root, options.uid, options.gid)
-    enter(options, binds, wait=True)
+    enter(options, binds, wait=True, metrics_flush=METRICS_ON_FAULT)
