@@ -169,27 +169,44 @@ def _environment() -> dict[str, str]:
 
 
 def traced(out: Path, *args: str) -> subprocess.Popen[bytes]:
-    command = [*STRACE, "-o", str(out), sys.executable, "-m", "kvmpy", *args]
-    return subprocess.Popen(
+    """``kvmpy ARGS`` under strace (with ``--check``: with its seccomp filters, and no strace)."""
+    if CHECK:
+        command = [sys.executable, "-m", "kvmpy", args[0], "--seccomp", *args[1:]]
+        out.write_text("")
+    else:
+        command = [*STRACE, "-o", str(out), sys.executable, "-m", "kvmpy", *args]
+    process = subprocess.Popen(
         command, env=_environment(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
+    PROCESSES.append((out.stem, process))
+    return process
+
+
+#: With --check, the scenarios run with seccomp on and their status and trap lines are reported.
+CHECK = False
+PROCESSES: list[tuple[str, subprocess.Popen[bytes]]] = []
+ERRORS: dict[int, str] = {}
 
 
 def _finish(process: subprocess.Popen[bytes], timeout: float = 120) -> None:
     """Wait for a traced kvmpy to end; one that does not is sent SIGTERM (then SIGKILL)."""
     try:
-        process.communicate(timeout=timeout)
+        _, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         terminate(process)
         try:
-            process.communicate(timeout=30)
+            _, stderr = process.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             terminate(process, signal.SIGKILL)
-            process.communicate()
+            _, stderr = process.communicate()
+    ERRORS[process.pid] = stderr.decode(errors="replace")
 
 
 def terminate(process: subprocess.Popen[bytes], signum: int = signal.SIGTERM) -> None:
     """Signal kvmpy itself, strace's child (strace only detaches when it gets the signal)."""
+    if CHECK:
+        process.send_signal(signum)
+        return
     children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
     try:
         pids = [int(pid) for pid in children.read_text().split()]
@@ -340,6 +357,21 @@ def _literal(data: dict[str, dict[str, list[object]]]) -> str:
     return "\n".join(lines)
 
 
+def _check(keep: Path | None) -> int:
+    global CHECK
+    CHECK = True
+    work = keep or Path(tempfile.mkdtemp(prefix="kvmpy-seccomp-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    trapped = 0
+    for _ in scenarios(build_guests(), work):
+        pass
+    for name, process in PROCESSES:
+        traps = [line for line in ERRORS.get(process.pid, "").splitlines() if "seccomp:" in line]
+        trapped += bool(traps) or process.returncode == 148
+        print(f"{name}: status {process.returncode}", *traps, sep="\n  ")
+    return 1 if trapped else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument(
@@ -347,10 +379,15 @@ def main() -> int:
     )
     parser.add_argument("--keep", type=Path, help="keep the traces in this directory")
     parser.add_argument(
+        "--check", action="store_true", help="run the scenarios with --seccomp instead; report traps"
+    )
+    parser.add_argument(
         "--trace", type=Path, action="append", default=[], help="read these traces, run nothing"
     )
     args = parser.parse_args()
     profile = Profile()
+    if args.check:
+        return _check(args.keep)
     if args.trace:
         for path in args.trace:
             read_trace(path, profile)
