@@ -372,6 +372,39 @@ def _check(keep: Path | None) -> int:
     return 1 if trapped else 0
 
 
+def exit_cost(exits: int = 20000, runs: int = 3) -> dict[str, float]:
+    """Microseconds per port-I/O exit round trip without and with the seccomp filters.
+
+    Runs pio_storm (``exits`` OUTs to port 0x80) with ``kvmpy run --stats`` and reads
+    the mean exit time it reports; the best of ``runs`` runs each way. Every exit
+    passes the vCPU's two filters (the process's and its role's) on KVM_RUN. The
+    round trip is the time in KVM_RUN per exit plus the io handler's time per exit.
+    """
+    guest = build_guests() / "pio_storm.elf"
+    result = {}
+    for label, extra in (("without", []), ("with", ["--seccomp"])):
+        best = float("inf")
+        for _ in range(runs):
+            args = ["run", *extra, "--kernel", str(guest), "--cmdline", f"count={exits}", "--stats"]
+            done = subprocess.run(
+                [sys.executable, "-m", "kvmpy", *args], capture_output=True, text=True, env=_environment()
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"pio_storm {label} seccomp failed: {done.stderr.strip()}")
+            best = min(best, _mean_exit_us(done.stderr))
+        result[label] = best
+    return result
+
+
+def _mean_exit_us(stats: str) -> float:
+    """One exit's round trip from ``--stats``: time in KVM_RUN per exit plus the io handler's time."""
+    totals = re.search(r"exits to userspace: (\d+) +time in KVM_RUN: ([\d.]+) s", stats)
+    handler = re.search(r"^io +\d+ +[\d.]+ +([\d.]+)$", stats, re.MULTILINE)
+    if totals is None or handler is None:
+        raise RuntimeError(f"no exit statistics in:\n{stats}")
+    return float(totals.group(2)) * 1e6 / int(totals.group(1)) + float(handler.group(1))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument(
@@ -384,7 +417,14 @@ def main() -> int:
     parser.add_argument(
         "--trace", type=Path, action="append", default=[], help="read these traces, run nothing"
     )
+    parser.add_argument("--exit-cost", action="store_true", help="µs per exit without and with seccomp")
     args = parser.parse_args()
+    if args.exit_cost:
+        cost = exit_cost()
+        print(
+            f"port-I/O exit round trip: {cost['without']:.1f} µs without seccomp, {cost['with']:.1f} µs with"
+        )
+        return 0
     profile = Profile()
     if args.check:
         return _check(args.keep)

@@ -291,8 +291,8 @@ MEASURED: dict[str, dict[str, tuple[str, ...]]] = {
 #: pthread_kill's getpid, and the trap's own wait (clock_nanosleep) and exit. write is allowed on stderr only
 #: (the trap's log line) unless the role writes elsewhere.
 COMMON: tuple[str, ...] = (
-    "brk", "clock_nanosleep", "exit", "exit_group", "futex", "getpid", "gettid", "madvise", "mmap", "mprotect",
-    "munmap", "restart_syscall", "rseq", "rt_sigprocmask", "rt_sigreturn", "sched_yield",
+    "brk", "clock_nanosleep", "exit", "exit_group", "futex", "getpid", "gettid", "madvise", "mmap",
+    "mprotect", "munmap", "restart_syscall", "rseq", "rt_sigprocmask", "rt_sigreturn", "sched_yield",
     "set_robust_list",
 )  # fmt: skip
 
