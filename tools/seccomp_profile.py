@@ -169,27 +169,44 @@ def _environment() -> dict[str, str]:
 
 
 def traced(out: Path, *args: str) -> subprocess.Popen[bytes]:
-    command = [*STRACE, "-o", str(out), sys.executable, "-m", "kvmpy", *args]
-    return subprocess.Popen(
+    """``kvmpy ARGS`` under strace (with ``--check``: with its seccomp filters, and no strace)."""
+    if CHECK:
+        command = [sys.executable, "-m", "kvmpy", args[0], "--seccomp", *args[1:]]
+        out.write_text("")
+    else:
+        command = [*STRACE, "-o", str(out), sys.executable, "-m", "kvmpy", *args]
+    process = subprocess.Popen(
         command, env=_environment(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
+    PROCESSES.append((out.stem, process))
+    return process
+
+
+#: With --check, the scenarios run with seccomp on and their status and trap lines are reported.
+CHECK = False
+PROCESSES: list[tuple[str, subprocess.Popen[bytes]]] = []
+ERRORS: dict[int, str] = {}
 
 
 def _finish(process: subprocess.Popen[bytes], timeout: float = 120) -> None:
     """Wait for a traced kvmpy to end; one that does not is sent SIGTERM (then SIGKILL)."""
     try:
-        process.communicate(timeout=timeout)
+        _, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         terminate(process)
         try:
-            process.communicate(timeout=30)
+            _, stderr = process.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             terminate(process, signal.SIGKILL)
-            process.communicate()
+            _, stderr = process.communicate()
+    ERRORS[process.pid] = stderr.decode(errors="replace")
 
 
 def terminate(process: subprocess.Popen[bytes], signum: int = signal.SIGTERM) -> None:
     """Signal kvmpy itself, strace's child (strace only detaches when it gets the signal)."""
+    if CHECK:
+        process.send_signal(signum)
+        return
     children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
     try:
         pids = [int(pid) for pid in children.read_text().split()]
@@ -340,6 +357,54 @@ def _literal(data: dict[str, dict[str, list[object]]]) -> str:
     return "\n".join(lines)
 
 
+def _check(keep: Path | None) -> int:
+    global CHECK
+    CHECK = True
+    work = keep or Path(tempfile.mkdtemp(prefix="kvmpy-seccomp-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    trapped = 0
+    for _ in scenarios(build_guests(), work):
+        pass
+    for name, process in PROCESSES:
+        traps = [line for line in ERRORS.get(process.pid, "").splitlines() if "seccomp:" in line]
+        trapped += bool(traps) or process.returncode == 148
+        print(f"{name}: status {process.returncode}", *traps, sep="\n  ")
+    return 1 if trapped else 0
+
+
+def exit_cost(exits: int = 20000, runs: int = 3) -> dict[str, float]:
+    """Microseconds per port-I/O exit round trip without and with the seccomp filters.
+
+    Runs pio_storm (``exits`` OUTs to port 0x80) with ``kvmpy run --stats`` and reads
+    the mean exit time it reports; the best of ``runs`` runs each way. Every exit
+    passes the vCPU's two filters (the process's and its role's) on KVM_RUN. The
+    round trip is the time in KVM_RUN per exit plus the io handler's time per exit.
+    """
+    guest = build_guests() / "pio_storm.elf"
+    result = {}
+    for label, extra in (("without", []), ("with", ["--seccomp"])):
+        best = float("inf")
+        for _ in range(runs):
+            args = ["run", *extra, "--kernel", str(guest), "--cmdline", f"count={exits}", "--stats"]
+            done = subprocess.run(
+                [sys.executable, "-m", "kvmpy", *args], capture_output=True, text=True, env=_environment()
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"pio_storm {label} seccomp failed: {done.stderr.strip()}")
+            best = min(best, _mean_exit_us(done.stderr))
+        result[label] = best
+    return result
+
+
+def _mean_exit_us(stats: str) -> float:
+    """One exit's round trip from ``--stats``: time in KVM_RUN per exit plus the io handler's time."""
+    totals = re.search(r"exits to userspace: (\d+) +time in KVM_RUN: ([\d.]+) s", stats)
+    handler = re.search(r"^io +\d+ +[\d.]+ +([\d.]+)$", stats, re.MULTILINE)
+    if totals is None or handler is None:
+        raise RuntimeError(f"no exit statistics in:\n{stats}")
+    return float(totals.group(2)) * 1e6 / int(totals.group(1)) + float(handler.group(1))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument(
@@ -347,10 +412,22 @@ def main() -> int:
     )
     parser.add_argument("--keep", type=Path, help="keep the traces in this directory")
     parser.add_argument(
+        "--check", action="store_true", help="run the scenarios with --seccomp instead; report traps"
+    )
+    parser.add_argument(
         "--trace", type=Path, action="append", default=[], help="read these traces, run nothing"
     )
+    parser.add_argument("--exit-cost", action="store_true", help="µs per exit without and with seccomp")
     args = parser.parse_args()
+    if args.exit_cost:
+        cost = exit_cost()
+        print(
+            f"port-I/O exit round trip: {cost['without']:.1f} µs without seccomp, {cost['with']:.1f} µs with"
+        )
+        return 0
     profile = Profile()
+    if args.check:
+        return _check(args.keep)
     if args.trace:
         for path in args.trace:
             read_trace(path, profile)

@@ -22,9 +22,11 @@ the call and the thread, counts it, lets a helper thread flush the metrics
 (bounded by a timeout: the trapping thread may hold a lock the flush needs)
 and ends the process with :data:`SECCOMP_EXIT_STATUS`. Everything the handler
 uses (the syscall names, the helper thread) is prepared in :func:`enable`, so
-the handler calls nothing a filter might refuse and allocates only Python
+the handler calls nothing a filter might refuse and allocates only small Python
 objects: the trapped call is never one of malloc's own (mmap, brk, munmap and
-madvise are allowed in every role), so no libc lock is held when it runs.
+madvise are allowed in every role). The one libc path that traps with malloc's
+locks held is fork (it takes them before clone): then the metrics are not
+flushed, as the flush would wait for those locks forever.
 
 Without :func:`enable` nothing here loads libseccomp: :func:`enter_role` only
 names the thread for the kernel (``ps -L``, the profile tool, the fault log).
@@ -37,6 +39,7 @@ import enum
 import errno
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -94,13 +97,14 @@ class _Sigaction(ctypes.Structure):
 class _State:
     """What enable() prepared: the filters and everything the trap handler needs."""
 
-    def __init__(self, filters: dict[Role, Any], names: dict[int, str], flush: Callable[[], None] | None):
-        self.filters = filters
-        self.names = names
+    def __init__(self, flush: Callable[[], None] | None) -> None:
+        self.filters: dict[Role, Any] = {}
+        self.names: dict[int, str] = {}
         self.flush = flush
         self.load_lock = threading.Lock()  # libseccomp's context is not safe to load from two threads
-        self.fault_requested = threading.Event()
-        self.flushed = threading.Event()
+        #: The trap wakes the flushing thread through this pipe: a write allocates nothing.
+        self.wake_read, self.wake_write = os.pipe()
+        self.flushed = False
 
 
 _state: _State | None = None
@@ -127,7 +131,7 @@ def enter_role(role: Role) -> None:
     prefix = _KERNEL_NAMES[role]
     set_thread_name(prefix + threading.current_thread().name if role is Role.VCPU else prefix)
     state = _state
-    if state is None:
+    if state is None or role is Role.PROCESS:  # the PROCESS filter is every thread's already
         return
     with state.load_lock:
         state.filters[role].load()
@@ -148,16 +152,17 @@ def enable(metrics_flush: Callable[[], None] | None = None) -> None:
 
     from kvmpy.jail import seccomp_lists
 
-    filters = {role: _build(pyseccomp, seccomp_lists, role) for role in Role}
-    names = _syscall_names(pyseccomp)
-    state = _State(filters, names, metrics_flush)
+    state = _State(metrics_flush)
+    state.filters = {role: _build(pyseccomp, seccomp_lists, role, state.wake_write) for role in Role}
+    state.names = _syscall_names(pyseccomp)
     _install_handler()
-    filters[Role.PROCESS].load()
+    state.filters[Role.PROCESS].load()
     _state = state
-    threading.Thread(target=_flush_on_fault, args=(state,), name="seccomp-fault", daemon=True).start()
+    if metrics_flush is not None:
+        threading.Thread(target=_flush_on_fault, args=(state,), name="seccomp-fault", daemon=True).start()
 
 
-def _build(pyseccomp: Any, lists: Any, role: Role) -> Any:
+def _build(pyseccomp: Any, lists: Any, role: Role, wake_fd: int) -> Any:
     """A libseccomp filter that allows ``role``'s calls and traps every other."""
     allowed = lists.allowed(role.value)
     rules = pyseccomp.SyscallFilter(pyseccomp.TRAP)
@@ -174,8 +179,9 @@ def _build(pyseccomp: Any, lists: Any, role: Role) -> Any:
     if allowed.syscalls & {"clone", "clone3"}:
         thread = pyseccomp.Arg(0, pyseccomp.MASKED_EQ, _CLONE_THREAD, _CLONE_THREAD)
         rules.add_rule(pyseccomp.ALLOW, "clone", thread)
-    if "write" not in allowed.syscalls:  # the trap's log line
-        rules.add_rule(pyseccomp.ALLOW, "write", pyseccomp.Arg(0, pyseccomp.EQ, 2))
+    if "write" not in allowed.syscalls:  # the trap's log line, and its wake-up of the flush
+        for fd in (2, wake_fd):
+            rules.add_rule(pyseccomp.ALLOW, "write", pyseccomp.Arg(0, pyseccomp.EQ, fd))
     # Naming the thread, and (the PROCESS role) what the libraries ask prctl for.
     for option in {_PR_SET_NAME, *allowed.prctl_options}:
         rules.add_rule(pyseccomp.ALLOW, "prctl", pyseccomp.Arg(0, pyseccomp.EQ, option))
@@ -244,10 +250,22 @@ def _on_sigsys(signo: int, info: int | None, context: int | None) -> None:
         os.write(2, line.encode())
     except OSError:
         pass
-    if state is not None and state.flush is not None:
-        state.fault_requested.set()
-        state.flushed.wait(FLUSH_TIMEOUT_SECONDS)
+    if state is not None and state.flush is not None and name not in _HOLDS_MALLOC_LOCKS:
+        try:
+            os.write(state.wake_write, b"!")
+        except OSError:
+            pass
+        for _ in range(_FLUSH_POLLS):  # sleeping allocates nothing; an Event's wait would
+            if state.flushed:
+                break
+            time.sleep(FLUSH_TIMEOUT_SECONDS / _FLUSH_POLLS)
     os._exit(SECCOMP_EXIT_STATUS)
+
+
+_FLUSH_POLLS = 100
+#: glibc's fork takes malloc's locks before it calls clone: a flush (which allocates, holding
+#: the GIL) would wait for them forever, and so would this handler for the GIL.
+_HOLDS_MALLOC_LOCKS = frozenset({"clone", "clone3", "fork", "vfork"})
 
 
 _AUDIT_ARCH_X86_64 = 0xC000003E
@@ -255,13 +273,13 @@ _AUDIT_ARCH_X86_64 = 0xC000003E
 
 def _flush_on_fault(state: _State) -> None:
     """The helper thread: flushes the metrics for the trap handler, which then exits."""
-    state.fault_requested.wait()
     try:
+        os.read(state.wake_read, 1)
         if state.flush is not None:
             state.flush()
     except Exception:  # noqa: BLE001 - the process ends anyway
         pass
-    state.flushed.set()
+    state.flushed = True
 
 
 __all__ = ["SECCOMP_EXIT_STATUS", "Role", "enable", "enabled", "enter_role", "faults", "set_thread_name"]

@@ -288,11 +288,11 @@ MEASURED: dict[str, dict[str, tuple[str, ...]]] = {
 
 #: Every role: thread life (start, exit, the GIL's futex, thread stacks and malloc, which
 #: must never trap: the trap handler runs Python code), the vCPU kick's signal return,
-#: pthread_kill's getpid, and the trap's own exit. write is allowed on stderr only
+#: pthread_kill's getpid, and the trap's own wait (clock_nanosleep) and exit. write is allowed on stderr only
 #: (the trap's log line) unless the role writes elsewhere.
 COMMON: tuple[str, ...] = (
-    "brk", "exit", "exit_group", "futex", "getpid", "gettid", "madvise", "mmap", "mprotect",
-    "munmap", "restart_syscall", "rseq", "rt_sigprocmask", "rt_sigreturn", "sched_yield",
+    "brk", "clock_nanosleep", "exit", "exit_group", "futex", "getpid", "gettid", "madvise", "mmap",
+    "mprotect", "munmap", "restart_syscall", "rseq", "rt_sigprocmask", "rt_sigreturn", "sched_yield",
     "set_robust_list",
 )  # fmt: skip
 
