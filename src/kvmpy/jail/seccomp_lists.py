@@ -324,7 +324,8 @@ EXTRA: dict[str, dict[str, tuple[str, ...]]] = {
     "vmm": {
         # TCP migration (connect with a timeout asks SO_ERROR); a rate limiter changed by PATCH;
         # the terminal restored at the end; the input thread (it inherits this role) raising the
-        # console's interrupt; the monitor's translate and the snapshot's FPU state.
+        # console's interrupt; the monitor's translate (KVM's CPUID for MAXPHYADDR) and the
+        # snapshot's FPU state.
         "syscalls": (
             "getsockopt",
             "setsockopt",
@@ -339,6 +340,7 @@ EXTRA: dict[str, dict[str, tuple[str, ...]]] = {
             "KVM_IRQ_LINE",
             "KVM_SIGNAL_MSI",
             "KVM_TRANSLATE",
+            "KVM_GET_SUPPORTED_CPUID",
             "KVM_GET_FPU",
             "KVM_IRQFD",
             "KVM_IOEVENTFD",
