@@ -322,3 +322,39 @@ def test_daemonize_detaches_and_silences_the_vmm(base: Path, guests: Path) -> No
     finally:
         os.kill(pid, 9)
         process.wait()
+
+
+@pytest.mark.kvm
+def test_the_monitor_and_snapshots_work_from_inside_the_jail(
+    tmp_path: Path, base: Path, guests: Path
+) -> None:
+    """The API socket, the monitor and a snapshot of a jailed VMM (paths inside its jail); the host
+    frame is hidden (no /proc in the jail) and says so instead of failing."""
+    sock = tmp_path / "api.sock"
+    process = start_kvmpy(
+        "run", "--jail", "--jail-uid", str(UID), "--jail-gid", str(GID), "--chroot-base-dir", str(base),
+        "--id", "monitored", "--api-sock", str(sock), "--kernel", str(guests / "counter.elf"),
+        "--cmdline", "gap=20000000",
+    )  # fmt: skip
+    root = base / "kvmpy" / "monitored" / "root"
+    try:
+        banner = read_until(process, lambda seen: "tick 1" in seen).split()[2]
+        translated = kvmpy("ctl", str(sock), "translate", banner)
+        assert translated.returncode == 0, translated.stderr
+        assert "KVM_TRANSLATE: GPA 0x100dc0 (agrees)" in translated.stdout, translated.stdout
+        assert "HPA unknown" in translated.stdout and "pagemap" in translated.stdout, translated.stdout
+        regs = kvmpy("ctl", str(sock), "regs")
+        assert regs.returncode == 0 and "EFER" in regs.stdout, regs.stderr
+        (root / "snap").mkdir()
+        os.chown(root / "snap", UID, GID)
+        snapped = kvmpy("ctl", str(sock), "snapshot", "/snap")
+        assert snapped.returncode == 0, snapped.stderr
+        assert "where the VMM sees them" in snapped.stdout, snapped.stdout
+        assert (root / "snap" / "memory").stat().st_size == 256 << 20
+        assert (root / "snap" / "state").stat().st_uid == UID
+        done = kvmpy("snapshot", "inspect", str(root / "snap" / "state"))
+        assert done.returncode == 0, done.stderr
+        assert read_until(process, lambda seen: "tick" in seen)  # it runs on after the snapshot
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 143

@@ -25,7 +25,10 @@ POLL_SECONDS = 0.2
 
 
 def snapshot(client: ApiClient, directory: Path, diff: bool) -> dict[str, Any]:
-    """Snapshot the VM into ``directory`` (state and memory), pausing it only for the snapshot."""
+    """Snapshot the VM into ``directory`` (state and memory), pausing it only for the snapshot.
+
+    The paths are the VMM's: a jailed VMM writes inside its jail, where ``directory`` must
+    exist already and where this client cannot see the files (their sizes are then unknown)."""
     directory.mkdir(parents=True, exist_ok=True)
     was_running = client.request("GET", "/")["state"] == "Running"
     if was_running:
@@ -44,23 +47,34 @@ def snapshot(client: ApiClient, directory: Path, diff: bool) -> dict[str, Any]:
     finally:
         if was_running:
             client.request("PATCH", "/vm", {"state": "Resumed"})
-    memory = (directory / "memory").stat()
-    return {
+    answer: dict[str, Any] = {
         "directory": str(directory),
         "type": "Diff" if diff else "Full",
         "seconds": time.monotonic() - started,
-        "state_bytes": (directory / "state").stat().st_size,
-        "memory_bytes": memory.st_size,
-        "memory_bytes_on_disk": memory.st_blocks * 512,
         "resumed": was_running,
     }
+    try:
+        memory = (directory / "memory").stat()
+        answer.update(
+            state_bytes=(directory / "state").stat().st_size,
+            memory_bytes=memory.st_size,
+            memory_bytes_on_disk=memory.st_blocks * 512,
+        )
+    except FileNotFoundError:  # written where the VMM sees it, not here (a jail)
+        pass
+    return answer
 
 
 def format_snapshot(answer: dict[str, Any]) -> str:
+    if "state_bytes" in answer:
+        files = (
+            f"state {answer['state_bytes']} bytes, memory {answer['memory_bytes'] >> 20} MiB "
+            f"({answer['memory_bytes_on_disk'] >> 10} KiB on disk)"
+        )
+    else:
+        files = "the files are where the VMM sees them (its jail), not here"
     return (
-        f"{answer['type']} snapshot in {answer['directory']} in {answer['seconds'] * 1000:.0f} ms: "
-        f"state {answer['state_bytes']} bytes, memory {answer['memory_bytes'] >> 20} MiB "
-        f"({answer['memory_bytes_on_disk'] >> 10} KiB on disk)"
+        f"{answer['type']} snapshot in {answer['directory']} in {answer['seconds'] * 1000:.0f} ms: {files}"
         + ("; the VM runs again" if answer["resumed"] else "")
     )
 
