@@ -4,11 +4,15 @@ the vCPU thread so a slow consumer costs dropped bytes, not a stalled guest, a c
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 import tracemalloc
 from pathlib import Path
 
+import pytest
+
+from kvmpy.testing.process import kvmpy
 from kvmpy.vmm import console
 from kvmpy.vmm.console import ConsoleOutput, FileSink
 
@@ -82,3 +86,31 @@ def test_file_output_stops_at_its_limit_with_a_note(tmp_path: Path) -> None:
     assert contents.startswith(b"z" * 1000)
     assert b"console output limit of 1000 bytes reached" in contents[1000:]
     assert len(contents) < 1200
+
+
+def test_a_rate_limit_lets_a_second_worth_through_then_the_refill() -> None:
+    """--console-rate: a guest that prints forever gets its rate through, the rest is counted."""
+    now = [100.0]
+    sink = io.BytesIO()
+    output = ConsoleOutput(sink, rate=1000, clock=lambda: now[0])
+    output.write(b"a" * 1500)  # a full bucket holds one second's worth
+    now[0] += 0.5
+    output.write(b"b" * 800)  # half a second refilled 500
+    now[0] += 10.0
+    output.write(b"c" * 10)  # refilled to the bucket's size, not ten seconds' worth
+    output.flush()
+    assert sink.getvalue() == b"a" * 1000 + b"b" * 500 + b"c" * 10
+    assert output.rate_limited == 500 + 300
+    assert output.bytes_written == 1500 + 800 + 10  # what the guest wrote, all of it
+    assert output.last_lines() == ["a" * 1500 + "b" * 800 + "c" * 10][-1:]  # error reports see it all
+
+
+@pytest.mark.kvm
+def test_console_rate_on_the_command_line(guests: Path) -> None:
+    """A guest flooding the 16550A under --console-rate: what the terminal did not get is counted."""
+    done = kvmpy("run", "--kernel", str(guests / "serial_flood.elf"), "--console-rate", "1K", "--stats")
+    assert done.returncode == 0, done.stderr
+    counters = dict(re.findall(r"^console\s+(\w+)\s+(\d+)$", done.stderr, re.M))
+    flooded = done.stdout.count("x")
+    assert 0 < flooded < 65536 and int(counters["rate_limited"]) > 0, done.stderr
+    assert flooded + int(counters["rate_limited"]) >= 65536  # every byte sent or counted

@@ -79,6 +79,11 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         default="serial",
         help="serial: the terminal is the 16550A (ttyS0); virtio: it is virtio-console (hvc0)",
     )
+    run.add_argument(
+        "--console-rate",
+        metavar="SIZE",
+        help="console output per second at most (e.g. 64K); the rest is dropped",
+    )
     run.add_argument("--api-sock", type=Path, help="serve the Firecracker-compatible API on this Unix socket")
     run.add_argument("--id", default="anonymous-instance", help="the VM's id (GET / reports it)")
     run.add_argument("--config-file", type=Path, help="configure the VM from Firecracker's JSON, then start")
@@ -118,6 +123,9 @@ def _config_from_args(args: argparse.Namespace) -> VmConfig:
         rng=args.rng,
         nets=tuple(NetConfig.parse(text) for text in args.net),
         console=args.console,
+        console_rate=None
+        if args.console_rate is None
+        else parse_size(args.console_rate, what="--console-rate"),
     )
 
 

@@ -205,6 +205,8 @@ class VmConfig(msgspec.Struct, frozen=True):
     nets: tuple[NetConfig, ...] = ()
     #: Where the terminal connects: the emulated 16550A or its virtio twin (hvc0).
     console: str = "serial"
+    #: Console output the sink gets at most, bytes per second (None: no limit); the rest is dropped.
+    console_rate: int | None = None
     #: Where device and error messages go besides the serial console (stderr by default).
     quiet: bool = False
     rng_rate_limiter: RateLimiterConfig | None = None
@@ -228,6 +230,8 @@ class VmConfig(msgspec.Struct, frozen=True):
             check_readable(disk.path, "disk")
         if self.console not in ("serial", "virtio"):
             raise ConfigError(f"invalid --console {self.console!r}: use serial or virtio")
+        if self.console_rate is not None and self.console_rate <= 0:
+            raise ConfigError(f"invalid --console-rate {self.console_rate}: must be positive")
         if not 1 <= self.cpus <= MAX_VCPUS:
             raise ConfigError(f"--cpus {self.cpus} is out of range: use 1 to {MAX_VCPUS}")
         if self.memory < MIN_MEMORY:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import BinaryIO, Protocol
 
 from kvmpy.jail.seccomp import Role, enter_role
+from kvmpy.virtio.token_bucket import TokenBucket
 
 log = logging.getLogger("kvmpy.console")
 
@@ -93,8 +94,20 @@ class ConsoleOutput:
     does the sink's I/O.
     """
 
-    def __init__(self, sink: ConsoleSink | None, keep_lines: int = 20) -> None:
+    def __init__(
+        self,
+        sink: ConsoleSink | None,
+        keep_lines: int = 20,
+        rate: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``rate``: at most that many bytes per second reach the sink (a second's worth at once);
+        the rest is dropped and counted in ``rate_limited``, as a full buffer's bytes are."""
         self._sink = sink
+        self._limit = TokenBucket(rate, 1000) if rate is not None else None
+        self._clock = clock
+        #: Bytes the rate limit kept from the sink.
+        self.rate_limited = 0
         self._keep_lines = keep_lines
         self._tail = bytearray()
         self._pending = bytearray()
@@ -116,6 +129,9 @@ class ConsoleOutput:
             self._remember(data)
             if self._sink is None:
                 return
+            if self._limit is not None:
+                data = self._within_rate(data)
+                size = len(data)
             room = BUFFER_LIMIT - len(self._pending)
             if room < size:
                 self.dropped += size - max(room, 0)
@@ -124,6 +140,16 @@ class ConsoleOutput:
                 self._start_writer()
                 if self._idle:
                     self._data.notify()
+
+    def _within_rate(self, data: bytes | memoryview) -> bytes | memoryview:
+        """What of ``data`` the rate allows now (the tail kept for error reports sees it all)."""
+        assert self._limit is not None
+        now = self._clock()
+        self._limit.wait(1, now)  # refills the bucket up to now
+        allowed = min(len(data), max(int(self._limit.budget), 0))
+        self._limit.spend(allowed, now)
+        self.rate_limited += len(data) - allowed
+        return data[:allowed]
 
     def _remember(self, data: bytes | memoryview) -> None:
         """Keep the last TAIL_BYTES: lines are only split when someone asks for them."""

@@ -146,7 +146,7 @@ class Machine:
         self.memory = self._setup_memory()
         if self._given_memory is None:
             closing(self.memory.close)
-        self.console = ConsoleOutput(self._serial_sink(serial_sink))
+        self.console = ConsoleOutput(self._serial_sink(serial_sink), rate=self.config.console_rate)
         closing(self.console.flush)
         self._setup_devices()
         self.events = EventLoop()

@@ -92,7 +92,7 @@ def _virtio(transport: Any) -> dict[str, int]:
 
 def _console(machine: Machine) -> dict[str, int]:
     console = machine.console
-    return _attributes(console, ("bytes_written", "dropped", "sink_errors"))
+    return _attributes(console, ("bytes_written", "dropped", "rate_limited", "sink_errors"))
 
 
 def _attributes(thing: object, names: tuple[str, ...]) -> dict[str, int]:
