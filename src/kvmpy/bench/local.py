@@ -8,8 +8,10 @@ cancel out and what remains is N exit round trips.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from kvmpy.bench.floors import LOOPS, FloorLoops
 from kvmpy.bench.measure import JAILED, Sample, run
@@ -226,12 +228,45 @@ def _jail_metrics(plan: LocalPlan, progress: Progress) -> list[Metric]:
     return [start, setup, jailed_exit, seccomp]
 
 
+#: The rate-limited disk: blk_records makes three requests a record (write, read back, read the
+#: previous record again) as fast as they complete, against a limit of this many a second.
+LIMITED_OPS, LIMITED_RECORDS = 300, 300
+
+
+def _rate_limit_metric(plan: LocalPlan, progress: Progress) -> Metric:
+    """Issue 13: a disk limited with ``ops=N`` holds its rate (Firecracker's token bucket)."""
+    metric = Metric(
+        "limited_disk_rate",
+        f"virtio-blk with --disk ...,ops={LIMITED_OPS}: requests per second reached, over the limit",
+        "×",
+        WHERE,
+        target=Target(absolute=1.05),
+        note=f"blk_records, {LIMITED_RECORDS} records (3 requests each) as fast as the limit lets them; "
+        "the first second's bucket is spent at once and left out: (requests - bucket) / (wall - start)",
+    )
+    with tempfile.TemporaryDirectory(prefix="kvmpy-bench-") as scratch:
+        image = Path(scratch) / "disk.img"
+        image.write_bytes(bytes(1 << 20))
+        for index in range(plan.repetitions):
+            sample = _checked(
+                run("kvmpy", guest_path("blk_records"), f"records={LIMITED_RECORDS} gap=0", GUEST_RAM_MIB,
+                    ("--disk", f"{image},ops={LIMITED_OPS}")),
+                "blk_records",
+            )  # fmt: skip
+            if sample.first_output is not None and sample.wall > sample.first_output:
+                rate = (3 * LIMITED_RECORDS - LIMITED_OPS) / (sample.wall - sample.first_output)
+                metric.kvmpy.append(rate / LIMITED_OPS)
+            progress(f"limited disk: {index + 1}/{plan.repetitions}")
+    return metric
+
+
 def run_local_suite(plan: LocalPlan, progress: Progress, floors: FloorLoops | None = None) -> list[Metric]:
     """This machine's figures; with ``floors``, the bare-loop floors beside each exit round trip."""
     metrics = _start_metrics(plan, progress)
     metrics += _storm_metrics("pio_storm", "Port I/O (OUT to 0x80)", "", plan, progress, floors)
     metrics += _storm_metrics("mmio_storm", "MMIO (4-byte write, unassigned)", "", plan, progress, floors)
     metrics.append(_memory_metric(plan, progress))
+    metrics.append(_rate_limit_metric(plan, progress))
     if os.geteuid() == 0:  # the jail is built as root
         metrics += _jail_metrics(plan, progress)
     return metrics

@@ -31,7 +31,9 @@ class Sample:
     output: bytes
 
 
-def command(vmm: str, guest: Path, cmdline: str, memory_mib: int = 256) -> list[str]:
+def command(
+    vmm: str, guest: Path, cmdline: str, memory_mib: int = 256, extra: tuple[str, ...] = ()
+) -> list[str]:
     if vmm == "qemu":
         return [
             QEMU, "-enable-kvm", "-M", QEMU_MACHINE, "-cpu", QEMU_CPU, "-m", str(memory_mib),
@@ -41,7 +43,7 @@ def command(vmm: str, guest: Path, cmdline: str, memory_mib: int = 256) -> list[
     jail = ["--jail", "--jail-uid", "4242", "--jail-gid", "4242", "--chroot-base-dir", str(JAIL_BASE),
             "--id", "bench"] if vmm == JAILED else []  # fmt: skip
     return [sys.executable, "-m", "kvmpy", "run", *jail, "--kernel", str(guest), "--cmdline", cmdline,
-            "--memory", f"{memory_mib}M"]  # fmt: skip
+            "--memory", f"{memory_mib}M", *extra]  # fmt: skip
 
 
 def exit_status(vmm: str, raw: int) -> int:
@@ -49,11 +51,12 @@ def exit_status(vmm: str, raw: int) -> int:
     return raw >> 1 if vmm == "qemu" and raw & 1 else raw
 
 
-def run(vmm: str, guest: Path, cmdline: str, memory_mib: int = 256) -> Sample:
+def run(vmm: str, guest: Path, cmdline: str, memory_mib: int = 256, extra: tuple[str, ...] = ()) -> Sample:
+    """Run ``guest`` under ``vmm`` to its end; ``extra``: more of kvmpy's options."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     started = time.perf_counter()
     process = subprocess.Popen(
-        command(vmm, guest, cmdline, memory_mib),
+        command(vmm, guest, cmdline, memory_mib, extra),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
