@@ -358,3 +358,28 @@ def test_the_monitor_and_snapshots_work_from_inside_the_jail(
     finally:
         process.terminate()
         assert process.wait(timeout=30) == 143
+
+
+#: What a guest that took over the VMM might try once inside, with seccomp on: each ends the VMM
+#: with the seccomp status and one line naming the call.
+SECCOMP_ATTEMPTS = {
+    "execve": "import os; os.execv('/kernel.elf', ['kernel.elf'])",
+    "ptrace": "import ctypes; ctypes.CDLL(None).ptrace(16, 1, 0, 0)",  # PTRACE_ATTACH to PID 1
+    "mount": "from kvmpy.jail import libc; libc.mount('none', '/', 'tmpfs', 0)",
+    "clone": "import os; os.fork()",
+    # an ioctl KVM has but kvmpy never makes (KVM_X86_SET_MCE), on the jail's own /dev/kvm
+    "ioctl": "import fcntl, os; fcntl.ioctl(os.open('/dev/kvm', os.O_RDWR), 0x4040AE9C, bytes(64))",
+}
+
+
+@pytest.mark.parametrize("call", SECCOMP_ATTEMPTS)
+def test_escape_attempts_under_seccomp_end_the_vmm(base: Path, guests: Path, call: str) -> None:
+    root = base / "true" / f"seccomp-{call}" / "root"
+    root.mkdir(parents=True)
+    shutil.copy(guests / "hello.elf", root / "kernel.elf")
+    probe = SECCOMP_ATTEMPTS[call] + "\nprint('STILL HERE')"
+    done = kvmpy(*_jailer(base, f"seccomp-{call}", "--jail-probe", probe), "--", "--kernel", "/kernel.elf")
+    assert done.returncode == 148, (done.returncode, done.stdout, done.stderr)
+    assert "STILL HERE" not in done.stdout
+    assert "disallowed system call" in done.stderr and f"({call})" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
