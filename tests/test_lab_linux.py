@@ -534,12 +534,15 @@ def test_debian_boots_jailed_with_disk_tap_and_api(distro_results: dict[str, Sce
     assert isinstance(api, dict) and (api["id"], api["state"]) == (JAIL_ID, "Running"), detail
     assert isinstance(status, dict), detail
     assert status["Uid"].split() == [str(JAIL_UID)] * 4 and status["CapEff"] == "0000000000000000", detail
+    assert status["Groups"] == "", detail
     assert (status["NoNewPrivs"], status["Seccomp"]) == ("1", "2"), detail
     assert jail["new_namespaces"] == {"mnt": True, "ipc": True, "uts": True, "pid": False, "net": False}, (
         detail
     )
     assert jail["cgroup"] == dict(JAIL_CGROUPS) and jail["in_cgroup"] is True, detail
-    assert jail["root"] == "/", detail  # its / is the jail's root
+    entries = jail["root_entries"]  # its / is the jail's root: what the command line bound, and /dev
+    assert isinstance(entries, list) and {"api.sock", "dev", "kvmpy.pid", "root.img"} <= set(entries), detail
+    assert not {"etc", "usr", "bin", "proc"} & set(entries), detail
 
 
 def test_a_silent_lab_counts_as_hung() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -39,8 +40,27 @@ def _existing(path: Path, what: str) -> Path:
     return path.resolve()
 
 
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket a VMM of the same id left in its jail when it ended (killed, say); one that
+    still answers belongs to a VMM that runs: that is an error, not something to take over."""
+    if not path.is_socket():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        path.unlink()
+        return
+    except OSError:
+        return  # the VMM reports what is wrong with the path when it binds
+    finally:
+        probe.close()
+    raise ConfigError(f"{path} answers: a VMM with this id runs in this jail already")
+
+
 def _link_socket(host: Path, root: Path, inside: str) -> None:
     """A symlink at ``host`` to the socket the jailed VMM will make at ``/<inside>``."""
+    _clear_stale_socket(root / inside)
     try:
         info = os.lstat(host)
         if stat.S_ISLNK(info.st_mode) or stat.S_ISSOCK(info.st_mode):

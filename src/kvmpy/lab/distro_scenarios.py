@@ -150,7 +150,8 @@ def jailed_distro_scenario(name: str, kernel: str, initrd: str, image: Path) -> 
         plain,
         args=plain.args + _jail_args(),
         prepare=jailed_prepare(image),
-        verify=plain.verify + "; echo JAIL-FACTS $(cat {tmp}/jail.json); cat {tmp}/probe.log",
+        # printf and cat: dash's echo would turn the JSON's escapes (\t) into control characters
+        verify=plain.verify + "; printf 'JAIL-FACTS '; cat {tmp}/jail.json; echo; cat {tmp}/probe.log",
     )
 
 

@@ -48,7 +48,7 @@ def _status(pid: int) -> dict[str, str]:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in STATUS_KEYS:
-            found[key] = value.strip()
+            found[key] = " ".join(value.split())
     return found
 
 
@@ -69,7 +69,7 @@ def probe(socket_path: str, pid_file: Path, cgroup: Path) -> dict[str, object]:
         "new_namespaces": namespaces,
         "cgroup": values,
         "in_cgroup": str(pid) in (cgroup / "cgroup.procs").read_text().split(),
-        "root": os.readlink(f"/proc/{pid}/root"),
+        "root_entries": sorted(os.listdir(f"/proc/{pid}/root")),  # its / as it sees it
     }
 
 

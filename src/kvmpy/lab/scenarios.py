@@ -210,7 +210,8 @@ def run_scenario(scenario: Scenario) -> ScenarioResult:
         failure = None if result.device_errors else _lab_failure(result)
         if failure is None:
             break
-        notes.append(f"boot {result.wall_seconds:.0f} s ended in {failure}; booting again")
+        last = result.stderr.strip().splitlines()[-1:] or [""]
+        notes.append(f"boot {result.wall_seconds:.0f} s ended in {failure} ({last[0][:300]}); booting again")
         print(f"kvmpy-scenario-retry {scenario.name}: {failure}", flush=True)
         result = _run_vm(scenario, raw_profile)
         notes += result.notes
@@ -224,6 +225,8 @@ def run_scenario(scenario: Scenario) -> ScenarioResult:
 
 def _lab_failure(result: ScenarioResult) -> str | None:
     """What went wrong, if it is a failure worth another boot (see ``Scenario.retries``)."""
+    if "kvmpy: seccomp:" in result.stderr:  # kvmpy's own filter stopped it: no lab's fault
+        return None
     if "guest triple fault" in result.stderr:
         return "a guest triple fault"
     if TIMEOUT_MARK in result.stderr:
