@@ -228,6 +228,16 @@ def _install_handler() -> None:
         raise OSError(ctypes.get_errno(), "sigaction(SIGSYS) failed")
 
 
+#: Where the trapped call's second argument (RSI) is in an x86-64 ``ucontext_t``: uc_flags,
+#: uc_link and the 24-byte uc_stack come first (40 bytes), then mcontext's gregs, RSI the 10th.
+_UCONTEXT_RSI_OFFSET = 40 + 9 * 8
+
+
+def _ioctl_request(context: int) -> int:
+    """The request number of a trapped ioctl, from the registers the kernel saved for the handler."""
+    return ctypes.c_uint64.from_address(context + _UCONTEXT_RSI_OFFSET).value & _IOCTL_REQUEST_MASK
+
+
 def _on_sigsys(signo: int, info: int | None, context: int | None) -> None:
     """The trap: one line naming the call and the thread, the count, the metrics, the exit."""
     global _faults
@@ -240,8 +250,9 @@ def _on_sigsys(signo: int, info: int | None, context: int | None) -> None:
     name = state.names.get(number, "?") if state is not None and arch == _AUDIT_ARCH_X86_64 else "?"
     thread = threading.current_thread()
     tid = thread.native_id if thread.native_id is not None else -1
+    detail = f" request {_ioctl_request(context):#x}" if name == "ioctl" and context else ""
     line = (
-        f"kvmpy: seccomp: disallowed system call {number} ({name}) on thread {tid} ({thread.name});"
+        f"kvmpy: seccomp: disallowed system call {number} ({name}){detail} on thread {tid} ({thread.name});"
         f" exiting with status {SECCOMP_EXIT_STATUS}\n"
     )
     if arch != _AUDIT_ARCH_X86_64:
