@@ -356,7 +356,12 @@ EXTRA: dict[str, dict[str, tuple[str, ...]]] = {
         # work another thread hands the vCPU (Machine.on_vcpu) reads any of its state; the
         # driver's DRIVER_OK write sets the tap's offloads from the features it acknowledged
         # (seen in the lab: Linux's virtio_net under a jailed kvmpy ended with 148 on it).
-        "syscalls": ("write", "read", "epoll_ctl"),
+        # A queue notified by a write the ioeventfd does not match (1, 4 or 8 bytes) is served
+        # on the vCPU thread: the back ends' calls too (disk, tap, rng, rate-limit timers).
+        "syscalls": (
+            "write", "read", "epoll_ctl", "preadv", "pwritev", "preadv2", "pwritev2", "pwrite64",
+            "fdatasync", "fsync", "fallocate", "readv", "writev", "getrandom", "timerfd_settime",
+        ),  # fmt: skip
         "ioctls": (
             "TUNSETOFFLOAD",
             "KVM_IRQ_LINE",
@@ -376,9 +381,11 @@ EXTRA: dict[str, dict[str, tuple[str, ...]]] = {
         ),
     },
     "event-loop": {
-        # tap read/write (virtio-net), disk flushes, virtio-rng, rate limiters' timerfds,
-        # handlers removed on this thread, MSI interrupts.
+        # tap read/write (virtio-net), disk flushes, discard and write-zeroes (fallocate: seen in
+        # the lab, where a jailed Debian's ext4 discards), virtio-rng, rate limiters' timerfds,
+        # handlers removed on this thread, MSI and INTx interrupts.
         "syscalls": (
+            "fallocate",
             "write",
             "readv",
             "writev",
@@ -392,7 +399,7 @@ EXTRA: dict[str, dict[str, tuple[str, ...]]] = {
             "timerfd_settime",
             "epoll_ctl",
         ),
-        "ioctls": ("KVM_SIGNAL_MSI",),
+        "ioctls": ("KVM_SIGNAL_MSI", "KVM_IRQ_LINE"),
     },
     "api": {},
     # A socket console's sink sends; its timeouts poll.
