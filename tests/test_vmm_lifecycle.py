@@ -267,3 +267,36 @@ def test_a_running_drive_takes_new_rate_limits(guests: Path, tmp_path: Path) -> 
         assert vmm.submit(a.GetVmConfig()).disks[0].rate_limiter == second  # type: ignore[attr-defined]
 
     run_with_client(vmm, body)
+
+
+def test_a_device_that_closes_after_the_event_loop_stopped_forgets_its_descriptor() -> None:
+    """The lab's jailed Debian panicked with virtio-net receiving: the machine's close then asked
+    a stopped event loop to unregister the tap (ValueError), and the VMM's last stop touched the
+    closed vCPUs (AttributeError), two tracebacks instead of the guest's panic report."""
+    from kvmpy.vmm.event_loop import EventLoop
+
+    loop = EventLoop()
+    loop.start()
+    read_end, write_end = os.pipe()
+    try:
+        loop.add(read_end, lambda: None)
+        loop.stop()
+        loop.remove(read_end)  # before: ValueError: I/O operation on closed epoll object
+        loop.remove(read_end)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_closed_machine_can_be_stopped_again(guests: Path) -> None:
+    from kvmpy.vmm.machine import Machine
+    from kvmpy.vmm.stop import StopReason
+
+    machine = Machine(VmConfig(kernel=guests / "hello.elf", serial=SerialConfig(SerialMode.NONE)))
+    machine.boot_kernel()
+    machine.start()
+    assert machine.wait(30)
+    assert machine.finish().kind is StopKind.DEBUG_EXIT
+    machine.close()
+    machine.request_stop(StopReason(StopKind.HOST_ERROR, 1, "the VMM stopped"))  # before: AttributeError
+    machine.close()

@@ -99,8 +99,14 @@ class Vcpu:
         return True
 
     def set_immediate_exit(self, value: bool) -> None:
-        """With this set, KVM_RUN returns at once with EINTR: the race-free way to stop a vCPU."""
-        self.run_state.immediate_exit = int(value)
+        """With this set, KVM_RUN returns at once with EINTR: the race-free way to stop a vCPU.
+
+        A closed vCPU has nothing to stop (a machine stopped again after its close)."""
+        try:
+            self.run_state.immediate_exit = int(value)
+        except AttributeError:
+            if hasattr(self, "run_state"):
+                raise
 
     def _decode_io(self) -> exits.PortIo:
         direction, size, port, count, start = _IO.unpack_from(self._page)

@@ -57,8 +57,9 @@ class EventLoop(threading.Thread):
             self._epoll.register(fd, select.EPOLLIN)
 
     def remove(self, fd: int) -> None:
+        """Stop watching ``fd`` (a device closing after the loop has stopped only forgets it)."""
         with self._lock:
-            if self._handlers.pop(fd, None) is not None:
+            if self._handlers.pop(fd, None) is not None and not self._epoll.closed:
                 self._epoll.unregister(fd)
 
     def pause(self) -> None:
