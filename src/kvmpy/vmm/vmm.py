@@ -128,6 +128,7 @@ class Vmm:
         self._in_vmm_role = False
         #: Set from a signal handler (SIGTERM); the loop's next tick stops the VM.
         self.terminate_requested = False
+        self.interrupt_requested = False
 
     @property
     def state(self) -> VmState:
@@ -160,28 +161,49 @@ class Vmm:
         On the main thread, SIGTERM stops the VM the way Ctrl-C does (status 143).
         """
         self._thread_ident = threading.get_ident()
-        previous = self._handle_sigterm()
+        previous = self._handle_signals()
         try:
             while self.state is not VmState.STOPPED:
                 try:
                     self._serve_one()
-                except KeyboardInterrupt:
+                    self._check_signals()
+                except KeyboardInterrupt:  # raised where no handler of ours was installed
                     self._stop_from_host(StopReason(StopKind.INTERRUPTED, 130, "interrupted from the host"))
         finally:
             self._shutdown()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         assert self._result is not None
         return self._result
 
-    def _handle_sigterm(self) -> Any:
+    def _handle_signals(self) -> dict[int, Any]:
+        """SIGTERM and SIGINT (Ctrl-C) only set a flag that this loop looks at: Python's own
+        SIGINT handler raises KeyboardInterrupt wherever the main thread is, and raised inside
+        ``queue.get`` it could leave the queue's lock held, so that the stop the loop then makes
+        (which puts the machine's end on that queue) hung the VMM for good."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
 
         def terminate(signum: int, frame: object) -> None:
             self.terminate_requested = True  # only a flag: the handler may interrupt any code
 
-        return signal.signal(signal.SIGTERM, terminate)
+        def interrupt(signum: int, frame: object) -> None:
+            self.interrupt_requested = True
+
+        return {
+            signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+            signal.SIGINT: signal.signal(signal.SIGINT, interrupt),
+        }
+
+    def _check_signals(self) -> None:
+        if self.state is VmState.STOPPED:
+            return
+        if self.interrupt_requested:
+            self.interrupt_requested = False
+            self._stop_from_host(StopReason(StopKind.INTERRUPTED, 130, "interrupted from the host"))
+        if self.terminate_requested:
+            self.terminate_requested = False
+            self._stop_from_host(StopReason(StopKind.INTERRUPTED, 143, "terminated (SIGTERM)"))
 
     def _serve_one(self) -> None:
         try:
@@ -212,9 +234,6 @@ class Vmm:
         return dict(progress)
 
     def _tick(self) -> None:
-        if self.terminate_requested and self.state is not VmState.STOPPED:
-            self.terminate_requested = False
-            self._stop_from_host(StopReason(StopKind.INTERRUPTED, 143, "terminated (SIGTERM)"))
         if self._metrics is not None and time.monotonic() >= self._next_metrics:
             self._write_metrics()
 
