@@ -98,9 +98,11 @@ API_COMMAND = (
 DISTRO_SCENARIOS = {"debian_kvmpy": "kvmpy", "debian_qemu": "qemu"}
 #: The same Debian under ``kvmpy run --jail`` (issue 14), with one 2 MiB send.
 JAILED = "debian_jailed"
-#: The QEMU peer of the Debian scenarios (it shows the checks themselves pass under QEMU) costs
-#: eight minutes of the CI's 90: it runs when this is set (docs/lab.md has its results).
+#: The QEMU peer of the Debian scenarios (it shows the checks themselves pass under QEMU) runs
+#: when this is set (docs/lab.md has its results).
 QEMU_PEER = os.environ.get("KVMPY_LAB_QEMU_PEER") == "1"
+#: The Debian batch (a second lab boot) runs when this is set.
+DISTRO = os.environ.get("KVMPY_LAB_DISTRO") == "1" or QEMU_PEER
 
 
 #: Crash consistency: numbered records, each made durable with sync before the guest says so;
@@ -298,6 +300,7 @@ def _run_batch(batch: str, scenarios: list[Scenario], deadline_seconds: float) -
         specs = json.dumps([asdict(s) for s in remaining])
         output = io.BytesIO()
         budget = min(sum(s.timeout for s in remaining) + 300, deadline - time.monotonic())
+        lab_failed = False
         try:
             status = run_in_lab(
                 [sys.executable, "-m", "kvmpy.lab.scenarios", specs],
@@ -308,16 +311,16 @@ def _run_batch(batch: str, scenarios: list[Scenario], deadline_seconds: float) -
             )
         except LabEndedError as error:
             failures.append(f"lab went down: {error}")
-            status = 0
+            status, lab_failed = 0, True
         except LabError as error:
             failures.append(f"lab failed: {error}")
-            status = 0
+            status, lab_failed = 0, True
         text = output.getvalue().decode("utf-8", "replace")
         log = cache_dir() / "lab" / f"last-scenarios-{batch}.log"
         log.write_text(text)  # the whole boot's output, for post-mortems
         assert status == 0, text[-3000:]
         found = parse_results(text)
-        if not found:
+        if not found and not lab_failed:  # the batch itself is broken: another boot would not help
             failures.append("no scenario finished; the lab's output ends with:\n" + text[-2000:])
             break
         results.update(found)
@@ -345,8 +348,12 @@ def lab_results(disk: tuple[Path, str, str]) -> dict[str, ScenarioResult]:
 
 @pytest.fixture(scope="session")
 def distro_results() -> dict[str, ScenarioResult]:
-    """Debian under kvmpy and QEMU, in a lab boot of their own: their long runs under load are
-    where the lab's own hangs happen most, and a fresh lab for them costs less than a retry."""
+    """Debian under kvmpy (plainly and jailed), in a lab boot of their own, with
+    KVMPY_LAB_DISTRO=1: under a Debian userspace's load the lab's emulated SVM fails too often
+    for the CI's 90 minutes (docs/lab.md: in one day a lab kernel panic, a lab triple fault and
+    guest triple and double faults, under either VMM), so these run on request."""
+    if not DISTRO:
+        pytest.skip("the Debian scenarios run with KVMPY_LAB_DISTRO=1 (docs/lab.md)")
     _skip_without_qemu()
     return _run_batch("distro", _distro_scenarios(), DISTRO_DEADLINE_SECONDS)
 
