@@ -153,13 +153,16 @@ def _disk_image(directory: Path) -> tuple[Path, str, str]:
 
 
 def _distro_scenarios() -> list[Scenario]:
-    """Debian 12 on its root disk, under kvmpy and under QEMU (built here, once, if not cached)."""
+    """Debian 12 on its root disk, under kvmpy, jailed, and (with the peer) under QEMU (the image
+    built here, once, if not cached)."""
     from kvmpy.lab.distro import distro_boot
 
     boot = distro_boot()
     kernel, initrd = str(boot.kernel), str(boot.initrd)
     scenarios = [
-        distro_scenario(name, vmm, kernel, initrd, boot.image) for name, vmm in DISTRO_SCENARIOS.items()
+        distro_scenario(name, vmm, kernel, initrd, boot.image)
+        for name, vmm in DISTRO_SCENARIOS.items()
+        if vmm != "qemu" or QEMU_PEER
     ]
     scenarios.append(jailed_distro_scenario(JAILED, kernel, initrd, boot.image))
     # Two more boots each: a Debian boot is where the lab's own faults come most (a guest
