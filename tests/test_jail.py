@@ -16,12 +16,12 @@ import os
 import shutil
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from kvmpy.testing.process import kvmpy, read_until, start_kvmpy
+from kvmpy.testing.console import wait_until
+from kvmpy.testing.process import kvmpy, proc_status, read_until, start_kvmpy
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the jail is built as root")
 
@@ -144,28 +144,22 @@ def _start_jailed_counter(
 
 
 def _wait_for_pid_file(root: Path, name: str = "true.pid") -> int:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            return int((root / name).read_text())
-        except (FileNotFoundError, ValueError):
-            time.sleep(0.05)
-    raise AssertionError(f"no pid file in {root}")
+    pid_file = root / name
+    wait_until(lambda: pid_file.exists() and pid_file.read_text().isdigit(), what=f"a pid file in {root}")
+    return int(pid_file.read_text())
 
 
 def _status(pid: int) -> dict[str, str]:
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+    return proc_status(Path(f"/proc/{pid}/status"))
 
 
 def _wait_for_uid(pid: int, uid: int) -> dict[str, str]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def jailed() -> bool:
         status = _status(pid)
-        if status["Uid"].split()[0] == str(uid) and status["NoNewPrivs"] == "1":
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"process {pid} never became uid {uid}: {_status(pid)}")
+        return status["Uid"].split()[0] == str(uid) and status["NoNewPrivs"] == "1"
+
+    wait_until(jailed, what=f"process {pid} to become uid {uid}")
+    return _status(pid)
 
 
 def test_cgroup_v1_limits_and_process_status(base: Path, guests: Path) -> None:

@@ -19,15 +19,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy.jail.seccomp import SECCOMP_EXIT_STATUS
-from kvmpy.testing.process import SOURCE, kvmpy, read_until, start_kvmpy
-
-
-def _status_fields(path: Path) -> dict[str, str]:
-    fields = {}
-    for line in path.read_text().splitlines():
-        key, _, value = line.partition(":")
-        fields[key] = value.strip()
-    return fields
+from kvmpy.testing.process import SOURCE, kvmpy, proc_status, read_until, start_kvmpy
 
 
 def _threads(pid: int) -> dict[str, list[int]]:
@@ -35,7 +27,7 @@ def _threads(pid: int) -> dict[str, list[int]]:
     found: dict[str, list[int]] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            fields = _status_fields(task / "status")
+            fields = proc_status(task / "status")
         except OSError:
             continue  # the thread ended meanwhile
         found.setdefault(fields["Name"], []).append(int(fields["Seccomp_filters"]))
@@ -51,7 +43,7 @@ def _run_counter(
     )  # fmt: skip
     seen = read_until(process, lambda text: "tick 3" in text, timeout=30)
     assert "tick 3" in seen, seen
-    status = _status_fields(Path(f"/proc/{process.pid}/status"))
+    status = proc_status(Path(f"/proc/{process.pid}/status"))
     threads = _threads(process.pid)
     return process, status, threads
 

@@ -12,12 +12,12 @@ returns in the process that goes on to run the VMM: with ``--new-pid-ns`` or
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpy.errors import ConfigError, HostError
@@ -26,15 +26,7 @@ from kvmpy.jail.landlock_rules import restrict
 from kvmpy.jail.options import RESOURCE_LIMITS, JailOptions
 from kvmpy.jail.preload import preload
 
-
-@dataclass(frozen=True)
-class Entered:
-    """What the jail did, for logs and tests."""
-
-    pid: int
-    cgroups: tuple[Path, ...]
-    landlock_abi: int
-    seconds: float
+log = logging.getLogger("kvmpy.jail")
 
 
 def _close_other_fds(keep: set[int]) -> None:
@@ -120,7 +112,7 @@ def enter(
     *,
     wait: bool = False,
     metrics_flush: Callable[[], None] | None = None,
-) -> Entered:
+) -> None:
     """Jail this process; must run before kvmpy starts any thread of its own.
 
     ``wait``: with a new PID namespace, the parent waits for the VMM and exits with its
@@ -161,4 +153,8 @@ def enter(
         from kvmpy.jail import seccomp
 
         seccomp.enable(metrics_flush)
-    return Entered(os.getpid(), joined, landlock_abi, time.monotonic() - started)
+    log.debug(
+        "jailed in %s as pid %d in %.0f ms: cgroups %s, Landlock ABI %d, seccomp %s",
+        options.root, os.getpid(), (time.monotonic() - started) * 1000,
+        [str(path) for path in joined], landlock_abi, "on" if options.seccomp else "off",
+    )  # fmt: skip

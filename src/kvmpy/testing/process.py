@@ -53,4 +53,10 @@ def read_until(
     return seen
 
 
-__all__ = ["SOURCE", "kvmpy", "read_until", "start_kvmpy"]
+def proc_status(path: Path) -> dict[str, str]:
+    """A /proc ``status`` file (a process's or a thread's) as its fields, values stripped."""
+    lines = path.read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+__all__ = ["SOURCE", "kvmpy", "proc_status", "read_until", "start_kvmpy"]

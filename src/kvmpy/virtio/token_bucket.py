@@ -61,6 +61,11 @@ class TokenBucket:
             return 0.0
         return (needed - self.budget) / self.rate
 
+    def available(self, now: float) -> float:
+        """Tokens that can be taken now, the one-time burst included (negative: debt)."""
+        self._refill(now)
+        return self.budget + self.burst
+
     def take(self, tokens: int, now: float) -> bool:
         """Take ``tokens`` if :meth:`wait` says they are there; False (nothing taken) if not."""
         if self.wait(tokens, now) > 0.0:

@@ -145,8 +145,7 @@ class ConsoleOutput:
         """What of ``data`` the rate allows now (the tail kept for error reports sees it all)."""
         assert self._limit is not None
         now = self._clock()
-        self._limit.wait(1, now)  # refills the bucket up to now
-        allowed = min(len(data), max(int(self._limit.budget), 0))
+        allowed = min(len(data), max(int(self._limit.available(now)), 0))
         self._limit.spend(allowed, now)
         self.rate_limited += len(data) - allowed
         return data[:allowed]
