@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmpy.errors import ConfigError
-from kvmpy.jail.command import DEFAULT_CHROOT_BASE
+from kvmpy.jail.command import DEFAULT_CHROOT_BASE  # defined there: `kvmpy --help` needs no dataclass
 
 #: Firecracker's jailer bounds open files to this when no ``no-file`` limit is given.
 DEFAULT_NO_FILE = 2048
