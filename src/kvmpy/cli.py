@@ -49,7 +49,12 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     run.add_argument("--initrd", type=Path, help="initial ramdisk")
     run.add_argument("--cmdline", default="", help="kernel command line")
     run.add_argument("--cpus", type=int, default=1, help=f"number of vCPUs (1-{MAX_VCPUS})")
-    run.add_argument("--memory", default="256M", help="guest RAM, e.g. 256M or 2G")
+    run.add_argument(
+        "--memory",
+        default="256M",
+        help="guest RAM, e.g. 256M or 2G; SIZE,shared=on: as memfds another process may map"
+        " (implied by a vhost-user disk)",
+    )
     run.add_argument(
         "--serial",
         default="stdio",
@@ -70,7 +75,9 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "--disk",
         action="append",
         default=[],
-        help="virtio-blk disk: PATH[,readonly=on][,direct=on][,id=NAME] (repeatable; direct=on: O_DIRECT)",
+        help="virtio-blk disk: PATH[,readonly=on][,direct=on][,id=NAME] (repeatable; direct=on: O_DIRECT);"
+        " PATH,backend=vhost-user[,format=raw|qcow2][,aio=io_uring]: served by a qemu-storage-daemon"
+        " kvmpy runs; socket=PATH: by the vhost-user daemon listening there",
     )
     run.add_argument("--net", action="append", default=[], help="virtio-net on a tap: tap=IFNAME[,mac=MAC]")
     run.add_argument("--rng", action="store_true", help="a virtio-rng device fed by the host's getrandom()")
@@ -104,7 +111,19 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     run.set_defaults(handler=_run_command)
 
 
+def _memory_option(text: str) -> tuple[int, bool]:
+    """``SIZE[,shared=on|off]``."""
+    size, *options = text.split(",")
+    shared = False
+    for option in options:
+        if option not in ("shared=on", "shared=off"):
+            raise ConfigError(f"invalid --memory option {option!r}: use shared=on or shared=off")
+        shared = option == "shared=on"
+    return parse_size(size, what="--memory"), shared
+
+
 def _config_from_args(args: argparse.Namespace) -> VmConfig:
+    memory, shared_memory = _memory_option(args.memory)
     kernel = args.kernel
     given_vm = args.api_sock or args.config_file or args.restore or args.incoming
     if kernel is None and not given_vm:
@@ -114,7 +133,8 @@ def _config_from_args(args: argparse.Namespace) -> VmConfig:
         initrd=args.initrd,
         cmdline=args.cmdline,
         cpus=args.cpus,
-        memory=parse_size(args.memory, what="--memory"),
+        memory=memory,
+        shared_memory=shared_memory,
         serial=SerialConfig.parse(args.serial),
         on_reboot=OnReboot(args.on_reboot),
         flat_address=args.flat_address,

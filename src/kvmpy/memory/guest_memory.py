@@ -11,6 +11,7 @@ mappings, and never crashes the VMM.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 import struct
@@ -65,6 +66,8 @@ class MemoryRegion:
     dirty: bytearray | None = field(default=None, init=False)
     #: Ranges handed out by ``locate`` (offset, size): written at will, so always counted dirty.
     located: set[tuple[int, int]] = field(default_factory=set, init=False)
+    #: The memfd behind a shared region (another process maps it: a vhost-user back end), or -1.
+    fd: int = -1
 
     def __post_init__(self) -> None:
         self.end = self.gpa + self.size
@@ -91,23 +94,36 @@ class GuestMemory:
         self._regions = ordered
 
     @classmethod
-    def anonymous(cls, ranges: Sequence[tuple[int, int]], *, hugepages: bool = False) -> GuestMemory:
+    def anonymous(
+        cls, ranges: Sequence[tuple[int, int]], *, hugepages: bool = False, shared: bool = False
+    ) -> GuestMemory:
         """Map fresh zeroed memory for each ``(gpa, size)`` range.
 
         Private anonymous memory, as QEMU's and Firecracker's: shared anonymous memory is
         shmem, which takes transparent huge pages only where the host's shmem_enabled
         allows them, so ``hugepages`` (MADV_HUGEPAGE, as QEMU does for guest RAM) would
-        be a silent no-op on most hosts.
+        be a silent no-op on most hosts. ``shared`` backs each region with a memfd
+        instead, sealed against shrinking, so another process (a vhost-user back end)
+        can map the same pages: there huge pages follow shmem_enabled.
         """
         regions = []
         for gpa, size in ranges:
             if size <= 0 or size % mmap.PAGESIZE or gpa % mmap.PAGESIZE:
                 raise ValueError(f"region {gpa:#x}+{size:#x} is not page aligned")
-            mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            fd = _sealed_memfd(f"kvmpy-ram-{gpa:#x}", size) if shared else -1
+            if shared:
+                mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+            else:
+                mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             if hugepages:
                 mapping.madvise(_MADV_HUGEPAGE)
-            regions.append(MemoryRegion(gpa, size, mapping, memoryview(mapping)))
+            regions.append(MemoryRegion(gpa, size, mapping, memoryview(mapping), fd=fd))
         return cls(regions)
+
+    @property
+    def shared(self) -> bool:
+        """Every region is a memfd another process can map."""
+        return all(region.fd >= 0 for region in self._regions)
 
     @classmethod
     def from_file(cls, path: str, ranges: Sequence[tuple[int, int, int]]) -> GuestMemory:
@@ -290,6 +306,22 @@ class GuestMemory:
         for region in self._regions:
             region.view.release()
             region.mapping.close()
+            if region.fd >= 0:
+                os.close(region.fd)
+                region.fd = -1
+
+
+def _sealed_memfd(name: str, size: int) -> int:
+    """A memfd of ``size`` bytes that can no longer shrink or grow (a back end that maps it
+    never faults on a page that went away)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 __all__ = ["GuestMemory", "GuestMemoryError", "MemoryRegion", "is_zeros"]

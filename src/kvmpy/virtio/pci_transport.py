@@ -150,6 +150,9 @@ class VirtioPciTransport:
         self._bar0_address: int | None = None
         self._reset_state()
         self.guest_errors = 0
+        bind_irqfds = getattr(device, "bind_irqfds", None)
+        if bind_irqfds is not None:  # a data plane outside Python signals the guest itself
+            bind_irqfds(self.irqfd)
 
     def _reset_state(self) -> None:
         self.status = 0
@@ -212,6 +215,13 @@ class VirtioPciTransport:
             vector = self.queue_vectors[index] if 0 <= index < len(self.queue_vectors) else NO_VECTOR
             self._update_intx()
         self.msix.signal(vector)
+
+    def irqfd(self, index: int) -> int | None:
+        """The eventfd that raises queue ``index``'s MSI-X vector in KVM, for a back end
+        outside Python to signal directly; None while MSI-X is off or no vector is set."""
+        if not 0 <= index < len(self.queue_vectors) or not self.msix.enabled:
+            return None
+        return self.msix.irqfd(self.queue_vectors[index])
 
     def config_changed(self) -> None:
         """The device's configuration changed (a disk's new size): the driver rereads it."""

@@ -217,6 +217,15 @@ class SplitQueue:
         flags = _U16.unpack_from(self._avail_view, self._avail_at)[0]
         return not flags & AVAIL_F_NO_INTERRUPT
 
+    def take_over(self, mem: GuestMemory) -> None:
+        """Go on from where another implementation of the device (a vhost-user back end) left
+        the ring: its used index is in guest memory, and what lies between it and the
+        available index is taken to be not done yet. The next push interrupts."""
+        self._locate(mem)
+        used = _U16.unpack_from(self._used_view, self._used_at + 2)[0]
+        self.next_used_idx = self.last_avail_idx = used
+        self._signalled_used = None
+
     # --- state -------------------------------------------------------------------------
     def save(self) -> QueueState:
         return QueueState(

@@ -101,18 +101,35 @@ class DiskConfig(msgspec.Struct, frozen=True):
     #: VIRTIO_BLK_F_FLUSH is not offered (Firecracker's default for API-configured drives).
     cache_type: str = "Writeback"
     rate_limiter: RateLimiterConfig | None = None
+    #: Who serves the requests: "python" (kvmpy's own virtio-blk) or "vhost-user" (a
+    #: qemu-storage-daemon kvmpy starts on ``path``, or the daemon listening at ``socket``).
+    backend: str = "python"
+    #: A vhost-user back end the user runs (Firecracker's drive ``socket``); ``path`` is unused.
+    socket: Path | None = None
+    #: The image's format for qemu-storage-daemon: raw or qcow2 ("": read from the image).
+    format: str = ""
+    #: qemu-storage-daemon's I/O engine: threads, native or io_uring ("": its default).
+    aio: str = ""
+
+    @property
+    def vhost_user(self) -> bool:
+        return self.backend == "vhost-user" or self.socket is not None
 
     @classmethod
     def parse(cls, text: str) -> DiskConfig:
-        """``PATH[,readonly=on|off][,direct=on|off][,id=NAME][,bandwidth=SIZE][,ops=N]``.
+        """``PATH[,readonly=on|off][,direct=on|off][,id=NAME][,bandwidth=SIZE][,ops=N]``,
+        ``PATH,backend=vhost-user[,format=raw|qcow2][,aio=MODE]`` or ``socket=PATH[,id=NAME]``.
 
         ``bandwidth`` (bytes per second, e.g. 10M) and ``ops`` (requests per second)
         limit the disk with token buckets refilled every second (Firecracker's model).
         """
         path, *options = text.split(",")
+        socket: Path | None = None
+        if path.startswith("socket="):
+            socket, path = Path(path.removeprefix("socket=")), path.removeprefix("socket=")
         if not path:
             raise ConfigError(f"invalid --disk {text!r}: it needs a path")
-        read_only, direct, name = False, False, ""
+        read_only, direct, name, backend, fmt, aio = False, False, "", "python", "", ""
         limits: dict[str, str] = {}
         for option in options:
             key, _, value = option.partition("=")
@@ -124,13 +141,50 @@ class DiskConfig(msgspec.Struct, frozen=True):
                 name = value
             elif key in ("bandwidth", "ops") and value:
                 limits[key] = value
+            elif key == "backend" and value in ("python", "vhost-user"):
+                backend = value
+            elif key == "format" and value in ("raw", "qcow2"):
+                fmt = value
+            elif key == "aio" and value in ("threads", "native", "io_uring"):
+                aio = value
             else:
                 raise ConfigError(
                     f"invalid --disk option {option!r}: use readonly=on|off, direct=on|off, id=NAME, "
-                    "bandwidth=SIZE or ops=N"
+                    "bandwidth=SIZE, ops=N, backend=python|vhost-user, format=raw|qcow2 or "
+                    "aio=threads|native|io_uring"
                 )
         limiter = rate_limiter_option(limits, "--disk")
-        return cls(Path(path), read_only, name, direct, rate_limiter=limiter)
+        disk = cls(
+            Path(path), read_only, name, direct, rate_limiter=limiter, backend=backend, socket=socket,
+            format=fmt, aio=aio,
+        )  # fmt: skip
+        disk.check_backend_options()
+        return disk
+
+    def check_backend_options(self) -> None:
+        """Options that only one kind of back end has."""
+        name = self.socket or self.path
+        if self.vhost_user and self.rate_limiter is not None:
+            raise ConfigError(f"disk {name}: a vhost-user disk cannot be rate-limited by kvmpy")
+        if not self.vhost_user and (self.format or self.aio):
+            raise ConfigError(f"disk {name}: format= and aio= need backend=vhost-user")
+        if self.socket is not None and (self.format or self.aio or self.direct or self.read_only):
+            raise ConfigError(
+                f"disk socket={self.socket}: the daemon at the socket decides format, aio, direct and"
+                " read-only; give them to it"
+            )
+
+    def check_usable(self) -> None:
+        """The image (or socket) is there and this back end can serve it."""
+        if self.socket is not None:
+            if not self.socket.is_socket():
+                raise ConfigError(f"disk socket {self.socket} is not a Unix socket (is the daemon running?)")
+            return
+        check_readable(self.path, "disk")
+        if not self.vhost_user and self.format != "raw" and _is_qcow2(self.path):
+            raise ConfigError(
+                f"disk {self.path} is a qcow2 image: serve it with backend=vhost-user (qemu-storage-daemon)"
+            )
 
 
 class NetConfig(msgspec.Struct, frozen=True):
@@ -213,11 +267,17 @@ class VmConfig(msgspec.Struct, frozen=True):
     #: Firecracker's machine-config fields kvmpy keeps and reports (smt: two threads per core).
     smt: bool = False
     track_dirty_pages: bool = False
+    #: Guest RAM as memfds another process can map (always so with a vhost-user device).
+    shared_memory: bool = False
     logger: LoggerConfig | None = None
     metrics: MetricsConfig | None = None
     #: (device id, PCI slot) of virtio devices that must sit in a given slot: a restored
     #: machine puts each device where the snapshot's guest found it. Others take free slots.
     pci_slots: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def needs_shared_memory(self) -> bool:
+        return self.shared_memory or any(disk.vhost_user for disk in self.disks)
 
     def validate(self, host_memory: int | None = None) -> None:
         """Raise ConfigError for anything that cannot work, before touching KVM."""
@@ -227,7 +287,7 @@ class VmConfig(msgspec.Struct, frozen=True):
         if self.initrd is not None:
             check_readable(self.initrd, "initrd")
         for disk in self.disks:
-            check_readable(disk.path, "disk")
+            disk.check_usable()
         if self.console not in ("serial", "virtio"):
             raise ConfigError(f"invalid --console {self.console!r}: use serial or virtio")
         if self.console_rate is not None and self.console_rate <= 0:
@@ -254,6 +314,14 @@ def check_readable(path: Path, what: str) -> None:
             handle.read(1)
     except OSError as error:
         raise ConfigError(f"{what} {path} cannot be read: {error.strerror}") from None
+
+
+def _is_qcow2(path: Path) -> bool:
+    try:
+        with path.open("rb") as image:
+            return image.read(4) == b"QFI\xfb"
+    except OSError:
+        return False
 
 
 def host_memory_bytes() -> int | None:

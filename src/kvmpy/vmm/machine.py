@@ -60,6 +60,8 @@ if TYPE_CHECKING:
     from kvmpy.virtio.devices.console import VirtioConsole
     from kvmpy.virtio.pci_transport import VirtioPciTransport
     from kvmpy.virtio.throttle import Throttle
+    from kvmpy.virtio.vhost.storage_daemon import StorageDaemon
+    from kvmpy.virtio.vhost.user_blk import VhostUserBlock
     from kvmpy.vmm.config import RateLimiterConfig
 
 log = logging.getLogger("kvmpy.machine")
@@ -152,6 +154,9 @@ class Machine:
         self.events = EventLoop()
         closing(self.events.stop)
         self.pci = PciPlatform(self.vm, self.memory, self.pio_bus, self.mmio_bus, self.events)
+        #: Back-end processes kvmpy runs (qemu-storage-daemon): stopped after their devices close.
+        self.daemons: list[StorageDaemon] = []
+        closing(self._stop_daemons)
         closing(self.pci.close)
         self._setup_virtio()
         self._supported_cpuid = [_to_entry(e) for e in self.system.supported_cpuid()]
@@ -197,9 +202,12 @@ class Machine:
 
     def _setup_memory(self) -> GuestMemory:
         memory = self._given_memory  # a restore's memory file, mapped privately
+        shared = self.config.needs_shared_memory
         if memory is None:
             ranges = layout.ram_ranges(self.config.memory)
-            memory = GuestMemory.anonymous(ranges, hugepages=self.config.hugepages)
+            memory = GuestMemory.anonymous(ranges, hugepages=self.config.hugepages, shared=shared)
+        elif shared and not memory.shared:
+            raise ConfigError("a VM with a vhost-user disk cannot be restored from a snapshot yet")
         flags = abi.KVM_MEM_LOG_DIRTY_PAGES if self.config.track_dirty_pages else 0
         for slot, region in enumerate(memory):
             self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address(), flags)
@@ -238,8 +246,10 @@ class Machine:
             words = memoryview(bitmap).cast("Q")
             by_guest = {
                 index * 64 + bit
-                for index, word in enumerate(words) if word
-                for bit in range(64) if word >> bit & 1
+                for index, word in enumerate(words)
+                if word
+                for bit in range(64)
+                if word >> bit & 1
             }
             by_guest.update(page for page, flag in enumerate(by_vmm) if flag)
             pages.append(sorted(page for page in by_guest if page < count))
@@ -301,6 +311,11 @@ class Machine:
         #: drive id -> its transport (PATCH /drives reaches the device through it)
         self.disks: dict[str, VirtioPciTransport] = {}
         for number, disk in enumerate(self.config.disks):
+            if disk.vhost_user:
+                name = disk_device_id(number, disk.id)
+                vhost = self._vhost_user_disk(disk, name)
+                self.disks[disk.id or f"disk{number}"] = self.pci.add_virtio(vhost, name, slots.get(name))
+                continue
             device = VirtioBlock(
                 disk.path,
                 read_only=disk.read_only,
@@ -336,6 +351,30 @@ class Machine:
 
             self.virtio_console = VirtioConsole(self.console.write)
             self.pci.add_virtio(self.virtio_console, "virtio-console", slots.get("virtio-console"))
+
+    def _vhost_user_disk(self, disk: DiskConfig, name: str) -> VhostUserBlock:
+        """A disk served by qemu-storage-daemon: the one kvmpy starts, or the user's."""
+        from kvmpy.virtio.vhost.storage_daemon import StorageDaemon
+        from kvmpy.virtio.vhost.user_blk import VhostUserBlock
+        from kvmpy.virtio.vhost.user_client import VhostUserClient
+
+        socket = disk.socket
+        if socket is None:
+            daemon = StorageDaemon(
+                disk.path, fmt=disk.format, read_only=disk.read_only, direct=disk.direct, aio=disk.aio
+            )
+            self.daemons.append(daemon)
+            socket = daemon.socket
+        client = VhostUserClient.connect(socket)
+        try:
+            return VhostUserBlock(client, name, watch=self.events.add, unwatch=self.events.remove)
+        except BaseException:
+            client.close()
+            raise
+
+    def _stop_daemons(self) -> None:
+        for daemon in self.daemons:
+            daemon.stop()
 
     def _throttle(self, config: RateLimiterConfig | None) -> Throttle | None:
         """A device's rate limiter if one is configured; its retries run on the event loop."""

@@ -82,6 +82,10 @@ class IrqfdMsiSender:
         self.sent += 1
         eventfd.signal()
 
+    def irqfd(self, vector: int) -> int | None:
+        """The eventfd bound to ``vector``'s GSI: writing it raises the interrupt in KVM."""
+        return self._vectors[vector][1].fd if 0 <= vector < len(self._vectors) else None
+
     def close(self) -> None:
         for _, eventfd in self._vectors:
             eventfd.close()

@@ -109,24 +109,30 @@ class PciPlatform:
             self._vm.register_ioeventfd(eventfd.fd, address, length, pio=False, deassign=True)
             eventfd.close()
         transport = self._by_slot[slot]
+        # A device whose queues a back end serves (vhost-user) takes the kicks as they are:
+        # the back end waits on the ioeventfds, and Python never sees a kick.
+        kicks_wired = getattr(transport.device, "kicks_wired", None)
         wired = []
         for address, length, queue in areas:
             eventfd = EventFd()
             self._vm.register_ioeventfd(eventfd.fd, address, length, pio=False)
-            self._events.add(eventfd.fd, _kick_handler(eventfd, transport, queue))
+            if kicks_wired is None:
+                self._events.add(eventfd.fd, _kick_handler(eventfd, transport, queue))
             wired.append((address, length, eventfd))
         self._notifiers[slot] = wired
+        if kicks_wired is not None:
+            kicks_wired({area[2]: fd.fd for (_, _, fd), area in zip(wired, areas, strict=True)})
 
     def close(self) -> None:
+        for transport in self.transports:  # first: a device may still watch its kicks
+            close = getattr(transport.device, "close", None)
+            if close is not None:
+                close()
         for wired in self._notifiers.values():
             for _, _, eventfd in wired:
                 eventfd.close()
         for sender in self._senders:
             sender.close()
-        for transport in self.transports:
-            close = getattr(transport.device, "close", None)
-            if close is not None:
-                close()
 
 
 def _kick_handler(eventfd: EventFd, transport: VirtioPciTransport, queue: int) -> Callable[[], None]:

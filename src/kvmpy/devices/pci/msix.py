@@ -95,6 +95,17 @@ class MsixTable:
             self._sender.send(vector, address, data)
         return True
 
+    def irqfd(self, vector: int) -> int | None:
+        """The eventfd the sender raises ``vector`` with, if it has one (irqfd delivery).
+
+        A back end given it signals the guest without the table's mask being consulted:
+        the one thing that differs from :meth:`signal` (see docs/techniques.md, vhost)."""
+        lookup = getattr(self._sender, "irqfd", None)
+        if vector == NO_VECTOR or not 0 <= vector < self.vectors or lookup is None:
+            return None
+        fd: int | None = lookup(vector)
+        return fd
+
     def config_written(self) -> None:
         """The capability's control word may have changed: deliver what unmasking released."""
         with self._lock:

@@ -1,0 +1,1 @@
+"""Data planes outside Python: virtqueues handed to a back-end process over vhost-user."""
