@@ -9,6 +9,7 @@ daemon and back through eventfds: kvmpy's Python never sees them.
 from __future__ import annotations
 
 import fcntl
+import json
 import mmap
 import os
 import shutil
@@ -245,15 +246,8 @@ def test_a_qcow2_image_through_the_daemon(guests: Path, tmp_path: Path) -> None:
 def test_a_daemon_the_user_runs(guests: Path, tmp_path: Path) -> None:
     image = _image(tmp_path / "disk.img")
     sock = tmp_path / "blk.sock"
-    assert DAEMON is not None
-    daemon = subprocess.Popen(
-        daemon_arguments(image, sock, fmt="raw", read_only=False, direct=False, aio="", queues=1),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    daemon = _user_daemon(image, sock)
     try:
-        deadline = time.monotonic() + 10
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
         done = _run(guests, f"socket={sock}")
         assert done.returncode == 0, done.stderr
         assert "virtio_blk ok, capacity 64 sectors" in done.stdout
@@ -264,12 +258,15 @@ def test_a_daemon_the_user_runs(guests: Path, tmp_path: Path) -> None:
     assert image.read_bytes()[5 * 512 : 6 * 512] == b"\xa5" * 512
 
 
-def _children(pid: int) -> list[int]:
-    tasks = Path(f"/proc/{pid}/task")
+def _storage_daemons(pid: int) -> list[int]:
+    """qemu-storage-daemon children of ``pid`` (threads come and go while we look)."""
     found: list[int] = []
-    for task in tasks.iterdir():
-        children = (task / "children").read_text().split()
-        found.extend(int(child) for child in children)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = [int(child) for child in (task / "children").read_text().split()]
+            found.extend(c for c in children if "storage" in Path(f"/proc/{c}/comm").read_text())
+        except OSError:
+            continue
     return found
 
 
@@ -286,7 +283,7 @@ def test_a_killed_daemon_fails_the_disk_and_the_vm_goes_on(guests: Path, tmp_pat
         deadline = time.monotonic() + 20
         daemons: list[int] = []
         while not daemons and time.monotonic() < deadline:
-            daemons = [pid for pid in _children(vm.pid) if "storage" in Path(f"/proc/{pid}/comm").read_text()]
+            daemons = _storage_daemons(vm.pid)
             time.sleep(0.05)
         assert daemons, "kvmpy started no qemu-storage-daemon"
         time.sleep(1.0)  # the guest is in its read loop by now
@@ -318,3 +315,50 @@ def test_memory_option_shared(guests: Path) -> None:
     assert done.returncode != 0 and "invalid --memory option 'shared=yes'" in done.stderr
     done = kvmpy("run", "--kernel", str(guests / "hello.elf"), "--memory", "64M,shared=on")
     assert done.returncode == 0, done.stderr
+
+
+def _user_daemon(image: Path, sock: Path) -> subprocess.Popen[bytes]:
+    daemon = subprocess.Popen(
+        daemon_arguments(image, sock, fmt="raw", read_only=False, direct=False, aio="", queues=1),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return daemon
+
+
+@needs_daemon
+@pytest.mark.kvm
+def test_firecracker_config_with_a_vhost_user_drive(guests: Path, tmp_path: Path) -> None:
+    """Firecracker's drive ``socket`` (its vhost-user-block) in a config file drives kvmpy."""
+    image = _image(tmp_path / "disk.img")
+    sock = tmp_path / "blk.sock"
+    config = {
+        "boot-source": {"kernel_image_path": str(guests / "virtio_blk.elf"), "boot_args": "reads=5"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+        "drives": [{"drive_id": "data", "is_root_device": False, "socket": str(sock)}],
+    }
+    (tmp_path / "vm.json").write_text(json.dumps(config))
+    daemon = _user_daemon(image, sock)
+    try:
+        done = kvmpy("run", "--no-api", "--config-file", str(tmp_path / "vm.json"), "--serial", "stdio")
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+    assert done.returncode == 0, done.stderr
+    assert "virtio_blk ok, capacity 64 sectors" in done.stdout
+    assert image.read_bytes()[5 * 512 : 6 * 512] == b"\xa5" * 512
+
+
+@pytest.mark.kvm
+def test_vhost_user_under_seccomp_is_refused_in_one_line(guests: Path, tmp_path: Path) -> None:
+    image = _image(tmp_path / "disk.img")
+    done = _run_with(guests, "--seccomp", "--disk", f"{image},backend=vhost-user")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1, done.stderr
+    assert "cannot run under --seccomp or --jail yet" in lines[0]
+
+
+def _run_with(guests: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return kvmpy("run", "--kernel", str(guests / "virtio_blk.elf"), *args)

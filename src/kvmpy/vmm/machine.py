@@ -203,6 +203,8 @@ class Machine:
     def _setup_memory(self) -> GuestMemory:
         memory = self._given_memory  # a restore's memory file, mapped privately
         shared = self.config.needs_shared_memory
+        if shared:
+            _check_no_seccomp()
         if memory is None:
             ranges = layout.ram_ranges(self.config.memory)
             memory = GuestMemory.anonymous(ranges, hugepages=self.config.hugepages, shared=shared)
@@ -440,6 +442,7 @@ class Machine:
         transport = self.disks.get(drive_id)
         if transport is None:
             raise ConfigError(f"there is no drive {drive_id!r}")
+        _not_vhost_user(transport, drive_id, "its image")
         transport.device.replace_backing(path)  # type: ignore[attr-defined]
         transport.config_changed()
         self._config_changed(disks=_changed(self.config.disks, drive_id, path=path))
@@ -453,6 +456,7 @@ class Machine:
         from kvmpy.vmm.rate_limits import limiter_for
 
         device = transport.device
+        _not_vhost_user(transport, type(device).__name__, "its rate")
         with device.guard.lock:  # type: ignore[attr-defined]
             throttle = getattr(device, side)
             if throttle is not None:
@@ -680,6 +684,23 @@ def _changed(items: tuple[_Item, ...], item_id: str, **changes: Any) -> tuple[_I
         msgspec.structs.replace(item, **changes) if (item.id or f"{prefix}{n}") == item_id else item
         for n, item in enumerate(items)
     )
+
+
+def _not_vhost_user(transport: VirtioPciTransport, name: str, what: str) -> None:
+    if hasattr(transport.device, "kicks_wired"):
+        raise ConfigError(f"drive {name} is served by a vhost-user daemon: {what} is the daemon's to change")
+
+
+def _check_no_seccomp() -> None:
+    """vhost-user needs memfds, a socket with descriptors passed over it and a daemon kvmpy
+    starts: none of it is in the seccomp filters yet, so refuse rather than trap."""
+    from kvmpy.jail import seccomp
+
+    if seccomp.enabled():
+        raise ConfigError(
+            "vhost-user devices and shared guest memory cannot run under --seccomp or --jail yet"
+            " (docs/security.md)"
+        )
 
 
 def disk_device_id(number: int, drive_id: str) -> str:
