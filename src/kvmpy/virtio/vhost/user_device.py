@@ -101,6 +101,11 @@ class VhostUserDevice:
                 return
             self._send(lambda client: self._rings.rewire_kicks(client))
 
+    def interrupts_changed(self) -> None:
+        """A vector was masked or unmasked (MSI-X table or control word)."""
+        with self.guard.lock:
+            self._send(self._rings.rewire_calls)
+
     # --- the VirtioDevice interface -----------------------------------------------------------
     def read_config(self, offset: int, size: int) -> bytes:
         return self._config[offset : offset + size]
