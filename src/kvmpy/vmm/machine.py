@@ -348,6 +348,12 @@ class Machine:
                 tx_throttle=self._throttle(net.tx_rate_limiter),
             )
             self.nets[net.id or f"net{number}"] = self.pci.add_virtio(nic, name, slots.get(name))
+        if self.config.vsock_cid is not None:
+            _check_no_seccomp("--vsock (vhost-vsock)")
+            from kvmpy.virtio.vhost.vsock import VhostVsock
+
+            vsock = VhostVsock(self.config.vsock_cid, watch=self.events.add, unwatch=self.events.remove)
+            self.pci.add_virtio(vsock, "virtio-vsock", slots.get("virtio-vsock"))
         if self.config.rng:
             from kvmpy.virtio.devices.rng import VirtioRng
 
@@ -711,16 +717,14 @@ def _not_vhost_user(transport: VirtioPciTransport, name: str, what: str) -> None
         raise ConfigError(f"{name} has its data plane outside kvmpy (vhost): {what} is not kvmpy's to change")
 
 
-def _check_no_seccomp() -> None:
+def _check_no_seccomp(what: str = "vhost-user devices and shared guest memory") -> None:
     """vhost-user needs memfds, a socket with descriptors passed over it and a daemon kvmpy
-    starts: none of it is in the seccomp filters yet, so refuse rather than trap."""
+    starts, kernel vhost its own ioctls: none of it is in the seccomp filters yet, so refuse
+    rather than trap."""
     from kvmpy.jail import seccomp
 
     if seccomp.enabled():
-        raise ConfigError(
-            "vhost-user devices and shared guest memory cannot run under --seccomp or --jail yet"
-            " (docs/security.md)"
-        )
+        raise ConfigError(f"{what} cannot run under --seccomp or --jail yet (docs/security.md)")
 
 
 def disk_device_id(number: int, drive_id: str) -> str:
