@@ -324,7 +324,7 @@ def _memory_file(body: schemas.SnapshotLoadParams) -> Path:
 def snapshot_load(body: schemas.SnapshotLoadParams) -> LoadSnapshot:
     memory = _memory_file(body)
     if body.vsock_override is not None:
-        raise not_supported("vsock_override: kvmpy has no virtio-vsock device yet.")
+        raise not_supported("vsock_override: kvmpy's vsock (--vsock cid=N) cannot be snapshotted yet.")
     if body.huge_pages in ("Transparent", "2M"):
         raise not_supported(
             f'huge_pages "{body.huge_pages}" on restore: kvmpy maps the memory file with 4 KiB pages.'
