@@ -362,3 +362,34 @@ def test_vhost_user_under_seccomp_is_refused_in_one_line(guests: Path, tmp_path:
 
 def _run_with(guests: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return kvmpy("run", "--kernel", str(guests / "virtio_blk.elf"), *args)
+
+
+@needs_daemon
+@pytest.mark.kvm
+def test_a_snapshot_of_a_vm_with_a_vhost_user_disk_is_refused_and_the_vm_goes_on(
+    guests: Path, tmp_path: Path
+) -> None:
+    from kvmpy.testing.console import CapturedConsole
+    from kvmpy.testing.vmm_client import run_with_client
+    from kvmpy.vmm import actions as a
+    from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
+    from kvmpy.vmm.vmm import Vmm
+
+    image = _image(tmp_path / "disk.img")
+    disk = DiskConfig.parse(f"{image},backend=vhost-user")
+    config = VmConfig(kernel=guests / "virtio_blk.elf", cmdline="reads=100000000", disks=(disk,),
+                      serial=SerialConfig(SerialMode.NONE))  # fmt: skip
+    vmm = Vmm(config, serial_sink=CapturedConsole())
+    vmm.submit(a.StartInstance())
+
+    def client() -> None:
+        vmm.submit(a.Pause())
+        with pytest.raises(a.ActionError, match="is a vhost-user device: its requests live in another"):
+            vmm.submit(a.CreateSnapshot(tmp_path / "state", tmp_path / "memory"))
+        vmm.submit(a.Resume())
+        time.sleep(0.3)
+        assert vmm.submit(a.GetInstanceInfo()).state.value == "Running"  # type: ignore[attr-defined]
+        assert not (tmp_path / "state").exists()  # no half-made snapshot left behind
+
+    run_with_client(vmm, client)
+    assert image.read_bytes()[5 * 512 : 6 * 512] == b"\xa5" * 512  # the guest kept going through it
