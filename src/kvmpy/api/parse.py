@@ -207,7 +207,7 @@ def _vhost_user_drive(body: schemas.Drive, socket: str) -> InsertBlockDevice:
 def drive_update(body: schemas.PartialDrive, path_id: str) -> UpdateBlockDevice:
     _same_drive_id(path_id, body.drive_id)
     path = _path(body.path_on_host, "path_on_host") if body.path_on_host is not None else None
-    return UpdateBlockDevice(body.drive_id, path, rate_limiter(body.rate_limiter))
+    return UpdateBlockDevice(body.drive_id, path, rate_limiter(body.rate_limiter), reconnect=body.reconnect)
 
 
 def _same_iface_id(path_id: str | None, body_id: str) -> None:

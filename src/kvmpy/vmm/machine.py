@@ -156,6 +156,7 @@ class Machine:
         self.pci = PciPlatform(self.vm, self.memory, self.pio_bus, self.mmio_bus, self.events)
         #: Back-end processes kvmpy runs (qemu-storage-daemon): stopped after their devices close.
         self.daemons: list[StorageDaemon] = []
+        self._daemon_of: dict[str, StorageDaemon] = {}  # device id -> the daemon serving it
         closing(self._stop_daemons)
         closing(self.pci.close)
         self._setup_virtio()
@@ -368,17 +369,10 @@ class Machine:
 
     def _vhost_user_disk(self, disk: DiskConfig, name: str) -> VhostUserBlock:
         """A disk served by qemu-storage-daemon: the one kvmpy starts, or the user's."""
-        from kvmpy.virtio.vhost.storage_daemon import StorageDaemon
         from kvmpy.virtio.vhost.user_blk import VhostUserBlock
         from kvmpy.virtio.vhost.user_client import VhostUserClient
 
-        socket = disk.socket
-        if socket is None:
-            daemon = StorageDaemon(
-                disk.path, fmt=disk.format, read_only=disk.read_only, direct=disk.direct, aio=disk.aio
-            )
-            self.daemons.append(daemon)
-            socket = daemon.socket
+        socket = disk.socket if disk.socket is not None else self._start_daemon(disk, name)
         client = VhostUserClient.connect(socket)
         try:
             return VhostUserBlock(client, name, watch=self.events.add, unwatch=self.events.remove)
@@ -399,6 +393,43 @@ class Machine:
             return True
         python_only = net.rx_rate_limiter or net.tx_rate_limiter or self.config.track_dirty_pages
         return not python_only and not seccomp.enabled() and vhost_net_usable()
+
+    def _start_daemon(self, disk: DiskConfig, name: str) -> Path:
+        """qemu-storage-daemon on ``disk``'s image; returns its socket."""
+        from kvmpy.virtio.vhost.storage_daemon import StorageDaemon
+
+        daemon = StorageDaemon(
+            disk.path, fmt=disk.format, read_only=disk.read_only, direct=disk.direct, aio=disk.aio
+        )
+        self.daemons.append(daemon)
+        self._daemon_of[name] = daemon
+        return daemon.socket
+
+    def reconnect_disk(self, drive_id: str) -> None:
+        """A vhost-user drive whose back end was lost gets one again: kvmpy's own daemon is
+        started anew, a user's daemon is looked for at the drive's socket."""
+        from kvmpy.virtio.vhost.user_client import VhostUserClient
+        from kvmpy.virtio.vhost.user_device import VhostUserDevice
+
+        transport = self.disks.get(drive_id)
+        if transport is None or not isinstance(transport.device, VhostUserDevice):
+            raise ConfigError(f"drive {drive_id} is not a vhost-user drive: there is nothing to reconnect")
+        device = transport.device
+        if device.lost is None:
+            raise ConfigError(f"drive {drive_id}'s vhost-user back end is still connected")
+        disks = enumerate(self.config.disks)
+        number, disk = next((n, d) for n, d in disks if (d.id or f"disk{n}") == drive_id)
+        name = disk_device_id(number, disk.id)
+        old = self._daemon_of.pop(name, None)
+        if old is not None:
+            old.stop()
+        socket = disk.socket if disk.socket is not None else self._start_daemon(disk, name)
+        client = VhostUserClient.connect(socket)
+        try:
+            device.reconnect(client)
+        except BaseException:
+            client.close()
+            raise
 
     def _stop_daemons(self) -> None:
         for daemon in self.daemons:
