@@ -85,10 +85,11 @@ def _daemon_prepare(image: str) -> str:
 
 
 def _qemu_vhost_user_args(memory: str) -> tuple[str, ...]:
-    """QEMU's vhost-user-blk needs guest RAM as a shared memfd, as kvmpy's does."""
+    """QEMU's vhost-user-blk needs guest RAM as a shared memfd, as kvmpy's does, and one queue
+    (it asks for one per vCPU; the daemon's export has one)."""
     return (
         "-object", f"memory-backend-memfd,id=ram,size={memory},share=on", "-machine", "memory-backend=ram",
-        "-chardev", f"socket,id=vu,path={SOCKET}", "-device", "vhost-user-blk-pci,chardev=vu",
+        "-chardev", f"socket,id=vu,path={SOCKET}", "-device", "vhost-user-blk-pci,chardev=vu,num-queues=1",
     )  # fmt: skip
 
 
