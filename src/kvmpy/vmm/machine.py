@@ -46,7 +46,7 @@ from kvmpy.errors import ConfigError, HostError
 from kvmpy.kvm import System, Vcpu
 from kvmpy.loader import BootMode, BootSetup, load_kernel
 from kvmpy.memory.guest_memory import GuestMemory
-from kvmpy.vmm.config import DiskConfig, NetConfig, SerialMode, VmConfig
+from kvmpy.vmm.config import DiskConfig, FsConfig, NetConfig, SerialMode, VmConfig
 from kvmpy.vmm.console import ConsoleOutput, ConsoleSink, FileSink
 from kvmpy.vmm.event_loop import EventLoop
 from kvmpy.vmm.irq import KvmIrqLine
@@ -60,8 +60,9 @@ if TYPE_CHECKING:
     from kvmpy.virtio.devices.console import VirtioConsole
     from kvmpy.virtio.pci_transport import VirtioPciTransport
     from kvmpy.virtio.throttle import Throttle
-    from kvmpy.virtio.vhost.storage_daemon import StorageDaemon
+    from kvmpy.virtio.vhost.daemon_process import DaemonProcess
     from kvmpy.virtio.vhost.user_blk import VhostUserBlock
+    from kvmpy.virtio.vhost.user_fs import VhostUserFs
     from kvmpy.vmm.config import RateLimiterConfig
 
 log = logging.getLogger("kvmpy.machine")
@@ -154,8 +155,9 @@ class Machine:
         self.events = EventLoop()
         closing(self.events.stop)
         self.pci = PciPlatform(self.vm, self.memory, self.pio_bus, self.mmio_bus, self.events)
-        #: Back-end processes kvmpy runs (qemu-storage-daemon): stopped after their devices close.
-        self.daemons: list[StorageDaemon] = []
+        #: Back-end processes kvmpy runs (qemu-storage-daemon, virtiofsd): stopped after their
+        #: devices close.
+        self.daemons: list[DaemonProcess] = []
         closing(self._stop_daemons)
         closing(self.pci.close)
         self._setup_virtio()
@@ -340,6 +342,9 @@ class Machine:
             )
             name = net_device_id(number, net.id)
             self.nets[net.id or f"net{number}"] = self.pci.add_virtio(nic, name, slots.get(name))
+        for number, share in enumerate(self.config.filesystems):
+            name = f"virtio-fs{number}"
+            self.pci.add_virtio(self._vhost_user_fs(share, name), name, slots.get(name))
         if self.config.rng:
             from kvmpy.virtio.devices.rng import VirtioRng
 
@@ -368,6 +373,21 @@ class Machine:
         client = VhostUserClient.connect(socket)
         try:
             return VhostUserBlock(client, name, watch=self.events.add, unwatch=self.events.remove)
+        except BaseException:
+            client.close()
+            raise
+
+    def _vhost_user_fs(self, share: FsConfig, name: str) -> VhostUserFs:
+        """A share served by the virtiofsd kvmpy starts on its directory."""
+        from kvmpy.virtio.vhost.user_client import VhostUserClient
+        from kvmpy.virtio.vhost.user_fs import VhostUserFs
+        from kvmpy.virtio.vhost.virtiofsd import Virtiofsd
+
+        daemon = Virtiofsd(share.path)
+        self.daemons.append(daemon)
+        client = VhostUserClient.connect(daemon.socket)
+        try:
+            return VhostUserFs(client, name, watch=self.events.add, unwatch=self.events.remove, tag=share.tag)
         except BaseException:
             client.close()
             raise

@@ -1,0 +1,100 @@
+"""A vhost-user back-end program kvmpy starts and stops with the VM (qemu-storage-daemon, virtiofsd).
+
+Each runs in a private temporary directory that holds its socket and its log
+(stdout and stderr). kvmpy waits until the socket appears; if the program
+exits first, the last line it wrote is the error. The program gets SIGTERM
+when kvmpy dies (PR_SET_PDEATHSIG), so none outlives its VMM; :meth:`stop`
+sends SIGTERM, then SIGKILL after :data:`STOP_TIMEOUT` seconds, and removes
+the directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from kvmpy.errors import HostError
+
+#: Seconds a daemon has to start listening.
+START_TIMEOUT = 10.0
+#: Seconds a daemon has to exit after SIGTERM before it gets SIGKILL.
+STOP_TIMEOUT = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+class DaemonProcess:
+    """One back-end program: a subclass builds its command line and calls :meth:`_start`."""
+
+    def __init__(self, what: str, socket_name: str) -> None:
+        #: What the daemon is, for messages ("virtiofsd for /srv/share").
+        self.what = what
+        self._directory = Path(tempfile.mkdtemp(prefix="kvmpy-vhost-user-"))
+        self.socket = self._directory / socket_name
+        self.log = self._directory / "daemon.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def _start(self, arguments: list[str]) -> None:
+        """Run ``arguments`` and wait until :attr:`socket` exists (stopped again on failure)."""
+        try:
+            with self.log.open("wb") as log:
+                self._process = subprocess.Popen(
+                    arguments,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    preexec_fn=_die_with_parent,
+                    close_fds=True,
+                )
+            self._wait_listening(self._process)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid if self._process is not None else -1
+
+    def _wait_listening(self, process: subprocess.Popen[bytes]) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self.socket.exists():
+            if process.poll() is not None:
+                raise HostError(f"{self.what} did not start: {self._last_words(process)}")
+            if time.monotonic() > deadline:
+                raise HostError(f"{self.what} did not listen within {START_TIMEOUT:g} s")
+            time.sleep(0.005)
+
+    def _last_words(self, process: subprocess.Popen[bytes]) -> str:
+        try:
+            lines = self.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            lines = []
+        return lines[-1] if lines else f"exit status {process.returncode}"
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM (the daemon finishes cleanly), SIGKILL if it lingers; then the directory goes."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        shutil.rmtree(self._directory, ignore_errors=True)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started it ends."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+__all__ = ["START_TIMEOUT", "STOP_TIMEOUT", "DaemonProcess"]
