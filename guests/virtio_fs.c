@@ -1,6 +1,7 @@
 /* virtio_fs: a ring-3 FUSE client on a virtio-fs device's request queue (queue 1).
  * INIT, then LOOKUP/OPEN/READ/RELEASE of file=NAME (printed between brackets on the
- * serial console), then CREATE/WRITE/RELEASE of new=NAME with a fixed text. With
+ * serial console), then CREATE/WRITE/RELEASE of new=NAME with a fixed text (a failure
+ * prints the FUSE error, e.g. 30 for EROFS on a read-only share). With
  * until_eio=1 it then reads file=NAME again and again until a reply fails, and exits
  * 0 only if that failure is EIO (the VMM answers so once the back end is gone).
  * Each failure has its own exit status. */
@@ -166,10 +167,16 @@ int main(const char *command_line) {
         return 3;
     }
     int status = 0;
-    if (cmdline_word("new=", created) == 0 && (status = create_and_write(created)) != 0)
-        return status;
     if (cmdline_word("file=", file) == 0 && (status = read_back(file)) != 0)
         return status == DONE ? 0 : status;
+    if (cmdline_word("new=", created) == 0 && (status = create_and_write(created)) != 0) {
+        serial_puts("virtio_fs: writing ");
+        serial_puts(created);
+        serial_puts(" failed, error ");
+        print_u64((u64)-last_error);
+        serial_puts("\n");
+        return status;
+    }
     static char tag[37]; /* the configuration's tag: 36 bytes, NUL-padded only if shorter */
     for (int i = 0; i < 36; i++)
         tag[i] = (char)dev.device_cfg[i];

@@ -12,6 +12,7 @@ import os
 import signal
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -118,9 +119,19 @@ def test_virtiofsd_command_line_escapes_commas_in_the_directory() -> None:
 
 
 class ShellDaemon(DaemonProcess):
-    def __init__(self, script: str) -> None:
+    def __init__(self, script: str, prepare: Callable[[], None] | None = None) -> None:
         super().__init__("test daemon", "test.sock")
-        self._start(["/bin/sh", "-c", script.replace("SOCKET", str(self.socket))])
+        self._start(["/bin/sh", "-c", script.replace("SOCKET", str(self.socket))], prepare)
+
+
+def _refuse() -> None:
+    os.write(2, b"prepare refused\n")
+    os._exit(1)
+
+
+def test_a_failed_preparation_in_the_child_is_the_error() -> None:
+    with pytest.raises(HostError, match="test daemon did not start: prepare refused$"):
+        ShellDaemon("touch SOCKET; sleep 5", _refuse)
 
 
 def test_a_daemon_that_fails_to_start_reports_its_last_line() -> None:
@@ -166,6 +177,7 @@ def test_a_file_is_not_a_shared_directory(tmp_path: Path) -> None:
 def test_fs_option_parses(tmp_path: Path) -> None:
     share = FsConfig.parse(f"tag=share,path={tmp_path}")
     assert share == FsConfig("share", tmp_path, False)
+    assert FsConfig.parse(f"path={tmp_path},tag=t,readonly=on") == FsConfig("t", tmp_path, True)
     assert VmConfig(filesystems=(share,)).needs_shared_memory
     assert not VmConfig().needs_shared_memory
 
@@ -178,7 +190,7 @@ def test_fs_option_parses(tmp_path: Path) -> None:
         ("tag=share,path={dir}/missing", "is not a directory"),
         ("tag=share,path={dir},cache=always", "invalid --fs option 'cache=always'"),
         ("tag=" + "t" * 37 + ",path={dir}", "must be 1 to 36 bytes"),
-        ("tag=share,path={dir},readonly=on", "virtiofsd 7.2 has no read-only mode"),
+        ("tag=share,path={dir},readonly=yes", "invalid --fs option 'readonly=yes'"),
     ],
 )
 def test_bad_fs_options_are_one_line_errors(tmp_path: Path, option: str, message: str) -> None:
@@ -262,6 +274,18 @@ def test_the_guest_reads_a_host_file_and_writes_one_the_host_sees(guests: Path, 
     assert "virtio_fs ok, tag hostshare" in done.stdout
     assert (share / "made.txt").read_text() == WRITTEN
     assert _running_virtiofsd_on(share) == []
+
+
+@pytest.mark.kvm
+@needs_virtiofsd
+def test_a_read_only_share_reads_and_refuses_writes_with_erofs(guests: Path, share: Path) -> None:
+    done = kvmpy(*fs_guest(guests, "file=hello.txt new=made.txt", f"tag=share,path={share},readonly=on"))
+    assert done.returncode == 8, done.stdout + done.stderr  # CREATE failed
+    content = (share / "hello.txt").read_text()
+    assert f"[{content}]" in done.stdout
+    assert "writing made.txt failed, error 30" in done.stdout  # EROFS
+    assert not (share / "made.txt").exists()
+    assert str(share) not in Path("/proc/self/mounts").read_text()  # the bind mount was virtiofsd's own
 
 
 @pytest.mark.kvm

@@ -85,7 +85,7 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "--fs",
         action="append",
         default=[],
-        help="virtio-fs share served by a virtiofsd kvmpy runs: tag=NAME,path=DIR (repeatable;"
+        help="virtio-fs share served by a virtiofsd kvmpy runs: tag=NAME,path=DIR[,readonly=on] (repeatable;"
         " the guest mounts it with mount -t virtiofs NAME /mnt)",
     )
     run.add_argument("--rng", action="store_true", help="a virtio-rng device fed by the host's getrandom()")

@@ -192,7 +192,7 @@ class FsConfig(msgspec.Struct, frozen=True):
 
     tag: str
     path: Path
-    #: Refused for now: virtiofsd 7.2 has no read-only mode (kvmpy does not fake one).
+    #: virtiofsd 7.2 has no read-only mode: kvmpy gives it a read-only bind mount of ``path``.
     read_only: bool = False
 
     @classmethod
@@ -214,17 +214,12 @@ class FsConfig(msgspec.Struct, frozen=True):
         return share
 
     def check_usable(self) -> None:
-        """A tag the device can hold, a directory, and nothing virtiofsd 7.2 cannot do."""
+        """A tag the device can hold, and a directory to share."""
         from kvmpy.virtio.vhost.user_fs import check_tag  # loaded only for a VM with a share
 
         check_tag(self.tag)
         if not self.path.is_dir():
             raise ConfigError(f"--fs path {self.path} is not a directory")
-        if self.read_only:
-            raise ConfigError(
-                f"--fs {self.tag}: readonly=on is not available, virtiofsd 7.2 has no read-only mode"
-                " (share a read-only bind mount instead)"
-            )
 
 
 class NetConfig(msgspec.Struct, frozen=True):

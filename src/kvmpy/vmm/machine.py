@@ -383,7 +383,7 @@ class Machine:
         from kvmpy.virtio.vhost.user_fs import VhostUserFs
         from kvmpy.virtio.vhost.virtiofsd import Virtiofsd
 
-        daemon = Virtiofsd(share.path)
+        daemon = Virtiofsd(share.path, read_only=share.read_only)
         self.daemons.append(daemon)
         client = VhostUserClient.connect(daemon.socket)
         try:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from kvmpy.errors import HostError
@@ -38,8 +39,18 @@ class DaemonProcess:
         self.log = self._directory / "daemon.log"
         self._process: subprocess.Popen[bytes] | None = None
 
-    def _start(self, arguments: list[str]) -> None:
-        """Run ``arguments`` and wait until :attr:`socket` exists (stopped again on failure)."""
+    def _start(self, arguments: list[str], prepare: Callable[[], None] | None = None) -> None:
+        """Run ``arguments`` and wait until :attr:`socket` exists (stopped again on failure).
+
+        ``prepare`` runs in the child before the program (after fork, so it must not take
+        locks); it reports a failure on stderr and exits, which then ends :meth:`_start`.
+        """
+
+        def before_exec() -> None:
+            _die_with_parent()
+            if prepare is not None:
+                prepare()
+
         try:
             with self.log.open("wb") as log:
                 self._process = subprocess.Popen(
@@ -47,7 +58,7 @@ class DaemonProcess:
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=before_exec,
                     close_fds=True,
                 )
             self._wait_listening(self._process)
