@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +22,8 @@ import pytest
 
 from kvmpy.abi import vhost_user as vu
 from kvmpy.errors import ConfigError, HostError
-from kvmpy.testing.process import kvmpy, read_until, start_kvmpy
+from kvmpy.testing.console import wait_until
+from kvmpy.testing.process import SOURCE, kvmpy, read_until, start_kvmpy
 from kvmpy.virtio.queue import DescriptorChain
 from kvmpy.virtio.vhost import daemon_process
 from kvmpy.virtio.vhost.daemon_process import DaemonProcess
@@ -149,6 +153,46 @@ def test_a_daemon_that_ignores_sigterm_is_killed_and_its_directory_removed(
     daemon.stop()
     assert not daemon.running()
     assert not directory.exists()
+
+
+STARTER = """
+from kvmpy.virtio.vhost.daemon_process import DaemonProcess
+class Sleeper(DaemonProcess):
+    def __init__(self):
+        super().__init__("sleeper", "s.sock")
+        self._start(["/bin/sh", "-c", f"touch {self.socket}; exec sleep 60"])
+daemon = Sleeper()
+print(daemon.pid, daemon.socket.parent, flush=True)
+input()
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_daemon_gets_sigterm_when_the_process_that_started_it_dies() -> None:
+    starter = subprocess.Popen(
+        [sys.executable, "-c", STARTER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(SOURCE)),
+    )
+    assert starter.stdout is not None
+    pid, directory = starter.stdout.readline().split()
+    try:
+        assert _alive(int(pid))
+        starter.kill()  # no stop(): only PR_SET_PDEATHSIG can end the daemon now
+        starter.wait()
+        wait_until(lambda: not _alive(int(pid)), timeout=10, what="the daemon to die with its parent")
+    finally:
+        if _alive(int(pid)):
+            os.kill(int(pid), signal.SIGKILL)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @needs_virtiofsd
@@ -295,13 +339,22 @@ def test_a_missing_file_fails_the_lookup(guests: Path, share: Path) -> None:
     assert done.returncode == 4, done.stdout + done.stderr
 
 
+def _start_reading_loop(guests: Path, share: Path) -> subprocess.Popen[str]:
+    """kvmpy with the guest reading a file again and again (until_eio=1), once it has begun."""
+    vm = start_kvmpy(*fs_guest(guests, "file=hello.txt until_eio=1", f"tag=share,path={share}"))
+    seen = read_until(vm, lambda out: "reading until an error" in out)
+    if "reading until an error" not in seen:
+        vm.kill()
+        vm.wait()
+        raise AssertionError(f"the guest did not start its loop: {seen}")
+    return vm
+
+
 @pytest.mark.kvm
 @needs_virtiofsd
 def test_killing_virtiofsd_fails_the_requests_with_eio_and_the_vm_ends(guests: Path, share: Path) -> None:
-    vm = start_kvmpy(*fs_guest(guests, "file=hello.txt until_eio=1", f"tag=share,path={share}"))
+    vm = _start_reading_loop(guests, share)
     try:
-        seen = read_until(vm, lambda out: "reading until an error" in out)
-        assert "reading until an error" in seen, seen
         daemons = _virtiofsd_pids(vm.pid)
         assert daemons, "no virtiofsd below kvmpy"
         os.kill(daemons[-1], signal.SIGKILL)  # the one serving the queues (inside its namespaces)
@@ -310,7 +363,19 @@ def test_killing_virtiofsd_fails_the_requests_with_eio_and_the_vm_ends(guests: P
         if vm.poll() is None:
             vm.kill()
             vm.wait()
-    assert vm.returncode == 0, seen + out + err
+    assert vm.returncode == 0, out + err
     assert "virtio_fs error 5 after " in out
     assert "its requests now fail with I/O errors" in err
     assert _running_virtiofsd_on(share) == []
+
+
+@pytest.mark.kvm
+@needs_virtiofsd
+def test_no_virtiofsd_outlives_a_killed_kvmpy(guests: Path, share: Path) -> None:
+    vm = _start_reading_loop(guests, share)
+    try:
+        assert _running_virtiofsd_on(share)
+    finally:
+        vm.kill()  # no clean-up in kvmpy: its end of the socket closes, and virtiofsd gets SIGTERM
+        vm.wait()
+    wait_until(lambda: not _running_virtiofsd_on(share), timeout=10, what="virtiofsd to exit")

@@ -209,7 +209,7 @@ class Machine:
             ranges = layout.ram_ranges(self.config.memory)
             memory = GuestMemory.anonymous(ranges, hugepages=self.config.hugepages, shared=shared)
         elif shared and not memory.shared:
-            raise ConfigError("a VM with a vhost-user disk cannot be restored from a snapshot yet")
+            raise ConfigError("a VM with a vhost-user disk or share cannot be restored from a snapshot yet")
         flags = abi.KVM_MEM_LOG_DIRTY_PAGES if self.config.track_dirty_pages else 0
         for slot, region in enumerate(memory):
             self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address(), flags)
