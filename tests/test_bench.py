@@ -351,3 +351,23 @@ def test_report_only_rebuilds_the_report_from_saved_samples(tmp_path: Path) -> N
         text=True,
     )
     assert done.returncode != 0 and "malformed record" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_vhost_lab_plan_pairs_each_vhost_back_end_with_qemus() -> None:
+    from kvmpy.bench.vhost_bench import lab_metrics, lab_scenarios
+
+    by_name = {s.name: s for s in lab_scenarios("/k", "/i", LabPlan.full())}
+    assert "{tmp}/bench.img,backend=vhost-user" in by_name["vhost-blk-kvmpy"].args
+    daemon_qemu = " ".join(by_name["vhost-blk-daemon-qemu"].args)
+    assert "vhost-user-blk-pci" in daemon_qemu and "share=on" in daemon_qemu
+    assert "qemu-storage-daemon" in by_name["vhost-blk-daemon-qemu"].prepare
+    assert "vhost=on" in by_name["vhost-net-kvmpy"].args[1]
+    assert "vhost=on" in " ".join(by_name["vhost-net-qemu"].args)
+    assert by_name["vhost-blk-kvmpy"].command == by_name["vhost-blk-qemu"].command
+    results = {name: _result(name, "BENCH blk-read mbps=20\nBENCH tcp-rr rtt_us=70\n") for name in by_name}
+    results["vhost-blk-qemu"] = _result("vhost-blk-qemu", "BENCH blk-read mbps=10\n")
+    metrics = {m.key: m for m in lab_metrics(results)}
+    against_qemu = metrics["vhost_user_blk_read_vs_vhost_blk_qemu"]
+    assert against_qemu.kvmpy == [20.0] and against_qemu.qemu == [10.0] and against_qemu.ratio == 2.0
+    assert metrics["vhost_user_blk_read_vs_vhost_blk_daemon_qemu"].qemu == [20.0]
+    assert metrics["vhost_net_tcp_rr"].kvmpy == [70.0] and metrics["vhost_net_tcp_rr"].met() is True

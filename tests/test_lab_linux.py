@@ -58,6 +58,28 @@ VIRTIO_COMMAND = (
 )
 
 
+#: A qcow2 copy of the ext4 disk served by qemu-storage-daemon (vhost-user-blk): Linux's own
+#: virtio_blk reads a known file and writes one that must be in the image after poweroff.
+VHOST_USER_COMMAND = (
+    "mount /dev/vda /mnt && md5sum /mnt/data.bin && echo hello-through-vhost-user > /mnt/out.txt && "
+    "umount /mnt; poweroff -f"
+)
+VHOST_USER_PREPARE = "qemu-img convert -O qcow2 {disk} {{tmp}}/disk.qcow2"
+VHOST_USER_VERIFY = (
+    "qemu-img convert -O raw {tmp}/disk.qcow2 {tmp}/back.img && debugfs -R 'cat /out.txt' {tmp}/back.img"
+)
+#: The daemon is killed (SIGKILL) once it has read 32 MiB while the guest reads the disk over
+#: and over: the guest's reads fail with I/O errors, and it still powers off.
+KILLED_DAEMON_PREPARE = (
+    "cp {disk} {{tmp}}/kill.img && (for i in $(seq 600); do "
+    "p=$(pgrep -n -x qemu-storage-da); "  # its 15-character name: -f would match this very shell
+    "if [ -n \"$p\" ] && [ $(awk '/^rchar/ {{print $2}}' /proc/$p/io) -gt 33554432 ]; then "
+    "kill -9 $p; echo KILLED > {{tmp}}/killed; break; fi; sleep 0.5; done > /dev/null 2>&1 &)"
+)
+KILLED_DAEMON_COMMAND = (
+    "i=0; while [ $i -lt 100 ] && dd if=/dev/vda of=/dev/null bs=1M iflag=direct 2>/tmp/dd.err; "
+    "do i=$((i+1)); done; echo PASSES=$i; tail -1 /tmp/dd.err; poweroff -f"
+)
 #: With MSI off (pci=nomsi) the virtio drivers fall back to INTx through the IOAPIC.
 INTX_COMMAND = (
     "mount -o ro /dev/vda /mnt && md5sum /mnt/data.bin; grep virtio /proc/interrupts; "
@@ -206,7 +228,16 @@ def _scenarios(disk: Path) -> list[Scenario]:
             kernel,
             initrd,
             NET_COMMAND,
-            args=("--net", "tap=kvmtap0,mac=52:54:00:ab:cd:ef"),
+            args=("--net", "tap=kvmtap0,mac=52:54:00:ab:cd:ef,vhost=off"),
+            prepare=NET_PREPARE,
+            verify="cat {tmp}/received; cat {tmp}/server.log; ip link del kvmtap0",
+        ),
+        Scenario(
+            "vhost_net",
+            kernel,
+            initrd,
+            NET_COMMAND,
+            args=("--net", "tap=kvmtap0,mac=52:54:00:ab:cd:ef,vhost=on", "--stats"),
             prepare=NET_PREPARE,
             verify="cat {tmp}/received; cat {tmp}/server.log; ip link del kvmtap0",
         ),
@@ -233,6 +264,25 @@ def _scenarios(disk: Path) -> list[Scenario]:
                 "echo CACHED=$(fincore -n -b -o RES {direct}/disk.img); "
                 "debugfs -R 'cat /out.txt' {direct}/disk.img"
             ),
+        ),
+        Scenario(
+            "vhost_user_blk",
+            kernel,
+            initrd,
+            VHOST_USER_COMMAND,
+            args=("--disk", "{tmp}/disk.qcow2,backend=vhost-user", "--stats"),
+            prepare=VHOST_USER_PREPARE.format(disk=disk),
+            verify=VHOST_USER_VERIFY,
+        ),
+        Scenario(
+            "vhost_user_killed",
+            kernel,
+            initrd,
+            KILLED_DAEMON_COMMAND,
+            args=("--disk", "{tmp}/kill.img,backend=vhost-user,format=raw"),
+            prepare=KILLED_DAEMON_PREPARE.format(disk=disk),
+            verify="cat {tmp}/killed",
+            timeout=400.0,  # a boot, then reads until the daemon has served 32 MiB
         ),
         Scenario(
             "virtio_intx",
@@ -463,6 +513,45 @@ def test_virtio_net_ping_and_tcp(lab_results: dict[str, ScenarioResult]) -> None
     assert "3 packets transmitted, 3 packets received" in result.output, detail
     guest_md5 = next(line.split()[0] for line in result.output.splitlines() if line.endswith("/tmp/blob"))
     assert f"{guest_md5} 1000000" in result.notes[-1], detail
+
+
+def test_vhost_user_blk_qcow2_through_qemu_storage_daemon(
+    lab_results: dict[str, ScenarioResult], disk: tuple[Path, str]
+) -> None:
+    result = _result(lab_results, "vhost_user_blk")
+    detail = result.output + result.stderr + "\n".join(result.notes)
+    assert result.status == 0, detail
+    assert f"{disk[1]}  /mnt/data.bin" in result.output, detail  # Linux read the qcow2 through the daemon
+    assert "hello-through-vhost-user" in result.notes[-1], detail  # its write is in the image
+    # Only set-up reached Python: every read and write went guest -> daemon -> guest.
+    assert device_exits(result.stderr, "virtio-blk0 BAR0") < 200, detail
+    assert "Traceback" not in result.stderr
+
+
+def test_a_killed_storage_daemon_fails_the_disk_and_the_guest_powers_off(
+    lab_results: dict[str, ScenarioResult],
+) -> None:
+    result = _result(lab_results, "vhost_user_killed")
+    detail = result.output + result.stderr + "\n".join(result.notes)
+    assert "KILLED" in result.notes[-1], detail  # the daemon did die mid-I/O
+    assert result.status == 0, detail  # and the guest went on to power off
+    assert "its requests now fail with I/O errors" in result.stderr, detail
+    assert "Input/output error" in result.output, detail  # dd saw the disk fail
+    assert "PASSES=100" not in result.output, detail
+    assert "Traceback" not in result.stderr
+
+
+def test_vhost_net_ping_and_tcp_in_the_kernel(lab_results: dict[str, ScenarioResult]) -> None:
+    """The lab kernel's vhost-net moves the packets: ping and 1 MB over TCP with its checksum,
+    and only the set-up of the device exited to kvmpy."""
+    result = _result(lab_results, "vhost_net")
+    detail = result.output + result.stderr + "\n".join(result.notes)
+    assert result.status == 0, detail
+    assert "3 packets transmitted, 3 packets received" in result.output, detail
+    guest_md5 = next(line.split()[0] for line in result.output.splitlines() if line.endswith("/tmp/blob"))
+    assert f"{guest_md5} 1000000" in result.notes[-1], detail
+    assert device_exits(result.stderr, "virtio-net0 BAR0") < 200, detail
+    assert "Traceback" not in result.stderr
 
 
 def test_virtio_with_legacy_intx(lab_results: dict[str, ScenarioResult], disk: tuple[Path, str]) -> None:

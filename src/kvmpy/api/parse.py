@@ -164,9 +164,7 @@ def drive(body: schemas.Drive, path_id: str | None = None) -> InsertBlockDevice:
     """PUT /drives/{id}; ``path_id`` is None for a drive from a config file."""
     _same_drive_id(path_id, body.drive_id)
     if body.socket is not None:
-        raise not_supported(
-            "vhost-user-block drives (socket): kvmpy has no vhost-user front end yet; give path_on_host."
-        )
+        return _vhost_user_drive(body, body.socket)
     if body.io_engine == "Async":
         raise not_supported(
             'io_engine "Async" (io_uring): kvmpy\'s virtio-blk back end does synchronous I/O; '
@@ -183,6 +181,25 @@ def drive(body: schemas.Drive, path_id: str | None = None) -> InsertBlockDevice:
         partuuid=body.partuuid or "",
         cache_type=body.cache_type,
         rate_limiter=rate_limiter(body.rate_limiter),
+    )
+    return InsertBlockDevice(disk)
+
+
+def _vhost_user_drive(body: schemas.Drive, socket: str) -> InsertBlockDevice:
+    """A vhost-user-block drive (Firecracker's ``socket``): the daemon there owns the image."""
+    if body.path_on_host is not None or body.is_read_only is not None or body.rate_limiter is not None:
+        raise RequestError(
+            f"Drive config error: vhost-user drive {body.drive_id} takes a socket and no"
+            " path_on_host, is_read_only or rate_limiter."
+        )
+    path = _path(socket, "socket")
+    disk = DiskConfig(
+        path=path,
+        id=body.drive_id,
+        is_root_device=body.is_root_device,
+        partuuid=body.partuuid or "",
+        cache_type=body.cache_type,
+        socket=path,
     )
     return InsertBlockDevice(disk)
 

@@ -73,7 +73,7 @@ class Drive(_Body):
     path_on_host: str | None = None
     rate_limiter: RateLimiter | None = None
     io_engine: Literal["Sync", "Async"] | None = None
-    #: vhost-user-block's socket; refused (kvmpy has no vhost-user front end yet).
+    #: vhost-user-block: the socket of the daemon that serves the drive (no path_on_host).
     socket: str | None = None
     #: kvmpy: open the image with O_DIRECT, bypassing the host's page cache.
     direct: bool = False

@@ -100,6 +100,11 @@ def _bench(args: argparse.Namespace) -> int:
         metrics += api_metrics(plan.repetitions, _progress)
     if "state" in args.only:
         metrics += run_state_suite(StatePlan(plan.repetitions), _progress)
+    if "vhost" in args.only:
+        from kvmpy.bench.vhost_bench import run_vhost_suite
+
+        with_lab = not args.quick and not args.no_lab
+        metrics += run_vhost_suite(plan.repetitions, _progress, with_lab=with_lab)
     lab_appendix = ""
     if not args.quick and not args.no_lab and "lab" in args.only:
         from kvmpy.bench.lab import LabPlan, run_lab_suite
@@ -206,8 +211,9 @@ def _sample_record(metric: Metric) -> dict[str, object]:
 
 
 #: The suites ``--only`` chooses from: this machine's start-up, exits (with their floors) and
-#: memory; the API; snapshots and migration; the lab.
-SUITES = ("exits", "api", "state", "lab")
+#: memory; the API; snapshots and migration; the lab; the vhost data planes (here and in a lab
+#: boot of their own).
+SUITES = ("exits", "api", "state", "lab", "vhost")
 
 
 def _suites(text: str) -> tuple[str, ...]:
@@ -240,7 +246,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=SUITES,
         metavar="SUITES",
         help="run only these suites, comma-separated: exits (start-up, exit round trips and their "
-        "floors, memory), api, state (snapshots, migration), lab",
+        "floors, memory), api, state (snapshots, migration), lab, vhost (vhost-user and vhost-net,"
+        " here and in the lab)",
     )
     bench.add_argument(
         "--report-only",

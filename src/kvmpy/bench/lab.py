@@ -107,7 +107,7 @@ def _net_args(vmm: str) -> tuple[str, ...]:
     return ("--net", f"tap={TAP},mac={MAC}")
 
 
-def _net_prepare() -> str:
+def net_prepare() -> str:
     peer = f"{sys.executable} -m kvmpy.bench.net_peer {HOST_ADDRESS}"
     return (
         f"ip tuntap add dev {TAP} mode tap vnet_hdr && ip addr add {HOST_ADDRESS}/24 dev {TAP} && "
@@ -115,7 +115,7 @@ def _net_prepare() -> str:
     )
 
 
-def _net_cleanup() -> str:
+def net_cleanup() -> str:
     return f"kill $(cat {{tmp}}/peer.pid); ip link del {TAP}"
 
 
@@ -127,12 +127,12 @@ def io_scenarios(kernel: str, initrd: str, plan: LabPlan) -> list[Scenario]:
     for index in range(plan.boots):
         for vmm in VMMS:
             scenarios.append(replace(base, name=f"boot-{vmm}-{index}", vmm=vmm, command="poweroff -f"))
-    blk = _rounds(
+    blk = workload_rounds(
         plan,
         f"{TOOL} blk-write /dev/vda {plan.blk_mib}; {TOOL} blk-read /dev/vda {plan.blk_mib}; "
         f"{TOOL} blk-randread /dev/vda {plan.random_reads}",
     )
-    net = f"ip link set eth0 up && ip addr add {GUEST_ADDRESS}/24 dev eth0 && " + _rounds(
+    net = f"ip link set eth0 up && ip addr add {GUEST_ADDRESS}/24 dev eth0 && " + workload_rounds(
         plan,
         f"{TOOL} tcp-send {HOST_ADDRESS} 5001 {plan.net_mib}; "
         f"{TOOL} tcp-recv {HOST_ADDRESS} 5002 {plan.net_mib}; "
@@ -158,8 +158,8 @@ def io_scenarios(kernel: str, initrd: str, plan: LabPlan) -> list[Scenario]:
                 vmm=vmm,
                 command=net,
                 args=_net_args(vmm),
-                prepare=_net_prepare(),
-                verify=_net_cleanup(),
+                prepare=net_prepare(),
+                verify=net_cleanup(),
             )
         )
     # Where kvmpy's time goes, in runs of their own (py-spy's sampling would cost the measured ones).
@@ -181,14 +181,14 @@ def io_scenarios(kernel: str, initrd: str, plan: LabPlan) -> list[Scenario]:
 
 def paging_scenarios(kernel: str, initrd: str, plan: LabPlan) -> list[Scenario]:
     """Page-table-heavy and TLB-heavy workloads, under both VMMs (run once per paging mode)."""
-    command = _rounds(
+    command = workload_rounds(
         plan, f"{TOOL} forkexec {plan.forks}; {TOOL} mmap {plan.maps} 16; {TOOL} tlb 256 {plan.tlb_reads}"
     )
     base = Scenario("", kernel, initrd, command, cpus=1, memory="768M", timeout=600.0, retries=1)
     return [replace(base, name=f"paging-{vmm}", vmm=vmm) for vmm in VMMS]
 
 
-def _rounds(plan: LabPlan, workload: str) -> str:
+def workload_rounds(plan: LabPlan, workload: str) -> str:
     """The guest command: ``workload`` ``plan.rounds`` times, then power off."""
     return f"i=0; while [ $i -lt {plan.rounds} ]; do {workload}; i=$((i+1)); done; poweroff -f"
 
@@ -207,20 +207,24 @@ STALL_SECONDS = 180.0
 ATTEMPTS = 2
 
 
-def run_lab_batch(scenarios: list[Scenario], *, npt: bool, progress: Progress) -> dict[str, ScenarioResult]:
-    """Run ``scenarios`` in one lab boot (a second one for those left if the lab hangs)."""
+def run_lab_batch(
+    scenarios: list[Scenario], *, npt: bool, progress: Progress, batch: str = ""
+) -> dict[str, ScenarioResult]:
+    """Run ``scenarios`` in one lab boot (a second one for those left if the lab hangs);
+    ``batch`` names a batch whose logs are kept apart from the main one's."""
     from kvmpy.lab.runner import LabStalledError, run_in_lab
 
     results: dict[str, ScenarioResult] = {}
-    for stale in _logs(npt):
+    prefix = f"{batch}-" if batch else ""
+    for stale in _logs(npt, batch):
         stale.unlink()
     for attempt in range(ATTEMPTS):
         remaining = [s for s in scenarios if s.name not in results]
         if not remaining:
             break
-        specs = cache_dir() / "bench" / f"scenarios-npt{int(npt)}.json"
+        specs = cache_dir() / "bench" / f"scenarios-{prefix}npt{int(npt)}.json"
         specs.write_text(json.dumps([asdict(s) for s in remaining]))
-        log = cache_dir() / "bench" / f"lab-npt{int(npt)}-{attempt}.log"
+        log = cache_dir() / "bench" / f"lab-{prefix}npt{int(npt)}-{attempt}.log"
         progress(f"lab (npt={'on' if npt else 'off'}): {len(remaining)} guest boots, output in {log}")
         status: int | str
         with log.open("wb") as sink:
@@ -245,9 +249,10 @@ def run_lab_batch(scenarios: list[Scenario], *, npt: bool, progress: Progress) -
     return results
 
 
-def _logs(npt: bool) -> list[Path]:
+def _logs(npt: bool, batch: str = "") -> list[Path]:
     """The guest output of the last lab batch in this paging mode, one file per lab boot."""
-    return sorted((cache_dir() / "bench").glob(f"lab-npt{int(npt)}-*.log"))
+    prefix = f"{batch}-" if batch else ""
+    return sorted((cache_dir() / "bench").glob(f"lab-{prefix}npt{int(npt)}-*.log"))
 
 
 def results_from_logs(npt: bool) -> dict[str, ScenarioResult]:
@@ -301,7 +306,7 @@ def _add_note(metric: Metric, note: str) -> None:
     metric.note = "; ".join(filter(None, [metric.note, note]))
 
 
-def _add_bench_value(
+def add_bench_value(
     metric: Metric, vmm: str, results: dict[str, ScenarioResult], name: str, line: str, key: str
 ) -> None:
     """Add ``key`` of each of the guest's "BENCH ``line``" in run ``name`` to ``vmm``'s samples.
@@ -348,7 +353,7 @@ def io_metrics(results: dict[str, ScenarioResult], plan: LabPlan) -> list[Metric
         better = Better.LOWER if row.unit == "µs" else Better.HIGHER
         metric = Metric(row.line + row.suffix, row.title, row.unit, WHERE, better=better, target=row.target)
         for vmm in VMMS:
-            _add_bench_value(metric, vmm, results, f"{row.scenario}-{vmm}", row.line, row.key)
+            add_bench_value(metric, vmm, results, f"{row.scenario}-{vmm}", row.line, row.key)
         metrics.append(metric)
     metrics += _console_metrics(results, plan)
     return metrics
@@ -434,7 +439,7 @@ def paging_metrics(by_mode: dict[str, dict[str, ScenarioResult]]) -> list[Metric
         for line, key, title, unit in rows:
             metric = Metric(f"{line}_npt_{mode}", f"{title}, {paging}", unit, where)
             for vmm in VMMS:
-                _add_bench_value(metric, vmm, results, f"paging-{vmm}", line, key)
+                add_bench_value(metric, vmm, results, f"paging-{vmm}", line, key)
             metrics.append(metric)
     return metrics
 

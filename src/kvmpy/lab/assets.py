@@ -12,7 +12,7 @@ from kvmpy.lab.modules import KernelTree
 
 LAB_KERNEL_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
-#: What the lab kernel needs: virtio PCI, 9p over virtio, KVM for AMD SVM, tun for networking,
+#: What the lab kernel needs: virtio PCI, 9p over virtio, KVM for AMD SVM, tun and vhost-net for networking,
 #: and ext4 on a loop device for O_DIRECT scratch space (its tmpfs has no O_DIRECT; ext4
 #: wants the crc32c algorithm at mount time, which nothing in the lab would load on demand).
 LAB_MODULES = [
@@ -21,6 +21,7 @@ LAB_MODULES = [
     "9p",
     "kvm_amd",
     "tun",
+    "vhost_net",  # virtio-net's rings in the lab's kernel (issue 15); brings vhost and tap
     "loop",
     "crc32c_generic",
     "ext4",

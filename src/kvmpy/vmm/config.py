@@ -231,11 +231,15 @@ class NetConfig(msgspec.Struct, frozen=True):
     id: str = ""
     rx_rate_limiter: RateLimiterConfig | None = None
     tx_rate_limiter: RateLimiterConfig | None = None
+    #: The data plane: "on" the kernel's vhost-net, "off" kvmpy's Python back end, "auto" vhost-net
+    #: where /dev/vhost-net opens (and no limit, seccomp filter or snapshot needs Python's).
+    vhost: str = "auto"
 
     @classmethod
     def parse(cls, text: str) -> NetConfig:
-        """``tap=IFNAME[,mac=MAC][,bandwidth=SIZE][,ops=N]``: the limits apply to each direction."""
-        tap, mac = "", ""
+        """``tap=IFNAME[,mac=MAC][,bandwidth=SIZE][,ops=N][,vhost=on|off|auto]``: the limits
+        apply to each direction."""
+        tap, mac, vhost = "", "", "auto"
         limits: dict[str, str] = {}
         for option in text.split(","):
             key, _, value = option.partition("=")
@@ -245,14 +249,19 @@ class NetConfig(msgspec.Struct, frozen=True):
                 mac = value
             elif key in ("bandwidth", "ops") and value:
                 limits[key] = value
+            elif key == "vhost" and value in ("on", "off", "auto"):
+                vhost = value
             else:
                 raise ConfigError(
-                    f"invalid --net option {option!r}: use tap=IFNAME, mac=MAC, bandwidth=SIZE or ops=N"
+                    f"invalid --net option {option!r}: use tap=IFNAME, mac=MAC, bandwidth=SIZE, ops=N"
+                    " or vhost=on|off|auto"
                 )
         if not tap:
             raise ConfigError(f"invalid --net {text!r}: it needs tap=IFNAME")
         limiter = rate_limiter_option(limits, "--net")
-        return cls(tap, mac, rx_rate_limiter=limiter, tx_rate_limiter=limiter)
+        if limiter is not None and vhost == "on":
+            raise ConfigError(f"--net {text}: a vhost-net interface cannot be rate-limited by kvmpy")
+        return cls(tap, mac, rx_rate_limiter=limiter, tx_rate_limiter=limiter, vhost=vhost)
 
 
 class LoggerConfig(msgspec.Struct, frozen=True):

@@ -205,6 +205,8 @@ class Machine:
     def _setup_memory(self) -> GuestMemory:
         memory = self._given_memory  # a restore's memory file, mapped privately
         shared = self.config.needs_shared_memory
+        if shared:
+            _check_no_seccomp()
         if memory is None:
             ranges = layout.ram_ranges(self.config.memory)
             memory = GuestMemory.anonymous(ranges, hugepages=self.config.hugepages, shared=shared)
@@ -332,6 +334,13 @@ class Machine:
         self.nets: dict[str, VirtioPciTransport] = {}
         for number, net in enumerate(self.config.nets):
             mac = parse_mac(net.mac) if net.mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + number])
+            name = net_device_id(number, net.id)
+            if self._wants_vhost_net(net):
+                from kvmpy.virtio.vhost.net import VhostNet
+
+                kernel_nic = VhostNet(Tap(net.tap), mac, watch=self.events.add, unwatch=self.events.remove)
+                self.nets[net.id or f"net{number}"] = self.pci.add_virtio(kernel_nic, name, slots.get(name))
+                continue
             nic = VirtioNet(
                 Tap(net.tap),
                 mac,
@@ -340,7 +349,6 @@ class Machine:
                 rx_throttle=self._throttle(net.rx_rate_limiter),
                 tx_throttle=self._throttle(net.tx_rate_limiter),
             )
-            name = net_device_id(number, net.id)
             self.nets[net.id or f"net{number}"] = self.pci.add_virtio(nic, name, slots.get(name))
         for number, share in enumerate(self.config.filesystems):
             name = f"virtio-fs{number}"
@@ -391,6 +399,20 @@ class Machine:
         except BaseException:
             client.close()
             raise
+
+    def _wants_vhost_net(self, net: NetConfig) -> bool:
+        """vhost=on, or auto where the kernel's data plane works and nothing needs Python's."""
+        from kvmpy.jail import seccomp
+        from kvmpy.virtio.vhost.net import vhost_net_usable
+
+        if net.vhost == "off":
+            return False
+        if net.vhost == "on":
+            if seccomp.enabled():
+                raise ConfigError(f"tap {net.tap}: vhost=on cannot run under --seccomp or --jail yet")
+            return True
+        python_only = net.rx_rate_limiter or net.tx_rate_limiter or self.config.track_dirty_pages
+        return not python_only and not seccomp.enabled() and vhost_net_usable()
 
     def _stop_daemons(self) -> None:
         for daemon in self.daemons:
@@ -460,6 +482,7 @@ class Machine:
         transport = self.disks.get(drive_id)
         if transport is None:
             raise ConfigError(f"there is no drive {drive_id!r}")
+        _not_vhost_user(transport, f"drive {drive_id}", "its image")
         transport.device.replace_backing(path)  # type: ignore[attr-defined]
         transport.config_changed()
         self._config_changed(disks=_changed(self.config.disks, drive_id, path=path))
@@ -473,6 +496,7 @@ class Machine:
         from kvmpy.vmm.rate_limits import limiter_for
 
         device = transport.device
+        _not_vhost_user(transport, f"device {type(device).__name__}", "its rate")
         with device.guard.lock:  # type: ignore[attr-defined]
             throttle = getattr(device, side)
             if throttle is not None:
@@ -700,6 +724,23 @@ def _changed(items: tuple[_Item, ...], item_id: str, **changes: Any) -> tuple[_I
         msgspec.structs.replace(item, **changes) if (item.id or f"{prefix}{n}") == item_id else item
         for n, item in enumerate(items)
     )
+
+
+def _not_vhost_user(transport: VirtioPciTransport, name: str, what: str) -> None:
+    if hasattr(transport.device, "kicks_wired"):
+        raise ConfigError(f"{name} has its data plane outside kvmpy (vhost): {what} is not kvmpy's to change")
+
+
+def _check_no_seccomp() -> None:
+    """vhost-user needs memfds, a socket with descriptors passed over it and a daemon kvmpy
+    starts: none of it is in the seccomp filters yet, so refuse rather than trap."""
+    from kvmpy.jail import seccomp
+
+    if seccomp.enabled():
+        raise ConfigError(
+            "vhost-user devices and shared guest memory cannot run under --seccomp or --jail yet"
+            " (docs/security.md)"
+        )
 
 
 def disk_device_id(number: int, drive_id: str) -> str:

@@ -311,7 +311,10 @@ class Vmm:
 
     def _insert_block_device(self, action: a.InsertBlockDevice) -> None:
         disk = action.disk
-        _check_file(disk.path, f"drive {disk.id}")
+        if disk.socket is None:
+            _check_file(disk.path, f"drive {disk.id}")
+        else:
+            disk.check_usable()
         others = [d for d in self.config.disks if d.id != disk.id]
         if disk.is_root_device and any(d.is_root_device for d in others):
             raise ActionError("A root block device already exists!")

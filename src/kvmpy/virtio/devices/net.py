@@ -55,6 +55,18 @@ def parse_mac(text: str) -> bytes:
     return mac
 
 
+def tap_offloads(acked_features: int) -> int:
+    """What the tap may hand the guest: only the offloads its driver accepted."""
+    offloads = 0
+    if acked_features & F_GUEST_CSUM:
+        offloads |= tun.TUN_F_CSUM
+        if acked_features & F_GUEST_TSO4:
+            offloads |= tun.TUN_F_TSO4
+        if acked_features & F_GUEST_TSO6:
+            offloads |= tun.TUN_F_TSO6
+    return offloads
+
+
 @dataclass(frozen=True, slots=True)
 class NetState:
     """The configuration the guest read (MAC, link status). Offloads are the acknowledged
@@ -120,14 +132,7 @@ class VirtioNet:
     def activate(
         self, mem: GuestMemory, queues: list[SplitQueue], acked_features: int, interrupt: Interrupt
     ) -> None:
-        offloads = 0
-        if acked_features & F_GUEST_CSUM:
-            offloads |= tun.TUN_F_CSUM
-            if acked_features & F_GUEST_TSO4:
-                offloads |= tun.TUN_F_TSO4
-            if acked_features & F_GUEST_TSO6:
-                offloads |= tun.TUN_F_TSO6
-        self._tap.set_offloads(offloads)
+        self._tap.set_offloads(tap_offloads(acked_features))
         with self.guard.lock:
             self._mem, self._queues, self._interrupt = mem, queues, interrupt
             self._start_receiving()
@@ -254,4 +259,4 @@ class VirtioNet:
                 interrupt(TX)
 
 
-__all__ = ["VirtioNet", "parse_mac"]
+__all__ = ["NetState", "VirtioNet", "parse_mac", "tap_offloads"]

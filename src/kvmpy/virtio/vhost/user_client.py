@@ -22,11 +22,11 @@ import select
 import socket
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpy.abi import vhost_user as vu
 from kvmpy.errors import HostError
+from kvmpy.memory.guest_memory import MemoryRegion
 
 #: Seconds the back end has to answer a request.
 TIMEOUT = 10.0
@@ -34,18 +34,6 @@ TIMEOUT = 10.0
 
 class VhostUserError(HostError):
     """The vhost-user back end failed, closed the connection or answered nonsense."""
-
-
-@dataclass(frozen=True, slots=True)
-class SharedRegion:
-    """One region of guest RAM as the back end maps it: the memfd and where things are."""
-
-    guest_address: int
-    size: int
-    #: Where the region is mapped in kvmpy: ring addresses are sent in this address space.
-    host_address: int
-    fd: int
-    fd_offset: int = 0
 
 
 class VhostUserClient:
@@ -58,6 +46,9 @@ class VhostUserClient:
         self._lock = threading.Lock()
         #: Protocol features both sides agreed on (set by :meth:`negotiate_protocol`).
         self.protocol_features = 0
+        #: The back end speaks protocol features (VHOST_USER_F_PROTOCOL_FEATURES): its rings
+        #: start disabled and are enabled one by one.
+        self.speaks_protocol = False
         self.closed = False
 
     @classmethod
@@ -190,29 +181,54 @@ class VhostUserClient:
         agreed = self.get_u64(vu.GET_PROTOCOL_FEATURES) & wanted
         self.tell(vu.SET_PROTOCOL_FEATURES, vu.U64.pack(agreed))
         self.protocol_features = agreed
+        self.speaks_protocol = True
         return agreed
 
-    def set_mem_table(self, regions: Sequence[SharedRegion]) -> None:
+    # --- the ring hand-over (kvmpy.virtio.vhost.rings.RingBackend) --------------------------
+    def set_features(self, features: int) -> None:
+        extra = vu.F_PROTOCOL_FEATURES if self.speaks_protocol else 0
+        self.tell(vu.SET_FEATURES, vu.U64.pack(features | extra))
+
+    def set_mem_table(self, regions: Sequence[MemoryRegion]) -> None:
+        """Guest RAM: each region's GPA, size, address here and memfd (the back end maps it)."""
         if not 0 < len(regions) <= vu.MAX_MEMORY_REGIONS:
             raise VhostUserError(f"vhost-user takes 1 to 8 memory regions, not {len(regions)}")
+        if any(region.fd < 0 for region in regions):
+            raise VhostUserError("guest RAM is not shared memory: vhost-user needs it as memfds")
         payload = vu.MEMORY_HEADER.pack(len(regions), 0) + b"".join(
-            vu.MEMORY_REGION.pack(r.guest_address, r.size, r.host_address, r.fd_offset) for r in regions
+            vu.MEMORY_REGION.pack(r.gpa, r.size, r.host_address(), 0) for r in regions
         )
         self.tell(vu.SET_MEM_TABLE, payload, [r.fd for r in regions])
 
-    def set_vring(self, request: int, index: int, value: int) -> None:
-        """SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ENABLE: (ring, number)."""
+    def _set_vring(self, request: int, index: int, value: int) -> None:
         self.tell(request, vu.VRING_STATE.pack(index, value))
+
+    def set_vring_num(self, index: int, size: int) -> None:
+        self._set_vring(vu.SET_VRING_NUM, index, size)
+
+    def set_vring_base(self, index: int, base: int) -> None:
+        self._set_vring(vu.SET_VRING_BASE, index, base)
+
+    def enable_vring(self, index: int) -> None:
+        """Rings of a back end with protocol features start disabled; the others start at once."""
+        if self.speaks_protocol:
+            self._set_vring(vu.SET_VRING_ENABLE, index, 1)
 
     def set_vring_addr(self, index: int, descriptors: int, used: int, available: int) -> None:
         self.tell(vu.SET_VRING_ADDR, vu.VRING_ADDR.pack(index, 0, descriptors, used, available, 0))
 
-    def set_vring_fd(self, request: int, index: int, fd: int | None) -> None:
+    def _set_vring_fd(self, request: int, index: int, fd: int | None) -> None:
         """SET_VRING_KICK or SET_VRING_CALL: the eventfd for ring ``index`` (None: none, poll)."""
         if fd is None:
             self.tell(request, vu.U64.pack(index & vu.VRING_INDEX_MASK | vu.VRING_NOFD))
         else:
             self.tell(request, vu.U64.pack(index & vu.VRING_INDEX_MASK), [fd])
+
+    def set_vring_kick(self, index: int, fd: int | None) -> None:
+        self._set_vring_fd(vu.SET_VRING_KICK, index, fd)
+
+    def set_vring_call(self, index: int, fd: int) -> None:
+        self._set_vring_fd(vu.SET_VRING_CALL, index, fd)
 
     def get_vring_base(self, index: int) -> int:
         """Stop ring ``index`` and read where the back end stopped (its next available index)."""
@@ -232,4 +248,4 @@ class VhostUserClient:
         return answer[vu.CONFIG_HEADER.size :]
 
 
-__all__ = ["SharedRegion", "VhostUserClient", "VhostUserError"]
+__all__ = ["VhostUserClient", "VhostUserError"]

@@ -1,0 +1,173 @@
+"""Data planes outside Python (issue 15): kvmpy's vhost back ends against QEMU's, and against
+kvmpy's own Python back ends.
+
+On this machine: one virtio-blk request's round trip with the ring-3 driver
+(guests/virtio_blk.c, polling), served by kvmpy's Python virtio-blk and by
+qemu-storage-daemon over vhost-user, paired runs with N requests and with none.
+
+In the lab, Debian's drivers under both VMMs, one lab boot: virtio-blk through
+qemu-storage-daemon (vhost-user) against QEMU's own virtio-blk on the same image
+and against QEMU with the same daemon; virtio-net through vhost-net against QEMU
+with ``vhost=on``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from kvmpy.bench import lab
+from kvmpy.bench.measure import Sample, run
+from kvmpy.bench.metric import Better, Metric, Target, per_unit
+from kvmpy.errors import HostError
+from kvmpy.lab.scenarios import Scenario, ScenarioResult
+from kvmpy.testing.guests import guest_path
+
+WHERE = "this machine"
+REQUESTS = 2000
+SOCKET = "{tmp}/vhost-user-blk.sock"
+DAEMON_LOG = "{tmp}/daemon.log"
+
+
+def _blk_run(image: Path, reads: int, disk_options: str) -> Sample:
+    disk = ("--disk", f"{image}{disk_options}")
+    sample = run("kvmpy", guest_path("virtio_blk"), f"reads={reads}", 256, disk)
+    if sample.status != 0:
+        backend = disk_options or "Python"
+        raise HostError(f"the virtio_blk guest ended with status {sample.status} ({backend})")
+    return sample
+
+
+def local_metrics(repetitions: int, progress: lab.Progress) -> list[Metric]:
+    """The request round trip through each back end, and what vhost-user saves."""
+    backends = {"python": "", "vhost-user": ",backend=vhost-user"}
+    per_request: dict[str, list[float]] = {name: [] for name in backends}
+    with tempfile.TemporaryDirectory(prefix="kvmpy-bench-") as scratch:
+        image = Path(scratch) / "disk.img"
+        image.write_bytes(b"".join(bytes([sector]) * 512 for sector in range(64)))
+        for index in range(repetitions):
+            for name, options in backends.items():
+                loaded, empty = _blk_run(image, REQUESTS, options), _blk_run(image, 0, options)
+                per_request[name] += [t * 1e6 for t in per_unit([loaded.wall], [empty.wall], REQUESTS)]
+            progress(f"virtio-blk back ends: {index + 1}/{repetitions}")
+    note = "ring-3 driver polling its used ring, one 512-byte read in flight; paired runs (N and 0 requests)"
+    python = Metric(
+        "blk_request_python", "virtio-blk request round trip, kvmpy's Python back end", "µs", WHERE,
+        kvmpy=per_request["python"], note=note,
+    )  # fmt: skip
+    vhost = Metric(
+        "blk_request_vhost_user",
+        "virtio-blk request round trip, vhost-user (qemu-storage-daemon, kicks and interrupts by eventfd)",
+        "µs", WHERE, kvmpy=per_request["vhost-user"], note=note,
+    )  # fmt: skip
+    saving = Metric(
+        "blk_request_vhost_user_ratio",
+        "vhost-user's request round trip over the Python back end's (paired, same run)",
+        "×", WHERE, kvmpy=[v / p for v, p in zip(vhost.kvmpy, python.kvmpy, strict=True) if p > 0],
+        target=Target(absolute=1.0),
+    )  # fmt: skip
+    return [python, vhost, saving]
+
+
+# --- the lab -------------------------------------------------------------------------------------
+def _daemon_prepare(image: str) -> str:
+    """qemu-storage-daemon exporting ``image`` for QEMU's vhost-user-blk-pci (kvmpy starts its own)."""
+    return (
+        f"dd if=/dev/urandom of={image} bs=1M count={lab.DISK_MIB} 2>/dev/null && "
+        f"(qemu-storage-daemon --blockdev driver=file,filename={image},node-name=f0 "
+        f"--export type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={SOCKET},writable=on "
+        f"> {DAEMON_LOG} 2>&1 & echo $! > {{tmp}}/daemon.pid); "
+        f"for i in $(seq 100); do [ -S {SOCKET} ] && break; sleep 0.1; done"
+    )
+
+
+def _qemu_vhost_user_args(memory: str) -> tuple[str, ...]:
+    """QEMU's vhost-user-blk needs guest RAM as a shared memfd, as kvmpy's does."""
+    return (
+        "-object", f"memory-backend-memfd,id=ram,size={memory},share=on", "-machine", "memory-backend=ram",
+        "-chardev", f"socket,id=vu,path={SOCKET}", "-device", "vhost-user-blk-pci,chardev=vu",
+    )  # fmt: skip
+
+
+def lab_scenarios(kernel: str, initrd: str, plan: lab.LabPlan) -> list[Scenario]:
+    base = Scenario("", kernel, initrd, "", cpus=2, memory="512M", timeout=300.0, retries=1)
+    blk = lab.workload_rounds(
+        plan,
+        f"{lab.TOOL} blk-write /dev/vda {plan.blk_mib}; {lab.TOOL} blk-read /dev/vda {plan.blk_mib}; "
+        f"{lab.TOOL} blk-randread /dev/vda {plan.random_reads}",
+    )
+    image = "{tmp}/bench.img"
+    fill = f"dd if=/dev/urandom of={image} bs=1M count={lab.DISK_MIB} 2>/dev/null"
+    net = f"ip link set eth0 up && ip addr add {lab.GUEST_ADDRESS}/24 dev eth0 && " + lab.workload_rounds(
+        plan,
+        f"{lab.TOOL} tcp-send {lab.HOST_ADDRESS} 5001 {plan.net_mib}; "
+        f"{lab.TOOL} tcp-recv {lab.HOST_ADDRESS} 5002 {plan.net_mib}; "
+        f"{lab.TOOL} tcp-rr {lab.HOST_ADDRESS} 5003 {plan.round_trips}",
+    )
+    qemu_net = (
+        "-netdev", f"tap,id=net0,ifname={lab.TAP},script=no,downscript=no,vhost=on",
+        "-device", f"virtio-net-pci,netdev=net0,mac={lab.MAC}",
+    )  # fmt: skip
+    net_base = replace(base, command=net, prepare=lab.net_prepare(), verify=lab.net_cleanup())
+    return [
+        replace(base, name="vhost-blk-kvmpy", command=blk, prepare=fill,
+                args=("--disk", f"{image},backend=vhost-user")),
+        replace(base, name="vhost-blk-qemu", vmm="qemu", command=blk, prepare=fill,
+                args=("-drive", f"file={image},if=virtio,format=raw,cache=writeback,aio=threads")),
+        replace(base, name="vhost-blk-daemon-qemu", vmm="qemu", command=blk, prepare=_daemon_prepare(image),
+                args=_qemu_vhost_user_args(base.memory), verify="kill $(cat {tmp}/daemon.pid)"),
+        replace(net_base, name="vhost-net-kvmpy", args=("--net", f"tap={lab.TAP},mac={lab.MAC},vhost=on")),
+        replace(net_base, name="vhost-net-qemu", vmm="qemu", args=qemu_net),
+    ]  # fmt: skip
+
+
+def _blk_metrics(results: dict[str, ScenarioResult], peer: str, against: str) -> list[Metric]:
+    rows = (
+        ("blk-read", "mbps", "sequential read 1 MiB", "MB/s"),
+        ("blk-write", "mbps", "sequential write 1 MiB", "MB/s"),
+        ("blk-randread", "iops", "4 KiB random read QD1", "IOPS"),
+    )
+    metrics = []
+    for line, key, what, unit in rows:
+        metric = Metric(
+            f"vhost_user_{line.replace('-', '_')}_vs_{peer.replace('-', '_')}",
+            f"vhost-user-blk (qemu-storage-daemon) {what}, against {against}",
+            unit, lab.WHERE, better=Better.HIGHER, target=Target(ratio=1.0),
+        )  # fmt: skip
+        lab.add_bench_value(metric, "kvmpy", results, "vhost-blk-kvmpy", line, key)
+        lab.add_bench_value(metric, "qemu", results, peer, line, key)
+        metrics.append(metric)
+    return metrics
+
+
+def lab_metrics(results: dict[str, ScenarioResult]) -> list[Metric]:
+    metrics = _blk_metrics(results, "vhost-blk-qemu", "QEMU's own virtio-blk (cache=writeback)")
+    same_daemon = "QEMU with the same daemon (vhost-user-blk-pci)"
+    metrics += _blk_metrics(results, "vhost-blk-daemon-qemu", same_daemon)
+    for line, key, title, unit, better in (
+        ("tcp-send", "mbitps", "TCP guest → host", "Mbit/s", Better.HIGHER),
+        ("tcp-recv", "mbitps", "TCP host → guest", "Mbit/s", Better.HIGHER),
+        ("tcp-rr", "rtt_us", "TCP 1-byte round trip", "µs", Better.LOWER),
+    ):
+        metric = Metric(
+            f"vhost_net_{line.replace('-', '_')}", f"vhost-net {title}, against QEMU with vhost=on", unit,
+            lab.WHERE, better=better, target=Target(ratio=1.0),
+        )  # fmt: skip
+        for vmm in lab.VMMS:
+            lab.add_bench_value(metric, vmm, results, f"vhost-net-{vmm}", line, key)
+        metrics.append(metric)
+    return metrics
+
+
+def run_vhost_suite(repetitions: int, progress: lab.Progress, *, with_lab: bool) -> list[Metric]:
+    metrics = local_metrics(repetitions, progress)
+    if with_lab:
+        kernel, initrd = lab.bench_initrd()
+        scenarios = lab_scenarios(str(kernel), str(initrd), lab.LabPlan.full())
+        results = lab.run_lab_batch(scenarios, npt=True, progress=progress, batch="vhost")
+        metrics += lab_metrics(results)
+    return metrics
+
+
+__all__ = ["lab_metrics", "lab_scenarios", "local_metrics", "run_vhost_suite"]
