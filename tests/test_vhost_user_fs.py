@@ -11,6 +11,7 @@ import errno
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -122,10 +123,16 @@ def test_virtiofsd_command_line_escapes_commas_in_the_directory() -> None:
     assert "sandbox=namespace" in arguments
 
 
-class ShellDaemon(DaemonProcess):
-    def __init__(self, script: str, prepare: Callable[[], None] | None = None) -> None:
+#: A daemon in Python: it listens on SOCKET, then sleeps.
+LISTEN = (
+    "import socket, time; s = socket.socket(socket.AF_UNIX); s.bind('SOCKET'); s.listen(); time.sleep(60)"
+)
+
+
+class PythonDaemon(DaemonProcess):
+    def __init__(self, code: str, prepare: Callable[[], None] | None = None) -> None:
         super().__init__("test daemon", "test.sock")
-        self._start(["/bin/sh", "-c", script.replace("SOCKET", str(self.socket))], prepare)
+        self._start([sys.executable, "-c", code.replace("SOCKET", str(self.socket))], prepare)
 
 
 def _refuse() -> None:
@@ -135,19 +142,28 @@ def _refuse() -> None:
 
 def test_a_failed_preparation_in_the_child_is_the_error() -> None:
     with pytest.raises(HostError, match="test daemon did not start: prepare refused$"):
-        ShellDaemon("touch SOCKET; sleep 5", _refuse)
+        PythonDaemon(LISTEN, _refuse)
 
 
 def test_a_daemon_that_fails_to_start_reports_its_last_line() -> None:
     with pytest.raises(HostError, match="test daemon did not start: the last words$"):
-        ShellDaemon("echo first >&2; echo the last words >&2; exit 3")
+        PythonDaemon("import sys; print('first', file=sys.stderr); sys.exit('the last words')")
+
+
+def test_a_daemon_has_started_once_its_socket_listens_not_when_it_is_bound() -> None:
+    daemon = PythonDaemon(LISTEN.replace("s.listen()", "time.sleep(0.3); s.listen()"))
+    try:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(daemon.socket))  # refused if start-up ended at bind()
+    finally:
+        daemon.stop()
 
 
 def test_a_daemon_that_ignores_sigterm_is_killed_and_its_directory_removed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(daemon_process, "STOP_TIMEOUT", 0.2)
-    daemon = ShellDaemon("trap '' TERM; touch SOCKET; while :; do sleep 0.05; done")
+    daemon = PythonDaemon("import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); " + LISTEN)
     assert daemon.running()
     directory = daemon.socket.parent
     daemon.stop()
@@ -156,11 +172,13 @@ def test_a_daemon_that_ignores_sigterm_is_killed_and_its_directory_removed(
 
 
 STARTER = """
+import sys
 from kvmpy.virtio.vhost.daemon_process import DaemonProcess
 class Sleeper(DaemonProcess):
     def __init__(self):
         super().__init__("sleeper", "s.sock")
-        self._start(["/bin/sh", "-c", f"touch {self.socket}; exec sleep 60"])
+        self._start([sys.executable, "-c", LISTEN.replace("SOCKET", str(self.socket))])
+LISTEN = {listen!r}
 daemon = Sleeper()
 print(daemon.pid, daemon.socket.parent, flush=True)
 input()
@@ -176,7 +194,7 @@ def _alive(pid: int) -> bool:
 
 def test_a_daemon_gets_sigterm_when_the_process_that_started_it_dies() -> None:
     starter = subprocess.Popen(
-        [sys.executable, "-c", STARTER],
+        [sys.executable, "-c", STARTER.format(listen=LISTEN)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -374,8 +392,15 @@ def test_killing_virtiofsd_fails_the_requests_with_eio_and_the_vm_ends(guests: P
 def test_no_virtiofsd_outlives_a_killed_kvmpy(guests: Path, share: Path) -> None:
     vm = _start_reading_loop(guests, share)
     try:
-        assert _running_virtiofsd_on(share)
+        daemons = _running_virtiofsd_on(share)
+        assert daemons
+        argument = next(
+            a for a in Path(f"/proc/{daemons[0]}/cmdline").read_bytes().split(b"\0") if b"socket-path" in a
+        )
+        private = Path(os.fsdecode(argument.partition(b"=")[2])).parent
     finally:
         vm.kill()  # no clean-up in kvmpy: its end of the socket closes, and virtiofsd gets SIGTERM
         vm.wait()
     wait_until(lambda: not _running_virtiofsd_on(share), timeout=10, what="virtiofsd to exit")
+    assert private.is_dir()  # what a killed kvmpy leaves behind: the test removes it
+    shutil.rmtree(private)

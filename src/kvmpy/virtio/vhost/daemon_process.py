@@ -1,7 +1,7 @@
 """A vhost-user back-end program kvmpy starts and stops with the VM (qemu-storage-daemon, virtiofsd).
 
 Each runs in a private temporary directory that holds its socket and its log
-(stdout and stderr). kvmpy waits until the socket appears; if the program
+(stdout and stderr). kvmpy waits until the socket listens; if the program
 exits first, the last line it wrote is the error. The program gets SIGTERM
 when kvmpy dies (PR_SET_PDEATHSIG), so none outlives its VMM; :meth:`stop`
 sends SIGTERM, then SIGKILL after :data:`STOP_TIMEOUT` seconds, and removes
@@ -26,6 +26,7 @@ START_TIMEOUT = 10.0
 #: Seconds a daemon has to exit after SIGTERM before it gets SIGKILL.
 STOP_TIMEOUT = 5.0
 _PR_SET_PDEATHSIG = 1
+_SO_ACCEPTCON = 0x10000
 
 
 class DaemonProcess:
@@ -72,7 +73,7 @@ class DaemonProcess:
 
     def _wait_listening(self, process: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + START_TIMEOUT
-        while not self.socket.exists():
+        while not _listening(self.socket):
             if process.poll() is not None:
                 raise HostError(f"{self.what} did not start: {self._last_words(process)}")
             if time.monotonic() > deadline:
@@ -100,6 +101,22 @@ class DaemonProcess:
                 process.kill()
                 process.wait()
         shutil.rmtree(self._directory, ignore_errors=True)
+
+
+def _listening(socket: Path) -> bool:
+    """Whether the socket bound at ``socket`` takes connections yet. A daemon binds, then
+    listens, and a connection between the two is refused; /proc/net/unix marks a listening
+    socket with __SO_ACCEPTCON in its flags."""
+    try:
+        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+    except OSError:
+        return socket.exists()
+    path = str(socket)
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & _SO_ACCEPTCON:
+            return True
+    return False
 
 
 def _die_with_parent() -> None:
