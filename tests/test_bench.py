@@ -371,3 +371,11 @@ def test_vhost_lab_plan_pairs_each_vhost_back_end_with_qemus() -> None:
     assert against_qemu.kvmpy == [20.0] and against_qemu.qemu == [10.0] and against_qemu.ratio == 2.0
     assert metrics["vhost_user_blk_read_vs_vhost_blk_daemon_qemu"].qemu == [20.0]
     assert metrics["vhost_net_tcp_rr"].kvmpy == [70.0] and metrics["vhost_net_tcp_rr"].met() is True
+    assert "cid=44" in by_name["vhost-vsock-kvmpy"].args[1]
+    assert "vhost-vsock-pci,guest-cid=45" in by_name["vhost-vsock-qemu"].args
+    for vmm, rtt in (("kvmpy", 30), ("qemu", 20)):  # the host peer's lines come from the notes
+        name = f"vhost-vsock-{vmm}"
+        results[name] = _result(name, "VSOCK-ECHO connections=2\n")
+        results[name].notes = [f"$ cat ...\nBENCH vsock-rr count=500 seconds=1 rtt_us={rtt}\n(exit 0)"]
+    vsock = {m.key: m for m in lab_metrics(results)}["vhost_vsock_rr"]
+    assert vsock.kvmpy == [30.0] and vsock.qemu == [20.0] and vsock.met() is False

@@ -250,3 +250,34 @@ def test_an_interrupt_racing_a_table_write_never_routes_the_old_message_last() -
     signaller.join(5)
     mover.join(5)
     assert sender.routed[-1] == 0x52
+
+
+def test_an_irqfd_is_handed_out_only_while_its_vector_is_deliverable() -> None:
+    """A back end outside Python (vhost) gets a vector's irqfd only while nothing masks it, and
+    hears when that changes: a masked vector's interrupts go through Python, which keeps them
+    pending, as for kvmpy's own devices."""
+    from kvmpy.devices.pci.config_space import PciConfigSpace
+    from kvmpy.devices.pci.msix import MsixTable
+
+    class IrqfdSender(RecordingSender):
+        def irqfd(self, vector: int) -> int:
+            return 100 + vector
+
+    config = PciConfigSpace(vendor_id=1, device_id=2, class_code=0, revision=0)
+    msix = MsixTable(config, 2, bar=1, sender=IrqfdSender())
+    changes: list[int | None] = []
+    msix.on_mask_change = lambda: changes.append(msix.irqfd(1))
+    entry = struct.pack("<QII", 0xFEE0_0000, 0x41, 0)  # vector 1, unmasked
+    for word in range(4):
+        msix.write(16 + 4 * word, entry[4 * word : 4 * word + 4])
+    assert msix.irqfd(1) is None and changes == []  # MSI-X is still off
+    before = msix.snapshot_masks()
+    config.write(msix.cap_offset + 2, 2, 1 << 15)  # MSI-X enable
+    msix.config_written(before)
+    assert changes == [101]
+    msix.write(16 + 12, struct.pack("<I", 1))  # the driver masks vector 1
+    assert changes == [101, None] and msix.irqfd(1) is None
+    msix.write(16 + 12, struct.pack("<I", 0))
+    assert changes[-1] == 101
+    msix.write(16 + 8, struct.pack("<I", 0x42))  # a new message, still unmasked: nothing to say
+    assert len(changes) == 3

@@ -56,3 +56,27 @@ def test_ioctl_numbers_match_the_kernel_header() -> None:
     assert vh.VHOST_SET_VRING_ADDR == 0x4028AF11
     assert vh.VHOST_SET_VRING_KICK == 0x4008AF20
     assert vh.VHOST_SET_VRING_CALL == 0x4008AF21
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("3", "invalid --vsock '3': use cid=N"),
+        ("cid=x", "use cid=N"),
+        ("cid=2", "vsock CID 2 is not a guest's"),
+    ],
+)
+@pytest.mark.kvm
+def test_bad_vsock_options_are_one_line(guests: Path, option: str, message: str) -> None:
+    from kvmpy.testing.process import kvmpy
+
+    done = kvmpy("run", "--kernel", str(guests / "hello.elf"), "--vsock", option)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and message in lines[0], done.stderr
+
+
+def test_vsock_without_vhost_vsock_is_one_line(tmp_path: Path) -> None:
+    from kvmpy.virtio.vhost.vsock import VhostVsock
+
+    with pytest.raises(ConfigError, match="cannot open .*: No such file .*is vhost_vsock loaded"):
+        VhostVsock(3, lambda fd, handler: None, lambda fd: None, vhost_path=str(tmp_path / "vhost-vsock"))

@@ -12,6 +12,7 @@ import fcntl
 import json
 import mmap
 import os
+import re
 import shutil
 import signal
 import socket
@@ -362,3 +363,76 @@ def test_vhost_user_under_seccomp_is_refused_in_one_line(guests: Path, tmp_path:
 
 def _run_with(guests: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return kvmpy("run", "--kernel", str(guests / "virtio_blk.elf"), *args)
+
+
+@needs_daemon
+@pytest.mark.kvm
+def test_a_snapshot_of_a_vm_with_a_vhost_user_disk_is_refused_and_the_vm_goes_on(
+    guests: Path, tmp_path: Path
+) -> None:
+    from kvmpy.testing.console import CapturedConsole
+    from kvmpy.testing.vmm_client import run_with_client
+    from kvmpy.vmm import actions as a
+    from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
+    from kvmpy.vmm.vmm import Vmm
+
+    image = _image(tmp_path / "disk.img")
+    disk = DiskConfig.parse(f"{image},backend=vhost-user")
+    config = VmConfig(kernel=guests / "virtio_blk.elf", cmdline="reads=100000000", disks=(disk,),
+                      serial=SerialConfig(SerialMode.NONE))  # fmt: skip
+    vmm = Vmm(config, serial_sink=CapturedConsole())
+    vmm.submit(a.StartInstance())
+
+    def client() -> None:
+        vmm.submit(a.Pause())
+        with pytest.raises(a.ActionError, match="is a vhost-user device: its requests live in another"):
+            vmm.submit(a.CreateSnapshot(tmp_path / "state", tmp_path / "memory"))
+        vmm.submit(a.Resume())
+        time.sleep(0.3)
+        assert vmm.submit(a.GetInstanceInfo()).state.value == "Running"  # type: ignore[attr-defined]
+        assert not (tmp_path / "state").exists()  # no half-made snapshot left behind
+
+    run_with_client(vmm, client)
+    assert image.read_bytes()[5 * 512 : 6 * 512] == b"\xa5" * 512  # the guest kept going through it
+
+
+@needs_daemon
+@pytest.mark.kvm
+def test_a_lost_daemon_is_started_again_and_the_disk_works_on(guests: Path, tmp_path: Path) -> None:
+    """PATCH /drives/{id} with ``reconnect`` after kvmpy's daemon died: a new daemon takes the
+    rings from where kvmpy's failing left them, and the guest's reads succeed again."""
+    from kvmpy.testing.console import CapturedConsole, wait_until
+    from kvmpy.testing.vmm_client import run_with_client
+    from kvmpy.virtio.vhost.user_device import VhostUserDevice
+    from kvmpy.vmm import actions as a
+    from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
+    from kvmpy.vmm.vmm import Vmm
+
+    image = _image(tmp_path / "disk.img")
+    disk = DiskConfig.parse(f"{image},backend=vhost-user,id=data")
+    config = VmConfig(kernel=guests / "virtio_blk.elf", cmdline="reads=40000 tolerate=1", disks=(disk,),
+                      serial=SerialConfig(SerialMode.NONE))  # fmt: skip
+    console = CapturedConsole()
+    vmm = Vmm(config, serial_sink=console)
+    vmm.submit(a.StartInstance())
+
+    def client() -> None:
+        machine = vmm.machine
+        assert machine is not None
+        device = machine.disks["data"].device
+        assert isinstance(device, VhostUserDevice)
+        with pytest.raises(a.ActionError, match="still connected"):
+            vmm.submit(a.UpdateBlockDevice("data", reconnect=True))
+        time.sleep(0.3)
+        machine.daemons[0]._process.kill()
+        wait_until(lambda: device.lost is not None, 10, "kvmpy to see the daemon gone")
+        wait_until(lambda: device.failed_requests > 0, 10, "a request to fail")
+        vmm.submit(a.UpdateBlockDevice("data", reconnect=True))
+        assert device.lost is None
+        wait_until(lambda: "virtio_blk ok" in console.text, 60, "the guest to finish its reads")
+
+    run_with_client(vmm, client)
+    found = re.search(r"virtio_blk ok, capacity 64 sectors, failed reads (\d+)", console.text)
+    assert found, console.text[-500:]
+    assert 0 < int(found.group(1)) < 40000, found.group(0)  # some failed while it was gone
+    assert len(vmm.machine.daemons if vmm.machine else []) in (0, 2)

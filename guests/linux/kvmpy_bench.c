@@ -13,6 +13,7 @@
  *   kvmpy-bench mmap N MIB              mmap, touch every page, munmap, N times
  *   kvmpy-bench tlb MIB N               N dependent random reads over a MIB buffer
  *   kvmpy-bench console PATH KIB        KIB KiB of text lines written to a console device
+ *   kvmpy-bench vsock-echo PORT N       listen on AF_VSOCK PORT, echo N connections to their EOF
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -30,6 +31,7 @@
 #include <termios.h>
 #include <time.h>
 #include <unistd.h>
+#include <linux/vm_sockets.h>
 
 #define MIB (1024L * 1024L)
 
@@ -228,6 +230,33 @@ static int console_write(const char *path, long kib) {
     return 0;
 }
 
+static int vsock_echo(int port, long connections) {
+    int server = socket(AF_VSOCK, SOCK_STREAM, 0);
+    struct sockaddr_vm address = {.svm_family = AF_VSOCK, .svm_port = port, .svm_cid = VMADDR_CID_ANY};
+    if (server < 0 || bind(server, (struct sockaddr *)&address, sizeof address) || listen(server, 1))
+        die("vsock listen");
+    printf("VSOCK-LISTENING port=%d\n", port);
+    char *buffer = aligned_buffer(MIB);
+    long total = 0;
+    for (long served = 0; served < connections; served++) {
+        int fd = accept(server, NULL, NULL);
+        if (fd < 0)
+            die("vsock accept");
+        ssize_t got;
+        while ((got = read(fd, buffer, MIB)) > 0)
+            for (ssize_t sent = 0, done; sent < got; sent += done)
+                if ((done = write(fd, buffer + sent, got - sent)) <= 0)
+                    die("vsock write");
+        if (got < 0)
+            die("vsock read");
+        close(fd);
+        total += 1;
+    }
+    printf("VSOCK-ECHO connections=%ld\n", total);
+    close(server);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc >= 4 && !strcmp(argv[1], "blk-read"))
@@ -250,6 +279,8 @@ int main(int argc, char **argv) {
         return tlb_misses(atol(argv[2]), atol(argv[3]));
     if (argc >= 4 && !strcmp(argv[1], "console"))
         return console_write(argv[2], atol(argv[3]));
+    if (argc >= 4 && !strcmp(argv[1], "vsock-echo"))
+        return vsock_echo(atoi(argv[2]), atol(argv[3]));
     fprintf(stderr, "usage: see the comment at the top of kvmpy_bench.c\n");
     return 2;
 }

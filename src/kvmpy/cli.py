@@ -90,6 +90,12 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     )
     run.add_argument("--rng", action="store_true", help="a virtio-rng device fed by the host's getrandom()")
     run.add_argument(
+        "--vsock",
+        metavar="cid=N",
+        help="a virtio-vsock device through the host's vhost-vsock: host processes reach the guest"
+        " at AF_VSOCK address (N, PORT)",
+    )
+    run.add_argument(
         "--console",
         default="serial",
         help="serial: the terminal is the 16550A (ttyS0); virtio: it is virtio-console (hvc0)",
@@ -117,6 +123,16 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
 
     add_run_options(run)
     run.set_defaults(handler=_run_command)
+
+
+def _vsock_option(text: str | None) -> int | None:
+    """``cid=N``."""
+    if text is None:
+        return None
+    key, _, value = text.partition("=")
+    if key != "cid" or not value.isdigit():
+        raise ConfigError(f"invalid --vsock {text!r}: use cid=N (3 or more)")
+    return int(value)
 
 
 def _memory_option(text: str) -> tuple[int, bool]:
@@ -149,6 +165,7 @@ def _config_from_args(args: argparse.Namespace) -> VmConfig:
         hugepages=args.hugepages,
         disks=tuple(DiskConfig.parse(text) for text in args.disk),
         rng=args.rng,
+        vsock_cid=_vsock_option(args.vsock),
         nets=tuple(NetConfig.parse(text) for text in args.net),
         filesystems=tuple(FsConfig.parse(text) for text in args.fs),
         console=args.console,

@@ -37,6 +37,8 @@ VHOST_GET_VRING_BASE = _ioc(_READ | _WRITE, 0x12, VRING_STATE.size)
 VHOST_SET_VRING_KICK = _ioc(_WRITE, 0x20, VRING_FILE.size)
 VHOST_SET_VRING_CALL = _ioc(_WRITE, 0x21, VRING_FILE.size)
 VHOST_NET_SET_BACKEND = _ioc(_WRITE, 0x30, VRING_FILE.size)
+VHOST_VSOCK_SET_GUEST_CID = _ioc(_WRITE, 0x60, U64.size)
+VHOST_VSOCK_SET_RUNNING = _ioc(_WRITE, 0x61, 4)
 
 #: vhost-net's own feature bit: it adds the virtio-net header itself (kvmpy lets the tap do it).
 VHOST_NET_F_VIRTIO_NET_HDR = 1 << 27
@@ -46,5 +48,7 @@ assert VHOST_SET_OWNER == 0xAF01
 assert VHOST_SET_MEM_TABLE == 0x4008AF03
 assert VHOST_GET_VRING_BASE == 0xC008AF12
 assert VHOST_NET_SET_BACKEND == 0x4008AF30
+assert VHOST_VSOCK_SET_GUEST_CID == 0x4008AF60
+assert VHOST_VSOCK_SET_RUNNING == 0x4004AF61
 
 __all__ = [name for name in dict(globals()) if name.isupper()]

@@ -14,7 +14,10 @@ UNSUPPORTED = {
     "hotplug": "memory hotplug: kvmpy has no virtio-mem.",
     "mmds": "MMDS: kvmpy's virtio-net has no microVM metadata service.",
     "pmem": "virtio-pmem devices: kvmpy has none.",
-    "vsock": "vsock: kvmpy has no virtio-vsock device yet.",
+    "vsock": (
+        "vsock through Unix sockets (uds_path): kvmpy's virtio-vsock is the host kernel's"
+        " vhost-vsock, reached with AF_VSOCK; start kvmpy with --vsock cid=N."
+    ),
 }
 
 

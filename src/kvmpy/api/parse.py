@@ -207,7 +207,7 @@ def _vhost_user_drive(body: schemas.Drive, socket: str) -> InsertBlockDevice:
 def drive_update(body: schemas.PartialDrive, path_id: str) -> UpdateBlockDevice:
     _same_drive_id(path_id, body.drive_id)
     path = _path(body.path_on_host, "path_on_host") if body.path_on_host is not None else None
-    return UpdateBlockDevice(body.drive_id, path, rate_limiter(body.rate_limiter))
+    return UpdateBlockDevice(body.drive_id, path, rate_limiter(body.rate_limiter), reconnect=body.reconnect)
 
 
 def _same_iface_id(path_id: str | None, body_id: str) -> None:
@@ -324,7 +324,7 @@ def _memory_file(body: schemas.SnapshotLoadParams) -> Path:
 def snapshot_load(body: schemas.SnapshotLoadParams) -> LoadSnapshot:
     memory = _memory_file(body)
     if body.vsock_override is not None:
-        raise not_supported("vsock_override: kvmpy has no virtio-vsock device yet.")
+        raise not_supported("vsock_override: kvmpy's vsock (--vsock cid=N) cannot be snapshotted yet.")
     if body.huge_pages in ("Transparent", "2M"):
         raise not_supported(
             f'huge_pages "{body.huge_pages}" on restore: kvmpy maps the memory file with 4 KiB pages.'

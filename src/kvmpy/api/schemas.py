@@ -83,6 +83,8 @@ class PartialDrive(_Body):
     drive_id: str
     path_on_host: str | None = None
     rate_limiter: RateLimiter | None = None
+    #: kvmpy: a vhost-user drive whose back end was lost connects to one again.
+    reconnect: bool = False
 
 
 class NetworkInterface(_Body):

@@ -8,11 +8,13 @@ qemu-storage-daemon over vhost-user, paired runs with N requests and with none.
 In the lab, Debian's drivers under both VMMs, one lab boot: virtio-blk through
 qemu-storage-daemon (vhost-user) against QEMU's own virtio-blk on the same image
 and against QEMU with the same daemon; virtio-net through vhost-net against QEMU
-with ``vhost=on``.
+with ``vhost=on``; vhost-vsock against QEMU's vhost-vsock-pci, with a host process
+streaming through the guest's echo and making round trips.
 """
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -110,6 +112,7 @@ def lab_scenarios(kernel: str, initrd: str, plan: lab.LabPlan) -> list[Scenario]
         "-device", f"virtio-net-pci,netdev=net0,mac={lab.MAC}",
     )  # fmt: skip
     net_base = replace(base, command=net, prepare=lab.net_prepare(), verify=lab.net_cleanup())
+    vsock = replace(base, command=f"{lab.TOOL} vsock-echo {VSOCK_PORT} 2; poweroff -f")
     return [
         replace(base, name="vhost-blk-kvmpy", command=blk, prepare=fill,
                 args=("--disk", f"{image},backend=vhost-user")),
@@ -119,7 +122,28 @@ def lab_scenarios(kernel: str, initrd: str, plan: lab.LabPlan) -> list[Scenario]
                 args=_qemu_vhost_user_args(base.memory), verify="kill $(cat {tmp}/daemon.pid)"),
         replace(net_base, name="vhost-net-kvmpy", args=("--net", f"tap={lab.TAP},mac={lab.MAC},vhost=on")),
         replace(net_base, name="vhost-net-qemu", vmm="qemu", args=qemu_net),
+        replace(vsock, name="vhost-vsock-kvmpy", args=("--vsock", f"cid={VSOCK_CIDS[0]}"),
+                prepare=_vsock_peer(VSOCK_CIDS[0]), verify=VSOCK_VERIFY),
+        replace(vsock, name="vhost-vsock-qemu", vmm="qemu",
+                args=("-device", f"vhost-vsock-pci,guest-cid={VSOCK_CIDS[1]}"),
+                prepare=_vsock_peer(VSOCK_CIDS[1]), verify=VSOCK_VERIFY),
     ]  # fmt: skip
+
+
+#: Each VMM's guest gets a CID of its own (a CID stays taken until its VMM has gone).
+VSOCK_CIDS, VSOCK_PORT, VSOCK_MIB, VSOCK_ROUND_TRIPS = (44, 45), 5000, 16, 500
+VSOCK_VERIFY = "sleep 1; cat {tmp}/vsock.txt"
+
+
+def _vsock_peer(cid: int) -> str:
+    """The host side in the lab: kvmpy.lab.vsock_peer, started before the VM (it waits)."""
+    peer = f"{sys.executable} -m kvmpy.lab.vsock_peer {cid} {VSOCK_PORT} {VSOCK_MIB} {VSOCK_ROUND_TRIPS}"
+    return f"({peer} > {{tmp}}/vsock.txt 2>&1 &)"
+
+
+def _with_peer_lines(result: ScenarioResult) -> ScenarioResult:
+    """The vsock figures are the host peer's (in the notes, from the verify step)."""
+    return replace(result, output=result.output + "\n" + "\n".join(result.notes))
 
 
 def _blk_metrics(results: dict[str, ScenarioResult], peer: str, against: str) -> list[Metric]:
@@ -156,6 +180,18 @@ def lab_metrics(results: dict[str, ScenarioResult]) -> list[Metric]:
         )  # fmt: skip
         for vmm in lab.VMMS:
             lab.add_bench_value(metric, vmm, results, f"vhost-net-{vmm}", line, key)
+        metrics.append(metric)
+    peers = {name: _with_peer_lines(r) for name, r in results.items() if name.startswith("vhost-vsock-")}
+    for line, key, title, unit, better in (
+        ("vsock-stream", "mbitps", f"{VSOCK_MIB} MiB out and back at once", "Mbit/s", Better.HIGHER),
+        ("vsock-rr", "rtt_us", "1-byte round trip", "µs", Better.LOWER),
+    ):
+        metric = Metric(
+            f"vhost_{line.replace('-', '_')}", f"vhost-vsock {title}, host process ↔ guest, against QEMU",
+            unit, lab.WHERE, better=better, target=Target(ratio=1.0),
+        )  # fmt: skip
+        for vmm in lab.VMMS:
+            lab.add_bench_value(metric, vmm, peers, f"vhost-vsock-{vmm}", line, key)
         metrics.append(metric)
     return metrics
 

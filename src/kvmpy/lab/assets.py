@@ -22,6 +22,7 @@ LAB_MODULES = [
     "kvm_amd",
     "tun",
     "vhost_net",  # virtio-net's rings in the lab's kernel (issue 15); brings vhost and tap
+    "vhost_vsock",  # AF_VSOCK between the lab and its guests
     "loop",
     "crc32c_generic",
     "ext4",

@@ -153,6 +153,9 @@ class VirtioPciTransport:
         bind_irqfds = getattr(device, "bind_irqfds", None)
         if bind_irqfds is not None:  # a data plane outside Python signals the guest itself
             bind_irqfds(self.irqfd)
+            self.msix.on_mask_change = getattr(device, "interrupts_changed", None)
+        #: Each vector's deliverability at the last configuration write (to report changes).
+        self._masks_before = self.msix.snapshot_masks()
 
     def _reset_state(self) -> None:
         self.status = 0
@@ -175,7 +178,8 @@ class VirtioPciTransport:
         return self.msix if index == 1 else None
 
     def config_written(self, offset: int, size: int) -> None:
-        self.msix.config_written()
+        before, self._masks_before = self._masks_before, self.msix.snapshot_masks()
+        self.msix.config_written(before)
         with self._lock:
             self._update_intx()  # MSI-X enable and INTx disable both live in config space
 
@@ -219,7 +223,7 @@ class VirtioPciTransport:
     def irqfd(self, index: int) -> int | None:
         """The eventfd that raises queue ``index``'s MSI-X vector in KVM, for a back end
         outside Python to signal directly; None while MSI-X is off or no vector is set."""
-        if not 0 <= index < len(self.queue_vectors) or not self.msix.enabled:
+        if not 0 <= index < len(self.queue_vectors):
             return None
         return self.msix.irqfd(self.queue_vectors[index])
 

@@ -61,11 +61,13 @@ class InsertBlockDevice(msgspec.Struct, frozen=True):
 
 
 class UpdateBlockDevice(msgspec.Struct, frozen=True):
-    """PATCH /drives/{id}: a new backing file (the guest sees the new size) or rate limiter."""
+    """PATCH /drives/{id}: a new backing file (the guest sees the new size) or rate limiter;
+    or, for a vhost-user drive whose back end was lost, a back end again (``reconnect``)."""
 
     drive_id: str
     path: Path | None = None
     rate_limiter: RateLimiterConfig | None = None
+    reconnect: bool = False
 
 
 class InsertNetworkDevice(msgspec.Struct, frozen=True):

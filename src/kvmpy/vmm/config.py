@@ -315,6 +315,8 @@ class VmConfig(msgspec.Struct, frozen=True):
     track_dirty_pages: bool = False
     #: Guest RAM as memfds another process can map (always so with a vhost-user device).
     shared_memory: bool = False
+    #: The guest's AF_VSOCK context id (a virtio-vsock device through vhost-vsock), or None.
+    vsock_cid: int | None = None
     logger: LoggerConfig | None = None
     metrics: MetricsConfig | None = None
     #: (device id, PCI slot) of virtio devices that must sit in a given slot: a restored

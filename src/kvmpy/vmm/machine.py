@@ -158,6 +158,7 @@ class Machine:
         #: Back-end processes kvmpy runs (qemu-storage-daemon, virtiofsd): stopped after their
         #: devices close.
         self.daemons: list[DaemonProcess] = []
+        self._daemon_of: dict[str, DaemonProcess] = {}  # device id -> the daemon serving it
         closing(self._stop_daemons)
         closing(self.pci.close)
         self._setup_virtio()
@@ -353,6 +354,12 @@ class Machine:
         for number, share in enumerate(self.config.filesystems):
             name = f"virtio-fs{number}"
             self.pci.add_virtio(self._vhost_user_fs(share, name), name, slots.get(name))
+        if self.config.vsock_cid is not None:
+            _check_no_seccomp("--vsock (vhost-vsock)")
+            from kvmpy.virtio.vhost.vsock import VhostVsock
+
+            vsock = VhostVsock(self.config.vsock_cid, watch=self.events.add, unwatch=self.events.remove)
+            self.pci.add_virtio(vsock, "virtio-vsock", slots.get("virtio-vsock"))
         if self.config.rng:
             from kvmpy.virtio.devices.rng import VirtioRng
 
@@ -367,17 +374,10 @@ class Machine:
 
     def _vhost_user_disk(self, disk: DiskConfig, name: str) -> VhostUserBlock:
         """A disk served by qemu-storage-daemon: the one kvmpy starts, or the user's."""
-        from kvmpy.virtio.vhost.storage_daemon import StorageDaemon
         from kvmpy.virtio.vhost.user_blk import VhostUserBlock
         from kvmpy.virtio.vhost.user_client import VhostUserClient
 
-        socket = disk.socket
-        if socket is None:
-            daemon = StorageDaemon(
-                disk.path, fmt=disk.format, read_only=disk.read_only, direct=disk.direct, aio=disk.aio
-            )
-            self.daemons.append(daemon)
-            socket = daemon.socket
+        socket = disk.socket if disk.socket is not None else self._start_daemon(disk, name)
         client = VhostUserClient.connect(socket)
         try:
             return VhostUserBlock(client, name, watch=self.events.add, unwatch=self.events.remove)
@@ -413,6 +413,43 @@ class Machine:
             return True
         python_only = net.rx_rate_limiter or net.tx_rate_limiter or self.config.track_dirty_pages
         return not python_only and not seccomp.enabled() and vhost_net_usable()
+
+    def _start_daemon(self, disk: DiskConfig, name: str) -> Path:
+        """qemu-storage-daemon on ``disk``'s image; returns its socket."""
+        from kvmpy.virtio.vhost.storage_daemon import StorageDaemon
+
+        daemon = StorageDaemon(
+            disk.path, fmt=disk.format, read_only=disk.read_only, direct=disk.direct, aio=disk.aio
+        )
+        self.daemons.append(daemon)
+        self._daemon_of[name] = daemon
+        return daemon.socket
+
+    def reconnect_disk(self, drive_id: str) -> None:
+        """A vhost-user drive whose back end was lost gets one again: kvmpy's own daemon is
+        started anew, a user's daemon is looked for at the drive's socket."""
+        from kvmpy.virtio.vhost.user_client import VhostUserClient
+        from kvmpy.virtio.vhost.user_device import VhostUserDevice
+
+        transport = self.disks.get(drive_id)
+        if transport is None or not isinstance(transport.device, VhostUserDevice):
+            raise ConfigError(f"drive {drive_id} is not a vhost-user drive: there is nothing to reconnect")
+        device = transport.device
+        if device.lost is None:
+            raise ConfigError(f"drive {drive_id}'s vhost-user back end is still connected")
+        disks = enumerate(self.config.disks)
+        number, disk = next((n, d) for n, d in disks if (d.id or f"disk{n}") == drive_id)
+        name = disk_device_id(number, disk.id)
+        old = self._daemon_of.pop(name, None)
+        if old is not None:
+            old.stop()
+        socket = disk.socket if disk.socket is not None else self._start_daemon(disk, name)
+        client = VhostUserClient.connect(socket)
+        try:
+            device.reconnect(client)
+        except BaseException:
+            client.close()
+            raise
 
     def _stop_daemons(self) -> None:
         for daemon in self.daemons:
@@ -731,16 +768,14 @@ def _not_vhost_user(transport: VirtioPciTransport, name: str, what: str) -> None
         raise ConfigError(f"{name} has its data plane outside kvmpy (vhost): {what} is not kvmpy's to change")
 
 
-def _check_no_seccomp() -> None:
+def _check_no_seccomp(what: str = "vhost-user devices and shared guest memory") -> None:
     """vhost-user needs memfds, a socket with descriptors passed over it and a daemon kvmpy
-    starts: none of it is in the seccomp filters yet, so refuse rather than trap."""
+    starts, kernel vhost its own ioctls: none of it is in the seccomp filters yet, so refuse
+    rather than trap."""
     from kvmpy.jail import seccomp
 
     if seccomp.enabled():
-        raise ConfigError(
-            "vhost-user devices and shared guest memory cannot run under --seccomp or --jail yet"
-            " (docs/security.md)"
-        )
+        raise ConfigError(f"{what} cannot run under --seccomp or --jail yet (docs/security.md)")
 
 
 def disk_device_id(number: int, drive_id: str) -> str:

@@ -337,6 +337,8 @@ class Vmm:
             _check_file(action.path, f"drive {action.drive_id}")
             self.machine.replace_disk(action.drive_id, action.path)
             self._update(disks=_changed(self.config.disks, action.drive_id, path=action.path))
+        if action.reconnect:
+            self.machine.reconnect_disk(action.drive_id)
 
     def _insert_network_device(self, action: a.InsertNetworkDevice) -> None:
         net = action.net

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -65,6 +66,9 @@ class MsixTable:
         for vector in range(vectors):
             self._table[vector * ENTRY_SIZE + 12] = VECTOR_MASKED
         self._pending = [False] * vectors
+        #: Called (without the table's lock) when vectors start or stop being deliverable: a
+        #: back end outside Python that signals a vector's irqfd must stop while it is masked.
+        self.on_mask_change: Callable[[], None] | None = None
         body = struct.pack("<HII", vectors - 1, TABLE_OFFSET | bar, PBA_OFFSET | bar)
         writable = struct.pack("<HII", CONTROL_ENABLE | CONTROL_FUNCTION_MASK, 0, 0)
         self.cap_offset = config.add_capability(CAP_ID_MSIX, body, writable)
@@ -83,6 +87,19 @@ class MsixTable:
     def _blocked(self, vector: int) -> bool:
         return bool(self._control() & CONTROL_FUNCTION_MASK) or self._entry(vector)[2]
 
+    def deliverable(self, vector: int) -> bool:
+        """MSI-X is on and neither the function nor ``vector`` is masked."""
+        return 0 <= vector < self.vectors and self.enabled and not self._blocked(vector)
+
+    def _deliverable_all(self) -> list[bool]:
+        enabled = self.enabled
+        return [enabled and not self._blocked(vector) for vector in range(self.vectors)]
+
+    def _report_masks(self, before: list[bool]) -> None:
+        """Tell the listener if any vector's deliverability changed (table lock not held)."""
+        if self.on_mask_change is not None and self._deliverable_all() != before:
+            self.on_mask_change()
+
     def signal(self, vector: int) -> bool:
         """Raise ``vector``; returns False if MSI-X is off or the vector invalid."""
         if vector == NO_VECTOR or not 0 <= vector < self.vectors or not self.enabled:
@@ -96,20 +113,30 @@ class MsixTable:
         return True
 
     def irqfd(self, vector: int) -> int | None:
-        """The eventfd the sender raises ``vector`` with, if it has one (irqfd delivery).
-
-        A back end given it signals the guest without the table's mask being consulted:
-        the one thing that differs from :meth:`signal` (see docs/techniques.md, vhost)."""
+        """The eventfd the sender raises ``vector`` with, if it has one (irqfd delivery) and the
+        vector is deliverable now: a back end given it signals the guest without the table
+        being consulted, so it gets it only while nothing masks the vector (``on_mask_change``
+        says when that changes)."""
         lookup = getattr(self._sender, "irqfd", None)
-        if vector == NO_VECTOR or not 0 <= vector < self.vectors or lookup is None:
+        if lookup is None or not self.deliverable(vector):
             return None
         fd: int | None = lookup(vector)
         return fd
 
-    def config_written(self) -> None:
-        """The capability's control word may have changed: deliver what unmasking released."""
+    def config_written(self, before: list[bool] | None = None) -> None:
+        """The capability's control word may have changed: deliver what unmasking released.
+
+        ``before``: each vector's deliverability before the write (see :meth:`snapshot_masks`),
+        so a change can be reported."""
         with self._lock:
             self._deliver_pending()
+        if before is not None:
+            self._report_masks(before)
+
+    def snapshot_masks(self) -> list[bool]:
+        """Each vector's deliverability now (to compare after a configuration write)."""
+        with self._lock:
+            return self._deliverable_all()
 
     def _deliver_pending(self) -> None:
         """Send what is pending and no longer masked (lock held)."""
@@ -167,11 +194,13 @@ class MsixTable:
         if size not in (4, 8) or offset % 4 or offset + size > len(self._table):
             return  # the PBA is read-only; odd accesses are dropped
         with self._lock:
+            before = self._deliverable_all()
             self._table[offset : offset + size] = data
             for vector in range(offset // ENTRY_SIZE, (offset + size - 1) // ENTRY_SIZE + 1):
                 address, data_word, _ = self._entry(vector)
                 self._sender.changed(vector, address, data_word)
             self._deliver_pending()
+        self._report_masks(before)
 
 
 __all__ = ["BAR_SIZE", "CAP_ID_MSIX", "NO_VECTOR", "MsiSender", "MsixState", "MsixTable"]

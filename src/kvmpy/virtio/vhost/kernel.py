@@ -23,11 +23,11 @@ class VhostError(HostError):
 class KernelVhost:
     """One open vhost device (:class:`kvmpy.virtio.vhost.rings.RingBackend` over ioctls)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, module: str = "vhost_net") -> None:
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as error:
-            raise ConfigError(f"cannot open {path}: {error.strerror} (is vhost_net loaded?)") from None
+            raise ConfigError(f"cannot open {path}: {error.strerror} (is {module} loaded?)") from None
         self.path = path
         try:
             self._ioctl("VHOST_SET_OWNER", vh.VHOST_SET_OWNER, 0)

@@ -61,6 +61,11 @@ class VhostNet(VirtioNet):
             self._rings.kicks = dict(kicks)
             self._checked(lambda: self._rings.rewire_kicks(self._vhost))
 
+    def interrupts_changed(self) -> None:
+        """A vector was masked or unmasked (MSI-X table or control word)."""
+        with self.guard.lock:
+            self._checked(lambda: self._rings.rewire_calls(self._vhost))
+
     # --- the VirtioDevice interface -----------------------------------------------------------
     def activate(
         self, mem: GuestMemory, queues: list[SplitQueue], acked_features: int, interrupt: Interrupt

@@ -5,8 +5,9 @@ A vhost back end, in the kernel (/dev/vhost-net: ioctls) or in another process
 where its three parts lie in the VMM's address space, the index to start from,
 the eventfd that signals a kick (the queue's ioeventfd), and the eventfd to
 signal when it used buffers (the MSI-X vector's irqfd, so the interrupt goes
-from the back end to KVM without Python; or an eventfd kvmpy relays to the
-transport while MSI-X is off). :class:`Rings` does those steps over a
+from the back end to KVM without Python; or, while MSI-X is off or the vector
+is masked, an eventfd kvmpy relays to the transport, which sets the vector's
+pending bit or raises INTx as for its own devices). :class:`Rings` does those steps over a
 :class:`RingBackend`, and keeps what it handed over, to do it again or undo it.
 """
 
@@ -88,6 +89,12 @@ class Rings:
         """The notify addresses moved: the started rings get the new ioeventfds."""
         for index in self.started:
             backend.set_vring_kick(index, self.kicks.get(index))
+
+    def rewire_calls(self, backend: RingBackend) -> None:
+        """A vector was masked or unmasked: each started ring signals its irqfd only while the
+        vector is deliverable, and the relay (which leaves a masked vector pending) otherwise."""
+        for index in self.started:
+            backend.set_vring_call(index, self._call_fd(index))
 
     def stop(self, backend: RingBackend | None) -> dict[int, int]:
         """Take every ring back; returns where each stopped (none if the back end is gone)."""

@@ -59,22 +59,56 @@ class VhostUserDevice:
         self.name = name
         self._client: VhostUserClient | None = client
         self._watch, self._unwatch = watch, unwatch
+        self.features, self._config = self._handshake(client)
+        self._rings = Rings(watch, unwatch)
+        self._mem: GuestMemory | None = None
+        self._queues: list[SplitQueue] = []
+        self._interrupt: Interrupt | None = None
+        self._acked = 0
+        #: Requests kvmpy completed itself after the back end was lost.
+        self.failed_requests = 0
+        self.lost: str | None = None
+        watch(client.fileno(), self._socket_readable)
+
+    def _handshake(self, client: VhostUserClient) -> tuple[int, bytes]:
+        """Features, protocol features and ownership; returns what the guest is offered and
+        the configuration space."""
         backend_features = client.get_u64(vu.GET_FEATURES)
         if not backend_features & F_VERSION_1:
             raise VhostUserError(f"vhost-user back end {client.name} does not offer VIRTIO_F_VERSION_1")
         speaks = bool(backend_features & vu.F_PROTOCOL_FEATURES)
         agreed = client.negotiate_protocol(self.wanted_protocol) if speaks else 0
         client.tell(vu.SET_OWNER)
-        self.features = backend_features & self.passed_features
-        self._config = self.configure(client, agreed)
-        self._rings = Rings(watch, unwatch)
-        self._mem: GuestMemory | None = None
-        self._queues: list[SplitQueue] = []
-        self._interrupt: Interrupt | None = None
-        #: Requests kvmpy completed itself after the back end was lost.
-        self.failed_requests = 0
-        self.lost: str | None = None
-        watch(client.fileno(), self._socket_readable)
+        self.features = backend_features & self.passed_features  # configure() may read it
+        return self.features, self.configure(client, agreed)
+
+    def reconnect(self, client: VhostUserClient) -> None:
+        """A restarted back end takes over again, from where kvmpy's failing left the rings.
+
+        While the back end was gone kvmpy completed every request itself, so the rings'
+        positions are kvmpy's and exact: the new back end starts from them. It must offer
+        the guest what the old one did (the driver negotiated with that); raises
+        VhostUserError otherwise, and the device goes on failing requests.
+        """
+        with self.guard.lock:
+            if self.lost is None:
+                raise VhostUserError(f"{self.name} still has its vhost-user back end")
+            saved = (self.features, self._config, self.queue_sizes)
+            features, config = self._handshake(client)
+            if (features, config, self.queue_sizes) != saved:
+                self.features, self._config, self.queue_sizes = saved
+                raise VhostUserError(
+                    f"vhost-user back end {client.name} is not the device {self.name} was (features"
+                    f" {features:#x}, configuration or queues differ): the guest negotiated with that"
+                )
+            for fd in self._rings.kicks.values():
+                self._unwatch(fd)  # the back end waits on them again
+            self._client, self.lost = client, None
+            self._watch(client.fileno(), self._socket_readable)
+            log.warning("%s: vhost-user back end %s connected again", self.name, client.name)
+            mem, queues, interrupt = self._mem, self._queues, self._interrupt
+            if mem is not None and interrupt is not None:
+                self._send(lambda client: self._hand_over(client, mem, queues, self._acked, interrupt))
 
     def configure(self, client: VhostUserClient, protocol: int) -> bytes:
         """Set ``queue_sizes`` (and features) from the back end; returns the configuration space."""
@@ -101,6 +135,11 @@ class VhostUserDevice:
                 return
             self._send(lambda client: self._rings.rewire_kicks(client))
 
+    def interrupts_changed(self) -> None:
+        """A vector was masked or unmasked (MSI-X table or control word)."""
+        with self.guard.lock:
+            self._send(self._rings.rewire_calls)
+
     # --- the VirtioDevice interface -----------------------------------------------------------
     def read_config(self, offset: int, size: int) -> bytes:
         return self._config[offset : offset + size]
@@ -113,6 +152,7 @@ class VhostUserDevice:
     ) -> None:
         with self.guard.lock:
             self._mem, self._queues, self._interrupt = mem, queues, interrupt
+            self._acked = acked_features
             if self.lost is not None:
                 self._serve_failing()
                 return
