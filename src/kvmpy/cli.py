@@ -19,6 +19,7 @@ from kvmpy.errors import ConfigError, KvmpyError
 from kvmpy.vmm.config import (
     MAX_VCPUS,
     DiskConfig,
+    FsConfig,
     NetConfig,
     OnReboot,
     SerialConfig,
@@ -80,6 +81,13 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         " kvmpy runs; socket=PATH: by the vhost-user daemon listening there",
     )
     run.add_argument("--net", action="append", default=[], help="virtio-net on a tap: tap=IFNAME[,mac=MAC]")
+    run.add_argument(
+        "--fs",
+        action="append",
+        default=[],
+        help="virtio-fs share served by a virtiofsd kvmpy runs: tag=NAME,path=DIR[,readonly=on] (repeatable;"
+        " the guest mounts it with mount -t virtiofs NAME /mnt)",
+    )
     run.add_argument("--rng", action="store_true", help="a virtio-rng device fed by the host's getrandom()")
     run.add_argument(
         "--vsock",
@@ -159,6 +167,7 @@ def _config_from_args(args: argparse.Namespace) -> VmConfig:
         rng=args.rng,
         vsock_cid=_vsock_option(args.vsock),
         nets=tuple(NetConfig.parse(text) for text in args.net),
+        filesystems=tuple(FsConfig.parse(text) for text in args.fs),
         console=args.console,
         console_rate=None
         if args.console_rate is None

@@ -187,6 +187,41 @@ class DiskConfig(msgspec.Struct, frozen=True):
             )
 
 
+class FsConfig(msgspec.Struct, frozen=True):
+    """A virtio-fs share: a host directory virtiofsd serves, mounted in the guest by its tag."""
+
+    tag: str
+    path: Path
+    #: virtiofsd 7.2 has no read-only mode: kvmpy gives it a read-only bind mount of ``path``.
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> FsConfig:
+        """``tag=NAME,path=DIR[,readonly=on|off]``."""
+        fields: dict[str, str] = {}
+        for option in text.split(","):
+            key, _, value = option.partition("=")
+            known = key in ("tag", "path") or key == "readonly" and value in ("on", "off")
+            if not known or not value:
+                raise ConfigError(
+                    f"invalid --fs option {option!r}: use tag=NAME, path=DIR or readonly=on|off"
+                )
+            fields[key] = value
+        if "tag" not in fields or "path" not in fields:
+            raise ConfigError(f"invalid --fs {text!r}: it needs tag=NAME and path=DIR")
+        share = cls(fields["tag"], Path(fields["path"]), fields.get("readonly") == "on")
+        share.check_usable()
+        return share
+
+    def check_usable(self) -> None:
+        """A tag the device can hold, and a directory to share."""
+        from kvmpy.virtio.vhost.user_fs import check_tag  # loaded only for a VM with a share
+
+        check_tag(self.tag)
+        if not self.path.is_dir():
+            raise ConfigError(f"--fs path {self.path} is not a directory")
+
+
 class NetConfig(msgspec.Struct, frozen=True):
     """A virtio-net interface on a tap device."""
 
@@ -266,6 +301,8 @@ class VmConfig(msgspec.Struct, frozen=True):
     disks: tuple[DiskConfig, ...] = ()
     rng: bool = False
     nets: tuple[NetConfig, ...] = ()
+    #: virtio-fs shares, each served by a virtiofsd kvmpy starts.
+    filesystems: tuple[FsConfig, ...] = ()
     #: Where the terminal connects: the emulated 16550A or its virtio twin (hvc0).
     console: str = "serial"
     #: Console output the sink gets at most, bytes per second (None: no limit); the rest is dropped.
@@ -288,7 +325,7 @@ class VmConfig(msgspec.Struct, frozen=True):
 
     @property
     def needs_shared_memory(self) -> bool:
-        return self.shared_memory or any(disk.vhost_user for disk in self.disks)
+        return self.shared_memory or bool(self.filesystems) or any(disk.vhost_user for disk in self.disks)
 
     def validate(self, host_memory: int | None = None) -> None:
         """Raise ConfigError for anything that cannot work, before touching KVM."""
@@ -299,6 +336,11 @@ class VmConfig(msgspec.Struct, frozen=True):
             check_readable(self.initrd, "initrd")
         for disk in self.disks:
             disk.check_usable()
+        tags = [share.tag for share in self.filesystems]
+        for share in self.filesystems:
+            share.check_usable()
+            if tags.count(share.tag) > 1:
+                raise ConfigError(f"--fs tag {share.tag!r} is given twice: each share needs its own tag")
         if self.console not in ("serial", "virtio"):
             raise ConfigError(f"invalid --console {self.console!r}: use serial or virtio")
         if self.console_rate is not None and self.console_rate <= 0:
@@ -350,6 +392,7 @@ def host_memory_bytes() -> int | None:
 __all__ = [
     "MAX_VCPUS",
     "DiskConfig",
+    "FsConfig",
     "LoggerConfig",
     "MetricsConfig",
     "NetConfig",

@@ -46,7 +46,7 @@ from kvmpy.errors import ConfigError, HostError
 from kvmpy.kvm import System, Vcpu
 from kvmpy.loader import BootMode, BootSetup, load_kernel
 from kvmpy.memory.guest_memory import GuestMemory
-from kvmpy.vmm.config import DiskConfig, NetConfig, SerialMode, VmConfig
+from kvmpy.vmm.config import DiskConfig, FsConfig, NetConfig, SerialMode, VmConfig
 from kvmpy.vmm.console import ConsoleOutput, ConsoleSink, FileSink
 from kvmpy.vmm.event_loop import EventLoop
 from kvmpy.vmm.irq import KvmIrqLine
@@ -60,8 +60,9 @@ if TYPE_CHECKING:
     from kvmpy.virtio.devices.console import VirtioConsole
     from kvmpy.virtio.pci_transport import VirtioPciTransport
     from kvmpy.virtio.throttle import Throttle
-    from kvmpy.virtio.vhost.storage_daemon import StorageDaemon
+    from kvmpy.virtio.vhost.daemon_process import DaemonProcess
     from kvmpy.virtio.vhost.user_blk import VhostUserBlock
+    from kvmpy.virtio.vhost.user_fs import VhostUserFs
     from kvmpy.vmm.config import RateLimiterConfig
 
 log = logging.getLogger("kvmpy.machine")
@@ -154,9 +155,10 @@ class Machine:
         self.events = EventLoop()
         closing(self.events.stop)
         self.pci = PciPlatform(self.vm, self.memory, self.pio_bus, self.mmio_bus, self.events)
-        #: Back-end processes kvmpy runs (qemu-storage-daemon): stopped after their devices close.
-        self.daemons: list[StorageDaemon] = []
-        self._daemon_of: dict[str, StorageDaemon] = {}  # device id -> the daemon serving it
+        #: Back-end processes kvmpy runs (qemu-storage-daemon, virtiofsd): stopped after their
+        #: devices close.
+        self.daemons: list[DaemonProcess] = []
+        self._daemon_of: dict[str, DaemonProcess] = {}  # device id -> the daemon serving it
         closing(self._stop_daemons)
         closing(self.pci.close)
         self._setup_virtio()
@@ -210,7 +212,7 @@ class Machine:
             ranges = layout.ram_ranges(self.config.memory)
             memory = GuestMemory.anonymous(ranges, hugepages=self.config.hugepages, shared=shared)
         elif shared and not memory.shared:
-            raise ConfigError("a VM with a vhost-user disk cannot be restored from a snapshot yet")
+            raise ConfigError("a VM with a vhost-user disk or share cannot be restored from a snapshot yet")
         flags = abi.KVM_MEM_LOG_DIRTY_PAGES if self.config.track_dirty_pages else 0
         for slot, region in enumerate(memory):
             self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address(), flags)
@@ -349,6 +351,9 @@ class Machine:
                 tx_throttle=self._throttle(net.tx_rate_limiter),
             )
             self.nets[net.id or f"net{number}"] = self.pci.add_virtio(nic, name, slots.get(name))
+        for number, share in enumerate(self.config.filesystems):
+            name = f"virtio-fs{number}"
+            self.pci.add_virtio(self._vhost_user_fs(share, name), name, slots.get(name))
         if self.config.vsock_cid is not None:
             _check_no_seccomp("--vsock (vhost-vsock)")
             from kvmpy.virtio.vhost.vsock import VhostVsock
@@ -376,6 +381,21 @@ class Machine:
         client = VhostUserClient.connect(socket)
         try:
             return VhostUserBlock(client, name, watch=self.events.add, unwatch=self.events.remove)
+        except BaseException:
+            client.close()
+            raise
+
+    def _vhost_user_fs(self, share: FsConfig, name: str) -> VhostUserFs:
+        """A share served by the virtiofsd kvmpy starts on its directory."""
+        from kvmpy.virtio.vhost.user_client import VhostUserClient
+        from kvmpy.virtio.vhost.user_fs import VhostUserFs
+        from kvmpy.virtio.vhost.virtiofsd import Virtiofsd
+
+        daemon = Virtiofsd(share.path, read_only=share.read_only)
+        self.daemons.append(daemon)
+        client = VhostUserClient.connect(daemon.socket)
+        try:
+            return VhostUserFs(client, name, watch=self.events.add, unwatch=self.events.remove, tag=share.tag)
         except BaseException:
             client.close()
             raise
