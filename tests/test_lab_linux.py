@@ -81,6 +81,14 @@ KILLED_DAEMON_COMMAND = (
     "i=0; while [ $i -lt 100 ] && dd if=/dev/vda of=/dev/null bs=1M iflag=direct 2>/tmp/dd.err; "
     "do i=$((i+1)); done; echo PASSES=$i; tail -1 /tmp/dd.err; poweroff -f"
 )
+#: A lab directory shared through virtiofsd (--fs): Linux's virtiofs driver reads a file the lab
+#: wrote and writes one the lab reads back.
+VIRTIOFS_PREPARE = "mkdir -p {tmp}/shared && head -c 262144 /dev/urandom > {tmp}/shared/data.bin"
+VIRTIOFS_COMMAND = (
+    "mount -t virtiofs share /mnt && md5sum /mnt/data.bin && echo hello-through-virtiofs > /mnt/out.txt"
+    " && umount /mnt; poweroff -f"
+)
+VIRTIOFS_VERIFY = "md5sum {tmp}/shared/data.bin; cat {tmp}/shared/out.txt"
 #: AF_VSOCK through vhost-vsock: the guest (kvmpy-bench, in the bench image) echoes two
 #: connections; kvmpy.lab.vsock_peer in the lab streams 8 MiB through it and makes 200 round trips.
 VSOCK_CID, VSOCK_PORT = 42, 5000
@@ -239,6 +247,15 @@ def _scenarios(disk: Path) -> list[Scenario]:
             args=("--net", "tap=kvmtap0,mac=52:54:00:ab:cd:ef,vhost=off"),
             prepare=NET_PREPARE,
             verify="cat {tmp}/received; cat {tmp}/server.log; ip link del kvmtap0",
+        ),
+        Scenario(
+            "virtiofs",
+            kernel,
+            initrd,
+            VIRTIOFS_COMMAND,
+            args=("--fs", "tag=share,path={tmp}/shared"),
+            prepare=VIRTIOFS_PREPARE,
+            verify=VIRTIOFS_VERIFY,
         ),
         Scenario(
             "vhost_net",
@@ -573,6 +590,17 @@ def test_vhost_net_ping_and_tcp_in_the_kernel(lab_results: dict[str, ScenarioRes
     guest_md5 = next(line.split()[0] for line in result.output.splitlines() if line.endswith("/tmp/blob"))
     assert f"{guest_md5} 1000000" in result.notes[-1], detail
     assert device_exits(result.stderr, "virtio-net0 BAR0") < 200, detail
+    assert "Traceback" not in result.stderr
+
+
+def test_virtiofs_shares_a_lab_directory_both_ways(lab_results: dict[str, ScenarioResult]) -> None:
+    result = _result(lab_results, "virtiofs")
+    detail = result.output + result.stderr + "\n".join(result.notes)
+    assert result.status == 0, detail
+    host_md5 = re.search(r"([0-9a-f]{32})  \S*/shared/data.bin", result.notes[-1])
+    assert host_md5 is not None, detail
+    assert f"{host_md5.group(1)}  /mnt/data.bin" in result.output, detail  # the guest read the lab's file
+    assert "hello-through-virtiofs" in result.notes[-1], detail  # and the lab reads the guest's
     assert "Traceback" not in result.stderr
 
 

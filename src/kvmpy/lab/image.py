@@ -37,6 +37,7 @@ DEFAULT_MODULES = [
     "virtio_console",
     "virtio_rng",
     "vmw_vsock_virtio_transport",  # AF_VSOCK over virtio-vsock (brings vsock)
+    "virtiofs",  # mount -t virtiofs (brings fuse)
     "crc32c_generic",  # ext4's checksums (a soft dependency modinfo does not list)
     "ext4",
 ]
