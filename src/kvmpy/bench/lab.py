@@ -210,9 +210,10 @@ ATTEMPTS = 2
 def run_lab_batch(
     scenarios: list[Scenario], *, npt: bool, progress: Progress, batch: str = ""
 ) -> dict[str, ScenarioResult]:
-    """Run ``scenarios`` in one lab boot (a second one for those left if the lab hangs);
+    """Run ``scenarios`` in one lab boot (a second one for those left if the lab hangs or its
+    kernel panics, as TCG's SVM makes it do now and then: docs/lab.md);
     ``batch`` names a batch whose logs are kept apart from the main one's."""
-    from kvmpy.lab.runner import LabStalledError, run_in_lab
+    from kvmpy.lab.runner import LabEndedError, LabStalledError, run_in_lab
 
     results: dict[str, ScenarioResult] = {}
     prefix = f"{batch}-" if batch else ""
@@ -238,7 +239,7 @@ def run_lab_batch(
                     output=sink,
                     stall_seconds=STALL_SECONDS,
                 )
-            except LabStalledError as error:
+            except (LabStalledError, LabEndedError) as error:  # a hung lab, or its kernel's panic
                 status = str(error).splitlines()[0]
                 progress(f"lab: {status}; booting it again for the rest")
         results.update(parse_results(log.read_text("utf-8", "replace")))
