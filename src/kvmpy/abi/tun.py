@@ -18,8 +18,12 @@ def _iow(kind: str, number: int, size: int) -> int:
 TUNSETIFF = _iow("T", 202, ctypes.sizeof(ctypes.c_int))
 TUNSETOFFLOAD = _iow("T", 208, ctypes.sizeof(ctypes.c_uint))
 TUNSETVNETHDRSZ = _iow("T", 216, ctypes.sizeof(ctypes.c_int))
+TUNSETQUEUE = _iow("T", 217, ctypes.sizeof(ctypes.c_int))
 
 IFF_TAP = 0x0002
+IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 
@@ -41,3 +45,4 @@ class ifreq(ctypes.Structure):  # noqa: N801 (C name)
 
 assert ctypes.sizeof(ifreq) == 40
 assert TUNSETIFF == 0x400454CA
+assert TUNSETQUEUE == 0x400454D9

@@ -48,9 +48,14 @@ class SocketTap:
         self._device_side.setblocking(False)
         self.fd = self._device_side.fileno()
         self.offloads: list[int] = []
+        #: Whether the kernel would steer packets to this queue (a multi-queue tap's).
+        self.attached = True
 
     def set_offloads(self, flags: int) -> None:
         self.offloads.append(flags)
+
+    def set_attached(self, attached: bool) -> None:
+        self.attached = attached
 
     def close(self) -> None:
         self._device_side.close()

@@ -12,6 +12,7 @@ raises :class:`QueueError`; the transport marks the device as needing reset.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvmpy.errors import GuestError, RestoreError
@@ -155,9 +156,9 @@ class SplitQueue:
             _store_u16(self._used_view, self._used_at + 4 + 8 * self.size, self.last_avail_idx)
         return self._walk(mem, head)
 
-    def unpop(self) -> None:
-        """Give back the chain just popped (the device could not use it yet)."""
-        self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
+    def unpop(self, count: int = 1) -> None:
+        """Give back the ``count`` chains just popped (the device could not use them yet)."""
+        self.last_avail_idx = (self.last_avail_idx - count) & 0xFFFF
 
     def _walk(self, mem: GuestMemory, head: int) -> DescriptorChain:
         """The chain at ``head``: at most ``size`` buffers (virtio 1.x, 2.7.5.3.1: a driver must
@@ -203,6 +204,17 @@ class SplitQueue:
         _USED_ELEMENT.pack_into(used, at + 4 + 8 * (self.next_used_idx % self.size), head, written)
         self.next_used_idx = (self.next_used_idx + 1) & 0xFFFF
         _store_u16(used, at + 2, self.next_used_idx)  # after the entry: x86 keeps store order
+
+    def push_many(self, mem: GuestMemory, used: Sequence[tuple[int, int]]) -> None:
+        """Return several chains (head, written) under one used index: the driver sees all of
+        them at once, as the buffers of one merged virtio-net packet must be seen."""
+        self._locate(mem)
+        view, at, size, index = self._used_view, self._used_at, self.size, self.next_used_idx
+        for head, written in used:
+            _USED_ELEMENT.pack_into(view, at + 4 + 8 * (index % size), head, written)
+            index = (index + 1) & 0xFFFF
+        self.next_used_idx = index
+        _store_u16(view, at + 2, index)
 
     def needs_interrupt(self, mem: GuestMemory) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""

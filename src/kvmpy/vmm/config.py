@@ -234,12 +234,17 @@ class NetConfig(msgspec.Struct, frozen=True):
     #: The data plane: "on" the kernel's vhost-net, "off" kvmpy's Python back end, "auto" vhost-net
     #: where /dev/vhost-net opens (and no limit, seccomp filter or snapshot needs Python's).
     vhost: str = "auto"
+    #: Queue pairs (VIRTIO_NET_F_MQ, one tap queue each); 0: one per vCPU where the tap can
+    #: have several queues, else one.
+    queues: int = 0
 
     @classmethod
     def parse(cls, text: str) -> NetConfig:
-        """``tap=IFNAME[,mac=MAC][,bandwidth=SIZE][,ops=N][,vhost=on|off|auto]``: the limits
-        apply to each direction."""
-        tap, mac, vhost = "", "", "auto"
+        """``tap=IFNAME[,mac=MAC][,bandwidth=SIZE][,ops=N][,vhost=on|off|auto][,queues=N]``: the
+        limits apply to each direction."""
+        from kvmpy.virtio.devices.tap import MAX_QUEUE_PAIRS
+
+        tap, mac, vhost, queues = "", "", "auto", 0
         limits: dict[str, str] = {}
         for option in text.split(","):
             key, _, value = option.partition("=")
@@ -251,17 +256,19 @@ class NetConfig(msgspec.Struct, frozen=True):
                 limits[key] = value
             elif key == "vhost" and value in ("on", "off", "auto"):
                 vhost = value
+            elif key == "queues" and value.isdigit() and 1 <= int(value) <= MAX_QUEUE_PAIRS:
+                queues = int(value)
             else:
                 raise ConfigError(
-                    f"invalid --net option {option!r}: use tap=IFNAME, mac=MAC, bandwidth=SIZE, ops=N"
-                    " or vhost=on|off|auto"
+                    f"invalid --net option {option!r}: use tap=IFNAME, mac=MAC, bandwidth=SIZE, ops=N,"
+                    f" vhost=on|off|auto or queues=1..{MAX_QUEUE_PAIRS}"
                 )
         if not tap:
             raise ConfigError(f"invalid --net {text!r}: it needs tap=IFNAME")
         limiter = rate_limiter_option(limits, "--net")
         if limiter is not None and vhost == "on":
             raise ConfigError(f"--net {text}: a vhost-net interface cannot be rate-limited by kvmpy")
-        return cls(tap, mac, rx_rate_limiter=limiter, tx_rate_limiter=limiter, vhost=vhost)
+        return cls(tap, mac, rx_rate_limiter=limiter, tx_rate_limiter=limiter, vhost=vhost, queues=queues)
 
 
 class LoggerConfig(msgspec.Struct, frozen=True):

@@ -311,7 +311,7 @@ class Machine:
             from kvmpy.virtio.devices.blk import VirtioBlock
         if self.config.nets:
             from kvmpy.virtio.devices.net import VirtioNet, parse_mac
-            from kvmpy.virtio.devices.tap import Tap
+            from kvmpy.virtio.devices.tap import open_taps, queue_pairs
         slots = dict(self.config.pci_slots)
         #: drive id -> its transport (PATCH /drives reaches the device through it)
         self.disks: dict[str, VirtioPciTransport] = {}
@@ -336,14 +336,15 @@ class Machine:
         for number, net in enumerate(self.config.nets):
             mac = parse_mac(net.mac) if net.mac else bytes([0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + number])
             name = net_device_id(number, net.id)
+            taps = open_taps(net.tap, queue_pairs(net.tap, net.queues, self.config.cpus))
             if self._wants_vhost_net(net):
                 from kvmpy.virtio.vhost.net import VhostNet
 
-                kernel_nic = VhostNet(Tap(net.tap), mac, watch=self.events.add, unwatch=self.events.remove)
+                kernel_nic = VhostNet(taps, mac, watch=self.events.add, unwatch=self.events.remove)
                 self.nets[net.id or f"net{number}"] = self.pci.add_virtio(kernel_nic, name, slots.get(name))
                 continue
             nic = VirtioNet(
-                Tap(net.tap),
+                taps,
                 mac,
                 watch=self.events.add,
                 unwatch=self.events.remove,

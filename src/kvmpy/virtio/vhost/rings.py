@@ -56,12 +56,15 @@ class RingBackend(Protocol):
 class Rings:
     """The rings of one device as a back end has them (all methods under the device's lock)."""
 
-    def __init__(self, watch: Watch, unwatch: Unwatch) -> None:
+    def __init__(self, watch: Watch, unwatch: Unwatch, served: Sequence[int] | None = None) -> None:
         self._watch, self._unwatch = watch, unwatch
+        #: The device's queues this back end serves, in the order of its own ring numbers
+        #: (a vhost-net device serves one receive and transmit pair); None: all, numbered alike.
+        self._served = tuple(served) if served is not None else None
         self.irqfds: Irqfds = lambda queue: None
         #: Queue index -> the ioeventfd at its notify address (from the PCI platform).
         self.kicks: dict[int, int] = {}
-        #: Queues the back end serves now.
+        #: Queues (the device's numbers) the back end serves now.
         self.started: list[int] = []
         self._relays: dict[int, int] = {}
         self._interrupt: Interrupt | None = None
@@ -71,35 +74,40 @@ class Rings:
     ) -> None:
         """Every ready queue to ``backend`` (features and memory table already sent)."""
         self._interrupt = interrupt
-        for index, queue in enumerate(queues):
+        for index in range(len(queues)) if self._served is None else self._served:
+            queue, ring = queues[index], self.ring_of(index)
             if not queue.ready:
                 continue
-            backend.set_vring_num(index, queue.size)
+            backend.set_vring_num(ring, queue.size)
             backend.set_vring_addr(
-                index, host_address(mem, queue.desc_addr), host_address(mem, queue.device_addr),
+                ring, host_address(mem, queue.desc_addr), host_address(mem, queue.device_addr),
                 host_address(mem, queue.driver_addr),
             )  # fmt: skip
-            backend.set_vring_base(index, queue.last_avail_idx)
-            backend.set_vring_kick(index, self.kicks.get(index))
-            backend.set_vring_call(index, self._call_fd(index))
-            backend.enable_vring(index)
+            backend.set_vring_base(ring, queue.last_avail_idx)
+            backend.set_vring_kick(ring, self.kicks.get(index))
+            backend.set_vring_call(ring, self._call_fd(index))
+            backend.enable_vring(ring)
             self.started.append(index)
+
+    def ring_of(self, queue: int) -> int:
+        """The back end's number for the device's queue ``queue``."""
+        return queue if self._served is None else self._served.index(queue)
 
     def rewire_kicks(self, backend: RingBackend) -> None:
         """The notify addresses moved: the started rings get the new ioeventfds."""
         for index in self.started:
-            backend.set_vring_kick(index, self.kicks.get(index))
+            backend.set_vring_kick(self.ring_of(index), self.kicks.get(index))
 
     def rewire_calls(self, backend: RingBackend) -> None:
         """A vector was masked or unmasked: each started ring signals its irqfd only while the
         vector is deliverable, and the relay (which leaves a masked vector pending) otherwise."""
         for index in self.started:
-            backend.set_vring_call(index, self._call_fd(index))
+            backend.set_vring_call(self.ring_of(index), self._call_fd(index))
 
     def stop(self, backend: RingBackend | None) -> dict[int, int]:
         """Take every ring back; returns where each stopped (none if the back end is gone)."""
         started, self.started = self.started, []
-        bases = {index: backend.get_vring_base(index) for index in started} if backend else {}
+        bases = {index: backend.get_vring_base(self.ring_of(index)) for index in started} if backend else {}
         self.close_relays()
         self._interrupt = None
         return bases
