@@ -25,6 +25,7 @@ from kvmpy.virtio.device import F_VERSION_1
 from kvmpy.virtio.devices import net
 from kvmpy.virtio.devices.net import NetState, VirtioNet
 from kvmpy.virtio.devices.tap import Tap, is_multi_queue, open_taps, queue_pairs
+from kvmpy.virtio.queue import SplitQueue
 from kvmpy.vmm.config import NetConfig
 
 RAM = 1 << 24
@@ -327,3 +328,139 @@ def test_a_single_queue_tap_gets_one_pair(tap_name: str) -> None:
     taps = open_taps(tap_name, 1)  # one queue of a multi-queue tap: opened as one
     taps[0].close()
     assert isinstance(taps[0], Tap)
+
+
+# --- vhost-net: pause, snapshots and dirty tracking take the rings back ----------------------
+class FakeKernelVhost:
+    """/dev/vhost-net as kvmpy drives it (this host has none): what it was told, ring by ring.
+    The test plays the kernel's part on the rings with a SplitQueue of its own."""
+
+    def __init__(self, path: str, module: str = "vhost_net") -> None:
+        self.features = F_VERSION_1 | net.F_MRG_RXBUF
+        self.bases: dict[int, int] = {}
+        self.backends: dict[int, int | None] = {}
+        self.stops = 0
+
+    def set_features(self, features: int) -> None:
+        self.acked = features
+
+    def set_mem_table(self, regions: object) -> None:
+        pass
+
+    def set_vring_num(self, index: int, size: int) -> None:
+        pass
+
+    def set_vring_addr(self, index: int, descriptors: int, used: int, available: int) -> None:
+        pass
+
+    def set_vring_base(self, index: int, base: int) -> None:
+        self.bases[index] = base
+
+    def get_vring_base(self, index: int) -> int:
+        self.stops += 1
+        return self.bases[index]
+
+    def set_vring_kick(self, index: int, fd: int | None) -> None:
+        pass
+
+    def set_vring_call(self, index: int, fd: int) -> None:
+        pass
+
+    def enable_vring(self, index: int) -> None:
+        pass
+
+    def set_net_backend(self, index: int, fd: int | None) -> None:
+        self.backends[index] = fd
+
+    def close(self) -> None:
+        pass
+
+
+class KernelNic(Nic):
+    def __init__(self, mem: GuestMemory, monkeypatch: pytest.MonkeyPatch) -> None:
+        from kvmpy.virtio.vhost import net as vhost_net
+
+        monkeypatch.setattr(vhost_net, "KernelVhost", FakeKernelVhost)
+        self.mem = mem
+        self.taps = [SocketTap()]
+        self.watched = {}
+        self.device = vhost_net.VhostNet(
+            self.taps[0],  # type: ignore[arg-type]
+            bytes(6),
+            watch=self.watched.__setitem__,
+            unwatch=lambda fd: self.watched.pop(fd, None),
+        )
+        self.transport = vp.VirtioPciTransport(
+            self.device, mem, Sender(), BAR0, BAR0 + vp.BAR0_SIZE, lambda areas: None  # type: ignore[arg-type]
+        )
+        self.pci = TransportDriver(self.transport, mem)
+        self.kicks = {index: os.eventfd(0, os.EFD_NONBLOCK) for index in (0, 1)}
+        self.device.kicks_wired(self.kicks)
+        self.vhost: FakeKernelVhost = self.device._vhosts[0]  # type: ignore[assignment]
+
+    def kernel_receives(self, packet: bytes) -> None:
+        """The kernel's part: take the next receive chain, fill it, publish it."""
+        ring = self.transport.queues[0]
+        kernel = SplitQueue(16)
+        kernel.size, kernel.ready, kernel.desc_addr = ring.size, True, ring.desc_addr
+        kernel.driver_addr, kernel.device_addr = ring.driver_addr, ring.device_addr
+        kernel.last_avail_idx = kernel.next_used_idx = self.vhost.bases[0]
+        chain = kernel.pop(self.mem)
+        assert chain is not None
+        chain.writable[0][: len(packet)] = packet
+        kernel.push(self.mem, chain.head, len(packet))
+        self.vhost.bases[0] = kernel.last_avail_idx
+
+    def close(self) -> None:
+        super().close()
+        for kick in self.kicks.values():
+            os.close(kick)
+
+
+def test_vhost_net_pause_takes_the_rings_back_and_resume_hands_them_over(
+    mem: GuestMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nic = KernelNic(mem, monkeypatch)
+    nic.start(F_VERSION_1 | net.F_MRG_RXBUF)
+    rx = nic.queues[0]
+    for i in range(3):
+        rx.add([Buffer(DATA + 0x1000 * i, 2048, writable=True)])
+    assert nic.vhost.backends == {0: nic.taps[0].fd, 1: nic.taps[0].fd} and nic.vhost.acked & net.F_MRG_RXBUF
+    nic.kernel_receives(header(b"by the kernel"))
+    nic.device.pause()
+    assert nic.vhost.backends == {0: None, 1: None} and nic.vhost.stops == 2
+    queue = nic.transport.queues[0]
+    assert (queue.last_avail_idx, queue.next_used_idx) == (1, 1)  # where the kernel left it
+    assert nic.device.save().active_pairs == 1
+    assert nic.transport.save().queues[0].last_avail_idx == 1  # a snapshot's rings agree
+    nic.device.pause()  # twice is once
+    assert nic.vhost.stops == 2
+    nic.device.resume()
+    assert nic.vhost.bases[0] == 1 and nic.vhost.backends[0] == nic.taps[0].fd
+    assert rx.used_entries() == [(0, 25)]
+    nic.close()
+
+
+def test_vhost_net_serves_its_queues_in_python_while_pages_are_tracked(
+    mem: GuestMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    nic = KernelNic(mem, monkeypatch)
+    nic.start(F_VERSION_1 | net.F_MRG_RXBUF)
+    rx, tx = nic.queues[0], nic.queues[1]
+    for i in range(3):
+        rx.add([Buffer(DATA + 0x1000 * i, 2048, writable=True)])
+    nic.kernel_receives(header(b"by the kernel"))
+    nic.device.track_writes(True)  # a migration starts: GuestMemory must see every write
+    assert nic.vhost.backends == {0: None, 1: None}
+    nic.taps[0].host.send(header(b"by kvmpy"))
+    nic.receive()  # the tap is kvmpy's now, from the next buffer on
+    assert rx.used_entries() == [(0, 25), (1, 20)] and mem.read(DATA + 0x1000 + 12, 8) == b"by kvmpy"
+    mem.write(DATA + 0x8000, header(b"sent by kvmpy"))
+    tx.add([Buffer(DATA + 0x8000, 25)])
+    os.eventfd_write(nic.kicks[1], 1)  # the guest's kick, through the ioeventfd kvmpy now watches
+    nic.watched[nic.kicks[1]]()  # type: ignore[operator]
+    assert nic.taps[0].host.recv(100) == header(b"sent by kvmpy")
+    nic.device.track_writes(False)  # the migration was cancelled: back to the kernel
+    assert nic.vhost.bases == {0: 2, 1: 1} and nic.vhost.backends[0] == nic.taps[0].fd
+    assert nic.taps[0].fd not in nic.watched and nic.kicks[1] not in nic.watched
+    nic.close()

@@ -238,6 +238,15 @@ class SplitQueue:
         self.next_used_idx = self.last_avail_idx = used
         self._signalled_used = None
 
+    def continue_from(self, mem: GuestMemory, next_avail: int) -> None:
+        """Go on from where a back end that stopped cleanly left the ring: it took the chains
+        up to ``next_avail`` and published its used index in guest memory. The next push
+        interrupts."""
+        self._locate(mem)
+        self.last_avail_idx = next_avail & 0xFFFF
+        self.next_used_idx = _U16.unpack_from(self._used_view, self._used_at + 2)[0]
+        self._signalled_used = None
+
     # --- state -------------------------------------------------------------------------
     def save(self) -> QueueState:
         return QueueState(

@@ -229,11 +229,13 @@ class Machine:
             )
         self.memory.track_writes()
         self.tracking_dirty = True
+        self.pci.track_device_writes(True)
 
     def stop_dirty_tracking(self) -> None:
         """Back to untracked slots, unless the configuration asked for tracking throughout."""
         if self.config.track_dirty_pages or not self.tracking_dirty:
             return
+        self.pci.track_device_writes(False)
         for slot, region in enumerate(self.memory):
             self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_address())
         self.tracking_dirty = False
@@ -644,6 +646,7 @@ class Machine:
                     if not thread.parked and thread.is_alive():
                         thread.kick()  # it was between its check and KVM_RUN
         self.events.pause()
+        self.pci.pause_devices()
         self.console.flush()  # what the guest wrote before the pause reaches its sink now
         for vcpu in self.vcpus:
             vcpu.kvmclock_ctrl()
@@ -660,6 +663,7 @@ class Machine:
 
     def resume(self) -> None:
         """Continue exactly where the pause stopped (idempotent)."""
+        self.pci.resume_devices()
         self.events.resume()
         with self._pause_cond:
             self.pause_requested = False

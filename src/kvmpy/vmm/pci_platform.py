@@ -123,6 +123,24 @@ class PciPlatform:
         if kicks_wired is not None:
             kicks_wired({area[2]: fd.fd for (_, _, fd), area in zip(wired, areas, strict=True)})
 
+    def pause_devices(self) -> None:
+        """The VM paused: a device whose data plane runs outside kvmpy (vhost) stops it."""
+        self._tell_devices("pause")
+
+    def resume_devices(self) -> None:
+        self._tell_devices("resume")
+
+    def track_device_writes(self, tracking: bool) -> None:
+        """Dirty tracking started or stopped: a data plane whose writes to guest memory no log
+        records hands its queues to kvmpy's own meanwhile."""
+        self._tell_devices("track_writes", tracking)
+
+    def _tell_devices(self, hook: str, *args: object) -> None:
+        for transport in self.transports:
+            call = getattr(transport.device, hook, None)
+            if call is not None:  # under the device's lock; its guest errors mark it broken
+                transport.device.guard.run(functools.partial(call, *args))
+
     def close(self) -> None:
         for transport in self.transports:  # first: a device may still watch its kicks
             close = getattr(transport.device, "close", None)

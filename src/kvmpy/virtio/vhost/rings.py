@@ -112,6 +112,12 @@ class Rings:
         self._interrupt = None
         return bases
 
+    def take_back(self, backend: RingBackend, mem: GuestMemory, queues: list[SplitQueue]) -> None:
+        """Stop every ring and bring the device's queues to where the back end left them, so
+        kvmpy (a snapshot, its own data plane) goes on from there."""
+        for index, base in self.stop(backend).items():
+            queues[index].continue_from(mem, base)
+
     def forget(self) -> None:
         """The back end is gone: nothing to stop, only the relays to close."""
         self.started = []
