@@ -379,3 +379,37 @@ def test_vhost_lab_plan_pairs_each_vhost_back_end_with_qemus() -> None:
         results[name].notes = [f"$ cat ...\nBENCH vsock-rr count=500 seconds=1 rtt_us={rtt}\n(exit 0)"]
     vsock = {m.key: m for m in lab_metrics(results)}["vhost_vsock_rr"]
     assert vsock.kvmpy == [30.0] and vsock.qemu == [20.0] and vsock.met() is False
+
+
+def test_vhost_lab_plan_measures_queue_pair_scaling_against_qemu() -> None:
+    from kvmpy.bench.vhost_bench import lab_scenarios, mq_metrics
+
+    by_name = {s.name: s for s in lab_scenarios("/k", "/i", LabPlan.full())}
+    assert "vhost=on,queues=2" in by_name["mq-vhost-kvmpy-2"].args[1]
+    assert "vhost=off,queues=1" in by_name["mq-python-kvmpy-1"].args[1]
+    qemu_two = " ".join(by_name["mq-vhost-qemu-2"].args)
+    assert "vhost=on,queues=2" in qemu_two and "mq=on,vectors=6" in qemu_two
+    assert "queues" not in " ".join(by_name["mq-vhost-qemu-1"].args)
+    assert "multi_queue" in by_name["mq-vhost-qemu-2"].prepare
+    assert "multi_queue" not in by_name["mq-vhost-qemu-1"].prepare
+    assert "taskset -c $cpu" in by_name["mq-vhost-kvmpy-1"].command
+    assert all(s.cpus == 2 for s in by_name.values())
+
+    def sends(*rates: float) -> str:
+        return "".join(f"BENCH tcp-send mib=32 seconds=1 mbitps={rate}\n" for rate in rates)
+
+    results = {
+        "mq-vhost-kvmpy-1": _result("mq-vhost-kvmpy-1", sends(100, 100, 90, 110)),
+        "mq-vhost-kvmpy-2": _result("mq-vhost-kvmpy-2", sends(150, 150, 200, 100, 7)),  # 7: alone, left out
+        "mq-vhost-qemu-1": _result("mq-vhost-qemu-1", sends(100, 100)),
+        "mq-vhost-qemu-2": _result("mq-vhost-qemu-2", sends(200, 200)),
+        "mq-python-kvmpy-1": _result("mq-python-kvmpy-1", sends(50, 50)),
+        "mq-python-kvmpy-2": _result("mq-python-kvmpy-2", ""),
+    }
+    metrics = {m.key: m for m in mq_metrics(results)}
+    two_pairs, scaling, python = (
+        metrics[key] for key in ("vhost_net_mq_send_2_pairs", "vhost_net_mq_scaling", "python_net_mq_scaling")
+    )
+    assert two_pairs.kvmpy == [300.0, 300.0] and two_pairs.ratio == 0.75 and two_pairs.met() is False
+    assert scaling.kvmpy == [1.5, 1.5] and scaling.qemu == [2.0]
+    assert python.kvmpy == [] and "mq-python-kvmpy-2 gave no samples" in python.note

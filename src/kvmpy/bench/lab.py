@@ -107,10 +107,12 @@ def _net_args(vmm: str) -> tuple[str, ...]:
     return ("--net", f"tap={TAP},mac={MAC},vhost=off")  # the Python back end, against QEMU's
 
 
-def net_prepare() -> str:
+def net_prepare(*, multi_queue: bool = False) -> str:
+    """The lab's tap (a multi-queue one for several queue pairs) and the network peer."""
     peer = f"{sys.executable} -m kvmpy.bench.net_peer {HOST_ADDRESS}"
+    mode = "vnet_hdr multi_queue" if multi_queue else "vnet_hdr"
     return (
-        f"ip tuntap add dev {TAP} mode tap vnet_hdr && ip addr add {HOST_ADDRESS}/24 dev {TAP} && "
+        f"ip tuntap add dev {TAP} mode tap {mode} && ip addr add {HOST_ADDRESS}/24 dev {TAP} && "
         f"ip link set {TAP} up && ({peer} > {{tmp}}/peer.log 2>&1 & echo $! > {{tmp}}/peer.pid); sleep 1"
     )
 

@@ -38,11 +38,16 @@ def _echo(connection: socket.socket) -> None:
 
 
 def _serve(address: str, port: int, handler: Callable[[socket.socket], None]) -> None:
+    """Each connection in a thread of its own: a guest may run streams in parallel."""
     listener = socket.create_server((address, port), reuse_port=True)
     while True:
         connection, _ = listener.accept()
-        with connection:
-            handler(connection)
+        threading.Thread(target=_handle, args=(handler, connection), daemon=True).start()
+
+
+def _handle(handler: Callable[[socket.socket], None], connection: socket.socket) -> None:
+    with connection:
+        handler(connection)
 
 
 def main(argv: list[str]) -> int:

@@ -128,7 +128,80 @@ def lab_scenarios(kernel: str, initrd: str, plan: lab.LabPlan) -> list[Scenario]
         replace(vsock, name="vhost-vsock-qemu", vmm="qemu",
                 args=("-device", f"vhost-vsock-pci,guest-cid={VSOCK_CIDS[1]}"),
                 prepare=_vsock_peer(VSOCK_CIDS[1]), verify=VSOCK_VERIFY),
+        *mq_scenarios(base, plan),
     ]  # fmt: skip
+
+
+#: Queue-pair scaling: two TCP sends at once, one pinned to each of the guest's two vCPUs, on one
+#: queue pair and on two (the guest's XPS sends from vCPU N on queue N).
+MQ_PAIRS = (1, 2)
+
+
+def _parallel_sends(plan: lab.LabPlan) -> str:
+    send = f"{lab.TOOL} tcp-send {lab.HOST_ADDRESS} 5001 {plan.net_mib}"
+    sends = f"for cpu in 0 1; do taskset -c $cpu {send} > /tmp/send$cpu & done; wait"
+    return lab.workload_rounds(plan, f"{sends}; cat /tmp/send0 /tmp/send1")
+
+
+def mq_scenarios(base: Scenario, plan: lab.LabPlan) -> list[Scenario]:
+    """kvmpy (vhost-net and its Python back end) and QEMU (vhost=on) with one and two pairs."""
+    address = f"ip link set eth0 up && ip addr add {lab.GUEST_ADDRESS}/24 dev eth0 && "
+    command = address + _parallel_sends(plan)
+    scenarios = []
+    for pairs in MQ_PAIRS:
+        prepare = lab.net_prepare(multi_queue=pairs > 1)
+        net = replace(base, command=command, prepare=prepare, verify=lab.net_cleanup())
+        for backend in ("vhost", "python"):
+            vhost = "on" if backend == "vhost" else "off"
+            option = f"tap={lab.TAP},mac={lab.MAC},vhost={vhost},queues={pairs}"
+            scenarios.append(replace(net, name=f"mq-{backend}-kvmpy-{pairs}", args=("--net", option)))
+        queues, mq = (f",queues={pairs}", f",mq=on,vectors={2 * pairs + 2}") if pairs > 1 else ("", "")
+        qemu = (
+            "-netdev", f"tap,id=net0,ifname={lab.TAP},script=no,downscript=no,vhost=on{queues}",
+            "-device", f"virtio-net-pci,netdev=net0,mac={lab.MAC}{mq}",
+        )  # fmt: skip
+        scenarios.append(replace(net, name=f"mq-vhost-qemu-{pairs}", vmm="qemu", args=qemu))
+    return scenarios
+
+
+def _aggregate_mbitps(result: ScenarioResult | None) -> list[float]:
+    """Per round, the two parallel sends' rates added up (a round whose two lines are not both
+    there is left out)."""
+    if result is None:
+        return []
+    rates = [line["mbitps"] for line in lab.bench_lines(result).get("tcp-send", []) if "mbitps" in line]
+    return [rates[i] + rates[i + 1] for i in range(0, len(rates) - 1, 2)]
+
+
+def mq_metrics(results: dict[str, ScenarioResult]) -> list[Metric]:
+    def rates(name: str) -> list[float]:
+        return _aggregate_mbitps(results.get(name))
+
+    def scaling(name: str) -> list[float]:
+        one, two = rates(f"{name}-1"), rates(f"{name}-2")
+        return [b / a for a, b in zip(one, two, strict=False) if a > 0]
+
+    title = "two TCP sends at once (one per vCPU) over two queue pairs, guest → host"
+    two_pairs = Metric(
+        "vhost_net_mq_send_2_pairs", f"vhost-net {title}, against QEMU with vhost=on,queues=2", "Mbit/s",
+        lab.WHERE, better=Better.HIGHER, kvmpy=rates("mq-vhost-kvmpy-2"), qemu=rates("mq-vhost-qemu-2"),
+        target=Target(ratio=1.0),
+    )  # fmt: skip
+    vhost_scaling = Metric(
+        "vhost_net_mq_scaling", "vhost-net: two pairs' aggregate over one pair's, the same two sends", "×",
+        lab.WHERE, better=Better.HIGHER, kvmpy=scaling("mq-vhost-kvmpy"), qemu=scaling("mq-vhost-qemu"),
+        note="paired by round: each round's two-pair rate over the same round's one-pair rate",
+    )  # fmt: skip
+    python_scaling = Metric(
+        "python_net_mq_scaling", "kvmpy's Python back end: two pairs' aggregate over one pair's", "×",
+        lab.WHERE, better=Better.HIGHER, kvmpy=scaling("mq-python-kvmpy"),
+        note="the two pairs share one event loop thread (and the GIL)",
+    )  # fmt: skip
+    for metric in (two_pairs, vhost_scaling, python_scaling):
+        for name in results:
+            if name.startswith("mq-") and not lab.bench_lines(results[name]).get("tcp-send"):
+                metric.note = (metric.note + "; " if metric.note else "") + f"{name} gave no samples"
+    return [two_pairs, vhost_scaling, python_scaling]
 
 
 #: Each VMM's guest gets a CID of its own (a CID stays taken until its VMM has gone).
@@ -194,7 +267,7 @@ def lab_metrics(results: dict[str, ScenarioResult]) -> list[Metric]:
         for vmm in lab.VMMS:
             lab.add_bench_value(metric, vmm, peers, f"vhost-vsock-{vmm}", line, key)
         metrics.append(metric)
-    return metrics
+    return metrics + mq_metrics(results)
 
 
 def run_vhost_suite(repetitions: int, progress: lab.Progress, *, with_lab: bool) -> list[Metric]:
