@@ -80,3 +80,47 @@ def test_vsock_without_vhost_vsock_is_one_line(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="cannot open .*: No such file .*is vhost_vsock loaded"):
         VhostVsock(3, lambda fd, handler: None, lambda fd: None, vhost_path=str(tmp_path / "vhost-vsock"))
+
+
+def test_a_paused_vsock_stops_the_kernel_and_goes_on_from_where_it_stopped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pausing the VM stops vhost-vsock (SET_RUNNING 0, the rings' bases read back into kvmpy's
+    queues) so no connection's bytes land in a paused guest; resume hands the rings over again."""
+    from kvmpy.memory.guest_memory import GuestMemory
+    from kvmpy.testing.fakes import FakeKernelVhost
+    from kvmpy.testing.virtio_driver import TransportDriver
+    from kvmpy.virtio import pci_transport as vp
+    from kvmpy.virtio.device import F_VERSION_1
+    from kvmpy.virtio.vhost import vsock
+
+    running: list[int] = []
+    monkeypatch.setattr(vsock, "KernelVhost", FakeKernelVhost)
+
+    def ioctl(fd: int, request: int, argument: bytes) -> None:
+        if request == vh.VHOST_VSOCK_SET_RUNNING:
+            running.append(argument[0])
+
+    monkeypatch.setattr(vsock.fcntl, "ioctl", ioctl)
+    mem = GuestMemory.anonymous([(0, 1 << 24)])
+    device = vsock.VhostVsock(3, lambda fd, handler: None, lambda fd: None)
+    transport = vp.VirtioPciTransport(
+        device, mem, None, 0xC001_0000, 0xC001_0000 + vp.BAR0_SIZE, lambda areas: None  # type: ignore[arg-type]
+    )
+    pci = TransportDriver(transport, mem)
+    pci.negotiate(F_VERSION_1)
+    queues = [pci.setup_queue(index, 0x10000 + 0x4000 * index, 16) for index in range(3)]
+    pci.driver_ok()
+    kernel: FakeKernelVhost = device._vhost  # type: ignore[assignment]
+    assert running == [1] and kernel.bases == {0: 0, 1: 0}
+    mem.write_u16(queues[0].used + 2, 3)  # the kernel used three receive buffers...
+    kernel.bases[0] = 3  # ...and took them
+    device.pause()
+    assert running == [1, 0] and kernel.stops == 2
+    assert (transport.queues[0].last_avail_idx, transport.queues[0].next_used_idx) == (3, 3)
+    device.pause()  # twice is once
+    assert kernel.stops == 2
+    device.resume()
+    assert running == [1, 0, 1] and kernel.bases == {0: 3, 1: 0}
+    device.close()
+    mem.close()

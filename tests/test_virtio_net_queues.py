@@ -18,7 +18,7 @@ import pytest
 
 from kvmpy.errors import ConfigError
 from kvmpy.memory.guest_memory import GuestMemory
-from kvmpy.testing.fakes import SocketTap
+from kvmpy.testing.fakes import FakeKernelVhost, SocketTap
 from kvmpy.testing.virtio_driver import Buffer, MockDriver, TransportDriver
 from kvmpy.virtio import pci_transport as vp
 from kvmpy.virtio.device import F_VERSION_1
@@ -331,51 +331,6 @@ def test_a_single_queue_tap_gets_one_pair(tap_name: str) -> None:
 
 
 # --- vhost-net: pause, snapshots and dirty tracking take the rings back ----------------------
-class FakeKernelVhost:
-    """/dev/vhost-net as kvmpy drives it (this host has none): what it was told, ring by ring.
-    The test plays the kernel's part on the rings with a SplitQueue of its own."""
-
-    def __init__(self, path: str, module: str = "vhost_net") -> None:
-        self.features = F_VERSION_1 | net.F_MRG_RXBUF
-        self.bases: dict[int, int] = {}
-        self.backends: dict[int, int | None] = {}
-        self.stops = 0
-
-    def set_features(self, features: int) -> None:
-        self.acked = features
-
-    def set_mem_table(self, regions: object) -> None:
-        pass
-
-    def set_vring_num(self, index: int, size: int) -> None:
-        pass
-
-    def set_vring_addr(self, index: int, descriptors: int, used: int, available: int) -> None:
-        pass
-
-    def set_vring_base(self, index: int, base: int) -> None:
-        self.bases[index] = base
-
-    def get_vring_base(self, index: int) -> int:
-        self.stops += 1
-        return self.bases[index]
-
-    def set_vring_kick(self, index: int, fd: int | None) -> None:
-        pass
-
-    def set_vring_call(self, index: int, fd: int) -> None:
-        pass
-
-    def enable_vring(self, index: int) -> None:
-        pass
-
-    def set_net_backend(self, index: int, fd: int | None) -> None:
-        self.backends[index] = fd
-
-    def close(self) -> None:
-        pass
-
-
 class KernelNic(Nic):
     def __init__(self, mem: GuestMemory, monkeypatch: pytest.MonkeyPatch) -> None:
         from kvmpy.virtio.vhost import net as vhost_net

@@ -62,4 +62,50 @@ class SocketTap:
         self.host.close()
 
 
-__all__ = ["PortAccessor", "RecordingInterruptLine", "SocketTap"]
+class FakeKernelVhost:
+    """A /dev/vhost-* as kvmpy drives it (this host has none): what it was told, ring by ring.
+    A test plays the kernel's part on the rings with a SplitQueue of its own."""
+
+    def __init__(self, path: str, module: str = "vhost_net") -> None:
+        self.fd = -1
+        self.features = (1 << 32) | (1 << 15)  # VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF
+        self.bases: dict[int, int] = {}
+        self.backends: dict[int, int | None] = {}
+        self.stops = 0
+
+    def set_features(self, features: int) -> None:
+        self.acked = features
+
+    def set_mem_table(self, regions: object) -> None:
+        pass
+
+    def set_vring_num(self, index: int, size: int) -> None:
+        pass
+
+    def set_vring_addr(self, index: int, descriptors: int, used: int, available: int) -> None:
+        pass
+
+    def set_vring_base(self, index: int, base: int) -> None:
+        self.bases[index] = base
+
+    def get_vring_base(self, index: int) -> int:
+        self.stops += 1
+        return self.bases[index]
+
+    def set_vring_kick(self, index: int, fd: int | None) -> None:
+        pass
+
+    def set_vring_call(self, index: int, fd: int) -> None:
+        pass
+
+    def enable_vring(self, index: int) -> None:
+        pass
+
+    def set_net_backend(self, index: int, fd: int | None) -> None:
+        self.backends[index] = fd
+
+    def close(self) -> None:
+        pass
+
+
+__all__ = ["FakeKernelVhost", "PortAccessor", "RecordingInterruptLine", "SocketTap"]

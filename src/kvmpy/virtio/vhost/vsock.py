@@ -54,6 +54,10 @@ class VhostVsock:
         self._config = struct.pack("<Q", cid)
         self._rings = Rings(watch, unwatch)
         self._mem: GuestMemory | None = None
+        self._queues: list[SplitQueue] = []
+        self._interrupt: Interrupt | None = None
+        #: The rings were taken back from the kernel for a pause (handed over again at resume).
+        self._held = False
 
     # --- wiring from the PCI platform and the transport -------------------------------------
     def bind_irqfds(self, irqfds: Irqfds) -> None:
@@ -79,7 +83,7 @@ class VhostVsock:
         self, mem: GuestMemory, queues: list[SplitQueue], acked_features: int, interrupt: Interrupt
     ) -> None:
         with self.guard.lock:
-            self._mem = mem
+            self._mem, self._queues, self._interrupt = mem, queues, interrupt
             self._checked(lambda: self._hand_over(mem, queues, acked_features, interrupt))
 
     def _hand_over(
@@ -109,7 +113,26 @@ class VhostVsock:
                 self._checked(lambda: self._set_running(False))
                 self._checked(lambda: self._rings.stop(self._vhost))
             self._rings.forget()
-            self._mem = None
+            self._mem, self._queues, self._interrupt, self._held = None, [], None, False
+
+    def pause(self) -> None:
+        """The VM pauses: the kernel stops moving connections' bytes into guest memory, and the
+        queues hold where it stopped."""
+        with self.guard.lock:
+            mem = self._mem
+            if mem is not None and self._rings.started:
+                self._checked(lambda: self._set_running(False))
+                self._checked(lambda: self._rings.take_back(self._vhost, mem, self._queues))
+                self._held = True
+
+    def resume(self) -> None:
+        with self.guard.lock:
+            mem, interrupt = self._mem, self._interrupt
+            if self._held and mem is not None and interrupt is not None:
+                self._held = False
+                rings = self._queues[:EVENT]  # events stay here
+                self._checked(lambda: self._rings.hand_over(self._vhost, mem, rings, interrupt))
+                self._checked(lambda: self._set_running(True))
 
     def _checked(self, work: Callable[[], object]) -> None:
         try:
