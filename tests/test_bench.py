@@ -413,3 +413,21 @@ def test_vhost_lab_plan_measures_queue_pair_scaling_against_qemu() -> None:
     assert two_pairs.kvmpy == [300.0, 300.0] and two_pairs.ratio == 0.75 and two_pairs.met() is False
     assert scaling.kvmpy == [1.5, 1.5] and scaling.qemu == [2.0]
     assert python.kvmpy == [] and "mq-python-kvmpy-2 gave no samples" in python.note
+
+
+def test_vhost_lab_plan_shares_a_directory_through_virtiofsd_under_both_vmms() -> None:
+    from kvmpy.bench.vhost_bench import fs_metrics, lab_scenarios
+
+    by_name = {s.name: s for s in lab_scenarios("/k", "/i", LabPlan.full())}
+    kvmpy_fs, qemu_fs = by_name["virtiofs-kvmpy"], by_name["virtiofs-qemu"]
+    assert kvmpy_fs.command == qemu_fs.command and "mount -t virtiofs share /mnt" in kvmpy_fs.command
+    assert "tag=share,path={tmp}/share" in kvmpy_fs.args[1]
+    assert "/usr/lib/qemu/virtiofsd" in qemu_fs.prepare and "cache=auto" in qemu_fs.prepare
+    assert "vhost-user-fs-pci,chardev=fs,tag=share" in qemu_fs.args and "share=on" in " ".join(qemu_fs.args)
+    results = {
+        "virtiofs-kvmpy": _result("virtiofs-kvmpy", "BENCH fs-read mib=32 seconds=1 mbps=50\n"),
+        "virtiofs-qemu": _result("virtiofs-qemu", "BENCH fs-read mbps=40\nBENCH fs-meta opsps=9\n"),
+    }
+    metrics = {m.key: m for m in fs_metrics(results)}
+    assert metrics["virtiofs_fs_read"].ratio == 1.25 and metrics["virtiofs_fs_read"].met() is True
+    assert metrics["virtiofs_fs_meta"].kvmpy == [] and metrics["virtiofs_fs_meta"].qemu == [9.0]

@@ -14,6 +14,9 @@
  *   kvmpy-bench tlb MIB N               N dependent random reads over a MIB buffer
  *   kvmpy-bench console PATH KIB        KIB KiB of text lines written to a console device
  *   kvmpy-bench vsock-echo PORT N       listen on AF_VSOCK PORT, echo N connections to their EOF
+ *   kvmpy-bench fs-write PATH MIB       a file written in 1 MiB writes, then fsync
+ *   kvmpy-bench fs-read PATH MIB        a file read in 1 MiB reads
+ *   kvmpy-bench fs-meta DIR N           N small files created, stat'ed and removed in DIR
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -257,6 +260,51 @@ static int vsock_echo(int port, long connections) {
     return 0;
 }
 
+static int fs_stream(const char *path, long mib, int writing) {
+    int fd = open(path, writing ? O_WRONLY | O_CREAT | O_TRUNC : O_RDONLY, 0644);
+    if (fd < 0)
+        die(path);
+    char *buffer = aligned_buffer(MIB);
+    double start = now();
+    for (long i = 0; i < mib; i++) {
+        ssize_t done = writing ? write(fd, buffer, MIB) : read(fd, buffer, MIB);
+        if (done != MIB)
+            die(writing ? "write" : "read");
+    }
+    if (writing && fsync(fd))
+        die("fsync");
+    double seconds = now() - start;
+    close(fd);
+    printf("BENCH %s mib=%ld seconds=%.6f mbps=%.2f\n", writing ? "fs-write" : "fs-read", mib, seconds,
+           mib / seconds * MIB / 1e6);
+    return 0;
+}
+
+static int fs_metadata(const char *dir, long count) {
+    char name[4096];
+    struct stat info;
+    double start = now();
+    for (long i = 0; i < count; i++) {
+        snprintf(name, sizeof name, "%s/f%ld", dir, i);
+        int fd = open(name, O_WRONLY | O_CREAT | O_EXCL, 0644);
+        if (fd < 0 || write(fd, "x", 1) != 1 || close(fd))
+            die(name);
+    }
+    for (long i = 0; i < count; i++) {
+        snprintf(name, sizeof name, "%s/f%ld", dir, i);
+        if (stat(name, &info) || info.st_size != 1)
+            die("stat");
+    }
+    for (long i = 0; i < count; i++) {
+        snprintf(name, sizeof name, "%s/f%ld", dir, i);
+        if (unlink(name))
+            die("unlink");
+    }
+    double seconds = now() - start;
+    printf("BENCH fs-meta files=%ld seconds=%.6f opsps=%.1f\n", count, seconds, 3 * count / seconds);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc >= 4 && !strcmp(argv[1], "blk-read"))
@@ -281,6 +329,12 @@ int main(int argc, char **argv) {
         return console_write(argv[2], atol(argv[3]));
     if (argc >= 4 && !strcmp(argv[1], "vsock-echo"))
         return vsock_echo(atoi(argv[2]), atol(argv[3]));
+    if (argc >= 4 && !strcmp(argv[1], "fs-write"))
+        return fs_stream(argv[2], atol(argv[3]), 1);
+    if (argc >= 4 && !strcmp(argv[1], "fs-read"))
+        return fs_stream(argv[2], atol(argv[3]), 0);
+    if (argc >= 4 && !strcmp(argv[1], "fs-meta"))
+        return fs_metadata(argv[2], atol(argv[3]));
     fprintf(stderr, "usage: see the comment at the top of kvmpy_bench.c\n");
     return 2;
 }

@@ -129,6 +129,7 @@ def lab_scenarios(kernel: str, initrd: str, plan: lab.LabPlan) -> list[Scenario]
                 args=("-device", f"vhost-vsock-pci,guest-cid={VSOCK_CIDS[1]}"),
                 prepare=_vsock_peer(VSOCK_CIDS[1]), verify=VSOCK_VERIFY),
         *mq_scenarios(base, plan),
+        *fs_scenarios(base, plan),
     ]  # fmt: skip
 
 
@@ -204,6 +205,56 @@ def mq_metrics(results: dict[str, ScenarioResult]) -> list[Metric]:
     return [two_pairs, vhost_scaling, python_scaling]
 
 
+#: virtio-fs: the same virtiofsd options under both VMMs (kvmpy's own, kvmpy.virtio.vhost.virtiofsd).
+FS_SHARE, FS_SOCKET, FS_MIB, FS_FILES = "{tmp}/share", "{tmp}/virtiofs.sock", 32, 500
+
+
+def fs_scenarios(base: Scenario, plan: lab.LabPlan) -> list[Scenario]:
+    """A file written and read back, and small files created, stat'ed and removed, on a lab
+    directory shared through virtiofsd: kvmpy's --fs against QEMU's vhost-user-fs-pci."""
+    from kvmpy.virtio.vhost.virtiofsd import virtiofsd_arguments
+
+    tool = lab.TOOL
+    work = (
+        f"{tool} fs-write /mnt/big {FS_MIB}; echo 3 > /proc/sys/vm/drop_caches; "
+        f"{tool} fs-read /mnt/big {FS_MIB}; mkdir -p /mnt/meta; {tool} fs-meta /mnt/meta {FS_FILES}"
+    )
+    command = "mount -t virtiofs share /mnt && " + lab.workload_rounds(plan, work)
+    daemon = " ".join(virtiofsd_arguments(Path(FS_SHARE), Path(FS_SOCKET)))
+    qemu_prepare = (
+        f"mkdir -p {FS_SHARE} && ({daemon} > {{tmp}}/virtiofsd.log 2>&1 & echo $! > {{tmp}}/virtiofsd.pid); "
+        f"for i in $(seq 100); do [ -S {FS_SOCKET} ] && break; sleep 0.1; done"
+    )
+    qemu = (
+        "-object", f"memory-backend-memfd,id=ram,size={base.memory},share=on",
+        "-machine", "memory-backend=ram", "-chardev", f"socket,id=fs,path={FS_SOCKET}",
+        "-device", "vhost-user-fs-pci,chardev=fs,tag=share",
+    )  # fmt: skip
+    return [
+        replace(base, name="virtiofs-kvmpy", command=command, prepare=f"mkdir -p {FS_SHARE}",
+                args=("--fs", f"tag=share,path={FS_SHARE}")),
+        replace(base, name="virtiofs-qemu", vmm="qemu", command=command, prepare=qemu_prepare, args=qemu,
+                verify="kill $(cat {tmp}/virtiofsd.pid)"),
+    ]  # fmt: skip
+
+
+def fs_metrics(results: dict[str, ScenarioResult]) -> list[Metric]:
+    metrics = []
+    for line, key, what, unit in (
+        ("fs-write", "mbps", f"a {FS_MIB} MiB file written (1 MiB writes, fsync)", "MB/s"),
+        ("fs-read", "mbps", f"the {FS_MIB} MiB file read back (guest cache dropped)", "MB/s"),
+        ("fs-meta", "opsps", f"{FS_FILES} small files created, stat'ed and removed", "ops/s"),
+    ):
+        metric = Metric(
+            f"virtiofs_{line.replace('-', '_')}", f"virtio-fs (virtiofsd, cache=auto) {what}, against QEMU",
+            unit, lab.WHERE, better=Better.HIGHER, target=Target(ratio=1.0),
+        )  # fmt: skip
+        for vmm in lab.VMMS:
+            lab.add_bench_value(metric, vmm, results, f"virtiofs-{vmm}", line, key)
+        metrics.append(metric)
+    return metrics
+
+
 #: Each VMM's guest gets a CID of its own (a CID stays taken until its VMM has gone).
 VSOCK_CIDS, VSOCK_PORT, VSOCK_MIB, VSOCK_ROUND_TRIPS = (44, 45), 5000, 16, 500
 VSOCK_VERIFY = "sleep 1; cat {tmp}/vsock.txt"
@@ -267,7 +318,7 @@ def lab_metrics(results: dict[str, ScenarioResult]) -> list[Metric]:
         for vmm in lab.VMMS:
             lab.add_bench_value(metric, vmm, peers, f"vhost-vsock-{vmm}", line, key)
         metrics.append(metric)
-    return metrics + mq_metrics(results)
+    return metrics + mq_metrics(results) + fs_metrics(results)
 
 
 def run_vhost_suite(repetitions: int, progress: lab.Progress, *, with_lab: bool) -> list[Metric]:
