@@ -22,6 +22,7 @@ import select
 import threading
 from collections.abc import Callable
 
+from kvmpy.eventfd import EventFd, drain
 from kvmpy.jail.seccomp import Role, enter_role
 
 log = logging.getLogger("kvmpy.events")
@@ -104,7 +105,7 @@ class EventLoop(threading.Thread):
                     self._wait_while_paused()
                     break  # poll again: what was ready may have changed
                 if fd == self._wake_fd:
-                    _drain(fd)
+                    drain(fd)
                     continue
                 self._dispatch(fd)
 
@@ -132,29 +133,6 @@ class EventLoop(threading.Thread):
         else:
             if fd in self._failures:
                 del self._failures[fd]
-
-
-def _drain(fd: int) -> None:
-    try:
-        os.eventfd_read(fd)
-    except BlockingIOError:
-        pass
-
-
-class EventFd:
-    """A non-blocking eventfd that handlers drain before doing their work."""
-
-    def __init__(self) -> None:
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-
-    def drain(self) -> None:
-        _drain(self.fd)
-
-    def signal(self) -> None:
-        os.eventfd_write(self.fd, 1)
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 __all__ = ["EventFd", "EventLoop"]

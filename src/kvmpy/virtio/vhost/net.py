@@ -25,13 +25,14 @@ import os
 from collections.abc import Callable, Sequence
 
 from kvmpy.errors import GuestError
+from kvmpy.eventfd import drain
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.virtio.device import COMMON_FEATURES, Interrupt
 from kvmpy.virtio.devices.net import F_MRG_RXBUF, NetState, VirtioNet
 from kvmpy.virtio.devices.tap import Tap
 from kvmpy.virtio.queue import SplitQueue
 from kvmpy.virtio.vhost.kernel import KernelVhost, VhostError
-from kvmpy.virtio.vhost.rings import Irqfds, Rings, drain
+from kvmpy.virtio.vhost.rings import Irqfds, Rings
 
 log = logging.getLogger("kvmpy.virtio")
 

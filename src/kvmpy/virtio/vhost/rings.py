@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from kvmpy.eventfd import drain
 from kvmpy.memory.guest_memory import GuestMemory, MemoryRegion
 from kvmpy.virtio.device import Interrupt
 from kvmpy.virtio.queue import SplitQueue
@@ -146,13 +147,6 @@ class Rings:
         self._relays = {}
 
 
-def drain(fd: int) -> None:
-    try:
-        os.eventfd_read(fd)
-    except BlockingIOError:
-        pass
-
-
 def host_address(mem: GuestMemory, gpa: int) -> int:
     """The address of guest-physical ``gpa`` in kvmpy's address space (the transport checked
     that every ring lies in RAM when the driver enabled the queue)."""
@@ -162,4 +156,4 @@ def host_address(mem: GuestMemory, gpa: int) -> int:
     raise ValueError(f"ring address {gpa:#x} is not guest RAM")
 
 
-__all__ = ["Irqfds", "RingBackend", "Rings", "Unwatch", "Watch", "drain", "host_address"]
+__all__ = ["Irqfds", "RingBackend", "Rings", "Unwatch", "Watch", "host_address"]

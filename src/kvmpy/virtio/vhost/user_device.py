@@ -31,11 +31,12 @@ from collections.abc import Callable
 
 from kvmpy.abi import vhost_user as vu
 from kvmpy.errors import HostError
+from kvmpy.eventfd import drain
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.virtio.device import F_VERSION_1, Interrupt
 from kvmpy.virtio.guard import DeviceGuard
 from kvmpy.virtio.queue import DescriptorChain, SplitQueue
-from kvmpy.virtio.vhost.rings import Irqfds, Rings, Unwatch, Watch, drain
+from kvmpy.virtio.vhost.rings import Irqfds, Rings, Unwatch, Watch
 from kvmpy.virtio.vhost.user_client import VhostUserClient, VhostUserError
 
 log = logging.getLogger("kvmpy.virtio")
