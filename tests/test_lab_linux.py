@@ -128,16 +128,26 @@ MQ_NET_PREPARE = (
     f"ip link set {MQ_TAP} up && ({sys.executable} -m kvmpy.lab.tcp_sink 10.0.2.1 5000 {{tmp}}/received"
     " > {tmp}/sink.log 2>&1 & echo $! > {tmp}/sink.pid); sleep 1"
 )
+MQ_BLOB_BYTES = 4_000_000
 MQ_NET_COMMAND = (
     "ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && "
     "echo QUEUES $(ls /sys/class/net/eth0/queues); "
     "ping -c 3 -W 5 10.0.2.1 | tail -2; "
-    "for cpu in 0 1; do head -c 1000000 /dev/urandom > /tmp/blob$cpu; "
+    f"for cpu in 0 1; do head -c {MQ_BLOB_BYTES} /dev/urandom > /tmp/blob$cpu; "
     "echo GUEST-MD5 $(md5sum < /tmp/blob$cpu | cut -c1-32); done; "
     "for cpu in 0 1; do taskset -c $cpu nc 10.0.2.1 5000 < /tmp/blob$cpu & done; wait; "
     "grep -E 'virtio[0-9]+-(input|output)' /proc/interrupts; poweroff -f"
 )
 MQ_NET_VERIFY = f"sleep 1; kill $(cat {{tmp}}/sink.pid); sleep 1; cat {{tmp}}/received; ip link del {MQ_TAP}"
+#: vhost_net_mq also snapshots the VM while the sends run: the snapshot pauses it, which takes the
+#: rings back from the kernel, saves them, and hands them over again at resume; the sends must
+#: still arrive whole. The watcher waits for the first connection to the sink.
+MQ_SNAPSHOT_WATCH = (
+    "(for i in $(seq 1200); do ss -Htn state established '( sport = :5000 )' | grep -q . && break; "
+    f"sleep 0.5; done; {sys.executable} -m kvmpy ctl {{tmp}}/api.sock snapshot {{tmp}}/snap && "
+    f"echo SNAPSHOT-TAKEN && {sys.executable} -m kvmpy snapshot inspect {{tmp}}/snap/state)"
+    " > {tmp}/snap.log 2>&1 &"
+)
 
 #: The API scenario's guest: the banner's address for the monitor, a tick a second across a
 #: 30 s pause, the kernel's complaints after it, then Ctrl-Alt-Del (which the init turns into
@@ -301,9 +311,9 @@ def _scenarios(disk: Path) -> list[Scenario]:
             initrd,
             MQ_NET_COMMAND,
             cpus=2,
-            args=("--net", f"tap={MQ_TAP},vhost=on,queues=2", "--stats"),
-            prepare=MQ_NET_PREPARE,
-            verify=MQ_NET_VERIFY,
+            args=("--net", f"tap={MQ_TAP},vhost=on,queues=2", "--stats", "--api-sock", "{tmp}/api.sock"),
+            prepare=f"{MQ_NET_PREPARE}; {MQ_SNAPSHOT_WATCH}",
+            verify=f"{MQ_NET_VERIFY}; cat {{tmp}}/snap.log",
         ),
         Scenario(
             "virtio_blk_rng",
@@ -656,11 +666,14 @@ def test_two_queue_pairs_carry_a_flow_each(lab_results: dict[str, ScenarioResult
     notes = result.notes[-1].splitlines()
     received = sorted(line.split()[1] for line in notes if line.startswith("RECEIVED"))
     assert len(sent) == 2 and received == sent, detail
-    assert all(f"{md5} 1000000 closed" in result.notes[-1] for md5 in sent), detail
+    assert all(f"{md5} {MQ_BLOB_BYTES} closed" in result.notes[-1] for md5 in sent), detail
     interrupts = _queue_interrupts(result.output)
     print(f"{name}: per-queue interrupts {interrupts}")
     assert interrupts.get("input.0", 0) > 0 and interrupts.get("input.1", 0) > 0, detail
     assert "Traceback" not in result.stderr
+    if name == "vhost_net_mq":  # snapshotted mid-send: vhost-net's rings paused, saved, resumed
+        assert "SNAPSHOT-TAKEN" in result.notes[-1], detail
+        assert "device:virtio-net0" in result.notes[-1], detail
 
 
 def test_virtiofs_shares_a_lab_directory_both_ways(lab_results: dict[str, ScenarioResult]) -> None:
