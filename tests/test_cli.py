@@ -43,3 +43,27 @@ def test_no_kvm_device_is_a_clear_error() -> None:
 
     with pytest.raises(KvmUnavailableError, match="does not exist"):
         System("/nonexistent/kvm")
+
+
+def test_no_kernel_on_a_kvm_that_cannot_boot_linux_says_where_to_go(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before, ``kvmpy run`` alone on PVM booted the default image, whose ring-0 code PVM
+    emulates at about 1 MIPS, and sat silent."""
+    from kvmpy.vmm import host
+
+    monkeypatch.setattr(host, "kvm_runs_stock_kernels", lambda: False)
+    assert main(["run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no VT-x/AMD-V (PVM)" in err[0] and "'kvmpy demo'" in err[0], err
+
+
+def test_setup_probes_its_tools_without_a_traceback() -> None:
+    """scripts/setup asks Python whether kvmpy and its tools are installed; on a fresh machine
+    the answer is no, which used to be a ModuleNotFoundError traceback on the terminal."""
+    setup = (ROOT / "scripts" / "setup").read_text()
+    probe = next(line for line in setup.splitlines() if '.venv/bin/python -c "$needed"' in line)
+    assert '-c "$needed" 2>/dev/null' in probe
+    script = 'needed="import kvmpy_no_such_module"; ' + probe.replace("then", "then echo INSTALL; fi")
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert "INSTALL" in done.stdout and "Traceback" not in done.stderr, done.stderr

@@ -176,6 +176,14 @@ def _config_from_args(args: argparse.Namespace) -> VmConfig:
 
 
 def _default_kernel(args: argparse.Namespace) -> Path:
+    from kvmpy.vmm.host import kvm_runs_stock_kernels
+
+    if not kvm_runs_stock_kernels():  # the default image's ring-0 code would crawl, then stop
+        raise ConfigError(
+            "no --kernel given, and this host's KVM has no VT-x/AMD-V (PVM) to boot the default Linux"
+            " image: 'kvmpy demo' boots it in the lab, 'kvmpy lab run -- kvmpy run ...' runs any"
+            " command there, and --kernel takes a test guest (guests/build/*.elf) here"
+        )
     try:
         from kvmpy.lab.image import default_image
     except ImportError:
