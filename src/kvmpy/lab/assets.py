@@ -6,6 +6,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvmpy.lab import progress
 from kvmpy.lab.debian import cache_dir, fetch_package, package_version, resolve_kernel_package
 from kvmpy.lab.initramfs import build_initramfs
 from kvmpy.lab.modules import KernelTree
@@ -94,7 +95,8 @@ def lab_assets(kernel_package: str = LAB_KERNEL_PACKAGE) -> LabAssets:
     initrd = cache_dir() / "lab" / f"lab-initrd-{key}.cpio.gz"
     if not initrd.exists():
         initrd.parent.mkdir(parents=True, exist_ok=True)
-        data = build_initramfs(busybox_root, tree, LAB_MODULES, LAB_INIT)
+        with progress.step("building the lab's initramfs"):
+            data = build_initramfs(busybox_root, tree, LAB_MODULES, LAB_INIT)
         partial = initrd.with_suffix(".partial")
         partial.write_bytes(data)
         partial.rename(initrd)

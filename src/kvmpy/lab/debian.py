@@ -7,7 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from kvmpy.lab import LabError
+from kvmpy.lab import LabError, progress
 
 
 def cache_dir() -> Path:
@@ -56,16 +56,18 @@ def fetch_package(name: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     debs = list(root.glob(f"{name}_*.deb"))
     if not debs:
-        try:
-            _run(["apt-get", "download", name], f"downloading {name}", cwd=root)
-        except LabError:
-            _run(["apt-get", "update", "-qq"], "apt-get update")
-            _run(["apt-get", "download", name], f"downloading {name}", cwd=root)
+        with progress.download(name, root, progress.package_size(name) if progress.shown() else None):
+            try:
+                _run(["apt-get", "download", name], f"downloading {name}", cwd=root)
+            except LabError:
+                _run(["apt-get", "update", "-qq"], "apt-get update")
+                _run(["apt-get", "download", name], f"downloading {name}", cwd=root)
         debs = list(root.glob(f"{name}_*.deb"))
     if not debs:
         raise LabError(f"downloading {name} produced no .deb file")
     unpacked.mkdir(exist_ok=True)
-    _run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], f"unpacking {debs[0].name}")
+    with progress.step(f"unpacking {debs[0].name}"):
+        _run(["dpkg-deb", "-x", str(debs[0]), str(unpacked)], f"unpacking {debs[0].name}")
     (unpacked / ".complete").write_text(debs[0].name)
     return unpacked
 

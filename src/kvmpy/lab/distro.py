@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmpy.lab import LabError
+from kvmpy.lab import LabError, progress
 from kvmpy.lab.debian import cache_dir, fetch_package, package_version, resolve_kernel_package
 from kvmpy.lab.image import DEFAULT_KERNEL_PACKAGE, READY_MARKER, build_image
 from kvmpy.lab.modules import KernelTree, load_order
@@ -154,11 +154,13 @@ def distro_image(release: str, mirror: str, kernel_root: Path) -> Path:
     image.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="build-", dir=image.parent) as work:
         root = Path(work) / "root"
-        debootstrap(release, mirror, root)
+        with progress.step(f"debootstrap of Debian {release} from {mirror} (minutes)"):
+            debootstrap(release, mirror, root)
         configure(root)
         install_modules(root, KernelTree.find(kernel_root), list(UDEV_MODULES))
         partial = Path(work) / "image.ext4"
-        make_ext4(root, partial)
+        with progress.step("making its ext4 image"):
+            make_ext4(root, partial)
         partial.rename(image)
     return image
 

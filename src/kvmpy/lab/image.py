@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmpy.lab import LabError
+from kvmpy.lab import LabError, progress
 from kvmpy.lab.debian import cache_dir, fetch_package, package_version, resolve_kernel_package
 from kvmpy.lab.initramfs import build_initramfs
 from kvmpy.lab.modules import KernelTree, load_order
@@ -163,7 +163,8 @@ def build_image(
         except LabError:
             vmlinux = None
     if not initrd.exists():
-        initrd.write_bytes(build_initramfs(busybox_root, tree, wanted, GUEST_INIT))
+        with progress.step(f"building the guest initramfs ({len(wanted)} modules)"):
+            initrd.write_bytes(build_initramfs(busybox_root, tree, wanted, GUEST_INIT))
     image = GuestImage(kernel, vmlinux, initrd)
     return image
 
