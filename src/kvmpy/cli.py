@@ -18,6 +18,7 @@ from kvmpy import __version__
 from kvmpy.errors import ConfigError, KvmpyError
 from kvmpy.vmm.config import (
     MAX_VCPUS,
+    BalloonConfig,
     DiskConfig,
     FsConfig,
     NetConfig,
@@ -89,6 +90,12 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         " the guest mounts it with mount -t virtiofs NAME /mnt)",
     )
     run.add_argument("--rng", action="store_true", help="a virtio-rng device fed by the host's getrandom()")
+    run.add_argument(
+        "--balloon",
+        metavar="amount=MIB[,...]",
+        help="a virtio-balloon holding MIB of the guest's RAM for the host: amount=MIB"
+        "[,deflate_on_oom=on][,stats=SECONDS][,reporting=on]",
+    )
     run.add_argument(
         "--vsock",
         metavar="cid=N",
@@ -166,6 +173,7 @@ def _config_from_args(args: argparse.Namespace) -> VmConfig:
         disks=tuple(DiskConfig.parse(text) for text in args.disk),
         rng=args.rng,
         vsock_cid=_vsock_option(args.vsock),
+        balloon=None if args.balloon is None else BalloonConfig.parse(args.balloon),
         nets=tuple(NetConfig.parse(text) for text in args.net),
         filesystems=tuple(FsConfig.parse(text) for text in args.fs),
         console=args.console,

@@ -28,6 +28,7 @@ PAGE_SIZE = mmap.PAGESIZE
 MAX_LOCATED = 256
 #: madvise hints (not all exported by every Python build).
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+_MADV_REMOVE = getattr(mmap, "MADV_REMOVE", 9)
 
 
 _ZEROS = bytes(4 << 20)
@@ -239,6 +240,30 @@ class GuestMemory:
         if region.dirty is not None:  # a view may be written: count its pages (reads too)
             region.mark(start, size)
         return region.view[start : start + size]
+
+    def discard(self, gpa: int, size: int) -> None:
+        """Give the host back the pages of ``[gpa, gpa + size)`` (a balloon's): their frames
+        are freed and the guest reads them as zeros (or, in a restored VM, as the snapshot
+        had them) when it touches them again. Whole pages inside one region only."""
+        if gpa < 0 or size <= 0 or gpa % PAGE_SIZE or size % PAGE_SIZE:
+            raise GuestMemoryError(gpa, size, "not whole pages")
+        region = self._find(gpa, size)
+        if region is None:
+            raise GuestMemoryError(gpa, size)
+        start = gpa - region.gpa
+        advice = _MADV_REMOVE if region.fd >= 0 else mmap.MADV_DONTNEED  # shmem keeps pages otherwise
+        region.mapping.madvise(advice, start, size)
+        if region.dirty is not None:  # what a page holds changed without a write
+            region.mark(start, size)
+
+    def gpa_of_view(self, view: memoryview) -> int:
+        """The guest-physical address where ``view`` (a slice of guest RAM) starts."""
+        host = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        for region in self._regions:
+            base = region.host_address()
+            if base <= host < base + region.size:
+                return region.gpa + host - base
+        raise GuestMemoryError(host, len(view), "the view is not of guest RAM")
 
     def locate(self, gpa: int, size: int) -> tuple[memoryview, int]:
         """The view of the whole region holding ``size`` bytes at ``gpa``, and their offset in it.

@@ -187,6 +187,39 @@ class DiskConfig(msgspec.Struct, frozen=True):
             )
 
 
+class BalloonConfig(msgspec.Struct, frozen=True):
+    """A virtio-balloon (Firecracker's PUT /balloon fields, and free page reporting)."""
+
+    amount_mib: int
+    deflate_on_oom: bool = False
+    #: How often the driver is asked for its memory statistics; 0: no statistics queue.
+    stats_polling_interval_s: int = 0
+    free_page_reporting: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> BalloonConfig:
+        """``amount=MIB[,deflate_on_oom=on][,stats=SECONDS][,reporting=on]``."""
+        values: dict[str, str] = {}
+        for option in text.split(","):
+            key, _, value = option.partition("=")
+            numeric = key in ("amount", "stats")
+            valid = value.isdigit() if numeric else value in ("on", "off")
+            if key not in ("amount", "deflate_on_oom", "stats", "reporting") or not valid or key in values:
+                raise ConfigError(
+                    f"invalid --balloon option {option!r}: use amount=MIB, deflate_on_oom=on|off,"
+                    " stats=SECONDS or reporting=on|off"
+                )
+            values[key] = value
+        if "amount" not in values:
+            raise ConfigError(f"invalid --balloon {text!r}: it needs amount=MIB")
+        return cls(
+            int(values["amount"]),
+            deflate_on_oom=values.get("deflate_on_oom") == "on",
+            stats_polling_interval_s=int(values.get("stats", "0")),
+            free_page_reporting=values.get("reporting") == "on",
+        )
+
+
 class FsConfig(msgspec.Struct, frozen=True):
     """A virtio-fs share: a host directory virtiofsd serves, mounted in the guest by its tag."""
 
@@ -324,6 +357,7 @@ class VmConfig(msgspec.Struct, frozen=True):
     shared_memory: bool = False
     #: The guest's AF_VSOCK context id (a virtio-vsock device through vhost-vsock), or None.
     vsock_cid: int | None = None
+    balloon: BalloonConfig | None = None
     logger: LoggerConfig | None = None
     metrics: MetricsConfig | None = None
     #: (device id, PCI slot) of virtio devices that must sit in a given slot: a restored
@@ -354,6 +388,9 @@ class VmConfig(msgspec.Struct, frozen=True):
             raise ConfigError(f"invalid --console-rate {self.console_rate}: must be positive")
         if not 1 <= self.cpus <= MAX_VCPUS:
             raise ConfigError(f"--cpus {self.cpus} is out of range: use 1 to {MAX_VCPUS}")
+        if self.balloon is not None and self.balloon.amount_mib > self.memory >> 20:
+            amount, ram = self.balloon.amount_mib, self.memory >> 20
+            raise ConfigError(f"--balloon amount {amount} MiB is more than the guest's {ram} MiB")
         if self.memory < MIN_MEMORY:
             raise ConfigError(f"--memory {self.memory >> 20}M is too small: at least {MIN_MEMORY >> 20}M")
         if self.memory % 4096:

@@ -46,7 +46,7 @@ from kvmpy.errors import ConfigError, HostError
 from kvmpy.kvm import System, Vcpu
 from kvmpy.loader import BootMode, BootSetup, load_kernel
 from kvmpy.memory.guest_memory import GuestMemory
-from kvmpy.vmm.config import DiskConfig, FsConfig, NetConfig, SerialMode, VmConfig
+from kvmpy.vmm.config import BalloonConfig, DiskConfig, FsConfig, NetConfig, SerialMode, VmConfig
 from kvmpy.vmm.console import ConsoleOutput, ConsoleSink, FileSink
 from kvmpy.vmm.event_loop import EventLoop
 from kvmpy.vmm.irq import KvmIrqLine
@@ -57,6 +57,7 @@ from kvmpy.vmm.stop import StopKind, StopReason
 from kvmpy.vmm.vcpu_thread import KICK_SIGNAL, VcpuThread, describe_registers
 
 if TYPE_CHECKING:
+    from kvmpy.virtio.devices.balloon import VirtioBalloon
     from kvmpy.virtio.devices.console import VirtioConsole
     from kvmpy.virtio.pci_transport import VirtioPciTransport
     from kvmpy.virtio.throttle import Throttle
@@ -363,6 +364,11 @@ class Machine:
 
             vsock = VhostVsock(self.config.vsock_cid, watch=self.events.add, unwatch=self.events.remove)
             self.pci.add_virtio(vsock, "virtio-vsock", slots.get("virtio-vsock"))
+        #: The virtio-balloon's transport, if the VM has one (PATCH /balloon reaches it).
+        self.balloon: VirtioPciTransport | None = None
+        if self.config.balloon is not None:
+            self.balloon = self.pci.add_virtio(self._balloon(self.config.balloon), "virtio-balloon",
+                                               slots.get("virtio-balloon"))  # fmt: skip
         if self.config.rng:
             from kvmpy.virtio.devices.rng import VirtioRng
 
@@ -457,6 +463,32 @@ class Machine:
     def _stop_daemons(self) -> None:
         for daemon in self.daemons:
             daemon.stop()
+
+    def _balloon(self, config: BalloonConfig) -> VirtioBalloon:
+        from kvmpy.virtio.devices.balloon import PAGE, VirtioBalloon
+        from kvmpy.vmm.timerfd import TimerFd
+
+        timer = TimerFd(self.events.add) if config.stats_polling_interval_s else None
+        return VirtioBalloon(
+            (config.amount_mib << 20) // PAGE,
+            deflate_on_oom=config.deflate_on_oom,
+            stats_interval=float(config.stats_polling_interval_s),
+            reporting=config.free_page_reporting,
+            schedule=timer.schedule if timer else None,
+            on_close=timer.close if timer else None,
+        )
+
+    def set_balloon_target(self, amount_mib: int) -> None:
+        """PATCH /balloon: the driver is told the new target through a configuration change."""
+        from kvmpy.virtio.devices.balloon import PAGE
+
+        if self.balloon is None:
+            raise ConfigError("this VM has no balloon (--balloon or PUT /balloon before it starts)")
+        if amount_mib > self.config.memory >> 20:
+            ram = self.config.memory >> 20
+            raise ConfigError(f"balloon amount {amount_mib} MiB is more than the guest's {ram} MiB")
+        self.balloon.device.set_target((amount_mib << 20) // PAGE)  # type: ignore[attr-defined]
+        self.balloon.config_changed()
 
     def _throttle(self, config: RateLimiterConfig | None) -> Throttle | None:
         """A device's rate limiter if one is configured; its retries run on the event loop."""

@@ -39,6 +39,7 @@ def register_machine(registry: MetricsRegistry, machine: Machine) -> None:
     )
     registry.register("console", lambda: _console(machine))
     registry.register("event-loop", lambda: {"disabled_handlers": len(machine.events.disabled)})
+    registry.register("process", _process)
     if seccomp.enabled():
         registry.register("seccomp", lambda: {"num_faults": seccomp.faults()})
 
@@ -83,11 +84,26 @@ def _virtio(transport: Any) -> dict[str, int]:
     counters = {"guest_errors": transport.guest_errors}
     model = transport.device
     counters.update(_attributes(model, _MODEL_COUNTERS))
+    own = getattr(model, "metrics", None)  # a device with counters of its own shape (the balloon)
+    if own is not None:
+        counters.update(own())
     for name in ("throttle", "rx_throttle", "tx_throttle"):
         throttle = getattr(model, name, None)
         if throttle is not None:
             counters[name + "d"] = throttle.throttled  # throttled, rx_throttled, tx_throttled
     return counters
+
+
+def _process() -> dict[str, int]:
+    """The VMM's resident memory (what a balloon gives back shows here), from /proc."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return {"resident_kib": int(line.split()[1])}
+    except OSError:  # no /proc (a jail)
+        pass
+    return {}
 
 
 def _console(machine: Machine) -> dict[str, int]:

@@ -1,0 +1,186 @@
+"""virtio-balloon: pages the guest hands back leave the VMM's resident memory, and come back.
+
+The ring-3 driver of the test kit (guests/virtio_balloon.c) inflates under kvmpy on this
+machine's KVM; the device model's other queues (statistics, free page reporting) and its
+guard against hostile requests are driven through the PCI transport by the test's driver.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmpy.errors import ConfigError
+from kvmpy.memory.guest_memory import GuestMemory
+from kvmpy.testing.virtio_driver import Buffer, MockDriver, TransportDriver
+from kvmpy.virtio import pci_transport as vp
+from kvmpy.virtio.device import F_VERSION_1
+from kvmpy.virtio.devices import balloon
+from kvmpy.virtio.devices.balloon import BalloonState, VirtioBalloon
+from kvmpy.vmm.config import BalloonConfig, VmConfig
+
+RAM = 1 << 24
+BAR0 = 0xC001_0000
+DATA, POOL = 0x100000, 0x400000
+
+
+def _resident_kib(stderr: str) -> int:
+    match = re.search(r"^process\s+resident_kib\s+(\d+)", stderr, re.M)
+    assert match, stderr
+    return int(match.group(1))
+
+
+@pytest.mark.kvm
+def test_inflating_gives_the_host_its_memory_back_and_deflating_takes_it_again(guests: Path) -> None:
+    from kvmpy.testing.process import kvmpy
+
+    def run(amount: int, deflate: int) -> tuple[str, int]:
+        done = kvmpy(
+            "run", "--kernel", str(guests / "virtio_balloon.elf"), "--cmdline", f"mib=32 deflate={deflate}",
+            "--memory", "128M", "--balloon", f"amount={amount}", "--stats",
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout, _resident_kib(done.stderr)
+
+    output, full = run(0, 0)
+    assert "virtio_balloon inflated 0 pages" in output
+    output, ballooned = run(32, 0)
+    assert "virtio_balloon inflated 8192 pages, zeros" in output  # the host freed what it was given
+    print(f"resident memory: {full} KiB without the balloon, {ballooned} KiB with 32 MiB in it")
+    assert full - ballooned > 24 * 1024
+    output, deflated = run(32, 1)
+    assert "virtio_balloon deflated, pages written again" in output
+    assert deflated - ballooned > 24 * 1024
+
+
+# --- the device model through its transport ---------------------------------------------------
+class Sender:
+    def send(self, vector: int, address: int, data: int) -> None:
+        pass
+
+    def changed(self, vector: int, address: int, data: int) -> None:
+        pass
+
+
+@pytest.fixture
+def mem() -> Iterator[GuestMemory]:
+    memory = GuestMemory.anonymous([(0, RAM)])
+    yield memory
+    memory.close()
+
+
+class Timers:
+    """The event loop's timer: callbacks kept until the test fires them."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[float, Callable[[], None]]] = []
+
+    def schedule(self, delay: float, callback: Callable[[], None]) -> None:
+        self.pending.append((delay, callback))
+
+    def fire(self) -> None:
+        pending, self.pending = self.pending, []
+        for _, callback in pending:
+            callback()
+
+
+def started(
+    mem: GuestMemory, device: VirtioBalloon, features: int
+) -> tuple[vp.VirtioPciTransport, list[MockDriver]]:
+    transport = vp.VirtioPciTransport(
+        device, mem, Sender(), BAR0, BAR0 + vp.BAR0_SIZE, lambda areas: None  # type: ignore[arg-type]
+    )
+    pci = TransportDriver(transport, mem)
+    pci.negotiate(F_VERSION_1 | features)
+    queues = [pci.setup_queue(index, 0x10000 + 0x4000 * index, 16) for index in range(4)]
+    pci.driver_ok()
+    return transport, queues
+
+
+def frames(mem: GuestMemory, *numbers: int) -> Buffer:
+    mem.write(DATA, struct.pack(f"<{len(numbers)}I", *numbers))
+    return Buffer(DATA, 4 * len(numbers))
+
+
+def test_inflated_pages_read_as_zeros_and_hostile_frames_need_a_reset(mem: GuestMemory) -> None:
+    device = VirtioBalloon(16)
+    transport, queues = started(mem, device, 0)
+    mem.write(POOL, b"\x5a" * 0x2000)
+    queues[0].add([frames(mem, POOL >> 12, (POOL >> 12) + 1)])
+    transport.notify(0)
+    assert queues[0].used_entries() == [(0, 0)] and mem.read(POOL, 0x2000) == bytes(0x2000)
+    assert device.metrics()["inflated_pages"] == 2
+    queues[0].add([frames(mem, RAM >> 12)])  # a frame past the end of RAM
+    transport.notify(0)
+    assert transport.status & vp.STATUS_NEEDS_RESET
+    transport, queues = started(mem, VirtioBalloon(16), 0)
+    queues[1].add([Buffer(DATA, 4 * (balloon.MAX_FRAMES + 1))])  # more frames than any request has
+    transport.notify(1)
+    assert transport.status & vp.STATUS_NEEDS_RESET
+
+
+def test_the_target_is_in_the_configuration_and_actual_is_the_drivers(mem: GuestMemory) -> None:
+    device = VirtioBalloon(256)
+    assert struct.unpack("<II", device.read_config(0, 8)) == (256, 0)
+    device.write_config(4, struct.pack("<I", 200))
+    device.set_target(512)
+    assert struct.unpack("<II", device.read_config(0, 8)) == (512, 200)
+    assert device.save() == BalloonState(512, 200)
+    other = VirtioBalloon(0)
+    other.restore(BalloonState(512, 200))
+    assert other.metrics()["target_pages"] == 512 and other.metrics()["actual_pages"] == 200
+    with pytest.raises(ValueError, match="32-bit"):
+        other.restore(BalloonState(1 << 32, 0))
+
+
+def test_statistics_are_kept_and_asked_for_again_after_the_interval(mem: GuestMemory) -> None:
+    timers = Timers()
+    device = VirtioBalloon(0, stats_interval=5.0, schedule=timers.schedule)
+    assert device.features & balloon.F_STATS_VQ
+    transport, queues = started(mem, device, balloon.F_STATS_VQ)
+    stats = queues[2]
+    mem.write(DATA, struct.pack("<HQHQHQ", 4, 100 << 20, 5, 256 << 20, 99, 7))  # free, total, unknown
+    stats.add([Buffer(DATA, 30)])
+    transport.notify(2)
+    assert stats.used_entries() == []  # the device holds the buffer until it wants new figures
+    figures = device.metrics()
+    assert figures["guest_free_memory"] == 100 << 20 and figures["guest_total_memory"] == 256 << 20
+    assert [delay for delay, _ in timers.pending] == [5.0]
+    timers.fire()
+    assert stats.used_entries() == [(0, 0)]  # the driver refills it and adds it again
+
+
+def test_free_page_reporting_discards_the_ranges_the_driver_reports(mem: GuestMemory) -> None:
+    device = VirtioBalloon(0, reporting=True)
+    transport, queues = started(mem, device, balloon.F_REPORTING)  # no statistics: reporting is queue 2
+    mem.write(POOL, b"\x5a" * 0x4000)
+    queues[2].add([Buffer(POOL, 0x3000, writable=True)])
+    transport.notify(2)
+    assert queues[2].used_entries() == [(0, 0)]
+    assert mem.read(POOL, 0x3000) == bytes(0x3000) and mem.read(POOL + 0x3000, 4) == b"\x5a" * 4
+    assert device.metrics()["reported_bytes"] == 0x3000
+
+
+def test_discarded_pages_count_as_written_while_pages_are_tracked(mem: GuestMemory) -> None:
+    mem.track_writes()
+    mem.take_written()
+    mem.discard(POOL, 0x2000)
+    written = mem.take_written()[0]
+    assert [page for page, flag in enumerate(written) if flag] == [POOL >> 12, (POOL >> 12) + 1]
+
+
+def test_balloon_options(tmp_path: Path) -> None:
+    config = BalloonConfig.parse("amount=64,deflate_on_oom=on,stats=5,reporting=on")
+    assert config.amount_mib == 64 and config.deflate_on_oom and config.free_page_reporting
+    assert config.stats_polling_interval_s == 5
+    for bad in ("64", "amount=x", "amount=1,amount=2", "deflate_on_oom=yes,amount=1", "stats=on,amount=1"):
+        with pytest.raises(ConfigError, match="--balloon"):
+            BalloonConfig.parse(bad)
+    with pytest.raises(ConfigError, match="more than the guest's 256 MiB"):
+        kernel = tmp_path / "k.elf"
+        kernel.write_bytes(b"\x7fELF")
+        VmConfig(kernel=kernel, balloon=BalloonConfig(300)).validate()
