@@ -3,7 +3,8 @@
  * pages) on the inflate queue and says so in `actual`. With deflate=1 it then takes them all
  * back on the deflate queue and writes them again. Prints the pages it inflated and whether
  * the pages read back as zeros after inflating (the host freed them) and as written after
- * deflating. */
+ * deflating. With changes=N it then follows the target as the host changes it (polling the
+ * configuration, as it has no interrupts), inflating or deflating to match, N times. */
 #include "runtime/runtime.h"
 #include "runtime/virtio.h"
 
@@ -50,6 +51,22 @@ int main(const char *cmdline) {
     serial_puts("virtio_balloon inflated ");
     print_u64(inflated);
     serial_puts(zeros ? " pages, zeros\n" : " pages, not zeros\n");
+    for (u64 change = 0, wanted = cmdline_u64("changes=", 0); change < wanted; change++) {
+        u64 now;
+        while ((now = *(volatile u32 *)dev.device_cfg) == target)
+            __asm__ volatile("pause");
+        target = now;
+        u64 goal = target < pages ? target : pages;
+        if (goal > inflated)
+            give(&inflate_queue, start + inflated * 4096, goal - inflated);
+        else
+            give(&deflate_queue, start + goal * 4096, inflated - goal);
+        inflated = goal;
+        *(volatile u32 *)(dev.device_cfg + 4) = (u32)inflated;
+        serial_puts("virtio_balloon now ");
+        print_u64(inflated);
+        serial_puts(" pages\n");
+    }
     if (deflate) {
         give(&deflate_queue, start, inflated);
         *(volatile u32 *)(dev.device_cfg + 4) = 0;

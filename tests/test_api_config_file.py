@@ -110,7 +110,7 @@ def test_get_vm_config_loads_back_into_the_same_configuration(tmp_path: Path) ->
             {"mmds-config": {"network_interfaces": ["eth0"]}},
             "mmds-config: The requested operation is not supported",
         ),
-        ({"balloon": {"amount_mib": 1, "deflate_on_oom": False}}, "balloon: "),
+        ({"balloon": {"amount_mib": 1}}, "missing required field `deflate_on_oom`"),
         ("[1, 2]", "Expected `object`, got `array`"),
     ],
 )
@@ -143,3 +143,12 @@ def test_nulls_and_empty_lists_for_what_kvmpy_lacks_are_accepted(tmp_path: Path)
         "drives": [],
     }
     assert load_config_file(write(tmp_path, config)) == [a.ConfigureBootSource(Path("/k"))]
+
+
+def test_a_balloon_in_the_file_is_configured(tmp_path: Path) -> None:
+    from kvmpy.vmm.config import BalloonConfig
+
+    balloon = {"amount_mib": 8, "deflate_on_oom": True}
+    config = {"boot-source": {"kernel_image_path": "/k"}, "balloon": balloon}
+    expected = a.SetBalloon(BalloonConfig(8, deflate_on_oom=True))
+    assert load_config_file(write(tmp_path, config))[-1] == expected

@@ -433,9 +433,6 @@ def test_unknown_paths_and_methods(vmm: FakeVmm, method: str, path: str, body: o
             "huge_pages",
         ),
         ("PUT", "/vsock", {"guest_cid": 3, "uds_path": "/v"}, "vsock"),
-        ("PUT", "/balloon", {"amount_mib": 1, "deflate_on_oom": True}, "balloon"),
-        ("GET", "/balloon", None, "balloon"),
-        ("PATCH", "/balloon/statistics", {"stats_polling_interval_s": 1}, "balloon"),
         ("PUT", "/mmds", {"latest": {}}, "MMDS"),
         ("PUT", "/mmds/config", {"network_interfaces": ["eth0"]}, "MMDS"),
         ("GET", "/mmds", None, "MMDS"),
@@ -616,3 +613,41 @@ def test_snapshot_phases(vmm: FakeVmm) -> None:
     )
     call(vmm, "PUT", "/actions", {"action_type": "InstanceStart"})
     assert fault(call(vmm, "PUT", "/snapshot/load", body)) == a.NOT_ALLOWED_AFTER_START
+
+
+# --- the balloon ---------------------------------------------------------------------------------
+def test_the_balloon_is_configured_before_boot_and_steered_after(vmm: FakeVmm) -> None:
+    from kvmpy.vmm.config import BalloonConfig
+
+    assert "No balloon device configured" in fault(call(vmm, "GET", "/balloon"))
+    body = {"amount_mib": 64, "deflate_on_oom": True, "stats_polling_interval_s": 5}
+    assert call(vmm, "PUT", "/balloon", body).status == 204
+    assert vmm.actions[-1] == a.SetBalloon(BalloonConfig(64, deflate_on_oom=True, stats_polling_interval_s=5))
+    got = json.loads(call(vmm, "GET", "/balloon").body)
+    assert got == {**body, "free_page_reporting": False}
+    assert json.loads(call(vmm, "GET", "/vm/config").body)["balloon"] == got
+    assert "not supported before starting" in fault(call(vmm, "PATCH", "/balloon", {"amount_mib": 32}))
+    boot(vmm)
+    assert call(vmm, "PATCH", "/balloon", {"amount_mib": 32}).status == 204
+    assert vmm.actions[-1] == a.UpdateBalloon(32)
+    assert json.loads(call(vmm, "GET", "/balloon").body)["amount_mib"] == 32
+    assert call(vmm, "PATCH", "/balloon/statistics", {"stats_polling_interval_s": 2}).status == 204
+    assert vmm.actions[-1] == a.UpdateBalloonStatistics(2)
+    assert json.loads(call(vmm, "GET", "/balloon/statistics").body)["target_pages"] == 32 * 256
+    assert "not supported after starting" in fault(call(vmm, "PUT", "/balloon", body))
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "words"),
+    [
+        ("PUT", "/balloon", {"amount_mib": 1}, "deflate_on_oom"),
+        ("PUT", "/balloon", {"amount_mib": -1, "deflate_on_oom": False}, ">= 0"),
+        ("PUT", "/balloon", {"amount_mib": 1, "deflate_on_oom": False, "hints": 1}, "unknown field"),
+        ("PATCH", "/balloon", {"amount_mib": "x"}, "Expected `int`"),
+        ("PATCH", "/balloon/stats", {"stats_polling_interval_s": 1}, "Invalid request method"),
+    ],
+)
+def test_bad_balloon_requests_are_400s(
+    vmm: FakeVmm, method: str, path: str, body: object, words: str
+) -> None:
+    assert words in fault(call(vmm, method, path, body))

@@ -184,3 +184,95 @@ def test_balloon_options(tmp_path: Path) -> None:
         kernel = tmp_path / "k.elf"
         kernel.write_bytes(b"\x7fELF")
         VmConfig(kernel=kernel, balloon=BalloonConfig(300)).validate()
+
+
+@pytest.mark.kvm
+def test_firecrackers_balloon_api_steers_a_running_guests_balloon(guests: Path, tmp_path: Path) -> None:
+    """PUT /balloon before the start, then PATCH /balloon moves the target of the running guest,
+    whose driver follows it; GET /balloon/statistics shows the target and what the driver holds."""
+    import time
+
+    from kvmpy.ctl.client import ApiClient
+    from kvmpy.testing.process import start_kvmpy
+
+    socket_path, console = str(tmp_path / "api.sock"), tmp_path / "console.txt"
+    process = start_kvmpy("run", "--api-sock", socket_path, "--serial", f"file:{console}")
+    try:
+        api = ApiClient(socket_path)
+        deadline = time.monotonic() + 30
+        while not Path(socket_path).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        kernel = str(guests / "virtio_balloon.elf")
+        api.request("PUT", "/boot-source", {"kernel_image_path": kernel, "boot_args": "mib=32 changes=2"})
+        api.request("PUT", "/machine-config", {"vcpu_count": 1, "mem_size_mib": 128})
+        balloon = {"amount_mib": 8, "deflate_on_oom": False, "stats_polling_interval_s": 1}
+        api.request("PUT", "/balloon", balloon)
+        api.request("PUT", "/actions", {"action_type": "InstanceStart"})
+
+        def actual(pages: int) -> dict[str, int]:
+            deadline = time.monotonic() + 30
+            while (stats := api.request("GET", "/balloon/statistics"))["actual_pages"] != pages:
+                assert time.monotonic() < deadline, (stats, console.read_text())
+                assert process.poll() is None, process.communicate()
+                time.sleep(0.05)
+            return stats  # type: ignore[no-any-return]
+
+        assert actual(2048) == {"target_pages": 2048, "actual_pages": 2048, "target_mib": 8, "actual_mib": 8}
+        api.request("PATCH", "/balloon", {"amount_mib": 16})
+        assert actual(4096)["target_mib"] == 16
+        assert api.request("GET", "/balloon")["amount_mib"] == 16
+        api.request("PATCH", "/balloon", {"amount_mib": 4})  # the guest deflates, then ends
+        process.wait(30)
+        output = console.read_text()
+        assert "virtio_balloon now 4096 pages" in output and "virtio_balloon now 1024 pages" in output
+    finally:
+        process.kill()
+        process.communicate()
+
+
+@pytest.mark.kvm
+def test_a_snapshot_keeps_the_balloon_and_leaves_its_pages_out(guests: Path, tmp_path: Path) -> None:
+    """A ballooned guest snapshotted and restored in a new process: the balloon's target and size
+    come back, the restored driver goes on following the target, and the memory file holds no
+    data for the pages the balloon took (they are zeros, written as holes)."""
+    import time
+
+    from kvmpy.ctl.client import ApiClient
+    from kvmpy.testing.process import kvmpy, read_until, start_kvmpy
+
+    def snapshot(amount: int, name: str) -> Path:
+        sock = tmp_path / f"{name}.sock"
+        source = start_kvmpy(
+            "run", "--kernel", str(guests / "virtio_balloon.elf"), "--cmdline", "mib=32 changes=1",
+            "--memory", "128M", "--balloon", f"amount={amount},stats=1", "--api-sock", str(sock),
+        )  # fmt: skip
+        try:
+            read_until(source, lambda text: "virtio_balloon inflated" in text)
+            done = kvmpy("ctl", str(sock), "snapshot", str(tmp_path / name))
+            assert done.returncode == 0, done.stderr
+        finally:
+            source.kill()
+            source.communicate(timeout=20)
+        return tmp_path / name
+
+    empty, ballooned = snapshot(0, "empty"), snapshot(24, "ballooned")
+    on_disk = {path.name: (path / "memory").stat().st_blocks * 512 for path in (empty, ballooned)}
+    print(f"memory files on disk: {on_disk}")
+    assert on_disk["empty"] - on_disk["ballooned"] >= 16 << 20  # of its 24 MiB (holes are whole chunks)
+    sock = tmp_path / "restored.sock"
+    restored = start_kvmpy("run", "--restore", str(ballooned), "--api-sock", str(sock))
+    try:
+        api = ApiClient(str(sock))
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        stats = api.request("GET", "/balloon/statistics")
+        assert stats["target_mib"] == 24 and stats["actual_mib"] == 24, stats
+        api.request("PATCH", "/balloon", {"amount_mib": 8})  # the restored driver follows, and ends
+        output = read_until(restored, lambda text: "virtio_balloon now" in text)
+        assert "virtio_balloon now 2048 pages" in output, output
+        assert restored.wait(30) == 0
+    finally:
+        restored.kill()
+        restored.communicate(timeout=20)

@@ -27,7 +27,6 @@ Item = TypeVar("Item")
 
 #: Keys of resources kvmpy has not got, and the UNSUPPORTED reason each refers to.
 _UNSUPPORTED_KEYS = {
-    "balloon": "balloon",
     "vsock": "vsock",
     "mmds_config": "mmds",
     "cpu_config": "cpu-config",
@@ -61,6 +60,7 @@ def config_actions(data: bytes, name: str = "<config>") -> list[Action]:
     for index, net in enumerate(config.network_interfaces):
         _add(found, name, f"network-interfaces[{index}]", net, parse.network_interface)
     _add(found, name, "entropy", config.entropy, parse.entropy)
+    _add(found, name, "balloon", config.balloon, parse.balloon)
     _add(found, name, "serial", config.serial, parse.serial)
     return found
 

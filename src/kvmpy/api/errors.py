@@ -9,7 +9,6 @@ NOT_SUPPORTED_PREFIX = "The requested operation is not supported: "
 
 #: What kvmpy does not have, by Firecracker's resource name, with the reason it answers.
 UNSUPPORTED = {
-    "balloon": "the balloon device: kvmpy has no virtio-balloon yet.",
     "cpu-config": "custom CPU templates: kvmpy gives the guest the CPUID KVM supports, unmodified.",
     "hotplug": "memory hotplug: kvmpy has no virtio-mem.",
     "mmds": "MMDS: kvmpy's virtio-net has no microVM metadata service.",

@@ -32,6 +32,7 @@ from kvmpy.vmm.actions import (
     Pause,
     Resume,
     SendCtrlAltDel,
+    SetBalloon,
     SetEntropyDevice,
     StartInstance,
     Stop,
@@ -39,6 +40,7 @@ from kvmpy.vmm.actions import (
     UpdateNetworkDevice,
 )
 from kvmpy.vmm.config import (
+    BalloonConfig,
     DiskConfig,
     LoggerConfig,
     MetricsConfig,
@@ -248,6 +250,17 @@ def entropy(body: schemas.EntropyDevice) -> SetEntropyDevice:
     return SetEntropyDevice(rate_limiter(body.rate_limiter))
 
 
+def balloon(body: schemas.Balloon) -> SetBalloon:
+    return SetBalloon(
+        BalloonConfig(
+            body.amount_mib,
+            deflate_on_oom=body.deflate_on_oom,
+            stats_polling_interval_s=body.stats_polling_interval_s,
+            free_page_reporting=body.free_page_reporting,
+        )
+    )
+
+
 def serial(body: schemas.SerialDevice) -> ConfigureSerial:
     if body.rate_limiter is not None:
         raise not_supported("a serial rate_limiter: kvmpy's 16550A output is not rate-limited.")
@@ -348,6 +361,7 @@ def migrate(body: schemas.KvmpyMigrate) -> Migrate:
 
 
 __all__ = [
+    "balloon",
     "boot_source",
     "migrate",
     "checked_id",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from kvmpy.vmm.actions import InstanceInfo
 from kvmpy.vmm.config import (
+    BalloonConfig,
     DiskConfig,
     LoggerConfig,
     MetricsConfig,
@@ -125,10 +126,20 @@ def _serial(config: VmConfig) -> Json:
     return {"serial_out_path": str(path) if path is not None else None, "console": config.console}
 
 
+def balloon(config: BalloonConfig) -> Json:
+    """GET /balloon: the balloon as configured, its target as last set."""
+    return {
+        "amount_mib": config.amount_mib,
+        "deflate_on_oom": config.deflate_on_oom,
+        "stats_polling_interval_s": config.stats_polling_interval_s,
+        "free_page_reporting": config.free_page_reporting,
+    }
+
+
 def full_config(config: VmConfig) -> Json:
     """GET /vm/config: ``config`` in Firecracker's full-config layout."""
     return {
-        "balloon": None,
+        "balloon": balloon(config.balloon) if config.balloon is not None else None,
         "drives": [drive(disk) for disk in config.disks],
         "boot-source": boot_source(config),
         "cpu-config": None,
@@ -145,4 +156,4 @@ def full_config(config: VmConfig) -> Json:
     }
 
 
-__all__ = ["full_config", "instance_info", "machine_config", "rate_limiter", "version"]
+__all__ = ["balloon", "full_config", "instance_info", "machine_config", "rate_limiter", "version"]

@@ -16,8 +16,18 @@ from typing import TYPE_CHECKING, TypeVar
 from kvmpy.api import monitor, render
 from kvmpy.api.errors import UNSUPPORTED, RequestError, invalid_path_method, not_supported
 from kvmpy.api.messages import NO_CONTENT, Request, Response, fault, json_response
-from kvmpy.vmm.actions import Action, ActionError, GetInstanceInfo, GetVmConfig, InstanceInfo
-from kvmpy.vmm.config import VmConfig
+from kvmpy.vmm.actions import (
+    Action,
+    ActionError,
+    GetBalloon,
+    GetBalloonStatistics,
+    GetInstanceInfo,
+    GetVmConfig,
+    InstanceInfo,
+    UpdateBalloon,
+    UpdateBalloonStatistics,
+)
+from kvmpy.vmm.config import BalloonConfig, VmConfig
 
 if TYPE_CHECKING:
     pass
@@ -28,9 +38,9 @@ Result = TypeVar("Result")
 
 #: Which methods Firecracker routes for each of them (the others are an invalid path).
 _UNSUPPORTED_METHODS = {
-    "GET": {"balloon", "mmds", "hotplug"},
-    "PUT": {"balloon", "cpu-config", "pmem", "mmds", "vsock", "hotplug"},
-    "PATCH": {"balloon", "mmds", "pmem", "hotplug"},
+    "GET": {"mmds", "hotplug"},
+    "PUT": {"cpu-config", "pmem", "mmds", "vsock", "hotplug"},
+    "PATCH": {"mmds", "pmem", "hotplug"},
     "DELETE": {"drives", "network-interfaces", "pmem"},
 }
 _HOT_UNPLUG = "hot-unplugging devices: kvmpy's PCI bus has no hotplug."
@@ -61,6 +71,10 @@ def _machine_config(result: object) -> Response:
 
 def _full_config(result: object) -> Response:
     return json_response(render.full_config(_checked(VmConfig, result)))
+
+
+def _balloon(result: object) -> Response:
+    return json_response(render.balloon(_checked(BalloonConfig, result)))
 
 
 def _monitor_result(result: object) -> Response:
@@ -135,6 +149,10 @@ class Router:
                 return GetVmConfig(), _machine_config
         if resource == "vm" and rest == ["config"]:
             return GetVmConfig(), _full_config
+        if resource == "balloon" and rest in ([], ["statistics"]):
+            if rest:
+                return GetBalloonStatistics(), _monitor_result
+            return GetBalloon(), _balloon
         raise invalid_path_method("GET", resource)
 
     def _put(self, resource: str, rest: list[str], body: bytes) -> Routed:
@@ -156,6 +174,8 @@ class Router:
             action = parse.machine(parse.decode(body, schemas.MachineConfiguration))
         elif resource == "entropy":
             action = parse.entropy(parse.decode(body, schemas.EntropyDevice))
+        elif resource == "balloon":
+            action = parse.balloon(parse.decode(body, schemas.Balloon))
         elif resource == "serial":
             action = parse.serial(parse.decode(body, schemas.SerialDevice))
         elif resource == "logger":
@@ -205,8 +225,13 @@ class Router:
             path_id = self._device_id("PATCH", resource, rest)
             update = parse.decode(body, schemas.PartialNetworkInterface)
             action = parse.network_interface_update(update, path_id)
+        elif resource == "balloon" and rest == ["statistics"]:
+            stats = parse.decode(body, schemas.BalloonStatsUpdate)
+            action = UpdateBalloonStatistics(stats.stats_polling_interval_s)
         elif rest:
             raise invalid_path_method("PATCH", resource)
+        elif resource == "balloon":
+            action = UpdateBalloon(parse.decode(body, schemas.BalloonUpdate).amount_mib)
         elif resource == "machine-config":
             action = parse.machine_update(parse.decode(body, schemas.MachineConfigurationUpdate))
         elif resource == "vm":

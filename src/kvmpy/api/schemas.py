@@ -106,6 +106,21 @@ class EntropyDevice(_Body):
     rate_limiter: RateLimiter | None = None
 
 
+class Balloon(_Body):
+    amount_mib: NonNegative
+    deflate_on_oom: bool
+    stats_polling_interval_s: NonNegative = 0
+    free_page_reporting: bool = False
+
+
+class BalloonUpdate(_Body):
+    amount_mib: NonNegative
+
+
+class BalloonStatsUpdate(_Body):
+    stats_polling_interval_s: NonNegative
+
+
 class SerialDevice(_Body):
     serial_out_path: str | None = None
     rate_limiter: TokenBucket | None = None
@@ -202,7 +217,7 @@ class FullVmConfiguration(_Body):
     metrics: Metrics | None = None
     #: kvmpy: Firecracker has no serial key in its config file.
     serial: SerialDevice | None = None
-    balloon: dict[str, object] | None = None
+    balloon: Balloon | None = None
     vsock: dict[str, object] | None = None
     mmds_config: dict[str, object] | None = msgspec.field(name="mmds-config", default=None)
     cpu_config: dict[str, object] | str | None = msgspec.field(name="cpu-config", default=None)
@@ -211,6 +226,9 @@ class FullVmConfiguration(_Body):
 
 
 __all__ = [
+    "Balloon",
+    "BalloonStatsUpdate",
+    "BalloonUpdate",
     "BootSource",
     "Drive",
     "EntropyDevice",

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from kvmpy.arch.x86 import layout
 from kvmpy.devices.legacy.acpi_pm import AcpiPmState
 from kvmpy.devices.legacy.i8042 import I8042State
@@ -42,6 +44,7 @@ from kvmpy.virtio.pci_transport import TransportState
 from kvmpy.vmm.config import (
     MAX_VCPUS,
     MIN_MEMORY,
+    BalloonConfig,
     DiskConfig,
     NetConfig,
     RateLimiterConfig,
@@ -103,6 +106,7 @@ class MachineDescription:
     rng_rate_limiter: RateLimiterConfig | None = None
     #: Every virtio device's id and slot.
     pci_slots: tuple[PciSlot, ...] = ()
+    balloon: BalloonConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +142,7 @@ def describe_machine(machine: Machine) -> MachineDescription:
     slots = tuple(PciSlot(name, slot) for name, slot in sorted(machine.pci.slots().items()))
     return MachineDescription(
         config.cpus, config.memory, tuple(regions), config.console, config.cmdline,
-        disks, nets, config.rng, config.rng_rate_limiter, slots,
+        disks, nets, config.rng, config.rng_rate_limiter, slots, config.balloon,
     )  # fmt: skip
 
 
@@ -147,7 +151,9 @@ def _with_mac(machine: Machine, number: int, net: NetConfig) -> NetConfig:
 
     device: Any = machine.pci.by_id[net_device_id(number, net.id)].device
     mac = ":".join(f"{byte:02x}" for byte in device.mac)
-    return NetConfig(net.tap, mac, net.id, net.rx_rate_limiter, net.tx_rate_limiter)
+    # The queue pairs the device has, not "one per vCPU": the restore must build the same queues.
+    limits = (net.rx_rate_limiter, net.tx_rate_limiter)
+    return NetConfig(net.tap, mac, net.id, *limits, vhost=net.vhost, queues=device.queue_pairs)
 
 
 def check_quiet(machine: Machine) -> None:
@@ -286,9 +292,16 @@ def _check_devices(described: MachineDescription) -> None:
             raise StateError("the snapshot has a disk without a usable path")
         if disk.cache_type not in CACHE_TYPES:
             raise StateError(f"the snapshot's disk {disk.path} has cache type {disk.cache_type!r}")
+    from kvmpy.virtio.devices.tap import MAX_QUEUE_PAIRS
+
+    for net in described.nets:
+        if not 0 <= net.queues <= MAX_QUEUE_PAIRS or net.vhost not in ("auto", "on", "off"):
+            what = f"{net.queues} queue pairs, vhost={net.vhost}"
+            raise StateError(f"the snapshot's interface on {net.tap} has {what}")
     ids = [disk_device_id(n, d.id) for n, d in enumerate(described.disks)]
     ids += [net_device_id(n, net.id) for n, net in enumerate(described.nets)]
     ids += ["virtio-rng"] * described.rng + ["virtio-console"] * (described.console == "virtio")
+    ids += ["virtio-balloon"] * (described.balloon is not None)
     slots = {placed.device: placed.slot for placed in described.pci_slots}
     if len(set(ids)) != len(ids) or sorted(slots) != sorted(ids) or len(slots) != len(described.pci_slots):
         raise StateError("the snapshot's PCI slots do not name its virtio devices once each")
@@ -320,8 +333,7 @@ def config_for_restore(
     if unknown:
         raise StateError(f"network_overrides names {', '.join(unknown)}: the snapshot has no such interface")
     nets = tuple(
-        NetConfig(taps.get(net.id, net.tap) if net.id else net.tap, net.mac, net.id,
-                  net.rx_rate_limiter, net.tx_rate_limiter)
+        msgspec.structs.replace(net, tap=taps.get(net.id, net.tap) if net.id else net.tap)
         for net in described.nets
     )  # fmt: skip
     disks = tuple(
@@ -341,6 +353,7 @@ def config_for_restore(
         nets=nets,
         rng=described.rng,
         rng_rate_limiter=described.rng_rate_limiter,
+        balloon=described.balloon,
         pci_slots=tuple((placed.device, placed.slot) for placed in described.pci_slots),
     )
 

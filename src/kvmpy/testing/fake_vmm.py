@@ -23,6 +23,8 @@ from kvmpy.vmm.actions import (
     ConfigureMetrics,
     ConfigureSerial,
     CreateSnapshot,
+    GetBalloon,
+    GetBalloonStatistics,
     GetInstanceInfo,
     GetIrqState,
     GetMemoryTree,
@@ -37,10 +39,12 @@ from kvmpy.vmm.actions import (
     Pause,
     ReadMemory,
     Resume,
+    SetBalloon,
     SetEntropyDevice,
     StartInstance,
     Stop,
     TranslateAddress,
+    UpdateBalloon,
     UpdateBlockDevice,
     UpdateNetworkDevice,
     VmState,
@@ -86,6 +90,12 @@ class FakeVmm:
             return self.config
         if isinstance(action, _MONITOR):
             return {"query": type(action).__name__, **msgspec.structs.asdict(action)}
+        if isinstance(action, GetBalloon | GetBalloonStatistics):
+            if self.config.balloon is None:
+                raise ActionError("No balloon device configured (PUT /balloon before the VM starts).")
+            if isinstance(action, GetBalloon):
+                return self.config.balloon
+            return {"target_pages": self.config.balloon.amount_mib * 256, "actual_pages": 0}
         if isinstance(action, StartInstance | Pause | Resume | Stop):
             self._lifecycle(action)
         elif isinstance(action, CreateSnapshot | LoadSnapshot):
@@ -133,6 +143,10 @@ def _configured(config: VmConfig, action: object) -> VmConfig:
         return replace(config, disks=_update_disk(config, action))
     if isinstance(action, UpdateNetworkDevice):
         return replace(config, nets=_update_net(config, action))
+    if isinstance(action, SetBalloon):
+        return replace(config, balloon=action.config)
+    if isinstance(action, UpdateBalloon) and config.balloon is not None:
+        return replace(config, balloon=replace(config.balloon, amount_mib=action.amount_mib))
     if isinstance(action, SetEntropyDevice):
         return replace(config, rng=True, rng_rate_limiter=action.rate_limiter)
     if isinstance(action, ConfigureSerial):

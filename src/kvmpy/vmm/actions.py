@@ -20,7 +20,14 @@ from typing import Any
 import msgspec
 
 from kvmpy.errors import KvmpyError
-from kvmpy.vmm.config import DiskConfig, LoggerConfig, MetricsConfig, NetConfig, RateLimiterConfig
+from kvmpy.vmm.config import (
+    BalloonConfig,
+    DiskConfig,
+    LoggerConfig,
+    MetricsConfig,
+    NetConfig,
+    RateLimiterConfig,
+)
 
 
 class ActionError(KvmpyError):
@@ -88,6 +95,32 @@ class SetEntropyDevice(msgspec.Struct, frozen=True):
     """PUT /entropy: a virtio-rng device."""
 
     rate_limiter: RateLimiterConfig | None = None
+
+
+class SetBalloon(msgspec.Struct, frozen=True):
+    """PUT /balloon: a virtio-balloon device (before the VM starts)."""
+
+    config: BalloonConfig
+
+
+class UpdateBalloon(msgspec.Struct, frozen=True):
+    """PATCH /balloon: a new target for the running guest's balloon."""
+
+    amount_mib: int
+
+
+class UpdateBalloonStatistics(msgspec.Struct, frozen=True):
+    """PATCH /balloon/statistics: how often the driver is asked for its figures."""
+
+    stats_polling_interval_s: int
+
+
+class GetBalloon(msgspec.Struct, frozen=True):
+    pass
+
+
+class GetBalloonStatistics(msgspec.Struct, frozen=True):
+    pass
 
 
 class ConfigureSerial(msgspec.Struct, frozen=True):
@@ -240,6 +273,11 @@ Action = (
     | InsertNetworkDevice
     | UpdateNetworkDevice
     | SetEntropyDevice
+    | SetBalloon
+    | UpdateBalloon
+    | UpdateBalloonStatistics
+    | GetBalloon
+    | GetBalloonStatistics
     | ConfigureSerial
     | ConfigureLogger
     | ConfigureMetrics
@@ -281,6 +319,8 @@ ALLOWED_BEFORE_START: frozenset[type] = frozenset(
         InsertBlockDevice,
         InsertNetworkDevice,
         SetEntropyDevice,
+        SetBalloon,
+        GetBalloon,
         ConfigureSerial,
         ConfigureLogger,
         ConfigureMetrics,
@@ -298,6 +338,10 @@ ALLOWED_AFTER_START: frozenset[type] = frozenset(
         UpdateBlockDevice,
         UpdateNetworkDevice,
         SendCtrlAltDel,
+        UpdateBalloon,
+        UpdateBalloonStatistics,
+        GetBalloon,
+        GetBalloonStatistics,
         FlushMetrics,
         Pause,
         Resume,
@@ -335,6 +379,8 @@ __all__ = [
     "CreateSnapshot",
     "FlushMetrics",
     "GetInstanceInfo",
+    "GetBalloon",
+    "GetBalloonStatistics",
     "GetIrqState",
     "GetMigrationStatus",
     "GetMemoryTree",
@@ -352,10 +398,13 @@ __all__ = [
     "ReadMemory",
     "Resume",
     "SendCtrlAltDel",
+    "SetBalloon",
     "SetEntropyDevice",
     "StartInstance",
     "Stop",
     "TranslateAddress",
+    "UpdateBalloon",
+    "UpdateBalloonStatistics",
     "UpdateBlockDevice",
     "UpdateNetworkDevice",
     "VmState",

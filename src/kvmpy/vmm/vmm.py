@@ -35,6 +35,7 @@ from kvmpy.vmm.actions import ActionError, InstanceInfo, VmState, check_allowed
 from kvmpy.vmm.config import (
     MAX_VCPUS,
     MIN_MEMORY,
+    BalloonConfig,
     DiskConfig,
     NetConfig,
     OnReboot,
@@ -48,6 +49,7 @@ from kvmpy.vmm.lifecycle import Event, Lifecycle
 from kvmpy.vmm.stop import StopKind, StopReason
 
 if TYPE_CHECKING:
+    from kvmpy.virtio.devices.balloon import VirtioBalloon
     from kvmpy.vmm.console import ConsoleSink, InputPump
     from kvmpy.vmm.console_socket import ConsoleSocket
     from kvmpy.vmm.machine import Machine
@@ -256,6 +258,11 @@ class Vmm:
             a.InsertNetworkDevice: self._insert_network_device,
             a.UpdateNetworkDevice: self._update_network_device,
             a.SetEntropyDevice: self._set_entropy_device,
+            a.SetBalloon: lambda action: self._update(balloon=action.config),
+            a.UpdateBalloon: self._update_balloon,
+            a.UpdateBalloonStatistics: self._update_balloon_statistics,
+            a.GetBalloon: lambda _: self._balloon_config(),
+            a.GetBalloonStatistics: lambda _: self._balloon_statistics(),
             a.ConfigureSerial: self._configure_serial,
             a.ConfigureLogger: self._configure_logger,
             a.ConfigureMetrics: self._configure_metrics,
@@ -366,6 +373,36 @@ class Vmm:
                 self.machine.set_rate_limiter(transport, f"{side}_throttle", limiter)
                 changes[f"{side}_rate_limiter"] = limiter
         self._update(nets=_changed(self.config.nets, action.iface_id, **changes))
+
+    # the balloon
+    def _balloon_config(self) -> BalloonConfig:
+        if self.config.balloon is None:
+            raise ActionError("No balloon device configured (PUT /balloon before the VM starts).")
+        return self.config.balloon
+
+    def _machine_balloon(self) -> VirtioBalloon:
+        config = self._balloon_config()
+        assert self.machine is not None and self.machine.balloon is not None, config
+        return self.machine.balloon.device  # type: ignore[return-value]
+
+    def _balloon_statistics(self) -> dict[str, int]:
+        if not self._balloon_config().stats_polling_interval_s:
+            raise ActionError("Balloon statistics are not enabled (stats_polling_interval_s is 0).")
+        return self._machine_balloon().statistics()
+
+    def _update_balloon(self, action: a.UpdateBalloon) -> None:
+        config = self._balloon_config()
+        assert self.machine is not None
+        self.machine.set_balloon_target(action.amount_mib)
+        self._update(balloon=msgspec.structs.replace(config, amount_mib=action.amount_mib))
+
+    def _update_balloon_statistics(self, action: a.UpdateBalloonStatistics) -> None:
+        config = self._balloon_config()
+        seconds = action.stats_polling_interval_s
+        if (seconds == 0) != (config.stats_polling_interval_s == 0):
+            raise ActionError("Statistics cannot be turned on or off after the VM has started.")
+        self._machine_balloon().stats_interval = float(seconds)
+        self._update(balloon=msgspec.structs.replace(config, stats_polling_interval_s=seconds))
 
     def _set_entropy_device(self, action: a.SetEntropyDevice) -> None:
         self._update(rng=True, rng_rate_limiter=action.rate_limiter)

@@ -137,6 +137,18 @@ class VirtioBalloon:
                 **{f"guest_{name}": value for name, value in counters.stats.items()},
             }  # fmt: skip
 
+    def statistics(self) -> dict[str, int]:
+        """GET /balloon/statistics (Firecracker's fields): the target and the balloon's size,
+        in pages and MiB, and the driver's last figures."""
+        with self.guard.lock:
+            target, actual = self.target_pages, self.actual_pages
+            stats = dict(self.counters.stats)
+        pages_per_mib = (1 << 20) // PAGE
+        return {
+            "target_pages": target, "actual_pages": actual,
+            "target_mib": target // pages_per_mib, "actual_mib": actual // pages_per_mib, **stats,
+        }  # fmt: skip
+
     # --- state ----------------------------------------------------------------------------
     state_type = BalloonState
 
