@@ -149,6 +149,14 @@ MQ_SNAPSHOT_WATCH = (
     " > {tmp}/snap.log 2>&1 &"
 )
 
+#: Linux's virtio_balloon takes 128 MiB of a 512 MiB guest at its probe (the target kvmpy sets at
+#: boot): MemTotal falls by that much, since without deflate-on-OOM the driver takes the pages
+#: out of the guest's managed memory. The guest waits for it (two minutes at most).
+BALLOON_COMMAND = (
+    "i=0; while [ $i -lt 120 ] && [ $(awk '/MemTotal/ {print $2}' /proc/meminfo) -gt 400000 ]; "
+    "do sleep 1; i=$((i+1)); done; grep MemTotal /proc/meminfo; sleep 3; poweroff -f"
+)
+
 #: The API scenario's guest: the banner's address for the monitor, a tick a second across a
 #: 30 s pause, the kernel's complaints after it, then Ctrl-Alt-Del (which the init turns into
 #: a poweroff).
@@ -314,6 +322,13 @@ def _scenarios(disk: Path) -> list[Scenario]:
             args=("--net", f"tap={MQ_TAP},vhost=on,queues=2", "--stats", "--api-sock", "{tmp}/api.sock"),
             prepare=f"{MQ_NET_PREPARE}; {MQ_SNAPSHOT_WATCH}",
             verify=f"{MQ_NET_VERIFY}; cat {{tmp}}/snap.log",
+        ),
+        Scenario(
+            "balloon",
+            kernel,
+            initrd,
+            BALLOON_COMMAND,
+            args=("--balloon", "amount=128,stats=1,reporting=on", "--stats"),
         ),
         Scenario(
             "virtio_blk_rng",
@@ -674,6 +689,25 @@ def test_two_queue_pairs_carry_a_flow_each(lab_results: dict[str, ScenarioResult
     if name == "vhost_net_mq":  # snapshotted mid-send: vhost-net's rings paused, saved, resumed
         assert "SNAPSHOT-TAKEN" in result.notes[-1], detail
         assert "device:virtio-net0" in result.notes[-1], detail
+
+
+def test_linuxs_balloon_driver_takes_the_target_and_reports(
+    lab_results: dict[str, ScenarioResult],
+) -> None:
+    """Debian's virtio_balloon against kvmpy's device: it inflates to the boot-time target (its
+    MemTotal shrinks by 128 MiB), kvmpy discards every page it was given, and the driver's
+    memory statistics arrive."""
+    result = _result(lab_results, "balloon")
+    detail = result.output + result.stderr + "\n".join(result.notes)
+    assert result.status == 0, detail
+    total = re.search(r"MemTotal:\s+(\d+) kB", result.output)
+    assert total and int(total.group(1)) < 400000, detail
+    counters = dict(re.findall(r"^virtio-balloon\s+(\w+)\s+(\d+)$", result.stderr, re.M))
+    print(f"balloon: MemTotal {total.group(1)} kB, counters {counters}")
+    assert counters.get("actual_pages") == counters.get("inflated_pages") == str(128 * 256), detail
+    assert int(counters.get("stats_updates", 0)) > 0, detail
+    assert int(counters.get("guest_total_memory", 0)) > 0, detail
+    assert "Traceback" not in result.stderr
 
 
 def test_virtiofs_shares_a_lab_directory_both_ways(lab_results: dict[str, ScenarioResult]) -> None:

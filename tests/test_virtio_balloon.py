@@ -276,3 +276,8 @@ def test_a_snapshot_keeps_the_balloon_and_leaves_its_pages_out(guests: Path, tmp
     finally:
         restored.kill()
         restored.communicate(timeout=20)
+
+
+def test_neighbouring_frames_are_discarded_as_runs() -> None:
+    assert balloon._runs([7, 3, 4, 5, 9, 8, 3]) == [(3, 3), (7, 3)]
+    assert balloon._runs([]) == []

@@ -36,6 +36,7 @@ DEFAULT_MODULES = [
     "virtio_net",
     "virtio_console",
     "virtio_rng",
+    "virtio_balloon",
     "vmw_vsock_virtio_transport",  # AF_VSOCK over virtio-vsock (brings vsock)
     "virtiofs",  # mount -t virtiofs (brings fuse)
     "crc32c_generic",  # ext4's checksums (a soft dependency modinfo does not list)

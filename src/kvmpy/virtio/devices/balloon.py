@@ -207,9 +207,10 @@ class VirtioBalloon:
 
     # --- inflate, deflate, report ---------------------------------------------------------------
     def _inflate(self, mem: GuestMemory, chain: DescriptorChain) -> None:
-        for frame in _frames(chain):
-            _discard(mem, frame * PAGE, PAGE)
-            self.counters.inflated_pages += 1
+        frames = _frames(chain)
+        for first, count in _runs(frames):  # one madvise per run of neighbouring pages
+            _discard(mem, first * PAGE, count * PAGE)
+        self.counters.inflated_pages += len(frames)
 
     def _deflate(self, mem: GuestMemory, chain: DescriptorChain) -> None:
         """Nothing to do: a page given back refaults (as zeros) when the guest touches it."""
@@ -264,6 +265,18 @@ def _frames(chain: DescriptorChain) -> list[int]:
         raise GuestError(f"balloon request of {chain.readable_length} bytes (at most {4 * MAX_FRAMES})")
     data = b"".join(bytes(part) for part in chain.readable)
     return list(struct.unpack_from(f"<{len(data) // 4}I", data))
+
+
+def _runs(frames: list[int]) -> list[tuple[int, int]]:
+    """(first frame, count) of each run of consecutive frames, in order (a driver hands its
+    pages over mostly in runs; each run is one system call)."""
+    runs: list[tuple[int, int]] = []
+    for frame in sorted(set(frames)):
+        if runs and runs[-1][0] + runs[-1][1] == frame:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((frame, 1))
+    return runs
 
 
 def _discard(mem: GuestMemory, gpa: int, size: int) -> None:
