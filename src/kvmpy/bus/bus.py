@@ -149,6 +149,7 @@ class Bus:
                 (*table.bases[:index], base, *table.bases[index:]),
                 (*table.ranges[:index], entry, *table.ranges[index:]),
             )
+            self._forget_routes()
             return entry
 
     def unregister(self, entry: BusRange) -> None:
@@ -159,6 +160,14 @@ class Bus:
                 table.bases[:index] + table.bases[index + 1 :],
                 table.ranges[:index] + table.ranges[index + 1 :],
             )
+            self._forget_routes()
+
+    def _forget_routes(self) -> None:
+        """After the table was replaced: every dispatcher looks its addresses up again."""
+        with self._count_lock:
+            dispatchers = list(self._dispatchers)
+        for dispatcher in dispatchers:
+            dispatcher.forget_routes()
 
     def find(self, address: int, size: int = 1) -> BusRange | None:
         """The range containing all of ``[address, address+size)``, or None (no lock: see above)."""
@@ -244,8 +253,9 @@ def _count_unclaimed(unhandled: dict[int, int], address: int) -> None:
 #: Addresses a dispatcher remembers the range of (a guest can touch every address there is).
 MAX_ROUTES = 4096
 
-#: What a dispatcher remembers for an address: the device's read and write, the range's base
-#: and end, the dispatcher's counter for it; None for an address no device claims.
+#: What a dispatcher remembers for an address: the device's read and write, the address's offset
+#: in its range, the bytes from there to the range's end, the dispatcher's counter for the range;
+#: None for an address no device claims.
 _Route = tuple[Callable[[int, memoryview], None], Callable[[int, bytes], None], int, int, AccessCounter]
 
 
@@ -254,15 +264,15 @@ class BusDispatcher:
 
     The thread that owns it is the only one that calls it (and so the only writer of its
     counters: no lock). It remembers the route of each address it has seen (bounded by
-    MAX_ROUTES), keyed by address and dropped whenever the bus's table is replaced, so a
-    repeated access costs a dictionary lookup, not a search. It does not time the device:
-    ``read`` and ``write`` return the counter they charged, and the caller adds the time it
-    measured for the whole exit to its ``handle_ns``.
+    MAX_ROUTES), so a repeated access costs one dictionary lookup, not a search; the bus
+    drops every dispatcher's routes when it replaces its table (see ``_route`` for why a
+    lookup racing that never keeps a stale route). It does not time the device: ``read``
+    and ``write`` return the counter they charged, and the caller adds the time it measured
+    for the whole exit to its ``handle_ns``.
     """
 
     def __init__(self, bus: Bus) -> None:
         self._bus = bus
-        self._table = bus._table
         self._routes: dict[int, _Route | None] = {}
         #: Per range this dispatcher's counter (kept across table changes while the range lives).
         self._counters: dict[BusRange, AccessCounter] = {}
@@ -272,48 +282,66 @@ class BusDispatcher:
     def read(self, address: int, data: memoryview) -> AccessCounter | None:
         """Fill ``data`` from the device at ``address`` (all-ones if none); the counter charged,
         None if no device claims the access."""
-        route = self._route(address)
-        if route is not None and address + len(data) <= route[3]:
-            read, _, base, _, counter = route
-            read(address - base, data)
+        try:
+            route = self._routes[address]
+        except KeyError:
+            route = self._route(address)
+        size = len(data)
+        if route is not None and size <= route[3]:
+            read, _, offset, _, counter = route
+            read(offset, data)
             counter.reads += 1
-            counter.bytes += len(data)
+            counter.bytes += size
             return counter
-        data[:] = b"\xff" * len(data)
-        _count_unclaimed(self.unhandled, address)
+        data[:] = b"\xff" * size
+        self._unclaimed(address)
         return None
 
     def write(self, address: int, data: bytes) -> AccessCounter | None:
         """Give ``data`` to the device at ``address`` (dropped if none); the counter charged,
         None if no device claims the access."""
-        route = self._route(address)
-        if route is not None and address + len(data) <= route[3]:
-            _, write, base, _, counter = route
-            write(address - base, data)
+        try:
+            route = self._routes[address]
+        except KeyError:
+            route = self._route(address)
+        size = len(data)
+        if route is not None and size <= route[3]:
+            _, write, offset, _, counter = route
+            write(offset, data)
             counter.writes += 1
-            counter.bytes += len(data)
+            counter.bytes += size
             return counter
-        _count_unclaimed(self.unhandled, address)
+        self._unclaimed(address)
         return None
 
+    def _unclaimed(self, address: int) -> None:
+        unhandled = self.unhandled
+        if address in unhandled:
+            unhandled[address] += 1
+        else:
+            _count_unclaimed(unhandled, address)
+
+    def forget_routes(self) -> None:
+        """The bus's table changed (any thread): look every address up again."""
+        self._routes = {}
+
     def _route(self, address: int) -> _Route | None:
-        if self._table is not self._bus._table:  # a device came or went: forget every route
-            self._table = table = self._bus._table
-            self._routes = {}
-            self._counters = {e: c for e, c in self._counters.items() if e in table.ranges}
+        # The routes dict is loaded before the table is searched: the bus swaps its table first
+        # and then gives each dispatcher a new dict, so a route found in an old table can only
+        # land in the old dict, which is dropped.
         routes = self._routes
-        try:
-            return routes[address]
-        except KeyError:
-            pass
+        table = self._bus._table
         entry = self._bus.find(address)
         route: _Route | None = None
         if entry is not None:
-            counter = self._counters.get(entry)
+            counters = self._counters
+            counter = counters.get(entry)
             if counter is None:
-                counter = self._counters[entry] = entry.new_counter()
+                if len(counters) >= len(table.ranges):  # ranges came and went: keep the live ones
+                    self._counters = counters = {e: c for e, c in counters.items() if e in table.ranges}
+                counter = counters[entry] = entry.new_counter()
             device = entry.device
-            route = (device.read, device.write, entry.base, entry.end, counter)
+            route = (device.read, device.write, address - entry.base, entry.end - address, counter)
         if len(routes) < MAX_ROUTES:
             routes[address] = route
         return route

@@ -44,10 +44,12 @@ class CoalescedRing:
         # ``first`` and ``last`` as two 32-bit words: ``pending`` runs at every exit, and two
         # memoryview reads cost less than two ctypes field reads.
         assert abi.kvm_coalesced_mmio_ring.first.offset == 0 and abi.kvm_coalesced_mmio_ring.last.offset == 4
-        self._indices = memoryview(mapping)[offset : offset + 8].cast("I")
+        #: ``first`` and ``last`` (``pending`` is ``indices[0] != indices[1]``, which the vCPU
+        #: loop reads itself at every exit).
+        self.indices = memoryview(mapping)[offset : offset + 8].cast("I")
 
     def pending(self) -> bool:
-        indices = self._indices
+        indices = self.indices
         return indices[0] != indices[1]
 
     def drain(self) -> Iterator[CoalescedWrite]:
@@ -63,7 +65,7 @@ class CoalescedRing:
     def close(self) -> None:
         """Drop the ctypes views so the vCPU mapping can be unmapped."""
         del self._ring, self._entries
-        self._indices.release()
+        self.indices.release()
 
 
 __all__ = ["CoalescedRing", "CoalescedWrite"]

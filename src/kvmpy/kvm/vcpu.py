@@ -34,7 +34,10 @@ MMIO_FIELDS = struct.Struct(f"<{abi.kvm_run.mmio.offset}xQ8xIB")
 _IO = IO_FIELDS
 _MMIO = MMIO_FIELDS
 assert _IO.size - abi.kvm_run.io.offset == ctypes.sizeof(abi.kvm_run__u0_io)
+#: KVM_RUN as the vCPU loop issues it: ``RUN_IOCTL(fd, KVM_RUN, 0)``, then ``EXIT_REASON``.
 _KVM_RUN = abi.KVM_RUN
+_ioctl = RUN_IOCTL = fcntl.ioctl
+EXIT_REASON = _EXIT_REASON
 
 
 class Vcpu:
@@ -102,13 +105,19 @@ class Vcpu:
         than a ctypes call to libc's ioctl).
         """
         try:
-            fcntl.ioctl(self.fd, _KVM_RUN, 0)
+            _ioctl(self.fd, _KVM_RUN, 0)
         except OSError as error:
-            if error.errno in (_EINTR, _EAGAIN):
-                return abi.KVM_EXIT_INTR
-            raise KvmError("KVM_RUN", error.errno or 0) from None
+            return self.interrupted(error)
         reason: int = _EXIT_REASON.unpack_from(self._page)[0]
         return reason
+
+    @staticmethod
+    def interrupted(error: OSError) -> int:
+        """KVM_EXIT_INTR for a KVM_RUN that a signal or ``immediate_exit`` ended; any other
+        failure of KVM_RUN raised as a KvmError."""
+        if error.errno in (_EINTR, _EAGAIN):
+            return abi.KVM_EXIT_INTR
+        raise KvmError("KVM_RUN", error.errno or 0) from None
 
     def decode(self, reason: int) -> exits.VmExit:
         """The exit ``enter`` returned ``reason`` for, as a typed exit."""
@@ -315,4 +324,4 @@ class Vcpu:
         return values
 
 
-__all__ = ["IO_FIELDS", "MMIO_FIELDS", "Vcpu"]
+__all__ = ["EXIT_REASON", "IO_FIELDS", "MMIO_FIELDS", "RUN_IOCTL", "Vcpu"]
