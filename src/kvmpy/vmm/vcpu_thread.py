@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from kvmpy.abi import kvm as abi
-from kvmpy.bus import Bus
+from kvmpy.bus import AccessCounter, Bus
 from kvmpy.errors import GuestError, HostError, KvmpyError
 from kvmpy.jail.seccomp import Role, enter_role
 from kvmpy.kvm import Vcpu, exits
@@ -182,7 +182,7 @@ class VcpuThread(threading.Thread):
                     direction, size, port, count, offset = io_fields(page)
                     ports[port] += 1
                     if count != 1:  # string I/O (REP INS/OUTS)
-                        self._port_io(vcpu.decode_io())
+                        charged = self._port_io(vcpu.decode_io())
                     elif direction == _IO_OUT:
                         charged = pio_write(port, mapping[offset : offset + size])
                         if charged is None and port not in reported_ports:
@@ -301,9 +301,11 @@ class VcpuThread(threading.Thread):
                         "port" if write.is_pio else "MMIO", write.address, True, len(write.data)
                     )
 
-    def _port_io(self, io: exits.PortIo) -> None:
-        """Every access of a port-I/O exit (the exit itself is counted by the caller)."""
+    def _port_io(self, io: exits.PortIo) -> AccessCounter | None:
+        """Every access of a port-I/O exit (the exit itself is counted by the caller); the
+        counter of the device that took them, None if no device did."""
         size, data = io.size, io.data
+        charged = None
         for i in range(io.count):
             chunk = data[i * size : (i + 1) * size]
             if io.is_write:
@@ -312,6 +314,9 @@ class VcpuThread(threading.Thread):
                 handled = self._pio_dispatch.read(io.port, chunk)
             if handled is None:
                 self._report_unhandled("port", io.port, io.is_write, size)
+            else:
+                charged = handled
+        return charged
 
     def _mmio_access(self, mmio: exits.Mmio) -> None:
         if mmio.is_write:
