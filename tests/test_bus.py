@@ -156,3 +156,99 @@ def test_no_access_count_is_lost_between_threads() -> None:
     for thread in threads:
         thread.join()
     assert entry.writes == 80000 and entry.bytes == 80000
+
+
+def test_a_dispatcher_dispatches_and_counts_as_the_bus_does() -> None:
+    bus = Bus("pio")
+    device = Recorder()
+    entry = bus.register(0x3F8, 8, device, "uart")
+    dispatcher = bus.dispatcher()
+    for _ in range(3):
+        assert dispatcher.write(0x3FB, b"\x80") is not None
+    buffer = bytearray(2)
+    assert dispatcher.read(0x3FD, memoryview(buffer)) is not None
+    assert bus.write(0x3F8, b"A")  # the bus's own path counts beside the dispatcher's
+    assert device.writes == [(3, b"\x80")] * 3 + [(0, b"A")]
+    assert device.reads == [(5, 2)]
+    assert (entry.reads, entry.writes, entry.bytes) == (1, 4, 3 + 2 + 1)
+    row = next(r for r in bus.stats() if r.name == "uart")
+    assert (row.reads, row.writes) == (1, 4)
+
+
+def test_a_dispatcher_charges_the_time_it_is_given_to_the_range() -> None:
+    bus = Bus("mmio")
+    entry = bus.register(0x1000, 0x100, Recorder(), "dev")
+    charged = bus.dispatcher().write(0x1004, b"\0\0\0\0")
+    assert charged is not None
+    charged.handle_ns += 1234  # what the vCPU loop does with the exit's time
+    assert entry.handle_ns == 1234
+
+
+def test_a_dispatcher_answers_unclaimed_accesses_and_the_bus_sums_them() -> None:
+    bus = Bus("mmio")
+    bus.register(0x1000, 0x10, Recorder(), "dev")
+    first, second = bus.dispatcher(), bus.dispatcher()
+    buffer = bytearray(4)
+    assert first.read(0x2000, memoryview(buffer)) is None
+    assert buffer == b"\xff" * 4
+    assert first.write(0x2000, b"\0") is None
+    assert second.write(0x2000, b"\0") is None
+    assert first.write(0x100E, b"\0" * 4) is None  # crosses the range's end
+    bus.write(0x3000, b"\0")
+    assert dict(bus.unclaimed()) == {0x100E: 1, 0x2000: 3, 0x3000: 1}
+
+
+def test_a_dispatcher_forgets_its_routes_when_the_table_changes() -> None:
+    bus = Bus("mmio")
+    dispatcher = bus.dispatcher()
+    assert dispatcher.write(0x5000, b"\x01") is None  # remembered as unclaimed
+    late = Recorder()
+    entry = bus.register(0x5000, 0x10, late, "late")
+    assert dispatcher.write(0x5000, b"\x02") is not None
+    assert late.writes == [(0, b"\x02")]
+    bus.unregister(entry)
+    moved = bus.register(0x4FF0, 0x20, late, "moved")  # the same address, another offset
+    assert dispatcher.write(0x5000, b"\x03") is not None
+    assert late.writes[-1] == (0x10, b"\x03")
+    assert (entry.writes, moved.writes) == (1, 1)
+
+
+def test_a_dispatcher_remembers_a_bounded_number_of_addresses() -> None:
+    from kvmpy.bus.bus import MAX_ROUTES
+
+    bus = Bus("mmio")
+    device = Recorder()
+    entry = bus.register(0, 1 << 20, device, "big")
+    dispatcher = bus.dispatcher()
+    for address in range(MAX_ROUTES + 100):
+        assert dispatcher.write(address * 4, b"\0") is not None
+    assert len(dispatcher._routes) == MAX_ROUTES  # the rest are looked up each time
+    assert entry.writes == MAX_ROUTES + 100
+
+
+def test_dispatchers_on_several_threads_lose_no_count() -> None:
+    """Each vCPU thread counts in its own dispatcher, with no lock: the range sums them all."""
+    import sys
+    import threading
+
+    bus = Bus("pio")
+    entry = bus.register(0x80, 1, Recorder(), "post")
+    per_thread = 20_000
+
+    def storm() -> None:
+        dispatcher = bus.dispatcher()
+        for _ in range(per_thread):
+            dispatcher.write(0x80, b"\x01")
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=storm) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert entry.writes == 4 * per_thread
+    assert entry.bytes == 4 * per_thread

@@ -54,6 +54,22 @@ def test_port_reads_are_counted(guests: Path) -> None:
     assert result.stats.device("post-code (0x80)").reads == 2500
 
 
+@pytest.mark.parametrize("direction", ["out", "in"])
+def test_string_io_is_counted_per_access(guests: Path, direction: str) -> None:
+    """REP OUTSB / REP INSB: KVM may hand several accesses over in one exit; each is a device access."""
+    result, output = boot(guests / "pio_storm.elf", f"count=1000 rep=1 in={int(direction == 'in')}")
+    assert result.reason.status == 0 and "pio_storm done 1000" in output, output
+    post = result.stats.device("post-code (0x80)")
+    if direction == "out":
+        assert (post.writes, post.reads) == (1000, 0)
+    else:
+        assert (post.writes, post.reads) == (0, 1000)
+        assert "pio_storm read 0x0000000000000000" in output  # POST code 0, read back
+    io_exits = next(r for r in result.stats.reasons if r.reason == "io")
+    assert 1 <= io_exits.count <= 1000 + 100  # the 1000 accesses, the console's few exits
+    assert post.handle_ns > 0  # the exits' time reaches the device on the string path too
+
+
 def test_mmio_exits_are_counted(guests: Path) -> None:
     result, output = boot(guests / "mmio_storm.elf", "count=3000")
     assert result.reason.status == 0, output

@@ -60,3 +60,11 @@ def test_device_accesses_are_read_back_from_the_printed_report() -> None:
     assert device_exits(text, "virtio-console") == 2
     assert device_accesses(text, "virtio-console") == 2
     assert device_accesses(text, "virtio-net") == 0
+
+
+def test_reasons_the_exit_path_made_ahead_but_never_took_are_left_out() -> None:
+    vcpu = VcpuExitStats(0)
+    vcpu.counter("io")  # the vCPU loop holds the counters of its common exits from the start
+    vcpu.counter("mmio").count += 2
+    assert [(r.reason, r.count) for r in merge_reasons([vcpu])] == [("mmio", 2)]
+    assert vcpu.total_exits == 2

@@ -77,8 +77,9 @@ def profile_table(title: str, shares: list[tuple[str, float]], what: str = "`kvm
     rows = "\n".join(f"| {share:.0%} | `{frame}` |" for frame, share in shares)
     return (
         f"### Profile: {title}\n\n"
-        f"py-spy samples of all busy threads of {what} (innermost frame; `Vcpu.run` is the "
-        "KVM_RUN ioctl: time in the kernel and the guest):\n\n"
+        f"py-spy samples of all busy threads of {what} (innermost frame; the KVM_RUN ioctl, time "
+        "in the kernel and the guest, is `VcpuThread._loop` at its `ioctl(fd, kvm_run, 0)` line, "
+        "or `Vcpu.enter`):\n\n"
         f"| share of samples | frame |\n|---:|---|\n{rows}\n"
     )
 

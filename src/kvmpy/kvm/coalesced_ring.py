@@ -41,9 +41,16 @@ class CoalescedRing:
         self.capacity = (mmap.PAGESIZE - _HEADER_SIZE) // _ENTRY_SIZE
         self._ring = abi.kvm_coalesced_mmio_ring.from_buffer(mapping, offset)
         self._entries = (abi.kvm_coalesced_mmio * self.capacity).from_buffer(mapping, offset + _HEADER_SIZE)
+        # ``first`` and ``last`` as two 32-bit words: ``pending`` runs at every exit, and two
+        # memoryview reads cost less than two ctypes field reads.
+        assert abi.kvm_coalesced_mmio_ring.first.offset == 0 and abi.kvm_coalesced_mmio_ring.last.offset == 4
+        #: ``first`` and ``last`` (``pending`` is ``indices[0] != indices[1]``, which the vCPU
+        #: loop reads itself at every exit).
+        self.indices = memoryview(mapping)[offset : offset + 8].cast("I")
 
     def pending(self) -> bool:
-        return bool(self._ring.first != self._ring.last)
+        indices = self.indices
+        return indices[0] != indices[1]
 
     def drain(self) -> Iterator[CoalescedWrite]:
         """Yield the buffered writes oldest first, freeing each slot as it goes."""
@@ -58,6 +65,7 @@ class CoalescedRing:
     def close(self) -> None:
         """Drop the ctypes views so the vCPU mapping can be unmapped."""
         del self._ring, self._entries
+        self.indices.release()
 
 
 __all__ = ["CoalescedRing", "CoalescedWrite"]

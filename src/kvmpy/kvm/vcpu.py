@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import mmap
 import os
 import struct
@@ -25,9 +26,18 @@ _ENOTTY = 25
 # The exits taken most often are decoded with one struct.unpack_from on the kvm_run page
 # (a ctypes field read builds an object per access); the offsets come from the ABI.
 _EXIT_REASON = struct.Struct(f"<{abi.kvm_run.exit_reason.offset}xI")
-_IO = struct.Struct(f"<{abi.kvm_run.io.offset}xBBHIQ")  # direction, size, port, count, data_offset
-_MMIO = struct.Struct(f"<{abi.kvm_run.mmio.offset}xQ8xIB")  # phys_addr, data[8], len, is_write
+#: A port-I/O exit's fields, from ``Vcpu.page``: direction, size, port, count, data offset.
+IO_FIELDS = struct.Struct(f"<{abi.kvm_run.io.offset}xBBHIQ")
+#: An MMIO exit's fields, from ``Vcpu.page``: address, length, is_write (the data is at
+#: ``Vcpu.mmio_data_offset``, 8 bytes).
+MMIO_FIELDS = struct.Struct(f"<{abi.kvm_run.mmio.offset}xQ8xIB")
+_IO = IO_FIELDS
+_MMIO = MMIO_FIELDS
 assert _IO.size - abi.kvm_run.io.offset == ctypes.sizeof(abi.kvm_run__u0_io)
+#: KVM_RUN as the vCPU loop issues it: ``RUN_IOCTL(fd, KVM_RUN, 0)``, then ``EXIT_REASON``.
+_KVM_RUN = abi.KVM_RUN
+_ioctl = RUN_IOCTL = fcntl.ioctl
+EXIT_REASON = _EXIT_REASON
 
 
 class Vcpu:
@@ -38,10 +48,15 @@ class Vcpu:
         self.id = vcpu_id
         self._mapping = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._page = memoryview(self._mapping)
+        #: The shared ``kvm_run`` page, for the exit path's own decoding (``IO_FIELDS``,
+        #: ``MMIO_FIELDS``): a memoryview (the handler of a read fills a slice of it) and the
+        #: mapping (a slice of it is the bytes a guest wrote, in one step).
+        self.page = self._page
+        self.mapping = self._mapping
         self.run_state = abi.kvm_run.from_buffer(self._mapping)
         self._ring: CoalescedRing | None = None
         base = ctypes.addressof(self.run_state)
-        self._mmio_data_offset = ctypes.addressof(self.run_state.mmio.data) - base
+        self.mmio_data_offset = self._mmio_data_offset = ctypes.addressof(self.run_state.mmio.data) - base
         self._decoders: dict[int, Callable[[], exits.VmExit]] = {
             abi.KVM_EXIT_IO: self._decode_io,
             abi.KVM_EXIT_MMIO: self._decode_mmio,
@@ -67,6 +82,7 @@ class Vcpu:
         del self.run_state
         if self._ring is not None:
             self._ring.close()
+        del self.page
         self._page.release()
         try:
             self._mapping.close()
@@ -77,12 +93,34 @@ class Vcpu:
     # --- running ----------------------------------------------------------------------
     def run(self) -> exits.VmExit:
         """Enter the guest until the next exit that needs userspace, and decode it."""
-        if libc_ioctl(self.fd, abi.KVM_RUN, 0) < 0:
-            errno = ctypes.get_errno()
-            if errno in (_EINTR, _EAGAIN):
-                return exits.Interrupted()
-            raise KvmError("KVM_RUN", errno)
-        reason = _EXIT_REASON.unpack_from(self._page)[0]
+        return self.decode(self.enter())
+
+    def enter(self) -> int:
+        """Enter the guest until the next exit that needs userspace; its raw exit reason.
+
+        KVM_EXIT_INTR when a signal or ``immediate_exit`` ended KVM_RUN (EINTR; EAGAIN
+        too). ``decode`` turns the reason into a typed exit; the vCPU thread's exit path
+        reads the fields of the common exits itself (``IO_FIELDS``, ``MMIO_FIELDS``). KVM_RUN
+        goes through ``fcntl.ioctl``, which does not retry on EINTR (and costs less per call
+        than a ctypes call to libc's ioctl).
+        """
+        try:
+            _ioctl(self.fd, _KVM_RUN, 0)
+        except OSError as error:
+            return self.interrupted(error)
+        reason: int = _EXIT_REASON.unpack_from(self._page)[0]
+        return reason
+
+    @staticmethod
+    def interrupted(error: OSError) -> int:
+        """KVM_EXIT_INTR for a KVM_RUN that a signal or ``immediate_exit`` ended; any other
+        failure of KVM_RUN raised as a KvmError."""
+        if error.errno in (_EINTR, _EAGAIN):
+            return abi.KVM_EXIT_INTR
+        raise KvmError("KVM_RUN", error.errno or 0) from None
+
+    def decode(self, reason: int) -> exits.VmExit:
+        """The exit ``enter`` returned ``reason`` for, as a typed exit."""
         decode = self._decoders.get(reason)
         if decode is None:
             return exits.UnknownExit(reason, self.run_state.hw.hardware_exit_reason)
@@ -107,6 +145,10 @@ class Vcpu:
         except AttributeError:
             if hasattr(self, "run_state"):
                 raise
+
+    def decode_io(self) -> exits.PortIo:
+        """The port-I/O exit just taken, typed (for string I/O: ``count`` accesses)."""
+        return self._decode_io()
 
     def _decode_io(self) -> exits.PortIo:
         direction, size, port, count, start = _IO.unpack_from(self._page)
@@ -282,4 +324,4 @@ class Vcpu:
         return values
 
 
-__all__ = ["Vcpu"]
+__all__ = ["EXIT_REASON", "IO_FIELDS", "MMIO_FIELDS", "RUN_IOCTL", "Vcpu"]

@@ -8,6 +8,7 @@ trap-and-emulate loop made visible: ``kvmpy run --stats`` prints it.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 
@@ -26,8 +27,9 @@ class VcpuExitStats:
     vcpu_id: int
     reasons: dict[str, ReasonCounter] = field(default_factory=dict)
     guest_ns: int = 0
-    #: Port-I/O exits per port (one exit may carry several accesses with REP INS/OUTS).
-    ports: dict[int, int] = field(default_factory=dict)
+    #: Port-I/O exits per port (one exit may carry several accesses with REP INS/OUTS); a
+    #: defaultdict, so the exit path counts with one ``+= 1``.
+    ports: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     #: Writes KVM buffered in the coalesced ring instead of exiting, replayed by this vCPU,
     #: by (is port I/O, address).
     buffered: dict[tuple[bool, int], int] = field(default_factory=dict)
@@ -37,12 +39,18 @@ class VcpuExitStats:
     kernel: dict[str, int] = field(default_factory=dict)
 
     def record(self, reason: str, guest_ns: int, handle_ns: int) -> None:
-        counter = self.reasons.get(reason)
-        if counter is None:
-            counter = self.reasons[reason] = ReasonCounter()
+        counter = self.counter(reason)
         counter.count += 1
         counter.handle_ns += handle_ns
         self.guest_ns += guest_ns
+
+    def counter(self, reason: str) -> ReasonCounter:
+        """The counter of ``reason``, made (at zero) if there is none: the exit path holds the
+        counters of its common exits and adds to them directly (readers leave zeros out)."""
+        counter = self.reasons.get(reason)
+        if counter is None:
+            counter = self.reasons[reason] = ReasonCounter()
+        return counter
 
     @property
     def coalesced(self) -> int:
@@ -66,6 +74,8 @@ def merge_reasons(per_vcpu: list[VcpuExitStats]) -> list[ReasonTotal]:
     totals: dict[str, ReasonCounter] = {}
     for stats in per_vcpu:
         for reason, counter in stats.reasons.items():
+            if not counter.count:
+                continue  # made ahead by the exit path, never taken
             total = totals.setdefault(reason, ReasonCounter())
             total.count += counter.count
             total.handle_ns += counter.handle_ns

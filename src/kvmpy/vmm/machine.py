@@ -736,6 +736,7 @@ class Machine:
                 self.stop_reason = reason
             for thread in self.threads:
                 thread.stopping = True
+                thread.control = True  # the loop looks at ``stopping`` when ``control`` is set
                 thread.vcpu.set_immediate_exit(True)
             self._stopped.set()
         with self._pause_cond:

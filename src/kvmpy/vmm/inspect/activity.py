@@ -127,7 +127,7 @@ def vcpus(machine: Machine, vm_state: str) -> dict[str, Any]:
                 "state": vcpu_state(mp_state, alive, vm_state),
                 "mp_state": MP_STATES.get(mp_state, f"unknown ({mp_state})"),
                 "exits": stats.total_exits,
-                "exits_by_reason": {name: c.count for name, c in sorted(stats.reasons.items())},
+                "exits_by_reason": {name: c.count for name, c in sorted(stats.reasons.items()) if c.count},
                 "guest_seconds": stats.guest_ns / 1e9,
                 "guest_errors": stats.guest_errors,
             }
