@@ -20,7 +20,7 @@ import pstats
 import time
 from pathlib import Path
 
-from kvmpy.fuzz.engine import uninstrumented
+from kvmpy.fuzz.engine import load_instrumented
 from kvmpy.fuzz.harness import Target, execute
 from kvmpy.fuzz.runner import default_root
 
@@ -29,12 +29,7 @@ def load(name: str, plain: bool) -> Target:
     """Target ``name``, its kvmpy modules instrumented as the engine does unless ``plain``."""
     from kvmpy.fuzz import registry
 
-    if plain:
-        return registry.load(name)
-    import atheris
-
-    with atheris.instrument_imports(include=["kvmpy"], exclude=uninstrumented()):
-        return registry.load(name)
+    return registry.load(name) if plain else load_instrumented(name)
 
 
 def measure(name: str, corpus: Path, rounds: int, plain: bool, profile: bool) -> None:

@@ -10,7 +10,10 @@ exclude a package's submodules), so :func:`uninstrumented` lists every module
 of ``kvmpy.fuzz`` and ``kvmpy.testing`` by name: instrumented, the harness's
 own loops (the well-behaved driver, the input reader) cost most of an input
 and gave libFuzzer edges to chase that are not kvmpy's.
-Every :data:`REPORT_EVERY` inputs a line tells the runner how many inputs hit
+Modules a target imports only when it first runs (a device's module imported in the method
+that builds it, or kvmpy's own lazy imports behind a restore) would be imported after the
+instrumentation ends and never be instrumented, so :func:`load_instrumented` runs the target's
+seeds once inside it. Every :data:`REPORT_EVERY` inputs a line tells the runner how many inputs hit
 an already-known issue.
 """
 
@@ -18,6 +21,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import CodeType, ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvmpy.fuzz.harness import Target
 
 REPORT_EVERY = 1 << 14
 REPORT_PREFIX = "kvmpy-fuzz:"
@@ -39,6 +47,51 @@ def uninstrumented() -> list[str]:
     return names
 
 
+def load_instrumented(name: str) -> Target:
+    """Target ``name`` with every kvmpy module it uses instrumented, including those it imports
+    lazily: its seeds run once while the import hook is in place."""
+    import atheris
+
+    with atheris.instrument_imports(include=["kvmpy"], exclude=uninstrumented()):
+        from kvmpy.fuzz.harness import execute
+        from kvmpy.fuzz.registry import load
+
+        target = load(name)
+        for seed in target.seeds():
+            execute(target, seed)
+    return target
+
+
+def not_instrumented() -> list[str]:
+    """The loaded kvmpy modules outside the harness whose functions atheris did not instrument
+    (a module without functions of its own cannot tell and is left out)."""
+    harness = tuple(f"kvmpy.{package}" for package in HARNESS_PACKAGES)
+    missing = []
+    for name, module in sorted(sys.modules.items()):
+        if not name.startswith("kvmpy.") or name.startswith(harness):
+            continue
+        codes = [code for code in _own_code(module) if code.co_filename == getattr(module, "__file__", None)]
+        if codes and not any(_INSTRUMENTED in code.co_consts for code in codes):
+            missing.append(name)
+    return missing
+
+
+#: The constant atheris adds to every code object it instruments.
+_INSTRUMENTED = "__ATHERIS_INSTRUMENTED__"
+
+
+def _own_code(module: ModuleType) -> list[CodeType]:
+    """The code of the module's functions and of its classes' methods."""
+    codes = []
+    for value in vars(module).values():
+        members = vars(value).values() if isinstance(value, type) else (value,)
+        for member in members:
+            code = getattr(member, "__code__", None)
+            if isinstance(code, CodeType):
+                codes.append(code)
+    return codes
+
+
 def main(argv: list[str]) -> None:
     import logging
 
@@ -47,11 +100,8 @@ def main(argv: list[str]) -> None:
     logging.disable(logging.CRITICAL)  # a guest error logs a warning: millions of them are noise
 
     name, flags = argv[1], argv[2:]
-    with atheris.instrument_imports(include=["kvmpy"], exclude=uninstrumented()):
-        from kvmpy.fuzz.registry import load
-
-        target = load(name)
-        from kvmpy.fuzz.harness import Counters, execute
+    target = load_instrumented(name)
+    from kvmpy.fuzz.harness import Counters, execute
 
     counters = Counters()
 

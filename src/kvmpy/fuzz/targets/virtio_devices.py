@@ -35,7 +35,11 @@ from kvmpy.testing.virtio_driver import Buffer, MockDriver
 from kvmpy.virtio import pci_transport as pt
 from kvmpy.virtio.device import VirtioDevice
 from kvmpy.virtio.devices import blk
+from kvmpy.virtio.devices.console import VirtioConsole
+from kvmpy.virtio.devices.net import VirtioNet
+from kvmpy.virtio.devices.rng import VirtioRng
 from kvmpy.virtio.pci_transport import VirtioPciTransport
+from kvmpy.vmm.console import ConsoleOutput
 
 RAM0 = (0, 0x20000)
 RAM1 = (0x100000, 0x4000)
@@ -361,8 +365,6 @@ class RngTarget(DeviceTarget):
     invariants = (*DeviceTarget.invariants, "a 64-byte request after reset is filled, all 64 bytes")
 
     def make_device(self) -> VirtioDevice:
-        from kvmpy.virtio.devices.rng import VirtioRng
-
         return VirtioRng()
 
     def well_behaved_request(self, drivers: list[MockDriver]) -> None:
@@ -386,9 +388,6 @@ class ConsoleTarget(DeviceTarget):
     )
 
     def make_device(self) -> VirtioDevice:
-        from kvmpy.virtio.devices.console import VirtioConsole
-        from kvmpy.vmm.console import ConsoleOutput
-
         self.output = ConsoleOutput(None)
         self.console = VirtioConsole(self.output.write)
         return self.console
@@ -435,8 +434,6 @@ class NetTarget(DeviceTarget):
     )
 
     def make_device(self) -> VirtioDevice:
-        from kvmpy.virtio.devices.net import VirtioNet
-
         self.tap = FakeTap()
         self.watched: dict[int, Callable[[], None]] = {}
         self.net = VirtioNet(self.tap, b"\x52\x54\x00\x12\x34\x56", self._watch, self._unwatch)  # type: ignore[arg-type]
