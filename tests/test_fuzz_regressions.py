@@ -8,6 +8,8 @@ fixes) fixed them; they are plain regression tests now.
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,7 @@ from kvmpy.loader.cmdline import write_cmdline
 from kvmpy.memory.guest_memory import GuestMemory
 from kvmpy.testing.fake_vmm import FakeVmm
 from kvmpy.testing.fakes import RecordingInterruptLine
-from kvmpy.testing.virtio_driver import MockDriver
+from kvmpy.testing.virtio_driver import Buffer, MockDriver
 from kvmpy.virtio import pci_transport as pt
 from kvmpy.virtio.devices.console import VirtioConsole
 from kvmpy.virtio.devices.net import VirtioNet
@@ -204,3 +206,42 @@ def test_a_bzimage_whose_setup_header_ends_before_its_fields_is_refused() -> Non
     with pytest.raises(ConfigError, match="setup header"):
         load_bzimage(mem, Path("bzImage"), bytes(kernel), initrd=None, cmdline="", rsdp_address=0)
     mem.close()
+
+
+# --- found by the campaign on fuzz-speed (2026-12-01, 22b2194) ----------------------------------
+def test_rng_fills_its_buffer_when_getrandom_returns_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    """virtio-rng (found by the campaign after 83,339 inputs, the first with the device's code
+    instrumented): getrandom(2) returns fewer bytes than asked for when a signal interrupts a
+    request over 256 bytes (libFuzzer's timeout alarm did; in the VMM any signal can), and the
+    device assigned the short result to the whole buffer: ValueError out of the notification."""
+    real = os.getrandom
+    monkeypatch.setattr(os, "getrandom", lambda size, flags=0: real(min(size, 256), flags))
+    mem = GuestMemory.anonymous([(0, 0x20000)])
+    transport = VirtioPciTransport(
+        VirtioRng(), mem, RecordingMsi(), 0xC000_0000, 0xC000_4000, lambda _a: None
+    )
+    drivers = _driver_ok(transport, mem)
+    common = transport.bar_device(0)
+    assert common is not None
+    common.write(20, bytes([0x0F]))
+    drivers[0].add([Buffer(0x8000, 4096, writable=True)])
+    transport.notify(0)  # must not raise
+    assert drivers[0].used_entries() == [(0, 4096)]
+    assert mem.read(0x8000 + 256, 4096 - 256) != bytes(4096 - 256)  # filled past the first short read
+    assert not transport.status & pt.STATUS_NEEDS_RESET
+
+
+def test_the_rng_crash_input_replays_clean_under_a_signal_storm() -> None:
+    """The input the campaign saved for the short getrandom, with SIGALRM every 200 us (as
+    libFuzzer's alarm, much more often): before the fix it crashed 300 times in 300."""
+    target = load("virtio-rng")
+    data = (CRASHES / "virtio-rng" / "getrandom-short-under-a-signal").read_bytes()
+    previous = signal.signal(signal.SIGALRM, lambda _signum, _frame: None)
+    signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+    try:
+        for _ in range(50):
+            execute(target, data)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        release(target)

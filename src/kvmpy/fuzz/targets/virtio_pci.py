@@ -31,9 +31,11 @@ from kvmpy.virtio.pci_transport import VirtioPciTransport
 RAM = [(0, 0x20000)]
 SIZES = (1, 2, 4, 8)
 MAX_OPERATIONS = 256
-#: (offset, width) of every common configuration register (virtio 1.x, 4.1.4.3).
-COMMON_REGISTERS = ((0, 4), (4, 4), (8, 4), (12, 4), (16, 2), (18, 2), (20, 1), (21, 1), (22, 2),
-                    (24, 2), (26, 2), (28, 2), (30, 2), (32, 8), (40, 8), (48, 8))  # fmt: skip
+#: (offset, width) of every common configuration register (virtio 1.x, 4.1.4.3): the device's,
+#: then the selected queue's.
+DEVICE_REGISTERS = ((0, 4), (4, 4), (8, 4), (12, 4), (16, 2), (18, 2), (20, 1), (21, 1))
+QUEUE_REGISTERS = ((22, 2), (24, 2), (26, 2), (28, 2), (30, 2), (32, 8), (40, 8), (48, 8))
+COMMON_REGISTERS = DEVICE_REGISTERS + QUEUE_REGISTERS
 
 
 class MsiLog(RecordingMsi):
@@ -168,12 +170,16 @@ class VirtioPciTarget:
 
     @staticmethod
     def _dump(transport: VirtioPciTransport) -> bytes:
-        """Every common register, with each queue selected in turn (and one past the last)."""
+        """Every common register: the device's once, the queue's with each queue selected in
+        turn (and one past the last); the device's again with the last selection, so one that
+        followed queue_select would show."""
         out = bytearray()
         for select in range(len(transport.queues) + 1):
             transport.write_common(22, 2, select)
-            for offset, size in COMMON_REGISTERS:
+            for offset, size in QUEUE_REGISTERS if select else COMMON_REGISTERS:
                 out += transport.read_common(offset, size).to_bytes(size, "little")
+        for offset, size in DEVICE_REGISTERS:
+            out += transport.read_common(offset, size).to_bytes(size, "little")
         transport.write_common(22, 2, 0)
         return bytes(out)
 

@@ -85,7 +85,7 @@ class VirtioRng:
                 length = min(len(buffer), MAX_REQUEST - written)
                 if length <= 0:
                     break
-                buffer[:length] = os.getrandom(length)
+                _fill_random(buffer[:length])
                 written += length
             self.bytes_served += written
             if self.throttle is not None:
@@ -94,6 +94,17 @@ class VirtioRng:
             served = True
         if served and queue.needs_interrupt(mem):
             interrupt(0)
+
+
+def _fill_random(buffer: memoryview) -> None:
+    """Fill ``buffer`` from the kernel's random source. getrandom(2) returns fewer bytes than
+    asked for when a signal interrupts a request of more than 256 bytes, so it is called until
+    the buffer is full (a short result assigned to the whole buffer raised ValueError)."""
+    filled = 0
+    while filled < len(buffer):
+        chunk = os.getrandom(len(buffer) - filled)
+        buffer[filled : filled + len(chunk)] = chunk
+        filled += len(chunk)
 
 
 __all__ = ["VirtioRng"]
