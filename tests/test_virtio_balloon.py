@@ -281,3 +281,24 @@ def test_a_snapshot_keeps_the_balloon_and_leaves_its_pages_out(guests: Path, tmp
 def test_neighbouring_frames_are_discarded_as_runs() -> None:
     assert balloon._runs([7, 3, 4, 5, 9, 8, 3]) == [(3, 3), (7, 3)]
     assert balloon._runs([]) == []
+
+
+def test_figures_the_driver_sent_before_driver_ok_are_taken_at_activation(mem: GuestMemory) -> None:
+    """Linux adds its first statistics buffer and kicks while it sets up its queues, before
+    DRIVER_OK; seen in the lab: no statistics ever arrived, since the buffer sat unread."""
+    timers = Timers()
+    device = VirtioBalloon(0, stats_interval=1.0, schedule=timers.schedule)
+    transport = vp.VirtioPciTransport(
+        device, mem, Sender(), BAR0, BAR0 + vp.BAR0_SIZE, lambda areas: None  # type: ignore[arg-type]
+    )
+    pci = TransportDriver(transport, mem)
+    pci.negotiate(F_VERSION_1 | balloon.F_STATS_VQ)
+    queues = [pci.setup_queue(index, 0x10000 + 0x4000 * index, 16) for index in range(3)]
+    mem.write(DATA, struct.pack("<HQ", 5, 512 << 20))
+    queues[2].add([Buffer(DATA, 10)])
+    pci.kick(2)
+    assert device.metrics()["stats_updates"] == 0
+    pci.driver_ok()
+    assert device.metrics()["stats_updates"] == 1 and device.metrics()["guest_total_memory"] == 512 << 20
+    timers.fire()
+    assert queues[2].used_entries() == [(0, 0)]

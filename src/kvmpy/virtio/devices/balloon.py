@@ -175,6 +175,8 @@ class VirtioBalloon:
                 roles.append(REPORTING)
             self._roles = dict(enumerate(roles))
             self._stats_head = None
+            if STATS in roles:  # Linux adds its first figures before DRIVER_OK: take them now
+                self._take_stats(queues[roles.index(STATS)], mem)
 
     def reset(self) -> None:
         with self.guard.lock:
