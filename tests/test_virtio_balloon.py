@@ -16,6 +16,7 @@ import pytest
 
 from kvmpy.errors import ConfigError
 from kvmpy.memory.guest_memory import GuestMemory
+from kvmpy.testing.fakes import NullMsiSender
 from kvmpy.testing.virtio_driver import Buffer, MockDriver, TransportDriver
 from kvmpy.virtio import pci_transport as vp
 from kvmpy.virtio.device import F_VERSION_1
@@ -58,14 +59,6 @@ def test_inflating_gives_the_host_its_memory_back_and_deflating_takes_it_again(g
 
 
 # --- the device model through its transport ---------------------------------------------------
-class Sender:
-    def send(self, vector: int, address: int, data: int) -> None:
-        pass
-
-    def changed(self, vector: int, address: int, data: int) -> None:
-        pass
-
-
 @pytest.fixture
 def mem() -> Iterator[GuestMemory]:
     memory = GuestMemory.anonymous([(0, RAM)])
@@ -92,7 +85,7 @@ def started(
     mem: GuestMemory, device: VirtioBalloon, features: int
 ) -> tuple[vp.VirtioPciTransport, list[MockDriver]]:
     transport = vp.VirtioPciTransport(
-        device, mem, Sender(), BAR0, BAR0 + vp.BAR0_SIZE, lambda areas: None  # type: ignore[arg-type]
+        device, mem, NullMsiSender(), BAR0, BAR0 + vp.BAR0_SIZE, lambda areas: None  # type: ignore[arg-type]
     )
     pci = TransportDriver(transport, mem)
     pci.negotiate(F_VERSION_1 | features)
@@ -289,7 +282,7 @@ def test_figures_the_driver_sent_before_driver_ok_are_taken_at_activation(mem: G
     timers = Timers()
     device = VirtioBalloon(0, stats_interval=1.0, schedule=timers.schedule)
     transport = vp.VirtioPciTransport(
-        device, mem, Sender(), BAR0, BAR0 + vp.BAR0_SIZE, lambda areas: None  # type: ignore[arg-type]
+        device, mem, NullMsiSender(), BAR0, BAR0 + vp.BAR0_SIZE, lambda areas: None  # type: ignore[arg-type]
     )
     pci = TransportDriver(transport, mem)
     pci.negotiate(F_VERSION_1 | balloon.F_STATS_VQ)

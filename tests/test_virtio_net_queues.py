@@ -18,7 +18,7 @@ import pytest
 
 from kvmpy.errors import ConfigError
 from kvmpy.memory.guest_memory import GuestMemory
-from kvmpy.testing.fakes import FakeKernelVhost, SocketTap
+from kvmpy.testing.fakes import FakeKernelVhost, NullMsiSender, SocketTap
 from kvmpy.testing.virtio_driver import Buffer, MockDriver, TransportDriver
 from kvmpy.virtio import pci_transport as vp
 from kvmpy.virtio.device import F_VERSION_1
@@ -31,14 +31,6 @@ from kvmpy.vmm.config import NetConfig
 RAM = 1 << 24
 BAR0 = 0xC001_0000
 DATA, COMMAND = 0x100000, 0x3F000
-
-
-class Sender:
-    def send(self, vector: int, address: int, data: int) -> None:
-        pass
-
-    def changed(self, vector: int, address: int, data: int) -> None:
-        pass
 
 
 @pytest.fixture
@@ -62,7 +54,7 @@ class Nic:
             unwatch=lambda fd: self.watched.pop(fd, None),
         )
         self.transport = vp.VirtioPciTransport(
-            self.device, mem, Sender(), BAR0, BAR0 + vp.BAR0_SIZE, lambda areas: None  # type: ignore[arg-type]
+            self.device, mem, NullMsiSender(), BAR0, BAR0 + vp.BAR0_SIZE, lambda areas: None  # type: ignore[arg-type]
         )
         self.pci = TransportDriver(self.transport, mem)
         self.queues: list[MockDriver] = []
@@ -346,7 +338,7 @@ class KernelNic(Nic):
             unwatch=lambda fd: self.watched.pop(fd, None),
         )
         self.transport = vp.VirtioPciTransport(
-            self.device, mem, Sender(), BAR0, BAR0 + vp.BAR0_SIZE, lambda areas: None  # type: ignore[arg-type]
+            self.device, mem, NullMsiSender(), BAR0, BAR0 + vp.BAR0_SIZE, lambda areas: None  # type: ignore[arg-type]
         )
         self.pci = TransportDriver(self.transport, mem)
         self.kicks = {index: os.eventfd(0, os.EFD_NONBLOCK) for index in (0, 1)}

@@ -62,6 +62,16 @@ class SocketTap:
         self.host.close()
 
 
+class NullMsiSender:
+    """An MSI sender for a transport under test that delivers nothing (the tests read the rings)."""
+
+    def send(self, vector: int, address: int, data: int) -> None:
+        pass
+
+    def changed(self, vector: int, address: int, data: int) -> None:
+        pass
+
+
 class FakeKernelVhost:
     """A /dev/vhost-* as kvmpy drives it (this host has none): what it was told, ring by ring.
     A test plays the kernel's part on the rings with a SplitQueue of its own."""
@@ -108,4 +118,4 @@ class FakeKernelVhost:
         pass
 
 
-__all__ = ["FakeKernelVhost", "PortAccessor", "RecordingInterruptLine", "SocketTap"]
+__all__ = ["FakeKernelVhost", "NullMsiSender", "PortAccessor", "RecordingInterruptLine", "SocketTap"]
