@@ -429,10 +429,11 @@ def test_a_lost_daemon_is_started_again_and_the_disk_works_on(guests: Path, tmp_
         wait_until(lambda: device.failed_requests > 0, 10, "a request to fail")
         vmm.submit(a.UpdateBlockDevice("data", reconnect=True))
         assert device.lost is None
-        wait_until(lambda: "virtio_blk ok" in console.text, 60, "the guest to finish its reads")
+        wait_until(lambda: finished.search(console.text) is not None, 60, "the guest to finish its reads")
 
+    finished = re.compile(r"virtio_blk ok, capacity 64 sectors, failed reads (\d+)\n")
     run_with_client(vmm, client)
-    found = re.search(r"virtio_blk ok, capacity 64 sectors, failed reads (\d+)", console.text)
+    found = finished.search(console.text)
     assert found, console.text[-500:]
     assert int(found.group(1)) > 0, found.group(0)  # some failed while it was gone
     assert len(vmm.machine.daemons if vmm.machine else []) in (0, 2)

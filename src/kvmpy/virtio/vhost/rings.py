@@ -85,8 +85,11 @@ class Rings:
                 host_address(mem, queue.driver_addr),
             )  # fmt: skip
             backend.set_vring_base(ring, queue.last_avail_idx)
-            backend.set_vring_kick(ring, self.kicks.get(index))
+            # The call before the kick: a back end starts the ring when it gets the kick, and a
+            # kick already pending then (the guest's, while the ring had no back end) makes it
+            # complete a request and signal at once (qemu-storage-daemon panics without a call).
             backend.set_vring_call(ring, self._call_fd(index))
+            backend.set_vring_kick(ring, self.kicks.get(index))
             backend.enable_vring(ring)
             self.started.append(index)
 

@@ -110,6 +110,8 @@ class VhostUserDevice:
             mem, queues, interrupt = self._mem, self._queues, self._interrupt
             if mem is not None and interrupt is not None:
                 self._send(lambda client: self._hand_over(client, mem, queues, self._acked, interrupt))
+                for fd in self._rings.kicks.values():
+                    os.eventfd_write(fd, 1)  # the back end looks once at what is already available
 
     def configure(self, client: VhostUserClient, protocol: int) -> bytes:
         """Set ``queue_sizes`` (and features) from the back end; returns the configuration space."""
@@ -224,7 +226,16 @@ class VhostUserDevice:
 
     def _kicked_after_loss(self, fd: int) -> None:
         drain(fd)
-        self.guard.run(self._serve_failing)
+        self.guard.run(functools.partial(self._serve_kick, fd))
+
+    def _serve_kick(self, fd: int) -> None:
+        """A kick drained while the back end was gone (lock held). If a new back end took
+        the rings over meanwhile, the kick is its: pass it on, or its request would wait
+        for the guest's next kick, which may never come."""
+        if self.lost is None:
+            os.eventfd_write(fd, 1)
+        else:
+            self._serve_failing()
 
     def _serve_failing(self) -> None:
         """Complete every available request with the device's error (lock held)."""
