@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy.state.migration_protocol import Channel, Kind, MigrationError, parse_address
+from kvmpy.state.migration_protocol import CHECK_MEMORY_ENV, Channel, Kind, MigrationError, parse_address
 from kvmpy.testing.console import CapturedConsole, ticks, wait_until
 from kvmpy.testing.process import kvmpy, read_until, start_kvmpy
 from kvmpy.vmm import actions as a
@@ -57,6 +57,71 @@ def test_a_running_guest_moves_to_another_process_and_keeps_counting(guests: Pat
     _, stderr = destination.communicate(timeout=20)
     seen = ticks(console.text + after)
     assert len(ticks(after)) >= 3 and seen == list(range(1, len(seen) + 1)), f"{seen}\n{stderr}"
+
+
+def test_the_memory_check_finds_guest_ram_equal_on_both_sides(
+    guests: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With KVMPY_MIGRATION_CHECK on the source, the destination compares its RAM with the
+    paused source's before it runs the guest, and says so."""
+    monkeypatch.setenv(CHECK_MEMORY_ENV, "1")
+    address = tmp_path / "incoming.sock"
+    destination = start_kvmpy("run", "--incoming", f"unix:{address}")
+    console = CapturedConsole()
+    vmm = _source(guests, console)
+
+    def client() -> None:
+        wait_until(lambda: len(ticks(console.text)) >= 3)
+        _wait_for_socket(address)
+        vmm.submit(a.Migrate(f"unix:{address}"))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    assert vmm.run().reason.status == 0
+    thread.join(30)
+    read_until(destination, lambda text: len(ticks(text)) >= 2)
+    destination.terminate()
+    _, stderr = destination.communicate(timeout=20)
+    assert "migration check: guest RAM equal on both sides" in stderr, stderr
+
+
+def test_guest_ram_that_differs_fails_the_destination_and_the_source_goes_on(
+    guests: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A digest that does not match (a page lost on the way, here a forged digest) ends the
+    destination before it runs anything, and the source resumes its guest."""
+    from kvmpy.state import migration_sender
+
+    monkeypatch.setenv(CHECK_MEMORY_ENV, "1")
+    monkeypatch.setattr(migration_sender, "memory_digest", lambda regions: b"\x5a" * 32)
+    address = tmp_path / "incoming.sock"
+    destination = start_kvmpy("run", "--incoming", f"unix:{address}")
+    console = CapturedConsole()
+    vmm = _source(guests, console)
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            wait_until(lambda: len(ticks(console.text)) >= 3)
+            _wait_for_socket(address)
+            with pytest.raises(ActionError, match="guest RAM differs"):
+                vmm.submit(a.Migrate(f"unix:{address}"))
+            count = len(ticks(console.text))
+            wait_until(lambda: len(ticks(console.text)) >= count + 3)  # resumed, console live
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            vmm.submit(a.Stop())
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    vmm.run()
+    thread.join(30)
+    if errors:
+        raise errors[0]
+    _, stderr = destination.communicate(timeout=30)
+    assert destination.returncode != 0
+    assert "guest RAM differs" in stderr and "Traceback" not in stderr, stderr
 
 
 class _DyingDestination(threading.Thread):

@@ -9,6 +9,7 @@ built so far: nothing half migrated ever runs.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -21,7 +22,15 @@ from kvmpy.state.machine_state import (
     read_description,
     restore_machine,
 )
-from kvmpy.state.migration_protocol import PAGES_HEADER, VERSION, Channel, Kind, MigrationError, parse_address
+from kvmpy.state.migration_protocol import (
+    PAGES_HEADER,
+    VERSION,
+    Channel,
+    Kind,
+    MigrationError,
+    memory_digest,
+    parse_address,
+)
 from kvmpy.state.snapshot_file import Section, decode, encode
 from kvmpy.vmm.config import SerialConfig
 
@@ -32,6 +41,8 @@ if TYPE_CHECKING:
 #: How long the destination waits for the source to connect, and then for each message.
 ACCEPT_TIMEOUT = 600.0
 MESSAGE_TIMEOUT = 120.0
+
+log = logging.getLogger("kvmpy.state")
 
 
 def listen(address: str) -> tuple[socket.socket, str]:
@@ -114,6 +125,8 @@ def _fill_and_run(channel: Channel, machine: Machine) -> None:
             restore_machine(machine, sections)
             channel.send(Kind.ACK)
         elif frame.kind is Kind.COMPLETE:
+            if frame.payload:
+                _check_memory(machine, frame.payload)
             machine.start()
             resumed_at = time.monotonic_ns()
             channel.send(Kind.ACK, resumed_at.to_bytes(8, "little"))
@@ -124,6 +137,15 @@ def _fill_and_run(channel: Channel, machine: Machine) -> None:
             )
         else:
             raise MigrationError(f"unexpected {frame.kind.name} message during the memory rounds")
+
+
+def _check_memory(machine: Machine, theirs: bytes) -> None:
+    """The source's digest of its paused guest's RAM against this side's (``KVMPY_MIGRATION_CHECK``)."""
+    mine = memory_digest(region.view for region in machine.memory.regions)
+    if mine != theirs:
+        raise MigrationError("guest RAM differs from the source's at the switch-over (memory digests differ)")
+    what = "migration check: guest RAM equal on both sides at the switch-over"
+    log.warning("%s (BLAKE2b %s)", what, mine.hex()[:16])
 
 
 def _store_pages(machine: Machine, regions: tuple, payload: bytes) -> None:  # type: ignore[type-arg]

@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING
 
 from kvmpy.memory.guest_memory import PAGE_SIZE, is_zeros
 from kvmpy.state.machine_state import describe_machine, save_machine
-from kvmpy.state.migration_protocol import PAGES_HEADER, VERSION, Channel, Kind, MigrationError, parse_address
+from kvmpy.state.migration_protocol import (
+    PAGES_HEADER,
+    VERSION,
+    Channel,
+    Kind,
+    MigrationError,
+    checking_memory,
+    memory_digest,
+    parse_address,
+)
 from kvmpy.state.snapshot_file import encode
 
 if TYPE_CHECKING:
@@ -190,7 +199,8 @@ def _finish(channel: Channel, machine: Machine, report: MigrationReport) -> None
     _send_pages(channel, machine, machine.take_dirty_pages(), report, None)  # written while pausing
     channel.send(Kind.STATE, encode(save_machine(machine)))
     channel.expect(Kind.ACK)
-    channel.send(Kind.COMPLETE)
+    check = memory_digest(region.view for region in machine.memory.regions) if checking_memory() else b""
+    channel.send(Kind.COMPLETE, check)
     answer = channel.expect(Kind.ACK)
     if len(answer) == 8:
         resumed_at = int.from_bytes(answer, "little") / 1e9
