@@ -33,6 +33,7 @@ from kvmpy.lab.distro_scenarios import (
     jailed_distro_scenario,
 )
 from kvmpy.lab.scenarios import Scenario, ScenarioResult, parse_results
+from kvmpy.state.migration_protocol import CHECK_MEMORY_ENV
 from kvmpy.vmm.stats_report import device_exits
 
 pytestmark = pytest.mark.lab
@@ -140,12 +141,93 @@ MQ_NET_COMMAND = (
 )
 MQ_NET_VERIFY = f"sleep 1; kill $(cat {{tmp}}/sink.pid); sleep 1; cat {{tmp}}/received; ip link del {MQ_TAP}"
 
+#: vhost_net_state: a VM on vhost-net with two queue pairs and a virtio-blk disk is snapshotted,
+#: then migrated live to a second kvmpy process in the lab, while each vCPU holds a TCP
+#: connection open halfway through its send. The guest then waits for the host's knock
+#: (kvmpy.lab.knock) before it sends the second halves and writes a second block run to its
+#: disk. A snapshot pauses the VM, which takes the rings back from the kernel and hands them
+#: over again at resume; the migration moves the data plane to Python while pages are tracked,
+#: and the destination gives its rings to its own vhost-net. Both sends must arrive whole, from
+#: the destination, and the disk must hold both runs. Then the snapshot is restored in a third
+#: process with the disk's second run wiped: the knock must reach it (the network works), its
+#: half-sent connections are reset (the sink no longer knows them), it writes the second run
+#: again, and a new send started after the restore arrives whole at a new sink.
+STATE_HALF_BYTES = 2_000_000
+STATE_DISK_SECOND_MIB = 4  # where the second run goes on the disk
+STATE_NET_COMMAND = (
+    "ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ping -c 3 -W 5 10.0.2.1 | tail -2; "
+    f"for cpu in 0 1; do head -c {STATE_HALF_BYTES} /dev/urandom > /tmp/a$cpu; "
+    f"head -c {STATE_HALF_BYTES} /dev/urandom > /tmp/b$cpu; "
+    "echo GUEST-MD5 $(cat /tmp/a$cpu /tmp/b$cpu | md5sum | cut -c1-32); done; "
+    "echo DISK-MD5 $(md5sum < /tmp/a0 | cut -c1-32) $(md5sum < /tmp/b0 | cut -c1-32); "
+    "echo LATER-MD5 $(md5sum < /tmp/a1 | cut -c1-32); "
+    "dd if=/tmp/a0 of=/dev/vda bs=1M conv=fsync 2>/dev/null; "
+    "(nc -l -p 6000 > /dev/null; touch /tmp/go) & "
+    "for cpu in 0 1; do (cat /tmp/a$cpu; while [ ! -e /tmp/go ]; do sleep 0.2; done; cat /tmp/b$cpu) "
+    "| taskset -c $cpu nc 10.0.2.1 5000 & done; "
+    "while [ ! -e /tmp/go ]; do sleep 0.2; done; echo KNOCKED; "
+    f"dd if=/tmp/b0 of=/dev/vda bs=1M seek={STATE_DISK_SECOND_MIB} conv=fsync 2>/dev/null; "
+    "wait; echo SENDS-DONE; nc 10.0.2.1 5000 < /tmp/a1; echo LATER-SEND=$?; "
+    "grep -E 'virtio[0-9]+-(input|output)' /proc/interrupts; poweroff -f"
+)
+_KVMPY = f"{sys.executable} -m kvmpy"
+_KNOCK = f"{sys.executable} -m kvmpy.lab.knock 10.0.2.15 6000 150"
+_SINK = f"{sys.executable} -m kvmpy.lab.tcp_sink 10.0.2.1 5000"
+STATE_NET_PREPARE = (
+    "dd if=/dev/zero of={tmp}/disk.img bs=1M count=8 2>/dev/null; "
+    # the destination waits from the start, so its own start-up is paid before it is needed
+    f"({_KVMPY} run --incoming unix:{{tmp}}/mig.sock --serial file:{{tmp}}/destination.log"
+    " > {tmp}/destination.out 2>&1 & echo $! > {tmp}/destination.pid); "
+    "(for i in $(seq 2400); do [ $(grep -c 'connection from' {tmp}/sink.log) -ge 2 ] && break; "
+    f"sleep 0.25; done; {_KVMPY} ctl {{tmp}}/api.sock snapshot {{tmp}}/snap && echo SNAPSHOT-TAKEN; "
+    f"{_KVMPY} ctl {{tmp}}/api.sock migrate unix:{{tmp}}/mig.sock --no-progress && echo MIGRATED; "
+    f"{_KNOCK} && echo KNOCK-SENT) > {{tmp}}/watch.log 2>&1 &"
+)
+_IMAGE_SECOND = (
+    f"$(tail -c +{STATE_DISK_SECOND_MIB * 1048576 + 1} {{tmp}}/disk.img | head -c {STATE_HALF_BYTES}"
+    " | md5sum | cut -c1-32)"
+)
+STATE_NET_VERIFY = (
+    "for i in $(seq 240); do kill -0 $(cat {tmp}/destination.pid) 2>/dev/null || break; sleep 0.5; done; "
+    "kill $(cat {tmp}/destination.pid) 2>/dev/null && echo DESTINATION-KILLED; "
+    "cat {tmp}/watch.log; echo DESTINATION-CONSOLE; tail -n 14 {tmp}/destination.log; "
+    "grep -E 'Traceback|Error|error|migration check' {tmp}/destination.out | head -5; "
+    "kill $(cat {tmp}/sink.pid); sleep 1; cat {tmp}/received; "
+    f"echo IMAGE $(head -c {STATE_HALF_BYTES} {{tmp}}/disk.img | md5sum | cut -c1-32) {_IMAGE_SECOND}; "
+    f"dd if=/dev/zero of={{tmp}}/disk.img bs=1M seek={STATE_DISK_SECOND_MIB} count=2 conv=notrunc"
+    " 2>/dev/null; "
+    f"({_SINK} {{tmp}}/received.restored > {{tmp}}/sink.restored.log 2>&1 & echo $! > {{tmp}}/sink.pid); "
+    f"(timeout 200 {_KVMPY} run --restore {{tmp}}/snap --serial file:{{tmp}}/restored.log"
+    " > {tmp}/restored.out 2>&1; echo RESTORED-EXIT=$? > {tmp}/restored.status) & "
+    f"{_KNOCK} && echo RESTORED-KNOCKED; "
+    "for i in $(seq 400); do [ -e {tmp}/restored.status ] && break; sleep 0.5; done; "
+    "echo RESTORED-CONSOLE; cat {tmp}/restored.status; tail -n 8 {tmp}/restored.log; "
+    "grep -E 'Traceback|Error' {tmp}/restored.out | head -5; "
+    "kill $(cat {tmp}/sink.pid); sleep 1; sed 's/^/RESTORED-/' {tmp}/received.restored; "
+    f"echo RESTORED-IMAGE {_IMAGE_SECOND}; ip link del {MQ_TAP}"
+)
+
 #: Linux's virtio_balloon takes 128 MiB of a 512 MiB guest at its probe (the target kvmpy sets at
 #: boot): MemTotal falls by that much, since without deflate-on-OOM the driver takes the pages
 #: out of the guest's managed memory. The guest waits for it (two minutes at most).
 BALLOON_COMMAND = (
     "i=0; while [ $i -lt 120 ] && [ $(awk '/MemTotal/ {print $2}' /proc/meminfo) -gt 400000 ]; "
     "do sleep 1; i=$((i+1)); done; grep MemTotal /proc/meminfo; sleep 3; poweroff -f"
+)
+
+#: balloon_overcommit's guest (kvmpy.lab.balloon_driver drives the host's side): fills 320 MiB
+#: of a tmpfs and frees it, so the VMM holds those pages; waits while the driver's target of
+#: 256 MiB takes that much out of MemTotal, then until the target of 0 gives it all back, and
+#: fills the memory again.
+_MEM_TOTAL = "$(awk '/MemTotal/ {print $2}' /proc/meminfo)"
+_FILL = "dd if=/dev/zero of=/mnt/fill bs=1M count=320 2>/dev/null"
+BALLOON_API_COMMAND = (
+    f"base={_MEM_TOTAL}; mount -t tmpfs -o size=400M fill /mnt && {_FILL} && rm /mnt/fill; "
+    "echo BALLOON-FILLED $base; "
+    f"i=0; while [ $i -lt 600 ] && [ {_MEM_TOTAL} -gt $((base - 262144)) ]; do sleep 0.5; i=$((i+1)); done; "
+    f"echo BALLOON-INFLATED {_MEM_TOTAL}; "
+    f"i=0; while [ $i -lt 600 ] && [ {_MEM_TOTAL} -lt $base ]; do sleep 0.5; i=$((i+1)); done; "
+    f"echo BALLOON-DEFLATED {_MEM_TOTAL}; {_FILL}; echo BALLOON-REFILLED; sleep 5; poweroff -f"
 )
 
 #: The API scenario's guest: the banner's address for the monitor, a tick a second across a
@@ -169,6 +251,10 @@ JAILED = "debian_jailed"
 QEMU_PEER = os.environ.get("KVMPY_LAB_QEMU_PEER") == "1"
 #: The Debian batch (a second lab boot) runs when this is set.
 DISTRO = os.environ.get("KVMPY_LAB_DISTRO") == "1" or QEMU_PEER
+#: vhost_net_state runs on request: its first runs (2026-12-02, docs/lab.md) found defects still
+#: open (the restored guest's timers stall; a multi-queue tap's flows stall while a destination
+#: on the same host holds queues it does not serve yet).
+STATE_SCENARIO = os.environ.get("KVMPY_LAB_STATE") == "1"
 
 
 #: Crash consistency: numbered records, each made durable with sync before the guest says so;
@@ -234,6 +320,24 @@ def _distro_scenarios() -> list[Scenario]:
     # Two more boots each: a Debian boot is where the lab's own faults come most (a guest
     # triple fault, then a double fault in error_entry, in one scenario on 2026-12-01).
     return [replace(scenario, retries=2) for scenario in scenarios]
+
+
+def _state_scenario(kernel: str, initrd: str | None) -> Scenario:
+    return Scenario(
+        "vhost_net_state",
+        kernel,
+        initrd,
+        STATE_NET_COMMAND,
+        cpus=2,
+        args=(
+            "--net", f"tap={MQ_TAP},vhost=on,queues=2", "--disk", "{tmp}/disk.img",
+            "--api-sock", "{tmp}/api.sock",
+        ),  # fmt: skip
+        prepare=f"{MQ_NET_PREPARE}; {STATE_NET_PREPARE}",
+        verify=STATE_NET_VERIFY,
+        env=((CHECK_MEMORY_ENV, "1"),),  # the destination compares guest RAM at the switch-over
+        timeout=480.0,
+    )
 
 
 def _scenarios(disk: Path) -> list[Scenario]:
@@ -322,6 +426,15 @@ def _scenarios(disk: Path) -> list[Scenario]:
             args=("--balloon", "amount=128,stats=1,reporting=on", "--stats"),
         ),
         Scenario(
+            "balloon_overcommit",
+            kernel,
+            initrd,
+            BALLOON_API_COMMAND,
+            args=("--api-sock", "{tmp}/api.sock", "--id", "lab-balloon"),
+            driver="balloon",
+            timeout=900.0,
+        ),
+        Scenario(
             "virtio_blk_rng",
             kernel,
             initrd,
@@ -395,6 +508,8 @@ def _scenarios(disk: Path) -> list[Scenario]:
             timeout=180.0,
         ),
     ]
+    if STATE_SCENARIO:
+        scenarios.append(_state_scenario(kernel, initrd))
     if generic.vmlinux is not None:
         scenarios.append(Scenario("pvh_smp2", str(generic.vmlinux), initrd, PRINT_NPROC, cpus=2))
     from kvmpy.bench.lab import bench_initrd
@@ -679,22 +794,74 @@ def test_two_queue_pairs_carry_a_flow_each(lab_results: dict[str, ScenarioResult
     assert "Traceback" not in result.stderr
 
 
-def test_linuxs_balloon_driver_takes_the_target_and_reports(
+def test_vhost_net_survives_a_snapshot_a_migration_and_a_restore(
     lab_results: dict[str, ScenarioResult],
 ) -> None:
-    """Debian's virtio_balloon against kvmpy's device: it inflates towards the boot-time target
-    (MemTotal shrinks) and kvmpy discards the pages it is given. The guest powers off once
-    MemTotal is under 400,000 kB, while the driver may still be inflating; and the driver
-    resets the device on its way down, so `actual` is not asserted here."""
-    result = _result(lab_results, "balloon")
+    """Two TCP sends through vhost-net and a disk's writes, each held across a snapshot (the
+    kernel's rings stopped, read back and handed over again) and a live migration to another
+    kvmpy process: both sends arrive whole, finished by the destination, whose RAM was the
+    source's at the switch-over, and the disk holds what was written on each side. The
+    snapshot then restores in a third process: the network and the disk work there, and a
+    send started after the restore arrives whole."""
+    if not STATE_SCENARIO:
+        pytest.skip("vhost_net_state runs with KVMPY_LAB_STATE=1 (docs/lab.md)")
+    result = _result(lab_results, "vhost_net_state")
+    detail = result.output + result.stderr + "\n".join(result.notes)
+    verify = result.notes[-1]
+    lines = result.output.splitlines()
+    assert result.status == 0, detail  # the source ends once the destination runs the guest
+    assert "3 packets transmitted, 3 packets received" in result.output, detail
+    for step in ("SNAPSHOT-TAKEN", "MIGRATED", "KNOCK-SENT", "RESTORED-KNOCKED", "RESTORED-EXIT=0"):
+        assert step in verify, f"{step}: {detail}"
+    assert "KNOCKED" not in result.output, detail  # the source stopped before the knock
+    destination, restored = verify.split("DESTINATION-CONSOLE", 1)[1].split("RESTORED-CONSOLE", 1)
+    assert "KNOCKED" in destination and "SENDS-DONE" in destination and "LATER-SEND=0" in destination, detail
+    assert "migration check: guest RAM equal on both sides" in destination, detail
+    interrupts = _queue_interrupts(destination)
+    print(f"vhost_net_state: the destination's per-queue interrupts {interrupts}")
+    assert interrupts.get("input.0", 0) > 0 and interrupts.get("input.1", 0) > 0, detail
+    sent = sorted(line.split()[1] for line in lines if line.startswith("GUEST-MD5"))
+    later = next(line.split()[1] for line in lines if line.startswith("LATER-MD5"))
+    disk = next(line.split()[1:3] for line in lines if line.startswith("DISK-MD5"))
+    received = [line.split()[1:] for line in destination.splitlines() if line.startswith("RECEIVED")]
+    assert sorted(md5 for md5, count, how in received if md5 != later) == sent, detail
+    assert all(f"{md5} {2 * STATE_HALF_BYTES} closed" in destination for md5 in sent), detail
+    assert f"{later} {STATE_HALF_BYTES} closed" in destination, detail
+    image = next(line.split()[1:3] for line in destination.splitlines() if line.startswith("IMAGE"))
+    assert image == disk, detail  # the first run from the source, the second from the destination
+    assert "KNOCKED" in restored and "LATER-SEND=0" in restored, detail
+    assert f"RESTORED-RECEIVED {later} {STATE_HALF_BYTES} closed" in restored, detail
+    assert f"RESTORED-IMAGE {disk[1]}" in restored, detail  # written again after the restore
+    assert "Traceback" not in result.stderr + verify, detail
+
+
+def test_a_ballooned_guest_gives_the_host_back_half_its_memory(
+    lab_results: dict[str, ScenarioResult],
+) -> None:
+    """Debian's virtio_balloon driven through Firecracker's /balloon API: a target of half the
+    guest's RAM takes that much out of its MemTotal, and the VMM's resident memory falls by
+    about as much (the guest had used those pages); the target back at 0 returns them."""
+    from kvmpy.lab.scenarios import API_FACTS_PREFIX
+
+    result = _result(lab_results, "balloon_overcommit")
     detail = result.output + result.stderr + "\n".join(result.notes)
     assert result.status == 0, detail
-    total = re.search(r"MemTotal:\s+(\d+) kB", result.output)
-    assert total and int(total.group(1)) < 400000, detail
-    counters = dict(re.findall(r"^virtio-balloon\s+(\w+)\s+(\d+)$", result.stderr, re.M))
-    print(f"balloon: MemTotal {total.group(1)} kB, counters {counters}")
-    assert counters.get("target_pages") == str(128 * 256), detail
-    assert int(counters.get("inflated_pages", 0)) >= 20000, detail  # 26,880 in the first run
+    notes = [note for note in result.notes if note.startswith(API_FACTS_PREFIX)]
+    assert notes, detail
+    facts = json.loads(notes[-1][len(API_FACTS_PREFIX) :])
+    print(f"balloon_overcommit: {facts}")
+    assert "error" not in facts, detail
+    assert facts["put /balloon"] == 204 and facts["inflate"] == 204 and facts["deflate"] == 204, facts
+    totals = {step: int(kb) for step, kb in re.findall(r"BALLOON-(\w+) (\d+)", result.output)}
+    target_kib = facts["target_mib"] << 10
+    assert totals["FILLED"] - totals["INFLATED"] == target_kib, totals  # the whole target
+    assert totals["DEFLATED"] == totals["FILLED"], totals
+    freed = facts["rss_filled_kib"] - facts["rss_inflated_kib"]
+    assert freed >= target_kib * 0.75, facts  # the pages given were (most of them) ones it had used
+    assert facts["rss_refilled_kib"] - facts["rss_inflated_kib"] >= target_kib * 0.75, facts
+    statistics = facts["statistics"]
+    assert statistics["actual_mib"] == facts["target_mib"], statistics
+    assert statistics.get("total_memory", 0) > 0, statistics
     assert "Traceback" not in result.stderr
 
 

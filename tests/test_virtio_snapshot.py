@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from kvmpy.state.machine_state import VirtioDeviceState
+from kvmpy.state.migration_protocol import CHECK_MEMORY_ENV
 from kvmpy.state.snapshot_file import Section, decode, encode, read_state_file, write_state_file
 from kvmpy.testing.console import CapturedConsole, wait_until
 from kvmpy.testing.process import kvmpy, read_until, start_kvmpy
@@ -188,7 +189,10 @@ def test_console_lines_continue_after_a_restore(guests: Path, tmp_path: Path) ->
     assert lines == list(range(1, len(lines) + 1)), f"{lines}\n{stderr}"
 
 
-def test_disk_records_continue_across_a_live_migration(guests: Path, tmp_path: Path) -> None:
+def test_disk_records_continue_across_a_live_migration(
+    guests: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CHECK_MEMORY_ENV, "1")  # and the destination's RAM is the source's
     address = tmp_path / "incoming.sock"
     destination = start_kvmpy("run", "--incoming", f"unix:{address}")
     console = CapturedConsole()
@@ -213,6 +217,7 @@ def test_disk_records_continue_across_a_live_migration(guests: Path, tmp_path: P
     records = _records(console.text + after + rest)
     assert len(_records(after)) >= 10, stderr
     assert records == list(range(1, len(records) + 1)), f"{records}\n{stderr}"
+    assert "migration check: guest RAM equal on both sides" in stderr, stderr
     _check_disk(image, records[-1])
 
 

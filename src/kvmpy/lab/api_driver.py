@@ -15,6 +15,7 @@ import http.client
 import json
 import re
 import socket
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,7 +80,12 @@ class ApiDriver:
             time.sleep(0.2)
         raise TimeoutError(f"the guest never printed {pattern!r}")
 
-    def drive(self, kernel: str, initrd: str | None, boot_args: str, cpus: int, memory_mib: int) -> None:
+    def boot(
+        self, kernel: str, initrd: str | None, boot_args: str, cpus: int, memory_mib: int,
+        devices: tuple[tuple[str, dict[str, Any]], ...] = (),
+    ) -> None:  # fmt: skip
+        """Configure the VM as a Firecracker client does (``devices``: PUTs before the start)
+        and start it."""
         facts = self.facts
         facts["socket_seconds"] = round(self.wait_for_socket(), 3)
         facts["state_before"] = self.call("GET", "/")[1]["state"]
@@ -90,9 +96,23 @@ class ApiDriver:
         if initrd:
             boot["initrd_path"] = initrd
         facts["boot_source"] = self.call("PUT", "/boot-source", boot)[0]
+        for path, body in devices:
+            facts[f"put {path}"] = self.call("PUT", path, body)[0]
         facts["start"] = self.call("PUT", "/actions", {"action_type": "InstanceStart"})[0]
         facts["state_running"] = self.call("GET", "/")[1]["state"]
         self.step("started through the API")
+
+    def vmm_pid(self) -> int:
+        """The VMM's process id, from the API socket's peer credentials."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.connect(self.socket_path)
+            credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid: int = struct.unpack("3i", credentials)[0]
+        return pid
+
+    def drive(self, kernel: str, initrd: str | None, boot_args: str, cpus: int, memory_mib: int) -> None:
+        facts = self.facts
+        self.boot(kernel, initrd, boot_args, cpus, memory_mib)
         self._inspect()
         self.step("monitor answered")
         self._pause_and_resume()

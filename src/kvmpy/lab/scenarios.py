@@ -77,9 +77,12 @@ class Scenario:
     #: SIGKILL the VMM a random 0-2 s after the console shows this text (crash-consistency tests);
     #: the seconds waited land in the notes.
     kill_after: str = ""
-    #: "api": kvmpy starts with only ``args`` (which name ``--api-sock``) and the API driver
-    #: (kvmpy.lab.api_driver) configures, starts and operates the VM; its facts land in notes.
+    #: "api" or "balloon": kvmpy starts with only ``args`` (which name ``--api-sock``) and the API
+    #: driver (kvmpy.lab.api_driver, kvmpy.lab.balloon_driver) configures, starts and operates
+    #: the VM; its facts land in notes.
     driver: str = ""
+    #: Environment variables for the VMM, beside the lab's own.
+    env: tuple[tuple[str, str], ...] = ()
     #: How many of the console's last lines the result keeps (a distribution's shutdown alone
     #: prints dozens after the command's own output).
     output_lines: int = 40
@@ -249,7 +252,7 @@ def _run_vm(scenario: Scenario, raw_profile: Path | None = None) -> ScenarioResu
         stdin=subprocess.PIPE if scenario.typed else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=os.environ.copy(),
+        env={**os.environ, **dict(scenario.env)},
     )
     assert process.stdout is not None and process.stderr is not None
     # A guest that hangs silently must not hang the whole batch: a watchdog kills
@@ -264,7 +267,7 @@ def _run_vm(scenario: Scenario, raw_profile: Path | None = None) -> ScenarioResu
     reader = threading.Thread(target=watch.follow, daemon=True)
     reader.start()
     driver_facts: list[str] = []
-    if scenario.driver == "api":
+    if scenario.driver:
         threading.Thread(target=_drive_api, args=(scenario, watch, driver_facts), daemon=True).start()
     # A VMM stuck in the kernel survives SIGKILL and keeps its pipes open: give up on it
     # a minute after the watchdog fired rather than wait for its EOF for ever.
@@ -320,9 +323,11 @@ def _matching_lines(text: str, patterns: tuple[str, ...]) -> list[str]:
 def _drive_api(scenario: Scenario, watch: _ConsoleWatch, facts_out: list[str]) -> None:
     """Operate the VM through its API socket (a lab thread beside the VMM); facts to ``facts_out``."""
     from kvmpy.lab.api_driver import ApiDriver
+    from kvmpy.lab.balloon_driver import BalloonDriver
 
     socket_path = scenario.args[scenario.args.index("--api-sock") + 1]
-    driver = ApiDriver(socket_path, lambda: watch.output.decode("utf-8", "replace"))
+    kind = {"api": ApiDriver, "balloon": BalloonDriver}[scenario.driver]
+    driver = kind(socket_path, lambda: watch.output.decode("utf-8", "replace"))
     cmdline = f"{scenario.kernel_args} {encode_command(scenario.command)}"
     try:
         memory_mib = int(scenario.memory.rstrip("M"))

@@ -28,6 +28,7 @@ from kvmpy.state.migration_protocol import (
     Channel,
     Kind,
     MigrationError,
+    checking_memory,
     memory_digest,
     parse_address,
 )
@@ -112,6 +113,7 @@ def _build(channel: Channel, serial: SerialConfig, serial_sink: ConsoleSink | No
 
 def _fill_and_run(channel: Channel, machine: Machine) -> None:
     regions = machine.memory.regions
+    digest = b""  # of RAM as the source sent it, before restored devices may write to it
     while True:
         frame = channel.receive()
         if frame.kind is Kind.MEMORY:
@@ -122,11 +124,13 @@ def _fill_and_run(channel: Channel, machine: Machine) -> None:
             from kvmpy.state.snapshot_file import decode as decode_section
 
             sections = decode_section("state", frame.payload, dict[str, Section])
+            if checking_memory():
+                digest = memory_digest(region.view for region in regions)
             restore_machine(machine, sections)
             channel.send(Kind.ACK)
         elif frame.kind is Kind.COMPLETE:
             if frame.payload:
-                _check_memory(machine, frame.payload)
+                _check_memory(digest or memory_digest(region.view for region in regions), frame.payload)
             machine.start()
             resumed_at = time.monotonic_ns()
             channel.send(Kind.ACK, resumed_at.to_bytes(8, "little"))
@@ -139,9 +143,10 @@ def _fill_and_run(channel: Channel, machine: Machine) -> None:
             raise MigrationError(f"unexpected {frame.kind.name} message during the memory rounds")
 
 
-def _check_memory(machine: Machine, theirs: bytes) -> None:
-    """The source's digest of its paused guest's RAM against this side's (``KVMPY_MIGRATION_CHECK``)."""
-    mine = memory_digest(region.view for region in machine.memory.regions)
+def _check_memory(mine: bytes, theirs: bytes) -> None:
+    """The source's digest of its paused guest's RAM against this side's, taken when the last
+    pages had come and before the devices were restored (a restored vhost ring may take a
+    packet at once) (``KVMPY_MIGRATION_CHECK``)."""
     if mine != theirs:
         raise MigrationError("guest RAM differs from the source's at the switch-over (memory digests differ)")
     what = "migration check: guest RAM equal on both sides at the switch-over"
