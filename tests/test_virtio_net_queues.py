@@ -165,7 +165,7 @@ def test_several_pairs_offer_multiqueue_and_a_control_queue(mem: GuestMemory) ->
     assert device.queue_sizes == (256, 256, 256, 256, 64)
     assert device.features & net.F_MQ and device.features & net.F_CTRL_VQ
     assert struct.unpack("<H", device.read_config(8, 2))[0] == 2  # max_virtqueue_pairs
-    assert [tap.attached for tap in nic.taps] == [True, False]  # the kernel steers to pair 0 only
+    assert [tap.attached for tap in nic.taps] == [False, False]  # no packet before the driver is ready
     single = Nic(mem)
     assert single.device.queue_sizes == (256, 256) and not single.device.features & net.F_MQ
     single.close()
@@ -195,8 +195,8 @@ def test_the_driver_turns_pairs_on_and_off_through_the_control_queue(mem: GuestM
     assert nic.command(pairs_set + struct.pack("<H", 1)) == net.CTRL_OK
     assert [tap.attached for tap in nic.taps] == [True, False] and list(nic.watched) == [nic.taps[0].fd]
     nic.command(pairs_set + struct.pack("<H", 2))
-    nic.pci.reset()  # a reset goes back to one pair
-    assert [tap.attached for tap in nic.taps] == [True, False] and nic.watched == {}
+    nic.pci.reset()  # a reset goes back to one pair, and takes no packet until it is ready again
+    assert [tap.attached for tap in nic.taps] == [False, False] and nic.watched == {}
     nic.close()
 
 
@@ -302,6 +302,32 @@ def test_a_multi_queue_tap_steers_only_to_attached_queues(tap_name: str) -> None
         sender.close()
     finally:
         for tap in taps:
+            tap.close()
+
+
+@needs_taps
+def test_a_device_not_yet_activated_takes_no_packet_from_a_shared_tap(tap_name: str) -> None:
+    """A migration's destination on the same host opens the source's multi-queue tap while the
+    source still serves it: until the destination's driver state makes the device active, the
+    kernel must steer every packet to the source's queues."""
+    import socket
+
+    source = open_taps(tap_name, 2)  # the source VMM's queues, attached
+    destination = VirtioNet(open_taps(tap_name, 2), bytes(6), watch=lambda fd, handler: None,
+                            unwatch=lambda fd: None)  # fmt: skip
+    try:
+        _ip("link", "set", tap_name, "up")
+        assert [tap.attached for tap in destination._taps] == [False, False]
+        sender = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        sender.bind((tap_name, 0))
+        for port in range(3000, 3064):
+            sender.send(_udp_frame(port))
+        sender.close()
+        assert sum(_drain(tap) for tap in source) == 64
+        assert sum(_drain(tap) for tap in destination._taps) == 0
+    finally:
+        destination.close()
+        for tap in source:
             tap.close()
 
 

@@ -235,9 +235,12 @@ class VirtioNet:
     def _attach_active(self) -> None:
         if self.queue_pairs == 1:
             return  # a single queue is never detached
+        serving = self._mem is not None  # activated: before that (and after a reset) no queue
+        # is attached, so a VM being built, restored or migrated in takes no packet from a tap
+        # another VMM still serves (a migration's source on the same host)
         for pair, tap in enumerate(self._taps):
             try:
-                tap.set_attached(pair < self._active)
+                tap.set_attached(serving and pair < self._active)
             except OSError as error:  # the host's side: that queue keeps what the kernel gives it
                 message = "virtio-net: attaching tap queue %d failed: %s"
                 guest_log.warning(log, ("virtio-net-queue", id(self)), message, pair, error.strerror)
