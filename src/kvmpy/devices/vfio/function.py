@@ -27,6 +27,7 @@ from typing import Protocol
 
 from kvmpy.abi import vfio as abi
 from kvmpy.bus import BusDevice
+from kvmpy.devices.pci.config_space import PciConfigSpace
 from kvmpy.devices.pci.msix import ENTRY_SIZE, PBA_OFFSET, MsiSender, MsixTable
 from kvmpy.devices.vfio.config import LEGACY_SIZE, AssignedConfigSpace, bar_layout
 from kvmpy.eventfd import EventFd
@@ -73,13 +74,14 @@ class AssignedFunction:
         real = device.read(config_index, 0, LEGACY_SIZE)
         sizes = [device.regions[i].size if i < len(device.regions) else 0 for i in range(6)]
         bars = bar_layout(real, sizes)
-        self.config = AssignedConfigSpace(
+        self.space = AssignedConfigSpace(
             real,
             bars,
             bar_addresses([bar.size if bar else 0 for bar in bars]),
             lambda offset, size: device.read(config_index, offset, size),
             lambda offset, data: device.write(config_index, offset, data),
         )
+        self.config: PciConfigSpace = self.space  # what the PCI root reads and writes
         self.msix: MsixTable | None = None
         self._msix_at = (-1, 0, -1, 0)
         self._masked_fds: list[EventFd] = []
@@ -88,12 +90,12 @@ class AssignedFunction:
         self._intx_fds: tuple[EventFd, EventFd] | None = None
         self._bind_intx = bind_intx
         msix_irqs = device.irqs[abi.VFIO_PCI_MSIX_IRQ_INDEX].count if len(device.irqs) > 2 else 0
-        if self.config.msix_offset is not None and msix_irqs:
-            vectors = min(self.config.msix_vectors, msix_irqs)
+        if self.space.msix_offset is not None and msix_irqs:
+            vectors = min(self.space.msix_vectors, msix_irqs)
             self._irq_sender = sender(vectors)
-            self.msix = MsixTable(self.config, vectors, self.config.msix_location()[0], self._irq_sender)
+            self.msix = MsixTable(self.space, vectors, self.space.msix_location()[0], self._irq_sender)
             self.msix.on_mask_change = self._rebind
-            self._msix_at = self.config.msix_location()
+            self._msix_at = self.space.msix_location()
             self._masked_fds = [EventFd() for _ in range(vectors)]
             for vector, eventfd in enumerate(self._masked_fds):
                 watch(eventfd.fd, _masked_handler(self, vector, eventfd))
