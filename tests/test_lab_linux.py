@@ -886,3 +886,54 @@ def test_no_synced_write_is_lost_when_the_vmm_is_killed(
     assert facts.get("CHECK") == "0" and facts.get("PREEN") in ("0", "1"), detail
     assert facts.get("ORDERED") == "1" and facts.get("FIRST") == "1", detail
     assert int(facts["LAST"]) >= synced[-1], detail  # nothing the guest was told is durable is lost
+
+
+#: Inside the passthrough lab (issue 16): the NVMe controller, bound to vfio-pci, assigned to
+#: the nvme_identify guest under kvmpy twice in a row (released and reset in between), then
+#: under QEMU's vfio-pci, the peer; and a device that is not bound to vfio-pci.
+PASSTHROUGH_COMMAND = r"""
+set -u
+echo "GROUP=$(basename "$(readlink /sys/bus/pci/devices/$KVMPY_LAB_NVME/iommu_group)")"
+echo "DRIVER=$(basename "$(readlink /sys/bus/pci/devices/$KVMPY_LAB_NVME/driver)")"
+for run in 1 2; do
+    {python} -m kvmpy run --kernel guests/build/nvme_identify.elf --device vfio=$KVMPY_LAB_NVME --stats \
+        > /run/tmp/kvmpy.out 2>&1
+    echo "KVMPY_STATUS_$run=$?"
+    cat /run/tmp/kvmpy.out
+done
+qemu-system-x86_64 -accel kvm -M pc -cpu host -m 256 -display none -monitor none -serial stdio \
+    -no-reboot -kernel guests/build/nvme_identify.elf -device isa-debug-exit,iobase=0x501,iosize=2 \
+    -device vfio-pci,host=$KVMPY_LAB_NVME 2>&1
+echo "QEMU_STATUS=$?"
+{python} -m kvmpy run --kernel guests/build/hello.elf --device vfio=0000:00:01.0 2>&1
+echo "UNBOUND_STATUS=$?"
+"""
+
+
+def test_an_assigned_nvme_controller_answers_identify_by_dma_under_kvmpy_and_qemu() -> None:
+    from kvmpy.lab import LabError
+    from kvmpy.lab.runner import run_in_lab
+    from kvmpy.testing.guests import build_guests
+
+    build_guests()
+    output = io.BytesIO()
+    try:
+        status = run_in_lab(
+            ["sh", "-c", PASSTHROUGH_COMMAND.format(python=sys.executable)],
+            cwd=ROOT,
+            output=output,
+            timeout=40 * 60,
+            passthrough=True,
+        )
+    except LabError as error:
+        pytest.fail(f"the passthrough lab failed: {error}\n{output.getvalue().decode(errors='replace')}")
+    text = output.getvalue().decode("utf-8", "replace")
+    print(text)
+    assert status == 0, text
+    assert "DRIVER=vfio-pci" in text
+    for run in (1, 2):  # the second run finds the device released and reset
+        assert f"KVMPY_STATUS_{run}=0" in text, text
+    assert text.count("nvme_identify: serial kvmpy0\n") == 3, text  # kvmpy twice, QEMU once
+    assert text.count("nvme_identify: model QEMU NVMe Ctrl\n") == 3, text
+    assert "QEMU_STATUS=1" in text, text  # the guest's exit 0, as QEMU reports it
+    assert "UNBOUND_STATUS=1" in text and "not vfio-pci: echo vfio-pci >" in text, text
