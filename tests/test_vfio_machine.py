@@ -18,6 +18,7 @@ import pytest
 
 from kvmpy.abi import vfio as abi
 from kvmpy.arch.x86 import layout
+from kvmpy.ctl.formatting import format_memory_tree
 from kvmpy.errors import ConfigError
 from kvmpy.state.errors import StateError
 from kvmpy.state.machine_state import check_quiet
@@ -25,7 +26,9 @@ from kvmpy.testing import fake_vfio
 from kvmpy.testing.console import CapturedConsole
 from kvmpy.testing.fake_vfio import FakeVfioKernel, build_host_tree
 from kvmpy.vfio import assign
+from kvmpy.vmm import actions
 from kvmpy.vmm.config import BalloonConfig, SerialConfig, SerialMode, VmConfig
+from kvmpy.vmm.inspect import answer
 from kvmpy.vmm.machine import Machine
 from kvmpy.vmm.stop import StopKind
 
@@ -78,6 +81,15 @@ def test_guest_drives_the_assigned_function_and_bar_writes_do_not_exit(
         bound = fake.function.irqs[abi.VFIO_PCI_MSIX_IRQ_INDEX]
         assert len(bound) == fake_vfio.MSIX_VECTORS and len(set(bound.values())) == fake_vfio.MSIX_VECTORS
         assert machine.pci.msi_routes()[0].address == 0xFEE0_0000 and machine.pci.msi_routes()[0].data == 0x41
+        tree = answer(machine, actions.GetMemoryTree())
+        (view,) = tree["iommu"]
+        assert (view["id"], view["bdf"], view["iommu_group"]) == ("vfio0", BDF, 9)
+        assert [(m["iova_start"], m["size"], m["host_address"]) for m in view["dma"]] == [
+            (region.gpa, region.size, region.host_address()) for region in machine.memory
+        ]
+        slots = [s for s in tree["slots"] if s["gpa_start"] == said["bar0"]]
+        assert [s["size"] for s in slots] == [fake_vfio.MSIX_TABLE]  # BAR0 below its MSI-X page
+        assert "IOMMU domain of vfio0 (0000:00:04.0, group 9)" in format_memory_tree(tree)
         with pytest.raises(StateError, match=r"assigned device \(0000:00:04.0\) cannot be snapshotted"):
             machine.paused = True
             check_quiet(machine)

@@ -396,6 +396,8 @@ class Machine:
 
         Closing runs in reverse: the function (interrupts off, BAR slots gone) before the
         device is reset and released, so it can be assigned again."""
+        #: Device id -> its VFIO container, group and device (the monitor shows the IOMMU's view).
+        self.assigned: dict[str, Assignment] = {}
         if not self.config.vfio_devices:
             return
         from kvmpy.vfio import assign
@@ -405,6 +407,7 @@ class Machine:
         for number, bdf in enumerate(self.config.vfio_devices):
             assignment = opener(bdf, ram)
             self._resources.callback(assignment.close)
+            self.assigned[f"vfio{number}"] = assignment
             function = self.pci.add_vfio(assignment.device, f"vfio{number}")
             self._resources.callback(function.close)
             group = assignment.group.number
