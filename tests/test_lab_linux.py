@@ -907,19 +907,41 @@ qemu-system-x86_64 -accel kvm -M pc -cpu host -m 256 -display none -monitor none
 echo "QEMU_STATUS=$?"
 {python} -m kvmpy run --kernel guests/build/hello.elf --device vfio=0000:00:01.0 2>&1
 echo "UNBOUND_STATUS=$?"
+{python} -m kvmpy run --kernel {kernel} --initrd {initrd} --cpus 2 --memory 512M --stats \
+    --device vfio=$KVMPY_LAB_NVME --cmdline "console=ttyS0 {linux_cmd}" 2>&1
+echo "LINUX_STATUS=$?"
 """
+#: Debian's kernel and its stock nvme driver on the assigned controller: a file system made,
+#: written, read back after a remount with the page cache dropped, and the MSI-X interrupts.
+NVME_LINUX_COMMAND = (
+    "for i in $(seq 30); do [ -b /dev/nvme0n1 ] && break; sleep 1; done; "
+    "echo NVME_MODEL=$(cat /sys/class/nvme/nvme0/model); "
+    "head -c 8388608 /dev/urandom > /tmp/a; echo WROTE=$(md5sum /tmp/a | cut -d' ' -f1); "
+    "mkfs.ext2 -q /dev/nvme0n1 && mount /dev/nvme0n1 /mnt && cp /tmp/a /mnt/a && umount /mnt && "
+    "echo 3 > /proc/sys/vm/drop_caches && mount /dev/nvme0n1 /mnt && "
+    "echo READ=$(md5sum /mnt/a | cut -d' ' -f1) && umount /mnt; "
+    "grep nvme0q /proc/interrupts; poweroff -f"
+)
 
 
 def test_an_assigned_nvme_controller_answers_identify_by_dma_under_kvmpy_and_qemu() -> None:
     from kvmpy.lab import LabError
+    from kvmpy.lab.image import DEFAULT_MODULES, build_image, encode_command
     from kvmpy.lab.runner import run_in_lab
     from kvmpy.testing.guests import build_guests
 
     build_guests()
+    image = build_image(modules=[*DEFAULT_MODULES, "nvme"])
+    command = PASSTHROUGH_COMMAND.format(
+        python=sys.executable,
+        kernel=image.kernel,
+        initrd=image.initrd,
+        linux_cmd=encode_command(NVME_LINUX_COMMAND),
+    )
     output = io.BytesIO()
     try:
         status = run_in_lab(
-            ["sh", "-c", PASSTHROUGH_COMMAND.format(python=sys.executable)],
+            ["sh", "-c", command],
             cwd=ROOT,
             output=output,
             timeout=40 * 60,
@@ -937,3 +959,11 @@ def test_an_assigned_nvme_controller_answers_identify_by_dma_under_kvmpy_and_qem
     assert text.count("nvme_identify: model QEMU NVMe Ctrl\n") == 3, text
     assert "QEMU_STATUS=1" in text, text  # the guest's exit 0, as QEMU reports it
     assert "UNBOUND_STATUS=1" in text and "not vfio-pci: echo vfio-pci >" in text, text
+    assert "NVME_MODEL=QEMU NVMe Ctrl" in text, text
+    wrote = re.search(r"WROTE=([0-9a-f]{32})", text)
+    assert wrote is not None and f"READ={wrote.group(1)}" in text, text
+    queues = [line.split() for line in text.splitlines() if line.rstrip().endswith(("nvme0q0", "nvme0q1"))]
+    counts = [sum(int(word) for word in words[1:] if word.isdigit()) for words in queues]
+    assert len(counts) >= 2 and all(counts), text  # the admin and first I/O queue's MSI-X vectors fired
+    assert all("MSI" in " ".join(words) for words in queues), text
+    assert "LINUX_STATUS=0" in text, text
