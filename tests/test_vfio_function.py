@@ -237,3 +237,32 @@ def test_close_drops_slots_interrupts_and_watches_and_release_resets(rig: Rig) -
     resets = rig.kernel.function.resets
     rig.assignment.close()
     assert rig.kernel.function.resets == resets + 1
+
+
+def test_a_looping_or_stray_capability_chain_is_cut() -> None:
+    from kvmpy.devices.vfio.config import capability_chain
+
+    config = bytearray(256)
+    config[0x06] = 0x10  # capabilities listed
+    config[0x34] = 0x40
+    config[0x40:0x42] = b"\x01\x50"
+    config[0x50:0x52] = b"\x10\x40"  # back to the first: a loop
+    assert capability_chain(bytes(config)) == [(0x40, 0x01), (0x50, 0x10)]
+    config[0x51] = 0x20  # into the header
+    assert capability_chain(bytes(config)) == [(0x40, 0x01), (0x50, 0x10)]
+    config[0x06] = 0
+    assert capability_chain(bytes(config)) == []
+
+
+def test_bar_kinds_from_the_registers_and_sizes_from_vfio() -> None:
+    from kvmpy.devices.pci.config_space import BarKind
+    from kvmpy.devices.vfio.config import bar_layout
+
+    config = bytearray(256)
+    struct.pack_into("<IIIIII", config, 0x10, 0xC, 0, 0x1, 0x0, 0x4, 0)  # mem64 pf, -, io, mem32, mem64
+    bars = bar_layout(bytes(config), [0x4000, 0, 0x100, 0, 0x1000, 0])
+    assert [(b.index, b.kind, b.prefetchable) for b in bars if b] == [
+        (0, BarKind.MEM64, True),
+        (2, BarKind.IO, False),
+        (4, BarKind.MEM64, False),
+    ]
