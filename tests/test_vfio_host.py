@@ -6,6 +6,7 @@ Stepping stones: the real code runs, but the kernel it talks to is kvmpy.testing
 from __future__ import annotations
 
 import mmap
+import os
 from pathlib import Path
 
 import pytest
@@ -150,4 +151,20 @@ def test_overlapping_dma_fails_with_the_range(tmp_path: Path) -> None:
 def test_device_without_reset_is_still_assigned(tmp_path: Path) -> None:
     kernel, assignment = _assign(tmp_path, reset=False)
     assert kernel.function.resets == 0
+    assignment.close()
+
+
+def test_a_refused_region_access_reads_all_ones_and_drops_the_write(tmp_path: Path) -> None:
+    _, assignment = _assign(tmp_path)
+    device = assignment.device
+    assignment.device.fd, real = os.open("/dev/null", os.O_WRONLY), device.fd  # reads fail: EBADF
+    try:
+        assert device.read(4, 0, 4) == b"\xff" * 4
+        os.close(device.fd)
+        device.fd = os.open("/dev/zero", os.O_RDONLY)  # writes fail
+        device.write(4, 0, b"\1\2")
+    finally:
+        os.close(device.fd)
+        device.fd = real
+    assert device.read(4, 0, 2) == b"\0\0"  # the write never reached the region
     assignment.close()

@@ -9,13 +9,17 @@ kvmpy binds each to a KVM irqfd, so an interrupt never reaches Python.
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
 from dataclasses import dataclass
 
 from kvmpy.abi import vfio as abi
 from kvmpy.errors import HostError
+from kvmpy.ratelimit import guest_log
 from kvmpy.vfio.kernel import VfioKernel
+
+log = logging.getLogger("kvmpy.vfio")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,17 +103,32 @@ class VfioDevice:
 
     # --- regions -----------------------------------------------------------------------------
     def read(self, region: int, offset: int, size: int) -> bytes:
-        """``size`` bytes at ``offset`` of region ``region`` (all-ones past its end, as a bus would)."""
+        """``size`` bytes at ``offset`` of region ``region``: all-ones past its end or when the
+        kernel refuses (a device mid-reset answers EIO), as a bus answers a master abort."""
         info = self.regions[region]
         if offset < 0 or offset + size > info.size:
             return b"\xff" * size
-        data = os.pread(self.fd, size, info.offset + offset)
+        try:
+            data = os.pread(self.fd, size, info.offset + offset)
+        except OSError as error:
+            self._refused("read", region, offset, error)
+            return b"\xff" * size
         return data if len(data) == size else data + b"\xff" * (size - len(data))
 
     def write(self, region: int, offset: int, data: bytes) -> None:
+        """Write to region ``region``; what is out of range or refused is dropped (and logged)."""
         info = self.regions[region]
-        if offset >= 0 and offset + len(data) <= info.size:
+        if offset < 0 or offset + len(data) > info.size:
+            return
+        try:
             os.pwrite(self.fd, data, info.offset + offset)
+        except OSError as error:
+            self._refused("write", region, offset, error)
+
+    def _refused(self, what: str, region: int, offset: int, error: OSError) -> None:
+        message = "%s: the kernel refused a %s of region %d at %#x: %s"
+        details = (self.bdf, what, region, offset, error.strerror)
+        guest_log.warning(log, ("vfio-io", self.bdf, what), message, *details)
 
     def map_region(self, region: int, offset: int, size: int) -> mmap.mmap:
         """Map part of a mappable region (page-aligned) into kvmpy, for a KVM memory slot."""
