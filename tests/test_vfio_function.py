@@ -217,10 +217,13 @@ def test_msix_vectors_go_to_irqfds_and_masked_ones_to_pending(rig: Rig) -> None:
     assert rig.kernel.function.fire(abi.VFIO_PCI_MSIX_IRQ_INDEX, 1)
     rig.watched[bound[1]]()  # the event loop runs the handler
     assert rig.mmio_read(BAR0_AT + fake_vfio.MSIX_PBA, 8) == struct.pack("<Q", 0b10)
+    calls = len(rig.kernel.calls)
     rig.mmio_write(BAR0_AT + fake_vfio.MSIX_TABLE + 16 + 12, struct.pack("<I", 0))  # unmask
     assert sender.sent == [1] and sender.count(1) == 1  # the pending one went out
     assert rig.mmio_read(BAR0_AT + fake_vfio.MSIX_PBA, 8) == bytes(8)
     assert rig.kernel.function.irqs[abi.VFIO_PCI_MSIX_IRQ_INDEX][1] == sender.fds[1].fd
+    assert rig.kernel.calls[calls:] == ["VFIO_DEVICE_SET_IRQS"]  # for vector 1 alone:
+    assert rig.kernel.irq_sets[-1] == (abi.VFIO_PCI_MSIX_IRQ_INDEX, 1, 1)
     rig.cfg_write(control, 2, 0xC000)  # function mask: every vector to kvmpy's fds
     assert all(fd in rig.watched for fd in rig.kernel.function.irqs[abi.VFIO_PCI_MSIX_IRQ_INDEX].values())
     rig.cfg_write(control, 2, 0x0000)  # MSI-X off: INTx back

@@ -129,6 +129,8 @@ class FakeVfioKernel:
         self.iommu_set = 0
         self.dma: dict[int, tuple[int, int]] = {}  # iova -> (size, vaddr)
         self.calls: list[str] = []
+        #: (index, start, count) of every SET_IRQS.
+        self.irq_sets: list[tuple[int, int, int]] = []
 
     # --- VfioKernel -------------------------------------------------------------------------
     def open(self, path: str) -> int:
@@ -280,6 +282,7 @@ class FakeVfioKernel:
     def _device_10(self, fd: int, arg: int | Buffer, name: str) -> int:
         view = _view(arg)
         header = abi.vfio_irq_set.from_buffer_copy(view)
+        self.irq_sets.append((header.index, header.start, header.count))
         limit = {0: 1, 1: 1, 2: MSIX_VECTORS}.get(header.index, 0)
         if header.start + header.count > limit or header.argsz != len(view):
             raise KvmError(name, errno.EINVAL)

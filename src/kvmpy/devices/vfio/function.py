@@ -196,10 +196,15 @@ class AssignedFunction:
             for vector in range(msix.vectors):
                 fd = msix.irqfd(vector)
                 wanted.append(fd if fd is not None else self._masked_fds[vector].fd)
-            if wanted != self._bound:
+            if self._bound is None:
                 self._disable_intx()  # the kernel has one interrupt type on at a time
                 self.device.set_irq_eventfds(abi.VFIO_PCI_MSIX_IRQ_INDEX, 0, wanted)
-                self._bound = wanted
+            else:  # only the vectors that changed: the kernel re-requests each host IRQ it is given
+                changed = [vector for vector, fd in enumerate(wanted) if fd != self._bound[vector]]
+                if changed:
+                    first, last = changed[0], changed[-1]
+                    self.device.set_irq_eventfds(abi.VFIO_PCI_MSIX_IRQ_INDEX, first, wanted[first : last + 1])
+            self._bound = wanted
 
     def masked_interrupt(self, vector: int) -> None:
         """The device raised a masked vector: its pending bit is set (sent at unmask)."""
