@@ -893,6 +893,8 @@ def test_no_synced_write_is_lost_when_the_vmm_is_killed(
 #: under QEMU's vfio-pci, the peer; and a device that is not bound to vfio-pci.
 PASSTHROUGH_COMMAND = r"""
 set -u
+dmesg | grep -i -e dmar -e iommu -e vfio | tail -n 12
+echo "VFIO_NODES=$(ls /dev/vfio | tr '\n' ' ')"
 echo "GROUP=$(basename "$(readlink /sys/bus/pci/devices/$KVMPY_LAB_NVME/iommu_group)")"
 echo "DRIVER=$(basename "$(readlink /sys/bus/pci/devices/$KVMPY_LAB_NVME/driver)")"
 for run in 1 2; do
