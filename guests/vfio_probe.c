@@ -3,7 +3,8 @@
  * turns on memory decoding and bus mastering, writes words=N words into BAR0 (a KVM
  * memory slot over the device's mapping: no exits) and one into BAR4 (forwarded by
  * kvmpy), reads back what the host put at BAR0+0x1000, programs MSI-X vector 0 through
- * the trapped table, and enables MSI-X. */
+ * the trapped table, and enables MSI-X. With move=ADDR it then moves BAR0 there and writes
+ * 16 words at offset 0x800 again. */
 #include "runtime/runtime.h"
 
 #define PCI_ADDRESS 0xcf8
@@ -62,6 +63,16 @@ int main(const char *cmdline) {
         mmio_write32(table + 12, 0);
         cfg_write(slot, msix, (cfg_read(slot, msix) & 0xffff) | 0x8000u << 16); /* MSI-X enable */
         say("msix data ", mmio_read32(table + 8));
+    }
+    u64 move = cmdline_u64("move=", 0);
+    if (move) {
+        cfg_write(slot, 4, cfg_read(slot, 4) & ~0x2u); /* decoding off while the BAR moves */
+        cfg_write(slot, 0x10, (u32)move);
+        cfg_write(slot, 0x14, (u32)(move >> 32));
+        cfg_write(slot, 4, cfg_read(slot, 4) | 0x2u);
+        for (u64 i = 0; i < 16; i++)
+            mmio_write32(move + 0x800 + 4 * i, 0x77000000u | (u32)i);
+        say("moved reads ", mmio_read32(move + 0x800 + 4 * 15));
     }
     serial_puts("vfio_probe done\n");
     return 0;

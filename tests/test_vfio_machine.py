@@ -108,3 +108,24 @@ def test_vfio_config_checks() -> None:
         VmConfig(vfio_devices=(BDF,), balloon=BalloonConfig(amount_mib=4))._check_vfio()
     with pytest.raises(ConfigError, match="track_dirty_pages and --device vfio="):
         VmConfig(vfio_devices=(BDF,), track_dirty_pages=True)._check_vfio()
+
+
+def test_a_bar_moved_out_of_the_pci_window_gets_no_slot_and_its_accesses_exit(
+    guests: Path, fake: FakeVfioKernel
+) -> None:
+    console = CapturedConsole()
+    machine = _machine(guests, fake, console, cmdline="words=4 move=0xf0000000")
+    try:
+        machine.boot_kernel()
+        reason = machine.run()
+        text = console.text
+        assert reason.kind is StopKind.DEBUG_EXIT and reason.status == 0, (reason, text)
+        assert re.search(r"^moved reads 0x0*7700000f$", text, re.M), text
+        device = machine.pci.assigned["vfio0"].device
+        assert struct.unpack("<16I", device.read(0, 0x800, 64)) == tuple(0x77000000 | i for i in range(16))
+        assert not [s for s in machine.vm.memory_slots.values() if s.guest_phys_addr == 0xF000_0000]
+        ranges = {entry.name: entry for entry in machine.mmio_bus.stats()}
+        assert ranges["vfio0 BAR0"].base == 0xF000_0000
+        assert ranges["vfio0 BAR0"].writes == 16  # through kvmpy, with pwrite (counters restart per range)
+    finally:
+        machine.close()

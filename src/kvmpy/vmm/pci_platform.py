@@ -30,7 +30,9 @@ from kvmpy.devices.pci.host_bridge import HostBridge
 from kvmpy.devices.pci.root import MAX_SLOTS, ConfigMechanism1, Ecam, PciRoot
 from kvmpy.errors import ConfigError
 from kvmpy.kvm import MsiRoute, Vm
+from kvmpy.kvm.errors import KvmError
 from kvmpy.memory.guest_memory import GuestMemory
+from kvmpy.ratelimit import guest_log
 from kvmpy.virtio.device import VirtioDevice
 from kvmpy.virtio.pci_transport import BAR0_SIZE, VirtioPciTransport
 from kvmpy.vmm.event_loop import EventFd, EventLoop
@@ -156,15 +158,31 @@ class PciPlatform:
         return sender
 
     def _map_device_memory(self, gpa: int, size: int, host_address: int) -> object:
-        """A KVM memory slot for part of an assigned BAR: the guest's MMIO there does not exit."""
+        """A KVM memory slot for part of an assigned BAR: the guest's MMIO there does not exit.
+
+        Only inside the PCI window: elsewhere (the guest moved the BAR onto the APIC page or
+        KVM's own pages) or if KVM refuses, no slot, and the accesses exit and are forwarded."""
+        inside = gpa >= layout.PCI_MMIO32_START and gpa + size <= layout.PCI_MMIO32_END
+        if not inside:
+            message = "assigned BAR part at %#x+%#x is outside the PCI window: its accesses will exit"
+            guest_log.warning(log, ("bar-slot-window", gpa), message, gpa, size)
+            return None
         if self._free_memory_slots:
             number = self._free_memory_slots.pop()
         else:
             number, self._next_memory_slot = self._next_memory_slot, self._next_memory_slot + 1
-        self._vm.set_user_memory_region(number, gpa, size, host_address)
+        try:
+            self._vm.set_user_memory_region(number, gpa, size, host_address)
+        except KvmError as error:
+            self._free_memory_slots.append(number)
+            message = "no memory slot at %#x: %s; its accesses exit"
+            guest_log.warning(log, ("bar-slot", gpa), message, gpa, error)
+            return None
         return number
 
     def _unmap_device_memory(self, handle: object) -> None:
+        if handle is None:
+            return
         assert isinstance(handle, int)
         self._vm.set_user_memory_region(handle, 0, 0, 0)
         self._free_memory_slots.append(handle)
