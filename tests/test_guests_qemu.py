@@ -73,3 +73,22 @@ def test_fault_guest_resets_qemu(guests: Path) -> None:
     done = qemu(guests / "fault.elf", "")
     assert "about to triple fault" in done.stdout
     assert done.returncode == 0  # -no-reboot: the triple fault ends QEMU without debug-exit
+
+
+def test_nvme_identify_drives_qemus_nvme_controller(guests: Path, tmp_path: Path) -> None:
+    """The lab's assigned-NVMe guest against QEMU's controller directly (no VFIO): the
+    Identify command's answer comes back by DMA."""
+    disk = tmp_path / "nvme.img"
+    disk.write_bytes(b"")
+    with disk.open("r+b") as handle:
+        handle.truncate(16 << 20)
+    nvme = [f"file={disk},if=none,id=nv0,format=raw", "nvme,serial=kvmpy0,drive=nv0"]
+    done = subprocess.run(
+        [QEMU, "-M", "pc", "-cpu", "max", "-m", "256", "-display", "none", "-monitor", "none",
+         "-serial", "stdio", "-no-reboot", "-kernel", str(guests / "nvme_identify.elf"),
+         "-device", "isa-debug-exit,iobase=0x501,iosize=2", "-drive", nvme[0], "-device", nvme[1]],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr  # exit 0 as QEMU reports it
+    assert "nvme_identify: serial kvmpy0\n" in done.stdout
+    assert "nvme_identify: model QEMU NVMe Ctrl\n" in done.stdout

@@ -255,6 +255,9 @@ DISTRO = os.environ.get("KVMPY_LAB_DISTRO") == "1" or QEMU_PEER
 #: open (the restored guest's timers stall; a multi-queue tap's flows stall while a destination
 #: on the same host holds queues it does not serve yet).
 STATE_SCENARIO = os.environ.get("KVMPY_LAB_STATE") == "1"
+#: The passthrough lab (an extra lab boot: q35, an IOMMU, an NVMe controller) runs on request
+#: until it has passed in a lab run of its own (docs/lab.md).
+PASSTHROUGH = os.environ.get("KVMPY_LAB_PASSTHROUGH") == "1"
 
 
 #: Crash consistency: numbered records, each made durable with sync before the guest says so;
@@ -1053,3 +1056,93 @@ def test_no_synced_write_is_lost_when_the_vmm_is_killed(
     assert facts.get("CHECK") == "0" and facts.get("PREEN") in ("0", "1"), detail
     assert facts.get("ORDERED") == "1" and facts.get("FIRST") == "1", detail
     assert int(facts["LAST"]) >= synced[-1], detail  # nothing the guest was told is durable is lost
+
+
+#: Inside the passthrough lab (issue 16): the NVMe controller, bound to vfio-pci, assigned to
+#: the nvme_identify guest under kvmpy twice in a row (released and reset in between), then
+#: under QEMU's vfio-pci, the peer; and a device that is not bound to vfio-pci.
+PASSTHROUGH_COMMAND = r"""
+set -u
+dmesg | grep -i -e dmar -e iommu -e vfio | tail -n 12
+echo "VFIO_NODES=$(ls /dev/vfio | tr '\n' ' ')"
+echo "GROUP=$(basename "$(readlink /sys/bus/pci/devices/$KVMPY_LAB_NVME/iommu_group)")"
+echo "DRIVER=$(basename "$(readlink /sys/bus/pci/devices/$KVMPY_LAB_NVME/driver)")"
+for run in 1 2; do
+    {python} -m kvmpy run --kernel guests/build/nvme_identify.elf --device vfio=$KVMPY_LAB_NVME --stats \
+        > /run/tmp/kvmpy.out 2>&1
+    echo "KVMPY_STATUS_$run=$?"
+    cat /run/tmp/kvmpy.out
+done
+qemu-system-x86_64 -accel kvm -M pc -cpu host -m 256 -display none -monitor none -serial stdio \
+    -no-reboot -kernel guests/build/nvme_identify.elf -device isa-debug-exit,iobase=0x501,iosize=2 \
+    -device vfio-pci,host=$KVMPY_LAB_NVME 2>&1
+echo "QEMU_STATUS=$?"
+{python} -m kvmpy run --kernel guests/build/hello.elf --device vfio=0000:00:01.0 2>&1
+echo "UNBOUND_STATUS=$?"
+{python} -m kvmpy run --kernel {kernel} --initrd {initrd} --cpus 2 --memory 512M --stats \
+    --device vfio=$KVMPY_LAB_NVME --cmdline "console=ttyS0 {linux_cmd}" 2>&1
+echo "LINUX_STATUS=$?"
+"""
+#: Debian's kernel and its stock nvme driver on the assigned controller: an ext2 file system made
+#: (busybox mke2fs), written, read back after a remount with the page cache dropped, and the MSI-X interrupts.
+NVME_LINUX_COMMAND = (
+    "for i in $(seq 30); do [ -b /dev/nvme0n1 ] && break; sleep 1; done; "
+    "echo NVME_MODEL=$(cat /sys/class/nvme/nvme0/model); "
+    "head -c 8388608 /dev/urandom > /tmp/a; echo WROTE=$(md5sum /tmp/a | cut -d' ' -f1); "
+    "mke2fs -F /dev/nvme0n1 > /dev/null && mount /dev/nvme0n1 /mnt && cp /tmp/a /mnt/a && umount /mnt && "
+    "echo 3 > /proc/sys/vm/drop_caches && mount /dev/nvme0n1 /mnt && "
+    "echo READ=$(md5sum /mnt/a | cut -d' ' -f1) && umount /mnt; "
+    "grep nvme0q /proc/interrupts; poweroff -f"
+)
+
+
+def test_an_assigned_nvme_controller_answers_identify_by_dma_under_kvmpy_and_qemu() -> None:
+    if not PASSTHROUGH:
+        pytest.skip("the passthrough lab runs with KVMPY_LAB_PASSTHROUGH=1 (docs/lab.md)")
+    from kvmpy.lab import LabError
+    from kvmpy.lab.image import DEFAULT_MODULES, build_image, encode_command
+    from kvmpy.lab.runner import run_in_lab
+    from kvmpy.testing.guests import build_guests
+
+    build_guests()
+    image = build_image(modules=[*DEFAULT_MODULES, "nvme"])
+    command = PASSTHROUGH_COMMAND.format(
+        python=sys.executable,
+        kernel=image.kernel,
+        initrd=image.initrd,
+        linux_cmd=encode_command(NVME_LINUX_COMMAND),
+    )
+    output = io.BytesIO()
+    try:
+        status = run_in_lab(
+            ["sh", "-c", command],
+            cwd=ROOT,
+            output=output,
+            timeout=40 * 60,
+            passthrough=True,
+        )
+    except LabError as error:
+        pytest.fail(f"the passthrough lab failed: {error}\n{output.getvalue().decode(errors='replace')}")
+    text = output.getvalue().decode("utf-8", "replace")
+    print(text)
+    assert status == 0, text
+    assert "DRIVER=vfio-pci" in text
+    for run in (1, 2):  # the second run finds the device released and reset
+        assert f"KVMPY_STATUS_{run}=0" in text, text
+    assert text.count("nvme_identify: serial kvmpy0\n") == 3, text  # kvmpy twice, QEMU once
+    assert text.count("nvme_identify: model QEMU NVMe Ctrl\n") == 3, text
+    assert "QEMU_STATUS=1" in text, text  # the guest's exit 0, as QEMU reports it
+    assert "UNBOUND_STATUS=1" in text and "not vfio-pci: echo vfio-pci >" in text, text
+    assert "NVME_MODEL=QEMU NVMe Ctrl" in text, text
+    wrote = re.search(r"WROTE=([0-9a-f]{32})", text)
+    assert wrote is not None and f"READ={wrote.group(1)}" in text, text
+    queues = [line.split() for line in text.splitlines() if line.rstrip().endswith(("nvme0q0", "nvme0q1"))]
+    counts = [sum(int(word) for word in words[1:] if word.isdigit()) for words in queues]
+    assert len(counts) >= 2 and all(counts), text  # the admin and first I/O queue's MSI-X vectors fired
+    assert all("MSI" in " ".join(words) for words in queues), text
+    assert "LINUX_STATUS=0" in text, text
+    # The identify guest touches registers and doorbells only: all in the memory slot, no exits.
+    first = text.split("KVMPY_STATUS_1=")[1].split("KVMPY_STATUS_2=")[0]
+    assert "nvme_identify: model QEMU NVMe Ctrl" in first and device_exits(first, "vfio0 BAR0") == 0, first
+    linux = text.split("UNBOUND_STATUS=")[1]
+    print(f"Linux on the assigned NVMe: {device_exits(linux, 'vfio0 BAR0')} BAR0 exits, interrupts {counts}")

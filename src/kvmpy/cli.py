@@ -97,6 +97,14 @@ def _add_run_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
         "[,deflate_on_oom=on][,stats=SECONDS][,reporting=on]",
     )
     run.add_argument(
+        "--device",
+        action="append",
+        default=[],
+        metavar="vfio=BDF",
+        help="assign the host PCI device at BDF (DDDD:BB:DD.F, bound to vfio-pci) to the guest"
+        " through VFIO; repeatable",
+    )
+    run.add_argument(
         "--vsock",
         metavar="cid=N",
         help="a virtio-vsock device through the host's vhost-vsock: host processes reach the guest"
@@ -153,6 +161,16 @@ def _memory_option(text: str) -> tuple[int, bool]:
     return parse_size(size, what="--memory"), shared
 
 
+def _device_option(text: str) -> str:
+    """``--device vfio=BDF`` -> the canonical PCI address (the only kind of --device so far)."""
+    kind, _, value = text.partition("=")
+    if kind != "vfio" or not value:
+        raise ConfigError(f"invalid --device {text!r}: use vfio=DDDD:BB:DD.F (a host PCI device for VFIO)")
+    from kvmpy.vfio.sysfs import parse_bdf
+
+    return parse_bdf(value)
+
+
 def _config_from_args(args: argparse.Namespace) -> VmConfig:
     memory, shared_memory = _memory_option(args.memory)
     kernel = args.kernel
@@ -173,6 +191,7 @@ def _config_from_args(args: argparse.Namespace) -> VmConfig:
         disks=tuple(DiskConfig.parse(text) for text in args.disk),
         rng=args.rng,
         vsock_cid=_vsock_option(args.vsock),
+        vfio_devices=tuple(_device_option(text) for text in args.device),
         balloon=None if args.balloon is None else BalloonConfig.parse(args.balloon),
         nets=tuple(NetConfig.parse(text) for text in args.net),
         filesystems=tuple(FsConfig.parse(text) for text in args.fs),

@@ -210,6 +210,17 @@ def format_memory_tree(tree: dict[str, Any]) -> str:
                 ]
             )
     out += table(["device", "name", "BAR", "address", "size", "state"], rows)
+    for device in tree.get("iommu", []):
+        out += ["", f"IOMMU domain of {device['id']} ({device['bdf']}, group {device['iommu_group']}):"
+                " device DMA to IOVA = GPA lands at the host address"]  # fmt: skip
+        out += table(
+            ["IOVA range", "size", "host address"],
+            [
+                [f"{m['iova_start']:#012x}-{m['iova_end'] - 1:#012x}", _size(m["size"]),
+                 f"{m['host_address']:#x}"]  # fmt: skip
+                for m in device["dma"]
+            ],
+        )
     return "\n".join(out)
 
 

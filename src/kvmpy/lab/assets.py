@@ -29,6 +29,11 @@ LAB_MODULES = [
     "ext4",
 ]
 
+#: The passthrough lab's extra modules (issue 16): VFIO for PCI devices, with the type-1 IOMMU
+#: back end (its dependencies, vfio, vfio_pci_core and vfio_virqfd where separate, follow).
+#: Its emulated NVMe controller gets no host driver: the nvme module is not in the initramfs.
+VFIO_MODULES = ["vfio_iommu_type1", "vfio_pci"]
+
 LAB_INIT = r"""#!/bin/sh
 # kvmpy lab, first level: load modules, mount the host's / over 9p, run the command there.
 /bin/busybox --install -s /bin
@@ -85,22 +90,24 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def lab_assets(kernel_package: str = LAB_KERNEL_PACKAGE) -> LabAssets:
-    """The first-level kernel and initramfs, rebuilt when any input changes."""
+def lab_assets(kernel_package: str = LAB_KERNEL_PACKAGE, *, passthrough: bool = False) -> LabAssets:
+    """The first-level kernel and initramfs, rebuilt when any input changes (``passthrough``:
+    with the VFIO modules, for the lab with an IOMMU)."""
+    modules = LAB_MODULES + VFIO_MODULES if passthrough else LAB_MODULES
     package = resolve_kernel_package(kernel_package)
     kernel_root = fetch_package(package)
     busybox_root = fetch_package(BUSYBOX_PACKAGE)
     tree = KernelTree.find(kernel_root)
-    key = _digest(package_version(kernel_root), package_version(busybox_root), LAB_INIT, *LAB_MODULES)
+    key = _digest(package_version(kernel_root), package_version(busybox_root), LAB_INIT, *modules)
     initrd = cache_dir() / "lab" / f"lab-initrd-{key}.cpio.gz"
     if not initrd.exists():
         initrd.parent.mkdir(parents=True, exist_ok=True)
         with progress.step("building the lab's initramfs"):
-            data = build_initramfs(busybox_root, tree, LAB_MODULES, LAB_INIT)
+            data = build_initramfs(busybox_root, tree, modules, LAB_INIT)
         partial = initrd.with_suffix(".partial")
         partial.write_bytes(data)
         partial.rename(initrd)
     return LabAssets(tree.vmlinuz, initrd)
 
 
-__all__ = ["LAB_INIT", "LAB_MODULES", "LabAssets", "lab_assets"]
+__all__ = ["LAB_INIT", "LAB_MODULES", "VFIO_MODULES", "LabAssets", "lab_assets"]

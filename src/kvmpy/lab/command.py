@@ -23,7 +23,12 @@ def _lab_run(args: argparse.Namespace) -> int:
     if not command:
         raise ConfigError("kvmpy lab run needs a command after --")
     return run_in_lab(
-        command, npt=args.npt == "on", cpus=args.cpus, memory_mib=_size_mib(args.memory), timeout=args.timeout
+        command,
+        npt=args.npt == "on",
+        cpus=args.cpus,
+        memory_mib=_size_mib(args.memory),
+        timeout=args.timeout,
+        passthrough=args.passthrough,
     )
 
 
@@ -53,6 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     run.add_argument("--cpus", type=int, default=2)
     run.add_argument("--memory", default="3G")
     run.add_argument("--timeout", type=float, default=None, help="seconds before the lab is stopped")
+    run.add_argument(
+        "--passthrough",
+        action="store_true",
+        help="q35 with an Intel IOMMU and an NVMe controller bound to vfio-pci ($KVMPY_LAB_NVME)",
+    )
     run.add_argument("lab_command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     run.set_defaults(handler=_lab_run)
 

@@ -24,11 +24,28 @@ PASSED_ENVIRONMENT = ("PATH", "PYTHONPATH", "HOME", "LANG", "LC_ALL", "VIRTUAL_E
 SHARE_IN_LAB = "/run/kvmpy-lab-share"
 SCRATCH_IN_LAB = "/run/tmp"
 POLL_SECONDS = 0.2
+#: The passthrough lab's NVMe controller: where it sits on the lab's bus 0, its serial, its disk.
+NVME_ADDRESS = "0000:00:10.0"
+NVME_SERIAL = "kvmpy0"
+NVME_DISK_SIZE = 64 << 20
+#: Run first in the passthrough lab: every NVMe controller to vfio-pci (vfio.rst's recipe).
+BIND_NVME_TO_VFIO = r"""for dev in /sys/bus/pci/devices/*; do
+    [ "$(cat "$dev/class")" = 0x010802 ] || continue
+    echo vfio-pci > "$dev/driver_override"
+    [ -e "$dev/driver" ] && echo "${dev##*/}" > "$dev/driver/unbind"
+    echo "${dev##*/}" > /sys/bus/pci/drivers_probe
+done"""
 
 
-def command_script(command: Sequence[str], cwd: Path, env: Mapping[str, str]) -> str:
-    """The shell script the lab runs in the chroot: environment, directory, command."""
+def command_script(
+    command: Sequence[str], cwd: Path, env: Mapping[str, str], *, passthrough: bool = False
+) -> str:
+    """The shell script the lab runs in the chroot: environment, directory, command (after
+    binding the NVMe controller to vfio-pci in the passthrough lab)."""
     lines = ["#!/bin/sh"]
+    if passthrough:
+        lines.append(BIND_NVME_TO_VFIO)
+        lines.append(f"export KVMPY_LAB_NVME={NVME_ADDRESS}")
     for name, value in sorted(env.items()):
         lines.append(f"export {name}={shlex.quote(value)}")
     lines.append(f"export KVMPY_LAB_SHARE={SHARE_IN_LAB}")
@@ -39,13 +56,32 @@ def command_script(command: Sequence[str], cwd: Path, env: Mapping[str, str]) ->
 
 
 def qemu_command(
-    kernel: Path, initrd: Path, share: Path, *, npt: bool, cpus: int, memory_mib: int
+    kernel: Path,
+    initrd: Path,
+    share: Path,
+    *,
+    npt: bool,
+    cpus: int,
+    memory_mib: int,
+    nvme_disk: Path | None = None,
 ) -> list[str]:
+    """The lab's QEMU; with ``nvme_disk``, the passthrough lab (issue 16): q35 with an
+    emulated Intel IOMMU, which must come before every other PCI device, the kernel told to
+    use it (``iommu=pt``: the lab's own devices bypass it), and an NVMe controller on that disk."""
     virtfs = "security_model=none,multidevs=remap"
+    iommu = ["-device", "intel-iommu"] if nvme_disk is not None else []
+    append = " intel_iommu=on iommu=pt" if nvme_disk is not None else ""
+    nvme = []
+    if nvme_disk is not None:
+        nvme = [
+            "-drive", f"file={nvme_disk},if=none,id=nv0,format=raw",
+            "-device", f"nvme,serial={NVME_SERIAL},drive=nv0,addr=0x{int(NVME_ADDRESS[8:10], 16):x}",
+        ]  # fmt: skip
     return [
         QEMU,
         "-accel", "tcg,thread=multi",
-        "-M", "pc",
+        "-M", "q35" if nvme_disk is not None else "pc",
+        *iommu,
         "-cpu", "max",
         "-smp", str(cpus),
         "-m", str(memory_mib),
@@ -57,9 +93,10 @@ def qemu_command(
         "-initrd", str(initrd),
         # No transparent huge pages in the lab: its khugepaged, collapsing a nested guest's
         # RAM under TCG, locked up a lab CPU for minutes and hung that guest (docs/lab.md).
-        "-append", f"console=ttyS0 quiet panic=-1 transparent_hugepage=never kvmpy.npt={int(npt)}",
+        "-append", f"console=ttyS0 quiet panic=-1 transparent_hugepage=never kvmpy.npt={int(npt)}{append}",
         "-virtfs", f"local,path=/,mount_tag=hostroot,readonly=on,{virtfs}",
         "-virtfs", f"local,path={share},mount_tag=share,{virtfs}",
+        *nvme,
     ]  # fmt: skip
 
 
@@ -97,17 +134,20 @@ def run_in_lab(
     env: Mapping[str, str] | None = None,
     output: BinaryIO | None = None,
     stall_seconds: float | None = None,
+    passthrough: bool = False,
 ) -> int:
     """Run ``command`` in the lab and return its exit status; its output goes to ``output``.
 
     With ``stall_seconds``, a command that prints nothing for that long counts as a hung lab
     (:class:`LabStalledError`): for commands that print a heartbeat, as scenario batches do.
+    ``passthrough``: the lab with an IOMMU and an NVMe controller bound to vfio-pci, whose
+    address the command finds in ``KVMPY_LAB_NVME``.
     """
     if shutil.which(QEMU) is None:
         raise LabError(f"{QEMU} is not installed (run scripts/setup)")
     if not command:
         raise LabError("no command given to run in the lab")
-    assets = lab_assets()
+    assets = lab_assets(passthrough=passthrough)
     compile_package()  # the lab mounts this checkout read-only: its kvmpy runs from these .pyc files
     sink = output if output is not None else sys.stdout.buffer
     environment = {
@@ -115,9 +155,17 @@ def run_in_lab(
     }
     with tempfile.TemporaryDirectory(prefix="kvmpy-lab-") as temporary:
         share = Path(temporary)
-        (share / "command.sh").write_text(command_script(command, cwd or Path.cwd(), environment))
+        script = command_script(command, cwd or Path.cwd(), environment, passthrough=passthrough)
+        (share / "command.sh").write_text(script)
+        disk = None
+        if passthrough:
+            disk = share / "nvme.img"
+            with disk.open("wb") as handle:
+                handle.truncate(NVME_DISK_SIZE)
         qemu = subprocess.Popen(
-            qemu_command(assets.kernel, assets.initrd, share, npt=npt, cpus=cpus, memory_mib=memory_mib),
+            qemu_command(
+                assets.kernel, assets.initrd, share, npt=npt, cpus=cpus, memory_mib=memory_mib, nvme_disk=disk
+            ),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -161,6 +161,12 @@ def check_quiet(machine: Machine) -> None:
     loop waiting (no handler mid-request), and every buffered write applied."""
     if not machine.paused:
         raise StateError("a snapshot is taken only from a paused VM")
+    if machine.pci.assigned:
+        named = ", ".join(function.device.bdf for function in machine.pci.assigned.values())
+        raise StateError(
+            f"a VM with an assigned device ({named}) cannot be snapshotted or migrated: the device's"
+            " state is in the hardware, and its DMA writes are in no dirty log"
+        )
     if machine.events.is_alive() and not machine.events.paused:
         raise StateError("the device event loop is still running a request; pause the VM first")
     if machine.coalesced is not None and machine.coalesced.pending():

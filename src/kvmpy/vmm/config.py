@@ -358,11 +358,29 @@ class VmConfig(msgspec.Struct, frozen=True):
     #: The guest's AF_VSOCK context id (a virtio-vsock device through vhost-vsock), or None.
     vsock_cid: int | None = None
     balloon: BalloonConfig | None = None
+    #: PCI addresses (DDDD:BB:DD.F) of host devices assigned to the guest through VFIO.
+    vfio_devices: tuple[str, ...] = ()
     logger: LoggerConfig | None = None
     metrics: MetricsConfig | None = None
     #: (device id, PCI slot) of virtio devices that must sit in a given slot: a restored
     #: machine puts each device where the snapshot's guest found it. Others take free slots.
     pci_slots: tuple[tuple[str, int], ...] = ()
+
+    def _check_vfio(self) -> None:
+        """Assigned devices DMA into pinned guest RAM: nothing may take pages away or track them."""
+        if not self.vfio_devices:
+            return
+        if len(set(self.vfio_devices)) != len(self.vfio_devices):
+            raise ConfigError(f"--device vfio= names a device twice: {', '.join(self.vfio_devices)}")
+        if self.balloon is not None:
+            raise ConfigError(
+                "--balloon and --device vfio= do not go together: the device may DMA into pages the"
+                " balloon gives back (VFIO pins all of guest RAM)"
+            )
+        if self.track_dirty_pages:
+            raise ConfigError(
+                "track_dirty_pages and --device vfio= do not go together: device DMA is not logged"
+            )
 
     @property
     def needs_shared_memory(self) -> bool:
@@ -391,6 +409,7 @@ class VmConfig(msgspec.Struct, frozen=True):
         if self.balloon is not None and self.balloon.amount_mib > self.memory >> 20:
             amount, ram = self.balloon.amount_mib, self.memory >> 20
             raise ConfigError(f"--balloon amount {amount} MiB is more than the guest's {ram} MiB")
+        self._check_vfio()
         if self.memory < MIN_MEMORY:
             raise ConfigError(f"--memory {self.memory >> 20}M is too small: at least {MIN_MEMORY >> 20}M")
         if self.memory % 4096:

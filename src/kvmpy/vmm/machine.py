@@ -68,6 +68,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvmpy.machine")
 
+if TYPE_CHECKING:
+    from kvmpy.vfio import Assignment
+
+#: Opens one assigned device with guest RAM ((gpa, size, host address) each) mapped for DMA.
+AssignDevice = Callable[[str, list[tuple[int, int, int]]], "Assignment"]
+
 _T = TypeVar("_T")
 
 #: How long ``run()`` waits for vCPU threads after a stop request.
@@ -112,13 +118,16 @@ class Machine:
         *,
         serial_sink: ConsoleSink | None = None,
         memory: GuestMemory | None = None,
+        assign_device: AssignDevice | None = None,
     ) -> None:
         """Build the machine (KVM objects, RAM, devices, vCPUs) without booting it.
 
         A failure halfway closes everything built so far: no file descriptor
-        or mapping outlives a failed build.
+        or mapping outlives a failed build. ``assign_device`` opens a --device vfio=
+        (kvmpy.vfio.assign; tests give it a fake VFIO kernel).
         """
         self.config = config
+        self._assign_device = assign_device
         self._resources = contextlib.ExitStack()
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
@@ -163,6 +172,7 @@ class Machine:
         closing(self._stop_daemons)
         closing(self.pci.close)
         self._setup_virtio()
+        self._setup_assigned()
         self._supported_cpuid = [_to_entry(e) for e in self.system.supported_cpuid()]
         self._tsc_deadline = bool(self.system.check_extension(abi.KVM_CAP_TSC_DEADLINE_TIMER))
         self.vcpus: list[Vcpu] = []
@@ -380,6 +390,29 @@ class Machine:
 
             self.virtio_console = VirtioConsole(self.console.write)
             self.pci.add_virtio(self.virtio_console, "virtio-console", slots.get("virtio-console"))
+
+    def _setup_assigned(self) -> None:
+        """Each --device vfio=BDF: opened with guest RAM mapped for its DMA, reset, on the bus.
+
+        Closing runs in reverse: the function (interrupts off, BAR slots gone) before the
+        device is reset and released, so it can be assigned again."""
+        #: Device id -> its VFIO container, group and device (the monitor shows the IOMMU's view).
+        self.assigned: dict[str, Assignment] = {}
+        if not self.config.vfio_devices:
+            return
+        _check_no_seccomp("--device vfio= (VFIO's ioctls)")
+        from kvmpy.vfio import assign
+
+        opener = self._assign_device or assign
+        ram = [(region.gpa, region.size, region.host_address()) for region in self.memory]
+        for number, bdf in enumerate(self.config.vfio_devices):
+            assignment = opener(bdf, ram)
+            self._resources.callback(assignment.close)
+            self.assigned[f"vfio{number}"] = assignment
+            function = self.pci.add_vfio(assignment.device, f"vfio{number}")
+            self._resources.callback(function.close)
+            group = assignment.group.number
+            log.info("assigned %s as vfio%d (IOMMU group %d)", assignment.bdf, number, group)
 
     def _vhost_user_disk(self, disk: DiskConfig, name: str) -> VhostUserBlock:
         """A disk served by qemu-storage-daemon: the one kvmpy starts, or the user's."""

@@ -8,6 +8,10 @@ so that a queue kick never reaches Python on the vCPU thread.
 Each virtio function has a device id (its name) and a slot; a restore gives
 every id the slot it had (``VmConfig.pci_slots``), so the guest finds each
 device where it left it whatever order the devices were configured in.
+
+Assigned (VFIO) functions get their BARs from the layout's window for them, KVM memory
+slots for the parts of those BARs that can be mapped, an irqfd per MSI-X vector and one
+with a resample fd for INTx: all handed to the device model as callbacks.
 """
 
 from __future__ import annotations
@@ -16,20 +20,33 @@ import functools
 import logging
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from kvmpy.abi import vfio as abi_vfio
 from kvmpy.arch.x86 import layout
 from kvmpy.bus import Bus
+from kvmpy.devices.pci.config_space import INTERRUPT_LINE, INTERRUPT_PIN
 from kvmpy.devices.pci.host_bridge import HostBridge
 from kvmpy.devices.pci.root import MAX_SLOTS, ConfigMechanism1, Ecam, PciRoot
 from kvmpy.errors import ConfigError
 from kvmpy.kvm import MsiRoute, Vm
+from kvmpy.kvm.errors import KvmError
 from kvmpy.memory.guest_memory import GuestMemory
+from kvmpy.ratelimit import guest_log
 from kvmpy.virtio.device import VirtioDevice
 from kvmpy.virtio.pci_transport import BAR0_SIZE, VirtioPciTransport
 from kvmpy.vmm.event_loop import EventFd, EventLoop
 from kvmpy.vmm.msi import IrqfdMsiSender, MsiRouter
 
 log = logging.getLogger("kvmpy.pci")
+
+#: KVM memory slots for assigned devices' BARs start here (guest RAM has the first few).
+FIRST_DEVICE_MEMORY_SLOT = 64
+PAGE = 4096
+
+if TYPE_CHECKING:
+    from kvmpy.devices.vfio import AssignedFunction
+    from kvmpy.vfio import VfioDevice
 
 
 class PciPlatform:
@@ -53,15 +70,27 @@ class PciPlatform:
         self._notifiers: dict[int, list[tuple[int, int, EventFd]]] = {}
         self._intx_lock = threading.Lock()
         self._intx_holders: dict[int, int] = {}  # GSI -> functions holding INTx high
+        #: Device id -> assigned (VFIO) function.
+        self.assigned: dict[str, AssignedFunction] = {}
+        self._assigned_next = layout.PCI_ASSIGNED_BARS_START
+        self._free_memory_slots: list[int] = []
+        self._next_memory_slot = FIRST_DEVICE_MEMORY_SLOT
+
+    def _free_slot(self, name: str, slot: int | None) -> int:
+        if name in self.by_id or name in self.assigned:
+            raise ConfigError(f"two PCI devices have the id {name!r}")
+        if slot is None:
+            free = [s for s in range(1, MAX_SLOTS) if self.root.slots[s] is None]
+            if not free:
+                raise ConfigError(f"no free PCI slot for {name}: kvmpy's bus has {MAX_SLOTS - 1}")
+            return free[0]
+        if not 1 <= slot < MAX_SLOTS or self.root.slots[slot] is not None:
+            raise ConfigError(f"PCI slot {slot} for {name} is not a free slot (1 to {MAX_SLOTS - 1})")
+        return slot
 
     def add_virtio(self, device: VirtioDevice, name: str, slot: int | None = None) -> VirtioPciTransport:
         """Add ``device`` as ``name`` (its device id) in ``slot``, or in the first free one."""
-        if name in self.by_id:
-            raise ConfigError(f"two PCI devices have the id {name!r}")
-        if slot is None:
-            slot = next(s for s in range(1, MAX_SLOTS) if self.root.slots[s] is None)
-        elif not 1 <= slot < MAX_SLOTS or self.root.slots[slot] is not None:
-            raise ConfigError(f"PCI slot {slot} for {name} is not a free slot (1 to {MAX_SLOTS - 1})")
+        slot = self._free_slot(name, slot)
         window = layout.pci_bar_window(slot)
         sender = IrqfdMsiSender(self._router, len(device.queue_sizes) + 1)
         transport = VirtioPciTransport(
@@ -80,6 +109,89 @@ class PciPlatform:
         self._by_slot[slot] = transport
         self.root.add(transport, slot=slot, name=name)
         return transport
+
+    def add_vfio(self, device: VfioDevice, name: str, slot: int | None = None) -> AssignedFunction:
+        """Put the assigned ``device`` on the bus as ``name``; the caller releases the device
+        after closing the function this returns."""
+        from kvmpy.devices.vfio import AssignedFunction
+
+        slot = self._free_slot(name, slot)
+        pin = device.read(abi_vfio.VFIO_PCI_CONFIG_REGION_INDEX, INTERRUPT_PIN, 1)[0]
+        function = AssignedFunction(
+            device,
+            functools.partial(self._place_assigned_bars, device.bdf),
+            self._sender,
+            self._map_device_memory,
+            self._unmap_device_memory,
+            self._events.add,
+            self._events.remove,
+            functools.partial(self._bind_intx, layout.pci_intx_gsi(slot, max(pin, 1) - 1)),
+        )
+        if 1 <= pin <= 4:
+            function.config.set_raw(INTERRUPT_LINE, bytes([layout.pci_intx_gsi(slot, pin - 1)]))
+        self.assigned[name] = function
+        self.root.add(function, slot=slot, name=name)
+        return function
+
+    def _place_assigned_bars(self, bdf: str, sizes: list[int]) -> dict[int, int]:
+        """Addresses in the layout's window for assigned BARs, largest first, naturally aligned."""
+        placed = {}
+        for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+            size = sizes[index]
+            if not size:
+                continue
+            alignment = max(size, PAGE)
+            address = (self._assigned_next + alignment - 1) & ~(alignment - 1)
+            if address + size > layout.PCI_ASSIGNED_BARS_END:
+                window = (layout.PCI_ASSIGNED_BARS_END - layout.PCI_ASSIGNED_BARS_START) >> 20
+                raise ConfigError(
+                    f"vfio={bdf}: BAR{index} ({size >> 10} KiB) does not fit in kvmpy's {window} MiB"
+                    " window for assigned devices' BARs"
+                )
+            placed[index] = address
+            self._assigned_next = address + max(size, PAGE)
+        return placed
+
+    def _sender(self, vectors: int) -> IrqfdMsiSender:
+        sender = IrqfdMsiSender(self._router, vectors)
+        self._senders.append(sender)
+        return sender
+
+    def _map_device_memory(self, gpa: int, size: int, host_address: int) -> object:
+        """A KVM memory slot for part of an assigned BAR: the guest's MMIO there does not exit.
+
+        Only inside the PCI window: elsewhere (the guest moved the BAR onto the APIC page or
+        KVM's own pages) or if KVM refuses, no slot, and the accesses exit and are forwarded."""
+        inside = gpa >= layout.PCI_MMIO32_START and gpa + size <= layout.PCI_MMIO32_END
+        if not inside:
+            message = "assigned BAR part at %#x+%#x is outside the PCI window: its accesses will exit"
+            guest_log.warning(log, ("bar-slot-window", gpa), message, gpa, size)
+            return None
+        if self._free_memory_slots:
+            number = self._free_memory_slots.pop()
+        else:
+            number, self._next_memory_slot = self._next_memory_slot, self._next_memory_slot + 1
+        try:
+            self._vm.set_user_memory_region(number, gpa, size, host_address)
+        except KvmError as error:
+            self._free_memory_slots.append(number)
+            message = "no memory slot at %#x: %s; its accesses exit"
+            guest_log.warning(log, ("bar-slot", gpa), message, gpa, error)
+            return None
+        return number
+
+    def _unmap_device_memory(self, handle: object) -> None:
+        if handle is None:
+            return
+        assert isinstance(handle, int)
+        self._vm.set_user_memory_region(handle, 0, 0, 0)
+        self._free_memory_slots.append(handle)
+
+    def _bind_intx(self, gsi: int, trigger: int, resample: int) -> Callable[[], None]:
+        """An irqfd on the function's INTx GSI with a resample fd: the guest's EOI reaches VFIO,
+        which unmasks the device's line, without kvmpy."""
+        self._vm.register_irqfd(trigger, gsi, resample_fd=resample)
+        return functools.partial(self._vm.unregister_irqfd, trigger, gsi)
 
     def slots(self) -> dict[str, int]:
         """Device id -> slot, for the machine description a snapshot carries."""

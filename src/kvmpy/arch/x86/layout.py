@@ -75,6 +75,15 @@ def pci_bar_window(slot: int) -> int:
     return PCI_MMIO32_START + slot * PCI_DEVICE_WINDOW
 
 
+#: BARs of assigned (VFIO) devices: a real device's BARs outgrow a 64 KiB slice, so they
+#: share the upper half of the 32-bit window (above every slot's slice, below the ECAM),
+#: each naturally aligned, 64-bit BARs included (Linux takes them below 4 GiB).
+PCI_ASSIGNED_BARS_START = 0xD000_0000
+PCI_ASSIGNED_BARS_END = PCI_MMIO32_END
+PCI_SLOTS_WITH_SLICES = 32
+assert pci_bar_window(PCI_SLOTS_WITH_SLICES) <= PCI_ASSIGNED_BARS_START
+
+
 #: Legacy PCI interrupts (INTx) use IOAPIC pins 16-23, level-triggered and shared,
 #: spread over slots and pins as the PCI-to-PCI bridge swizzle does; ACPI _PRT says so.
 PCI_SLOTS = 32

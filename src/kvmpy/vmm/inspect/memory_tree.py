@@ -64,13 +64,31 @@ def pci_functions(root: PciRoot) -> list[dict[str, Any]]:
     return functions
 
 
+def iommu_view(machine: Machine) -> list[dict[str, Any]]:
+    """Each assigned device's IOMMU domain: the device addresses (IOVA, which kvmpy makes the
+    GPA) VFIO maps to kvmpy's host memory, i.e. where the device's DMA lands."""
+    return [
+        {
+            "id": name,
+            "bdf": assignment.bdf,
+            "iommu_group": assignment.group.number,
+            "dma": [
+                {"iova_start": m.iova, "iova_end": m.iova + m.size, "size": m.size, "host_address": m.vaddr}
+                for m in sorted(assignment.container.mappings, key=lambda m: m.iova)
+            ],
+        }
+        for name, assignment in machine.assigned.items()
+    ]
+
+
 def memory_tree(machine: Machine) -> dict[str, Any]:
     return {
         "slots": memory_slots(machine),
         "mmio": bus_ranges(machine.mmio_bus),
         "pio": bus_ranges(machine.pio_bus),
         "pci": pci_functions(machine.pci.root),
+        "iommu": iommu_view(machine),
     }
 
 
-__all__ = ["bus_ranges", "memory_slots", "memory_tree", "pci_functions"]
+__all__ = ["bus_ranges", "iommu_view", "memory_slots", "memory_tree", "pci_functions"]
