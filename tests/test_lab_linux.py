@@ -176,8 +176,8 @@ _SINK = f"{sys.executable} -m kvmpy.lab.tcp_sink 10.0.2.1 5000"
 STATE_NET_PREPARE = (
     "dd if=/dev/zero of={tmp}/disk.img bs=1M count=8 2>/dev/null; "
     # the destination waits from the start, so its own start-up is paid before it is needed
-    f"({_KVMPY} run --incoming unix:{{tmp}}/mig.sock --serial file:{{tmp}}/destination.log"
-    " > {tmp}/destination.out 2>&1 & echo $! > {tmp}/destination.pid); "
+    f"({CHECK_MEMORY_ENV}=1 {_KVMPY} run --incoming unix:{{tmp}}/mig.sock"
+    " --serial file:{tmp}/destination.log > {tmp}/destination.out 2>&1 & echo $! > {tmp}/destination.pid); "
     "(for i in $(seq 2400); do [ $(grep -c 'connection from' {tmp}/sink.log) -ge 2 ] && break; "
     f"sleep 0.25; done; {_KVMPY} ctl {{tmp}}/api.sock snapshot {{tmp}}/snap && echo SNAPSHOT-TAKEN; "
     f"{_KVMPY} ctl {{tmp}}/api.sock migrate unix:{{tmp}}/mig.sock --no-progress && echo MIGRATED; "
