@@ -252,3 +252,35 @@ def test_clock_realtime_moves_kvmclock_on_by_the_time_spent_in_the_snapshot(
         vmm.run()
     elapsed_ns = (time.time() - taken) * 1e9
     assert clocks[True] - clocks[False] > 0.5 * elapsed_ns
+
+
+def test_an_armed_tsc_deadline_timer_survives_a_restore(guests: Path) -> None:
+    """KVM ignores IA32_TSC_DEADLINE until the local APIC's timer is in TSC-deadline mode: a
+    restore that loaded it with the other MSRs, before the APIC, lost an armed timer (a
+    restored Linux idled for ever in the lab). Fails before the fix: the deadline reads 0."""
+    import dataclasses
+
+    from kvmpy.state.kvm_state import MSR_IA32_TSC_DEADLINE, restore_vcpu, save_vcpu
+    from kvmpy.vmm.machine import Machine
+
+    config = VmConfig(kernel=guests / "hello.elf", serial=SerialConfig(SerialMode.NONE))
+    source, target = Machine(config), Machine(config)
+    try:
+        indices = source.system.msr_index_list()
+        if MSR_IA32_TSC_DEADLINE not in indices:
+            pytest.skip("this host's KVM does not save the TSC deadline MSR")
+        state = save_vcpu(source.vcpus[0], indices)
+        lapic = bytearray(state.lapic)
+        lvtt = 0x320
+        timer = int.from_bytes(lapic[lvtt : lvtt + 4], "little") & ~(0x3 << 17 | 1 << 16)
+        lapic[lvtt : lvtt + 4] = (timer | 0x2 << 17 | 0xEC).to_bytes(4, "little")  # TSC-deadline mode
+        deadline = source.vcpus[0].get_msrs([0x10])[0x10] + (1 << 40)  # far ahead of the TSC
+        msrs = tuple((i, deadline if i == MSR_IA32_TSC_DEADLINE else v) for i, v in state.msrs)
+        if MSR_IA32_TSC_DEADLINE not in dict(msrs):
+            msrs += ((MSR_IA32_TSC_DEADLINE, deadline),)
+        armed = dataclasses.replace(state, lapic=bytes(lapic), msrs=msrs)
+        restore_vcpu(target.vcpus[0], armed, indices)
+        assert target.vcpus[0].get_msrs([MSR_IA32_TSC_DEADLINE])[MSR_IA32_TSC_DEADLINE] == deadline
+    finally:
+        source.close()
+        target.close()

@@ -27,6 +27,10 @@ from kvmpy.state.errors import StateError
 #: CPUID leaves one vCPU may carry (KVM allows 256 in KVM_SET_CPUID2).
 MAX_CPUID_ENTRIES = 256
 _CPUID_ENTRY_SIZE = ctypes.sizeof(abi.kvm_cpuid_entry2)
+#: IA32_TSC_DEADLINE: KVM ignores a write to it unless the local APIC's timer is already in
+#: TSC-deadline mode, so it is loaded after the local APIC (before, a restored Linux whose
+#: timer was armed never got its next tick: its CPUs idled for ever, RCU stalled).
+MSR_IA32_TSC_DEADLINE = 0x6E0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +91,11 @@ def restore_vcpu(vcpu: Vcpu, state: VcpuState, msr_indices: Sequence[int]) -> No
     _apply(what, "registers", lambda: vcpu.set_regs(_struct(abi.kvm_regs, state.regs)))
     _apply(what, "XSAVE area", lambda: vcpu.set_xsave(_struct(abi.kvm_xsave, state.xsave)))
     _apply(what, "XCRs", lambda: vcpu.set_xcrs(_struct(abi.kvm_xcrs, state.xcrs)))
-    _apply(what, "MSRs", lambda: vcpu.set_msrs(state.msrs))
+    msrs = [(index, value) for index, value in state.msrs if index != MSR_IA32_TSC_DEADLINE]
+    deadline = [(index, value) for index, value in state.msrs if index == MSR_IA32_TSC_DEADLINE]
+    _apply(what, "MSRs", lambda: vcpu.set_msrs(msrs))
     _apply(what, "local APIC", lambda: vcpu.set_lapic(_struct(abi.kvm_lapic_state, state.lapic)))
+    _apply(what, "TSC deadline", lambda: vcpu.set_msrs(deadline) if deadline else None)
     _apply(what, "mp_state", lambda: vcpu.set_mp_state(state.mp_state))
     _apply(what, "pending events", lambda: vcpu.set_vcpu_events(_struct(abi.kvm_vcpu_events, state.events)))
     _apply(what, "debug registers", lambda: vcpu.set_debugregs(_struct(abi.kvm_debugregs, state.debugregs)))
