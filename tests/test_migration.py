@@ -11,6 +11,7 @@ import pytest
 from kvmpy.state.migration_protocol import CHECK_MEMORY_ENV, Channel, Kind, MigrationError, parse_address
 from kvmpy.testing.console import CapturedConsole, ticks, wait_until
 from kvmpy.testing.process import kvmpy, read_until, start_kvmpy
+from kvmpy.testing.vmm_client import run_with_client
 from kvmpy.vmm import actions as a
 from kvmpy.vmm.actions import ActionError, VmState
 from kvmpy.vmm.config import SerialConfig, SerialMode, VmConfig
@@ -98,27 +99,16 @@ def test_guest_ram_that_differs_fails_the_destination_and_the_source_goes_on(
     destination = start_kvmpy("run", "--incoming", f"unix:{address}")
     console = CapturedConsole()
     vmm = _source(guests, console)
-    errors: list[BaseException] = []
 
     def client() -> None:
-        try:
-            wait_until(lambda: len(ticks(console.text)) >= 3)
-            _wait_for_socket(address)
-            with pytest.raises(ActionError, match="guest RAM differs"):
-                vmm.submit(a.Migrate(f"unix:{address}"))
-            count = len(ticks(console.text))
-            wait_until(lambda: len(ticks(console.text)) >= count + 3)  # resumed, console live
-        except BaseException as error:
-            errors.append(error)
-        finally:
-            vmm.submit(a.Stop())
+        wait_until(lambda: len(ticks(console.text)) >= 3)
+        _wait_for_socket(address)
+        with pytest.raises(ActionError, match="guest RAM differs"):
+            vmm.submit(a.Migrate(f"unix:{address}"))
+        count = len(ticks(console.text))
+        wait_until(lambda: len(ticks(console.text)) >= count + 3)  # resumed, console live
 
-    thread = threading.Thread(target=client)
-    thread.start()
-    vmm.run()
-    thread.join(30)
-    if errors:
-        raise errors[0]
+    run_with_client(vmm, client)
     _, stderr = destination.communicate(timeout=30)
     assert destination.returncode != 0
     assert "guest RAM differs" in stderr and "Traceback" not in stderr, stderr
