@@ -27,8 +27,12 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 from kvmpy.state.errors import StateError
+
+if TYPE_CHECKING:
+    from kvmpy.memory.guest_memory import MemoryRegion
 
 VERSION = 1
 #: The largest payload a peer may announce: a state section set or 16 MiB of pages.
@@ -149,11 +153,11 @@ def checking_memory() -> bool:
     return os.environ.get(CHECK_MEMORY_ENV, "") not in ("", "0")
 
 
-def memory_digest(regions: Iterable[memoryview]) -> bytes:
+def memory_digest(regions: Iterable[MemoryRegion]) -> bytes:
     """BLAKE2b of guest RAM, region after region."""
     digest = hashlib.blake2b(digest_size=32)
-    for view in regions:
-        digest.update(view)
+    for region in regions:
+        digest.update(region.view)
     return digest.digest()
 
 

@@ -125,12 +125,12 @@ def _fill_and_run(channel: Channel, machine: Machine) -> None:
 
             sections = decode_section("state", frame.payload, dict[str, Section])
             if checking_memory():
-                digest = memory_digest(region.view for region in regions)
+                digest = memory_digest(regions)
             restore_machine(machine, sections)
             channel.send(Kind.ACK)
         elif frame.kind is Kind.COMPLETE:
             if frame.payload:
-                _check_memory(digest or memory_digest(region.view for region in regions), frame.payload)
+                _check_memory(digest or memory_digest(regions), frame.payload)
             machine.start()
             resumed_at = time.monotonic_ns()
             channel.send(Kind.ACK, resumed_at.to_bytes(8, "little"))

@@ -199,7 +199,7 @@ def _finish(channel: Channel, machine: Machine, report: MigrationReport) -> None
     _send_pages(channel, machine, machine.take_dirty_pages(), report, None)  # written while pausing
     channel.send(Kind.STATE, encode(save_machine(machine)))
     channel.expect(Kind.ACK)
-    check = memory_digest(region.view for region in machine.memory.regions) if checking_memory() else b""
+    check = memory_digest(machine.memory.regions) if checking_memory() else b""
     channel.send(Kind.COMPLETE, check)
     answer = channel.expect(Kind.ACK)
     if len(answer) == 8:
