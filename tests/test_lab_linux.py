@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -545,7 +545,21 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     return _disk_image(tmp_path_factory.mktemp("disk"))
 
 
-def _run_batch(batch: str, scenarios: list[Scenario], deadline_seconds: float) -> dict[str, ScenarioResult]:
+@dataclass
+class BatchResults:
+    """What one batch's lab boots brought back. A scenario that never finished fails its own
+    tests with ``why``, and the batch's other scenarios keep their outcomes."""
+
+    found: dict[str, ScenarioResult] = field(default_factory=dict)
+    why: list[str] = field(default_factory=list)
+
+    def get(self, name: str) -> ScenarioResult:
+        if name not in self.found:
+            pytest.fail(f"scenario {name} never finished\n" + "\n".join(self.why), pytrace=False)
+        return self.found[name]
+
+
+def _run_batch(batch: str, scenarios: list[Scenario], deadline_seconds: float) -> BatchResults:
     """Run ``scenarios`` in one lab boot; after a lab that went down or hung, the ones not done
     run again in a fresh lab boot (at most three boots, all within ``deadline_seconds``)."""
     from kvmpy.lab import LabError
@@ -555,12 +569,16 @@ def _run_batch(batch: str, scenarios: list[Scenario], deadline_seconds: float) -
     only = os.environ.get("KVMPY_LAB_ONLY")  # e.g. "smp4,virtio_net" while working on those
     if only:
         scenarios = [s for s in scenarios if s.name in only.split(",")]
-    results: dict[str, ScenarioResult] = {}
-    failures: list[str] = []
+    batch_results = BatchResults()
+    results, failures = batch_results.found, batch_results.why
     deadline = time.monotonic() + deadline_seconds
     for _attempt in range(3):
         remaining = [s for s in scenarios if s.name not in results]
-        if not remaining or time.monotonic() > deadline - 120:
+        if not remaining:
+            break
+        if time.monotonic() > deadline - 120:
+            minutes = deadline_seconds / 60
+            failures.append(f"the batch's {minutes:.0f}-minute deadline left no time for another lab boot")
             break
         specs = json.dumps([asdict(s) for s in remaining])
         output = io.BytesIO()
@@ -583,20 +601,19 @@ def _run_batch(batch: str, scenarios: list[Scenario], deadline_seconds: float) -
         text = output.getvalue().decode("utf-8", "replace")
         log = cache_dir() / "lab" / f"last-scenarios-{batch}.log"
         log.write_text(text)  # the whole boot's output, for post-mortems
-        assert status == 0, text[-3000:]
-        found = parse_results(text)
-        if not found and not lab_failed:  # the batch itself is broken: another boot would not help
+        results.update(parse_results(text))
+        if status != 0:  # the scenario runner itself broke: another boot would break the same way
+            failures.append(f"the scenario runner exited with status {status}; it ended:\n{text[-3000:]}")
+            break
+        if not parse_results(text) and not lab_failed:
             failures.append("no scenario finished; the lab's output ends with:\n" + text[-2000:])
             break
-        results.update(found)
-    missing = [s.name for s in scenarios if s.name not in results]
-    assert not missing, f"scenarios never finished: {missing}\n" + "\n".join(failures)
     for result in results.values():  # the figures, for the log and the README
         print(
             f"{result.name}: status {result.status}, ready after {result.ready_seconds} s, "
             f"wall {result.wall_seconds:.1f} s"
         )
-    return results
+    return batch_results
 
 
 def _skip_without_qemu() -> None:
@@ -605,14 +622,14 @@ def _skip_without_qemu() -> None:
 
 
 @pytest.fixture(scope="session")
-def lab_results(disk: tuple[Path, str, str]) -> dict[str, ScenarioResult]:
+def lab_results(disk: tuple[Path, str, str]) -> BatchResults:
     """The busybox scenarios, in one lab boot."""
     _skip_without_qemu()
     return _run_batch("linux", _scenarios(disk[0]), LAB_DEADLINE_SECONDS)
 
 
 @pytest.fixture(scope="session")
-def distro_results() -> dict[str, ScenarioResult]:
+def distro_results() -> BatchResults:
     """Debian under kvmpy (plainly and jailed), in a lab boot of their own, with
     KVMPY_LAB_DISTRO=1: under a Debian userspace's load the lab's emulated SVM fails too often
     for the CI's 90 minutes (docs/lab.md: in one day a lab kernel panic, a lab triple fault and
@@ -623,12 +640,13 @@ def distro_results() -> dict[str, ScenarioResult]:
     return _run_batch("distro", _distro_scenarios(), DISTRO_DEADLINE_SECONDS)
 
 
-def _result(results: dict[str, ScenarioResult], name: str) -> ScenarioResult:
-    if name not in results and os.environ.get("KVMPY_LAB_ONLY"):
+def _result(results: BatchResults, name: str) -> ScenarioResult:
+    only = os.environ.get("KVMPY_LAB_ONLY")
+    if only and name not in only.split(","):
         pytest.skip(f"{name} is not in KVMPY_LAB_ONLY")
     if DISTRO_SCENARIOS.get(name) == "qemu" and not QEMU_PEER:
         pytest.skip("the QEMU peer of the Debian scenarios runs with KVMPY_LAB_QEMU_PEER=1")
-    return results[name]
+    return results.get(name)
 
 
 def _check_boot(result: ScenarioResult, cpus: int) -> None:
@@ -642,44 +660,44 @@ def _check_boot(result: ScenarioResult, cpus: int) -> None:
 
 @pytest.mark.parametrize(("name", "cpus"), [("smp1", 1), ("smp2", 2), ("smp4", 4)])
 def test_bzimage_boots_with_n_vcpus_and_powers_off(
-    lab_results: dict[str, ScenarioResult], name: str, cpus: int
+    lab_results: BatchResults, name: str, cpus: int
 ) -> None:
     _check_boot(_result(lab_results, name), cpus)
 
 
-def test_pvh_vmlinux_boots(lab_results: dict[str, ScenarioResult]) -> None:
+def test_pvh_vmlinux_boots(lab_results: BatchResults) -> None:
     if "pvh_smp2" not in lab_results:
         pytest.skip("this kernel's vmlinux could not be extracted")
     _check_boot(_result(lab_results, "pvh_smp2"), 2)
 
 
-def test_kernel_without_mptable_support_sees_all_vcpus(lab_results: dict[str, ScenarioResult]) -> None:
+def test_kernel_without_mptable_support_sees_all_vcpus(lab_results: BatchResults) -> None:
     _check_boot(_result(lab_results, "cloud_no_mpparse"), 2)
 
 
-def test_stats_after_a_linux_boot(lab_results: dict[str, ScenarioResult]) -> None:
+def test_stats_after_a_linux_boot(lab_results: BatchResults) -> None:
     stderr = _result(lab_results, "smp2").stderr
     assert "kvmpy exit statistics" in stderr
     assert "serial (COM1)" in stderr and "acpi-pm" in stderr
 
 
-def test_reboot_with_on_reboot_exit(lab_results: dict[str, ScenarioResult]) -> None:
+def test_reboot_with_on_reboot_exit(lab_results: BatchResults) -> None:
     result = _result(lab_results, "reboot_exit")
     assert result.status == 0 and result.readies == 1, result.output + result.stderr
     assert "guest rebooted" in result.stderr
 
 
-def test_reboot_restarts_the_vm(lab_results: dict[str, ScenarioResult]) -> None:
+def test_reboot_restarts_the_vm(lab_results: BatchResults) -> None:
     result = _result(lab_results, "reboot_restart")
     assert result.readies == 2, result.output + result.stderr
     assert result.status == 130
 
 
-def test_qemu_boots_the_same_image(lab_results: dict[str, ScenarioResult]) -> None:
+def test_qemu_boots_the_same_image(lab_results: BatchResults) -> None:
     _check_boot(_result(lab_results, "qemu_smp2"), 2)
 
 
-def test_guest_panic_is_reported(lab_results: dict[str, ScenarioResult]) -> None:
+def test_guest_panic_is_reported(lab_results: BatchResults) -> None:
     result = _result(lab_results, "panic")
     assert result.status == 1, result.output + result.stderr
     assert "guest kernel panicked (pvpanic)" in result.stderr
@@ -689,7 +707,7 @@ def test_guest_panic_is_reported(lab_results: dict[str, ScenarioResult]) -> None
 
 
 def test_virtio_blk_o_direct_ext4_read_write_and_rng(
-    lab_results: dict[str, ScenarioResult], disk: tuple[Path, str]
+    lab_results: BatchResults, disk: tuple[Path, str]
 ) -> None:
     result = _result(lab_results, "virtio_blk_rng")
     detail = result.output + result.stderr + "\n".join(result.notes)
@@ -706,7 +724,7 @@ def test_virtio_blk_o_direct_ext4_read_write_and_rng(
     assert "virtio-blk0 BAR0" in result.stderr  # configuration accesses counted per device
 
 
-def test_virtio_console_costs_fewer_exits_than_the_uart(lab_results: dict[str, ScenarioResult]) -> None:
+def test_virtio_console_costs_fewer_exits_than_the_uart(lab_results: BatchResults) -> None:
     serial, virtio = _result(lab_results, "console_serial"), _result(lab_results, "console_virtio")
     for result in (serial, virtio):
         assert result.status == 0, result.output + result.stderr
@@ -718,7 +736,7 @@ def test_virtio_console_costs_fewer_exits_than_the_uart(lab_results: dict[str, S
     assert 0 < hvc < CONSOLE_BYTES / 16  # set-up only: the kicks end in an ioeventfd
 
 
-def test_virtio_net_ping_and_tcp(lab_results: dict[str, ScenarioResult]) -> None:
+def test_virtio_net_ping_and_tcp(lab_results: BatchResults) -> None:
     result = _result(lab_results, "virtio_net")
     detail = result.output + result.stderr + "\n".join(result.notes)
     assert result.status == 0, detail
@@ -728,7 +746,7 @@ def test_virtio_net_ping_and_tcp(lab_results: dict[str, ScenarioResult]) -> None
 
 
 def test_vhost_user_blk_qcow2_through_qemu_storage_daemon(
-    lab_results: dict[str, ScenarioResult], disk: tuple[Path, str]
+    lab_results: BatchResults, disk: tuple[Path, str]
 ) -> None:
     result = _result(lab_results, "vhost_user_blk")
     detail = result.output + result.stderr + "\n".join(result.notes)
@@ -741,7 +759,7 @@ def test_vhost_user_blk_qcow2_through_qemu_storage_daemon(
 
 
 def test_a_killed_storage_daemon_fails_the_disk_and_the_guest_powers_off(
-    lab_results: dict[str, ScenarioResult],
+    lab_results: BatchResults,
 ) -> None:
     result = _result(lab_results, "vhost_user_killed")
     detail = result.output + result.stderr + "\n".join(result.notes)
@@ -753,7 +771,7 @@ def test_a_killed_storage_daemon_fails_the_disk_and_the_guest_powers_off(
     assert "Traceback" not in result.stderr
 
 
-def test_vhost_net_ping_and_tcp_in_the_kernel(lab_results: dict[str, ScenarioResult]) -> None:
+def test_vhost_net_ping_and_tcp_in_the_kernel(lab_results: BatchResults) -> None:
     """The lab kernel's vhost-net moves the packets: ping and 1 MB over TCP with its checksum,
     and only the set-up of the device exited to kvmpy."""
     result = _result(lab_results, "vhost_net")
@@ -778,7 +796,7 @@ def _queue_interrupts(output: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("name", ["virtio_net_mq", "vhost_net_mq"])
-def test_two_queue_pairs_carry_a_flow_each(lab_results: dict[str, ScenarioResult], name: str) -> None:
+def test_two_queue_pairs_carry_a_flow_each(lab_results: BatchResults, name: str) -> None:
     """Linux's virtio-net with two queue pairs on a multi-queue tap, through kvmpy's Python
     back end and through vhost-net: both pairs in use, both sends arrive with their checksums."""
     result = _result(lab_results, name)
@@ -798,7 +816,7 @@ def test_two_queue_pairs_carry_a_flow_each(lab_results: dict[str, ScenarioResult
 
 
 def test_vhost_net_survives_a_snapshot_a_migration_and_a_restore(
-    lab_results: dict[str, ScenarioResult],
+    lab_results: BatchResults,
 ) -> None:
     """Two TCP sends through vhost-net and a disk's writes, each held across a snapshot (the
     kernel's rings stopped, read back and handed over again) and a live migration to another
@@ -839,7 +857,7 @@ def test_vhost_net_survives_a_snapshot_a_migration_and_a_restore(
 
 
 def test_a_ballooned_guest_gives_the_host_back_half_its_memory(
-    lab_results: dict[str, ScenarioResult],
+    lab_results: BatchResults,
 ) -> None:
     """Debian's virtio_balloon driven through Firecracker's /balloon API: a target of half the
     guest's RAM takes that much out of its MemTotal, and the VMM's resident memory falls by
@@ -868,7 +886,7 @@ def test_a_ballooned_guest_gives_the_host_back_half_its_memory(
     assert "Traceback" not in result.stderr
 
 
-def test_virtiofs_shares_a_lab_directory_both_ways(lab_results: dict[str, ScenarioResult]) -> None:
+def test_virtiofs_shares_a_lab_directory_both_ways(lab_results: BatchResults) -> None:
     result = _result(lab_results, "virtiofs")
     detail = result.output + result.stderr + "\n".join(result.notes)
     assert result.status == 0, detail
@@ -879,7 +897,7 @@ def test_virtiofs_shares_a_lab_directory_both_ways(lab_results: dict[str, Scenar
     assert "Traceback" not in result.stderr
 
 
-def test_vsock_carries_a_stream_and_round_trips_both_ways(lab_results: dict[str, ScenarioResult]) -> None:
+def test_vsock_carries_a_stream_and_round_trips_both_ways(lab_results: BatchResults) -> None:
     """A host process connects to the guest's AF_VSOCK listener through vhost-vsock: 8 MiB go
     out and come back unchanged, and 200 one-byte round trips complete."""
     result = _result(lab_results, "vsock")
@@ -891,7 +909,7 @@ def test_vsock_carries_a_stream_and_round_trips_both_ways(lab_results: dict[str,
     assert "Traceback" not in result.stderr
 
 
-def test_virtio_with_legacy_intx(lab_results: dict[str, ScenarioResult], disk: tuple[Path, str]) -> None:
+def test_virtio_with_legacy_intx(lab_results: BatchResults, disk: tuple[Path, str]) -> None:
     result = _result(lab_results, "virtio_intx")
     detail = result.output + result.stderr
     assert result.status == 0, detail
@@ -899,14 +917,14 @@ def test_virtio_with_legacy_intx(lab_results: dict[str, ScenarioResult], disk: t
     assert re.search(r"IO-APIC\s+\d+-fasteoi\s+virtio", result.output), detail  # INTx, not PCI-MSI
 
 
-def test_hvc0_carries_an_interactive_shell(lab_results: dict[str, ScenarioResult]) -> None:
+def test_hvc0_carries_an_interactive_shell(lab_results: BatchResults) -> None:
     result = _result(lab_results, "hvc0_shell")
     detail = result.output + result.stderr
     assert result.status == 0, detail
     assert "SHELL-42 on /dev/hvc0" in result.output, detail
 
 
-def _distro(results: dict[str, ScenarioResult], name: str) -> tuple[DistroFacts, str]:
+def _distro(results: BatchResults, name: str) -> tuple[DistroFacts, str]:
     result = _result(results, name)
     for note in result.notes:
         print(f"{name}: {note}")
@@ -915,7 +933,7 @@ def _distro(results: dict[str, ScenarioResult], name: str) -> tuple[DistroFacts,
 
 
 @pytest.mark.parametrize("name", DISTRO_SCENARIOS)
-def test_debian_boots_systemd_from_virtio_blk(distro_results: dict[str, ScenarioResult], name: str) -> None:
+def test_debian_boots_systemd_from_virtio_blk(distro_results: BatchResults, name: str) -> None:
     result = _result(distro_results, name)
     facts, detail = _distro(distro_results, name)
     print(f"{name}: systemd {facts.systemd_state!r}, failed units [{facts.failed_units}], {facts.startup}")
@@ -926,7 +944,7 @@ def test_debian_boots_systemd_from_virtio_blk(distro_results: dict[str, Scenario
 
 
 @pytest.mark.parametrize("name", DISTRO_SCENARIOS)
-def test_debian_tcp_sends_arrive_intact(distro_results: dict[str, ScenarioResult], name: str) -> None:
+def test_debian_tcp_sends_arrive_intact(distro_results: BatchResults, name: str) -> None:
     """Issue 13: a 2 MiB send from this guest under kvmpy stalled ("id 2 is not a head!")."""
     facts, detail = _distro(distro_results, name)
     assert ", 3 received, 0% packet loss" in facts.ping, detail
@@ -938,7 +956,7 @@ def test_debian_tcp_sends_arrive_intact(distro_results: dict[str, ScenarioResult
 
 
 @pytest.mark.parametrize("name", DISTRO_SCENARIOS)
-def test_debian_kernel_reports_no_virtio_errors(distro_results: dict[str, ScenarioResult], name: str) -> None:
+def test_debian_kernel_reports_no_virtio_errors(distro_results: BatchResults, name: str) -> None:
     facts, detail = _distro(distro_results, name)
     # issue 13 on main: "virtio_net virtio1: output.0:id 15 is not a head!", then the streams stalled
     assert _result(distro_results, name).device_errors == [], detail  # from the whole console
@@ -948,7 +966,7 @@ def test_debian_kernel_reports_no_virtio_errors(distro_results: dict[str, Scenar
 
 @pytest.mark.parametrize("name", DISTRO_SCENARIOS)
 def test_debian_root_disk_write_reaches_the_image(
-    distro_results: dict[str, ScenarioResult], name: str
+    distro_results: BatchResults, name: str
 ) -> None:
     facts, detail = _distro(distro_results, name)
     written, read, host = facts.blk
@@ -956,7 +974,7 @@ def test_debian_root_disk_write_reaches_the_image(
     assert facts.fsck_exit == "0", detail  # systemd's shutdown left the file system clean
 
 
-def test_debian_boots_jailed_with_disk_tap_and_api(distro_results: dict[str, ScenarioResult]) -> None:
+def test_debian_boots_jailed_with_disk_tap_and_api(distro_results: BatchResults) -> None:
     """Issue 14: Debian under ``kvmpy run --jail`` (v2 cgroup, seccomp, Landlock, uid 4242) boots
     systemd from its disk, sends over its tap, answers the API from inside the jail, and powers off."""
     result = _result(distro_results, JAILED)
@@ -996,6 +1014,17 @@ def test_a_silent_lab_counts_as_hung() -> None:
     assert time.monotonic() - started < 120
 
 
+def test_an_unfinished_scenario_fails_only_its_own_tests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lab that went down before a scenario finished fails that scenario's tests with the
+    reason; the scenarios that finished keep their own outcomes (no batch-wide error)."""
+    monkeypatch.delenv("KVMPY_LAB_ONLY", raising=False)
+    done = ScenarioResult(name="smp1", status=0, readies=1, ready_seconds=1.0, wall_seconds=1.0, output="")
+    results = BatchResults(found={"smp1": done}, why=["lab went down: QEMU exited with status 0"])
+    assert _result(results, "smp1") is done
+    with pytest.raises(pytest.fail.Exception, match="scenario smp2 never finished\nlab went down"):
+        _result(results, "smp2")
+
+
 def _api_facts(result: ScenarioResult) -> dict[str, object]:
     from kvmpy.lab.scenarios import API_FACTS_PREFIX
 
@@ -1006,7 +1035,7 @@ def _api_facts(result: ScenarioResult) -> dict[str, object]:
     return found
 
 
-def test_linux_through_the_api_pause_monitor_and_ctrl_alt_del(lab_results: dict[str, ScenarioResult]) -> None:
+def test_linux_through_the_api_pause_monitor_and_ctrl_alt_del(lab_results: BatchResults) -> None:
     """Debian's kernel configured and started through the API alone; the monitor finds the
     kernel's version banner through the guest's page tables; a 30 s pause leaves no soft
     lockup or clocksource warning; Ctrl-Alt-Del ends the guest as its init says."""
@@ -1041,7 +1070,7 @@ def test_linux_through_the_api_pause_monitor_and_ctrl_alt_del(lab_results: dict[
 
 @pytest.mark.parametrize("name", ["crash_pagecache", "crash_direct"])
 def test_no_synced_write_is_lost_when_the_vmm_is_killed(
-    lab_results: dict[str, ScenarioResult], name: str
+    lab_results: BatchResults, name: str
 ) -> None:
     """Every record the guest saw made durable (sync returned) before kvmpy was killed with
     SIGKILL is in the image, in order, and ext4 checks clean once its journal is replayed."""
