@@ -244,8 +244,8 @@ class FakeVfioKernel:
     def _device_8(self, fd: int, arg: int | Buffer, name: str) -> int:
         view = _view(arg)
         info = abi.vfio_region_info.from_buffer(view)
-        if info.index >= abi.VFIO_PCI_NUM_REGIONS:
-            raise KvmError(name, errno.EINVAL)
+        if info.index >= abi.VFIO_PCI_NUM_REGIONS or info.index == abi.VFIO_PCI_VGA_REGION_INDEX:
+            raise KvmError(name, errno.EINVAL)  # as vfio-pci answers for a device that is not VGA
         index = info.index
         size = self.function.sizes.get(index, 0)
         info.size, info.offset = size, self.function.region_offset(index)
@@ -273,6 +273,8 @@ class FakeVfioKernel:
 
     def _device_9(self, fd: int, arg: int | Buffer, name: str) -> int:
         info = abi.vfio_irq_info.from_buffer(_view(arg))
+        if info.index == abi.VFIO_PCI_ERR_IRQ_INDEX:
+            raise KvmError(name, errno.EINVAL)  # as vfio-pci answers for a device that is not PCIe
         info.count = {0: 1, 1: 1, abi.VFIO_PCI_MSIX_IRQ_INDEX: MSIX_VECTORS}.get(info.index, 0)
         info.flags = abi.VFIO_IRQ_INFO_EVENTFD | (abi.VFIO_IRQ_INFO_NORESIZE if info.index == 2 else 0)
         if info.index == abi.VFIO_PCI_INTX_IRQ_INDEX:

@@ -9,6 +9,7 @@ kvmpy binds each to a KVM irqfd, so an interrupt never reaches Python.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 from kvmpy.abi import vfio as abi
 from kvmpy.errors import HostError
+from kvmpy.kvm.errors import KvmError
 from kvmpy.ratelimit import guest_log
 from kvmpy.vfio.kernel import VfioKernel
 
@@ -65,7 +67,14 @@ class VfioDevice:
     # --- what the kernel says ---------------------------------------------------------------
     def _region_info(self, index: int) -> RegionInfo:
         info = abi.vfio_region_info(argsz=ctypes.sizeof(abi.vfio_region_info), index=index)
-        self._kernel.ioctl(self.fd, abi.VFIO_DEVICE_GET_REGION_INFO, info, "VFIO_DEVICE_GET_REGION_INFO")
+        try:
+            self._kernel.ioctl(self.fd, abi.VFIO_DEVICE_GET_REGION_INFO, info, "VFIO_DEVICE_GET_REGION_INFO")
+        except KvmError as error:
+            if error.errno != errno.EINVAL or index == abi.VFIO_PCI_CONFIG_REGION_INDEX:
+                raise
+            # vfio-pci answers EINVAL for a region the device lacks (the VGA one, on all but VGA
+            # devices), where it answers size 0 for a missing BAR or ROM: the same thing here.
+            return RegionInfo(index, 0, 0, 0, ())
         areas: tuple[tuple[int, int], ...] = ((0, info.size),)
         if info.flags & abi.VFIO_REGION_INFO_FLAG_CAPS and info.argsz > ctypes.sizeof(info):
             areas = self._sparse_areas(index, info.argsz) or areas
@@ -94,7 +103,12 @@ class VfioDevice:
 
     def _irq_info(self, index: int) -> IrqInfo:
         info = abi.vfio_irq_info(argsz=ctypes.sizeof(abi.vfio_irq_info), index=index)
-        self._kernel.ioctl(self.fd, abi.VFIO_DEVICE_GET_IRQ_INFO, info, "VFIO_DEVICE_GET_IRQ_INFO")
+        try:
+            self._kernel.ioctl(self.fd, abi.VFIO_DEVICE_GET_IRQ_INFO, info, "VFIO_DEVICE_GET_IRQ_INFO")
+        except KvmError as error:
+            if error.errno != errno.EINVAL:
+                raise
+            return IrqInfo(index, 0, 0)  # the error interrupt of a device that is not PCIe: none
         return IrqInfo(index, info.flags, info.count)
 
     @property
