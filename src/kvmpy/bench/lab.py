@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
+from kvmpy.bench.boot_bench import boot_metrics, boot_name, boot_scenarios
 from kvmpy.bench.metric import Better, Metric, Target
 from kvmpy.bench.profile import profile_table
 from kvmpy.errors import HostError
@@ -125,10 +126,7 @@ def io_scenarios(kernel: str, initrd: str, plan: LabPlan) -> list[Scenario]:
     """Boot, block, network and console workloads under both VMMs, alternating."""
     # One more boot after a guest fails in the lab's way (see Scenario.retries), noted in the row.
     base = Scenario("", kernel, initrd, "", cpus=2, memory="512M", timeout=300.0, retries=1)
-    scenarios = []
-    for index in range(plan.boots):
-        for vmm in VMMS:
-            scenarios.append(replace(base, name=f"boot-{vmm}-{index}", vmm=vmm, command="poweroff -f"))
+    scenarios = boot_scenarios(base, plan.boots)
     blk = workload_rounds(
         plan,
         f"{TOOL} blk-write /dev/vda {plan.blk_mib}; {TOOL} blk-read /dev/vda {plan.blk_mib}; "
@@ -332,18 +330,13 @@ WHERE = "lab (SVM, npt=on)"
 
 
 def io_metrics(results: dict[str, ScenarioResult], plan: LabPlan) -> list[Metric]:
-    boot = Metric("boot_to_init", "Linux boot to init (smp2)", "s", WHERE, target=Target(ratio=0.8))
-    off = Metric("boot_to_poweroff", "Linux boot to poweroff, VMM exit (smp2)", "s", WHERE)
-    for name in results:
-        if name.startswith("boot-"):
-            vmm = name.split("-")[1]
-            result = _finished(results, name, boot)
-            if result is None:
-                continue
-            if result.ready_seconds is not None:
-                getattr(boot, vmm).append(result.ready_seconds)
-            getattr(off, vmm).append(result.wall_seconds)
-    metrics = [boot, off]
+    off = Metric("boot_to_poweroff", "Linux boot to poweroff, VMM exit (smp2; peer: QEMU pc)", "s", WHERE)
+    for vmm in VMMS:
+        for index in range(plan.boots):
+            result = results.get(boot_name(vmm, "", index))
+            if result is not None and _clean(result):
+                getattr(off, vmm).append(result.wall_seconds)
+    metrics = [*boot_metrics(results, WHERE, _finished), off]
     net = "net"
     rows = [
         *_blk_rows("blk", "host page cache", ""),

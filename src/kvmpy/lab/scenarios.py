@@ -30,6 +30,7 @@ from pathlib import Path
 
 from kvmpy.errors import HostError
 from kvmpy.lab.direct_scratch import direct_scratch_root
+from kvmpy.lab.exit_trace import ExitCounter, ExitTraceError
 from kvmpy.lab.image import READY_MARKER, encode_command
 from kvmpy.pyspy import leaf_shares, py_spy, record_command
 
@@ -49,7 +50,7 @@ class Scenario:
     kernel: str
     initrd: str | None
     command: str  # shell command the guest's init runs (kvmpy.cmd)
-    vmm: str = "kvmpy"  # or "qemu"
+    vmm: str = "kvmpy"  # or "qemu" (its pc machine) or "microvm" (QEMU's microvm machine)
     cpus: int = 1
     memory: str = "512M"
     args: tuple[str, ...] = ()
@@ -90,6 +91,9 @@ class Scenario:
     #: lines with any of these, from the whole console, land in the result's ``device_errors``,
     #: and such a boot is never retried, even if it then hangs (a lab failure looks the same).
     device_errors: tuple[str, ...] = ()
+    #: Count the VM's returns from KVM_RUN to the VMM, by exit reason, from the lab's kernel
+    #: (kvmpy.lab.exit_trace): the same count for every VMM. They land in ``ScenarioResult.exits``.
+    count_exits: bool = False
 
 
 #: At most this many ``device_errors`` lines per result (a broken queue can log one per packet).
@@ -111,6 +115,8 @@ class ScenarioResult:
     profile: list[tuple[str, float]] = field(default_factory=list)
     #: Console lines that matched ``Scenario.device_errors``.
     device_errors: list[str] = field(default_factory=list)
+    #: With ``Scenario.count_exits``: the last boot's returns to the VMM, by KVM exit reason.
+    exits: dict[str, int] = field(default_factory=dict)
 
 
 def _kvmpy_command(scenario: Scenario) -> list[str]:
@@ -132,8 +138,14 @@ def _kvmpy_command(scenario: Scenario) -> list[str]:
     ]
 
 
+#: The VMMs a scenario can name: kvmpy, or QEMU/KVM on its pc machine or on its microvm machine
+#: (no PCI, no firmware tables but what the kernel needs: the lightest peer QEMU has).
+QEMU_MACHINES = {"qemu": "pc", "microvm": "microvm"}
+
+
 def _qemu_command(scenario: Scenario) -> list[str]:
-    command = ["qemu-system-x86_64", "-enable-kvm", "-M", "pc", "-cpu", "host", "-smp", str(scenario.cpus)]
+    machine = QEMU_MACHINES[scenario.vmm]
+    command = ["qemu-system-x86_64", "-enable-kvm", "-M", machine, "-cpu", "host", "-smp", str(scenario.cpus)]
     command += [
         "-m",
         scenario.memory,
@@ -207,7 +219,7 @@ def run_scenario(scenario: Scenario) -> ScenarioResult:
     if raw_profile is not None and py_spy() is None:
         notes.append("py-spy is not installed: no profile")
         raw_profile = None
-    result = _run_vm(scenario, raw_profile)
+    result = _run_counted(scenario, raw_profile)
     notes += result.notes
     for _ in range(scenario.retries):
         failure = None if result.device_errors else _lab_failure(result)
@@ -216,13 +228,32 @@ def run_scenario(scenario: Scenario) -> ScenarioResult:
         last = result.stderr.strip().splitlines()[-1:] or [""]
         notes.append(f"boot {result.wall_seconds:.0f} s ended in {failure} ({last[0][:300]}); booting again")
         print(f"kvmpy-scenario-retry {scenario.name}: {failure}", flush=True)
-        result = _run_vm(scenario, raw_profile)
+        result = _run_counted(scenario, raw_profile)
         notes += result.notes
     notes.append(_shell(scenario.verify, scratch))
     result.notes = [note for note in notes if note]
     if raw_profile is not None and raw_profile.exists():
         result.profile = leaf_shares(raw_profile.read_text(), limit=15)
     scratch.remove()
+    return result
+
+
+def _run_counted(scenario: Scenario, raw_profile: Path | None) -> ScenarioResult:
+    """One boot, with its exits counted by the lab's kernel if the scenario asks."""
+    if not scenario.count_exits:
+        return _run_vm(scenario, raw_profile)
+    counter = ExitCounter()
+    try:
+        counter.start()
+    except ExitTraceError as error:
+        result = _run_vm(scenario, raw_profile)
+        result.notes.append(f"exits not counted: {error}")
+        return result
+    try:
+        result = _run_vm(scenario, raw_profile)
+    finally:
+        counts = counter.stop()
+    result.exits = counts
     return result
 
 
@@ -240,7 +271,7 @@ def _lab_failure(result: ScenarioResult) -> str | None:
 
 
 def _run_vm(scenario: Scenario, raw_profile: Path | None = None) -> ScenarioResult:
-    command = _qemu_command(scenario) if scenario.vmm == "qemu" else _kvmpy_command(scenario)
+    command = _qemu_command(scenario) if scenario.vmm in QEMU_MACHINES else _kvmpy_command(scenario)
     if scenario.driver:  # a boot before this one (a retry) left its socket: the VMM refuses a used path
         Path(scenario.args[scenario.args.index("--api-sock") + 1]).unlink(missing_ok=True)
     py_spy_path = py_spy() if raw_profile is not None else None
