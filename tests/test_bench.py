@@ -435,3 +435,52 @@ def test_vhost_lab_plan_shares_a_directory_through_virtiofsd_under_both_vmms() -
     metrics = {m.key: m for m in fs_metrics(results)}
     assert metrics["virtiofs_fs_read"].ratio == 1.25 and metrics["virtiofs_fs_read"].met() is True
     assert metrics["virtiofs_fs_meta"].kvmpy == [] and metrics["virtiofs_fs_meta"].qemu == [9.0]
+
+
+def test_the_boot_plan_puts_kvmpy_beside_qemu_pc_and_microvm_with_and_without_quiet() -> None:
+    from kvmpy.bench.boot_bench import BOOT_VMMS, boot_scenarios
+    from kvmpy.lab.scenarios import Scenario, _qemu_command
+
+    base = Scenario("", "/k", "/i", "", cpus=2, kernel_args="console=ttyS0")
+    boots = boot_scenarios(base, 2)
+    assert len(boots) == 2 * 2 * len(BOOT_VMMS) and all(s.count_exits for s in boots)
+    by_name = {s.name: s for s in boots}
+    assert by_name["boot-microvm-quiet-1"].kernel_args == "console=ttyS0 quiet"
+    assert by_name["boot-kvmpy-0"].kernel_args == "console=ttyS0"
+    machine = _qemu_command(by_name["boot-microvm-0"])
+    assert machine[machine.index("-M") + 1] == "microvm"
+    pc = _qemu_command(by_name["boot-qemu-quiet-0"])
+    assert pc[pc.index("-M") + 1] == "pc"
+
+
+def test_boot_rows_compare_kvmpy_with_each_peer_and_count_exits_by_reason() -> None:
+    plan = LabPlan.full()
+    results = {}
+    for scenario in io_scenarios("/k", "/i", plan):
+        result = _result(scenario.name, "")
+        if scenario.name.startswith("boot-"):
+            vmm = scenario.name.split("-")[1]
+            result.ready_seconds = {"kvmpy": 30.0, "qemu": 40.0, "microvm": 25.0}[vmm]
+            io = {"kvmpy": 4000, "qemu": 9000, "microvm": 3000}[vmm]
+            result.exits = {"io": io, "mmio": 10} if "quiet" in scenario.name else {"io": io * 10, "mmio": 10}
+        results[scenario.name] = result
+    metrics = {m.key: m for m in io_metrics(results, plan)}
+    assert metrics["boot_to_init"].ratio == pytest.approx(0.75) and metrics["boot_to_init"].met()
+    microvm = metrics["boot_to_init_microvm"]
+    assert microvm.ratio == pytest.approx(1.2) and not microvm.met()
+    assert metrics["boot_exits_quiet"].kvmpy == [4010.0] * plan.boots
+    assert metrics["boot_exits_microvm"].qemu == [30010.0] * plan.boots
+    assert "kvmpy: io 40,000, mmio 10; QEMU microvm: io 30,000, mmio 10" in metrics["boot_exits_microvm"].note
+
+
+def test_the_kernel_exit_histogram_is_read_by_reason() -> None:
+    from kvmpy.lab.exit_trace import ExitCounter, ExitTraceError, parse_histogram
+
+    text = (
+        "# event histogram\n#\n# trigger info: hist:keys=reason:vals=hitcount:size=256 [active]\n#\n\n"
+        "{ reason:          6 } hitcount:        123\n{ reason:          2 } hitcount:      45678\n"
+        "{ reason:         99 } hitcount:          1\n\nTotals:\n    Hits: 45802\n"
+    )
+    assert parse_histogram(text) == {"mmio": 123, "io": 45678, "reason_99": 1}
+    with pytest.raises(ExitTraceError, match="is the kvm module loaded"):
+        ExitCounter(Path("/nonexistent/kvm_userspace_exit")).start()

@@ -552,6 +552,11 @@ class BatchResults:
 
     found: dict[str, ScenarioResult] = field(default_factory=dict)
     why: list[str] = field(default_factory=list)
+    #: The scenarios the batch ran (some exist only where their kernel or tool does).
+    planned: set[str] = field(default_factory=set)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.planned or name in self.found
 
     def get(self, name: str) -> ScenarioResult:
         if name not in self.found:
@@ -569,7 +574,7 @@ def _run_batch(batch: str, scenarios: list[Scenario], deadline_seconds: float) -
     only = os.environ.get("KVMPY_LAB_ONLY")  # e.g. "smp4,virtio_net" while working on those
     if only:
         scenarios = [s for s in scenarios if s.name in only.split(",")]
-    batch_results = BatchResults()
+    batch_results = BatchResults(planned={s.name for s in scenarios})
     results, failures = batch_results.found, batch_results.why
     deadline = time.monotonic() + deadline_seconds
     for _attempt in range(3):
