@@ -377,3 +377,15 @@ def test_escape_attempts_under_seccomp_end_the_vmm(base: Path, guests: Path, cal
     assert "STILL HERE" not in done.stdout
     assert "disallowed system call" in done.stderr and f"({call})" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_an_assigned_device_under_the_jail_is_a_one_line_error(base: Path, guests: Path) -> None:
+    """The jail binds neither /dev/vfio nor sysfs: --jail with --device vfio= stops before it is
+    built, rather than failing inside it on a path the jail lacks."""
+    done = kvmpy(
+        "run", "--jail", "--chroot-base-dir", str(base), "--id", "vfio",
+        "--kernel", str(guests / "hello.elf"), "--device", "vfio=0000:00:10.0",
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "--device vfio= cannot run under --jail yet" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

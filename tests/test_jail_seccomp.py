@@ -208,3 +208,19 @@ def test_a_reboot_ends_a_vmm_with_seccomp(tmp_path: Path) -> None:
     done = kvmpy(*args, "--seccomp", timeout=30)
     assert done.returncode == 0 and "with seccomp a reboot ends the VMM" in done.stderr, done.stderr
     assert "guest rebooted" in done.stderr
+
+
+def test_vfio_ioctls_belong_to_the_roles_that_issue_them() -> None:
+    """An assigned device is set up before the machine runs and released when it ends; while it
+    runs, only the vCPU thread (the guest's MSI-X or INTx enable) issues a VFIO ioctl."""
+    from kvmpy.abi import vfio
+    from kvmpy.jail.seccomp_lists import VFIO_RELEASE, VFIO_SETUP, allowed, ioctl_number
+
+    every = {ioctl_number(name) for name in (*VFIO_SETUP, *VFIO_RELEASE)}
+    setup, vmm, vcpu = allowed("setup"), allowed("vmm"), allowed("vcpu")
+    assert {vfio.VFIO_IOMMU_MAP_DMA, vfio.VFIO_GROUP_GET_DEVICE_FD, vfio.VFIO_DEVICE_GET_INFO} <= setup.ioctls
+    assert {vfio.VFIO_DEVICE_RESET, vfio.VFIO_IOMMU_UNMAP_DMA, vfio.VFIO_GROUP_UNSET_CONTAINER} <= vmm.ioctls
+    assert vcpu.ioctls & every == {vfio.VFIO_DEVICE_SET_IRQS}
+    assert vfio.VFIO_IOMMU_MAP_DMA not in vmm.ioctls  # no new DMA mapping once the VM runs
+    for role in ("event-loop", "api", "console"):
+        assert not allowed(role).ioctls & every, role

@@ -133,6 +133,11 @@ def jail_run(args: argparse.Namespace) -> None:
     from kvmpy.jail.cell import enter
     from kvmpy.jail.run_binds import bind_run_files
 
+    if getattr(args, "device", None):
+        raise ConfigError(
+            "--device vfio= cannot run under --jail yet: the jail binds neither /dev/vfio nor the"
+            " device's sysfs (it can under --seccomp alone; docs/security.md)"
+        )
     options = options_from(
         args, vm_id=args.id, exec_file=Path(sys.executable), uid=args.jail_uid, gid=args.jail_gid,
         daemonize=False, name="kvmpy",

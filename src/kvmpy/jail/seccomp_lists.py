@@ -26,7 +26,7 @@ import termios
 from dataclasses import dataclass
 
 from kvmpy.abi import kvm as abi
-from kvmpy.abi import tun
+from kvmpy.abi import tun, vfio
 
 # --- measured: written by tools/seccomp_profile.py --write; do not edit by hand ---
 MEASURED: dict[str, dict[str, tuple[str, ...]]] = {
@@ -300,6 +300,18 @@ COMMON: tuple[str, ...] = (
     "set_robust_list",
 )  # fmt: skip
 
+#: Assigning a device (--device vfio=): the container, group and device set-up at start.
+VFIO_SETUP = (
+    "VFIO_GET_API_VERSION", "VFIO_CHECK_EXTENSION", "VFIO_SET_IOMMU", "VFIO_GROUP_GET_STATUS",
+    "VFIO_GROUP_SET_CONTAINER", "VFIO_GROUP_GET_DEVICE_FD", "VFIO_DEVICE_GET_INFO",
+    "VFIO_DEVICE_GET_REGION_INFO", "VFIO_DEVICE_GET_IRQ_INFO", "VFIO_IOMMU_MAP_DMA",
+    "VFIO_DEVICE_SET_IRQS", "VFIO_DEVICE_RESET",
+)  # fmt: skip
+#: ... and its release when the VM ends: interrupts off, reset, DMA unmapped, group let go.
+VFIO_RELEASE = (
+    "VFIO_DEVICE_SET_IRQS", "VFIO_DEVICE_RESET", "VFIO_IOMMU_UNMAP_DMA", "VFIO_GROUP_UNSET_CONTAINER",
+)  # fmt: skip
+
 #: Calls and ioctls the scenarios do not reach on this host, by role, each with its reason.
 EXTRA: dict[str, dict[str, tuple[str, ...]]] = {
     "setup": {
@@ -322,6 +334,8 @@ EXTRA: dict[str, dict[str, tuple[str, ...]]] = {
             "KVM_GET_CLOCK",
             "KVM_GET_IRQCHIP",
             "KVM_GET_PIT2",
+            *VFIO_SETUP,
+            *VFIO_RELEASE,  # a set-up that fails part-way releases what it took
         ),
         "sockets": ("AF_INET", "AF_INET6"),
     },
@@ -348,6 +362,8 @@ EXTRA: dict[str, dict[str, tuple[str, ...]]] = {
             "KVM_GET_FPU",
             "KVM_IRQFD",
             "KVM_IOEVENTFD",
+            *VFIO_RELEASE,  # an assigned device released when the VM ends
+            "KVM_SET_USER_MEMORY_REGION",  # ... its BARs' memory slots removed first
         ),
         "sockets": ("AF_INET", "AF_INET6"),
     },
@@ -358,9 +374,13 @@ EXTRA: dict[str, dict[str, tuple[str, ...]]] = {
         # (seen in the lab: Linux's virtio_net under a jailed kvmpy ended with 148 on it).
         # A queue notified by a write the ioeventfd does not match (1, 4 or 8 bytes) is served
         # on the vCPU thread: the back ends' calls too (disk, tap, rng, rate-limit timers).
+        # An assigned device's configuration space and trapped BAR parts are pread/pwrite on its
+        # fd; the guest's MSI-X or INTx enable is VFIO_DEVICE_SET_IRQS, and a BAR it moves moves
+        # that BAR's memory slot.
         "syscalls": (
             "write", "read", "epoll_ctl", "preadv", "pwritev", "preadv2", "pwritev2", "pwrite64",
             "fdatasync", "fsync", "fallocate", "readv", "writev", "getrandom", "timerfd_settime",
+            "pread64",
         ),  # fmt: skip
         "ioctls": (
             "TUNSETOFFLOAD",
@@ -378,6 +398,8 @@ EXTRA: dict[str, dict[str, tuple[str, ...]]] = {
             "KVM_GET_TSC_KHZ",
             "KVM_TRANSLATE",
             "KVM_KVMCLOCK_CTRL",
+            "KVM_SET_USER_MEMORY_REGION",
+            "VFIO_DEVICE_SET_IRQS",
         ),
     },
     "event-loop": {
@@ -474,7 +496,7 @@ def ioctl_number(name: str) -> int:
     """An ioctl request by the name kvmpy (or the kernel's termios and tun headers) gives it."""
     if name.startswith("0x"):
         return int(name, 16)
-    for module in (abi, tun, termios):
+    for module in (abi, tun, vfio, termios):
         value = getattr(module, name, None)
         if isinstance(value, int):
             return value

@@ -400,7 +400,6 @@ class Machine:
         self.assigned: dict[str, Assignment] = {}
         if not self.config.vfio_devices:
             return
-        _check_no_seccomp("--device vfio= (VFIO's ioctls)")
         from kvmpy.vfio import assign
 
         opener = self._assign_device or assign
