@@ -14,7 +14,7 @@ from kvmpy.api.router import Router
 from kvmpy.errors import ConfigError
 from kvmpy.testing.fake_vmm import FakeVmm
 from kvmpy.vmm import actions as a
-from kvmpy.vmm.config import DiskConfig, MetricsConfig, NetConfig
+from kvmpy.vmm.config import DiskConfig, MetricsConfig, NetConfig, VfioConfig
 
 FIRECRACKER_EXAMPLE = {
     "boot-source": {"kernel_image_path": "/k/vmlinux.bin", "boot_args": "console=ttyS0 reboot=k panic=1"},
@@ -152,3 +152,49 @@ def test_a_balloon_in_the_file_is_configured(tmp_path: Path) -> None:
     config = {"boot-source": {"kernel_image_path": "/k"}, "balloon": balloon}
     expected = a.SetBalloon(BalloonConfig(8, deflate_on_oom=True))
     assert load_config_file(write(tmp_path, config))[-1] == expected
+
+
+def test_vfio_devices_in_the_file_come_after_the_interfaces(tmp_path: Path) -> None:
+    config = {
+        **FIRECRACKER_EXAMPLE,
+        "vfio": [{"vfio_id": "gpu", "host_bdf": "01:00.0"}, {"vfio_id": "nic", "host_bdf": "0000:02:00.1"}],
+    }
+    found = load_config_file(write(tmp_path, config))
+    assert found[-2:] == [
+        a.InsertVfioDevice(VfioConfig("0000:01:00.0", id="gpu")),
+        a.InsertVfioDevice(VfioConfig("0000:02:00.1", id="nic")),
+    ]
+    assert isinstance(found[-3], a.InsertNetworkDevice)
+
+
+@pytest.mark.parametrize(
+    ("device", "words"),
+    [
+        ({"vfio_id": "gpu", "host_bdf": "01:00"}, "vfio[0]: An error occurred when deserializing"),
+        ({"vfio_id": "gpu", "host_bdf": "01:00"}, "host_bdf='01:00': not a PCI address"),
+        ({"vfio_id": "g-1", "host_bdf": "01:00.0"}, "vfio[0]: API Resource IDs can only contain"),
+        ({"vfio_id": "", "host_bdf": "01:00.0"}, "vfio[0]: The ID cannot be empty."),
+        ({"vfio_id": "gpu", "host_bdf": "01:00.0", "rom": True}, "unknown field `rom` - at `$.vfio[0]`"),
+        ({"host_bdf": "01:00.0"}, "missing required field `vfio_id` - at `$.vfio[0]`"),
+    ],
+)
+def test_a_bad_vfio_device_in_the_file_is_one_line(tmp_path: Path, device: dict, words: str) -> None:
+    path = write(tmp_path, {"vfio": [device]})
+    with pytest.raises(ConfigError) as caught:
+        load_config_file(path)
+    message = str(caught.value)
+    assert message.startswith(f"config file {path}: ") and words in message, message
+    assert "\n" not in message
+
+
+def test_get_vm_config_with_vfio_devices_loads_back(tmp_path: Path) -> None:
+    first = FakeVmm()
+    config = {**FIRECRACKER_EXAMPLE, "vfio": [{"vfio_id": "gpu", "host_bdf": "01:00.0"}]}
+    for action in load_config_file(write(tmp_path, config)):
+        first.submit(action)
+    rendered = Router(first.submit).handle(Request("GET", "/vm/config")).body
+    assert json.loads(rendered)["vfio"] == [{"vfio_id": "gpu", "host_bdf": "0000:01:00.0"}]
+    second = FakeVmm()
+    for action in load_config_file(write(tmp_path, rendered.decode())):
+        second.submit(action)
+    assert second.config == first.config

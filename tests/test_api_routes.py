@@ -4,6 +4,8 @@ error as Firecracker answers it. No sockets here (tests/test_api_server.py has t
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,8 +14,9 @@ from kvmpy.api.messages import Request, Response
 from kvmpy.api.router import Router
 from kvmpy.testing.fake_vmm import FakeVmm
 from kvmpy.vmm import actions as a
-from kvmpy.vmm.config import DiskConfig, LoggerConfig, MetricsConfig, NetConfig, RateLimiterConfig
+from kvmpy.vmm.config import DiskConfig, LoggerConfig, MetricsConfig, NetConfig, RateLimiterConfig, VfioConfig
 from kvmpy.vmm.config import TokenBucketConfig as Bucket
+from kvmpy.vmm.vmm import Vmm
 
 
 @pytest.fixture
@@ -651,3 +654,150 @@ def test_bad_balloon_requests_are_400s(
     vmm: FakeVmm, method: str, path: str, body: object, words: str
 ) -> None:
     assert words in fault(call(vmm, method, path, body))
+
+
+# --- VFIO (kvmpy's PUT /vfio/{id}) ---------------------------------------------------------------
+def vfio(device_id: str, bdf: str) -> dict[str, str]:
+    return {"vfio_id": device_id, "host_bdf": bdf}
+
+
+@pytest.mark.parametrize(
+    ("body", "bdf"),
+    [(vfio("gpu", "0000:00:04.0"), "0000:00:04.0"), (vfio("gpu", "3A:1f.7"), "0000:3a:1f.7")],
+)
+def test_put_vfio_makes_the_action_with_the_canonical_address(vmm: FakeVmm, body: dict, bdf: str) -> None:
+    assert call(vmm, "PUT", "/vfio/gpu", body) == Response(204)
+    assert vmm.actions == [a.InsertVfioDevice(VfioConfig(bdf, id="gpu"))]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/vfio/a", vfio("b", "00:04.0"), "The id from the path does not match the id from the body!"),
+        ("/vfio", vfio("a", "00:04.0"), "The ID cannot be empty."),
+        (
+            "/vfio/a-b",
+            vfio("a-b", "00:04.0"),
+            "API Resource IDs can only contain alphanumeric characters and underscores.",
+        ),
+        ("/vfio/a/b", vfio("a", "00:04.0"), "Invalid request method and/or path: PUT vfio."),
+        (
+            "/vfio/a",
+            vfio("a", "04.0"),
+            f"{DESERIALIZE}host_bdf='04.0': not a PCI address; give it as DDDD:BB:DD.F, e.g. 0000:00:04.0.",
+        ),
+        (
+            "/vfio/a",
+            vfio("a", "0000:00:04.8"),
+            f"{DESERIALIZE}host_bdf='0000:00:04.8': not a PCI address; give it as DDDD:BB:DD.F,"
+            " e.g. 0000:00:04.0.",
+        ),
+        (
+            "/vfio/a",
+            {**vfio("a", "00:04.0"), "iommu": 1},
+            f"{DESERIALIZE}Object contains unknown field `iommu`.",
+        ),
+        ("/vfio/a", {"vfio_id": "a"}, f"{DESERIALIZE}Object missing required field `host_bdf`."),
+        (
+            "/vfio/a",
+            {"vfio_id": "a", "host_bdf": 4},
+            f"{DESERIALIZE}Expected `str`, got `int` - at `$.host_bdf`.",
+        ),
+    ],
+)
+def test_bad_vfio_requests_are_400s_that_reach_no_vmm(
+    vmm: FakeVmm, path: str, body: dict, message: str
+) -> None:
+    assert fault(call(vmm, "PUT", path, body)) == message
+    assert vmm.actions == []
+
+
+def test_vfio_after_start_is_refused_as_drives_are(vmm: FakeVmm) -> None:
+    boot(vmm)
+    assert fault(call(vmm, "PUT", "/vfio/gpu", vfio("gpu", "00:04.0"))) == a.NOT_ALLOWED_AFTER_START
+    drive = {"drive_id": "x", "path_on_host": "/p", "is_root_device": False}
+    assert fault(call(vmm, "PUT", "/drives/x", drive)) == a.NOT_ALLOWED_AFTER_START
+    assert "hot-unplugging" in fault(call(vmm, "DELETE", "/vfio/gpu"))
+
+
+def test_get_vm_config_lists_the_vfio_devices(vmm: FakeVmm) -> None:
+    assert json.loads(call(vmm, "GET", "/vm/config").body)["vfio"] == []
+    call(vmm, "PUT", "/vfio/gpu", vfio("gpu", "01:00.0"))
+    call(vmm, "PUT", "/vfio/nic", vfio("nic", "0000:02:00.1"))
+    got = json.loads(call(vmm, "GET", "/vm/config").body)
+    assert got["vfio"] == [vfio("gpu", "0000:01:00.0"), vfio("nic", "0000:02:00.1")]
+
+
+@pytest.fixture
+def real_vmm(tmp_path: Path) -> Iterator[tuple[Vmm, Path]]:
+    """The real Vmm serving on a thread of its own, as behind the API socket; nothing boots here
+    (every start in these tests is refused before a machine is built), so no /dev/kvm is needed."""
+    kernel = tmp_path / "kernel"
+    kernel.write_bytes(b"\0" * 16)
+    built: list[Vmm] = []
+    ready = threading.Event()
+
+    def serve() -> None:
+        built.append(Vmm())  # built on this thread, so it is the VMM thread from the start
+        ready.set()
+        built[0].run()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield built[0], kernel
+    finally:
+        built[0].submit(a.Stop("test over"))
+        thread.join(10)
+
+
+def test_put_vfio_again_replaces_it_and_one_address_takes_one_id(real_vmm: tuple[Vmm, Path]) -> None:
+    vmm, _ = real_vmm
+    router = Router(vmm.submit)
+    put = router.handle
+    assert put(Request("PUT", "/vfio/gpu", {}, json.dumps(vfio("gpu", "00:04.0")).encode())).status == 204
+    assert put(Request("PUT", "/vfio/gpu", {}, json.dumps(vfio("gpu", "00:05.0")).encode())).status == 204
+    assert put(Request("PUT", "/vfio/nic", {}, json.dumps(vfio("nic", "00:04.0")).encode())).status == 204
+    same = put(Request("PUT", "/vfio/disk", {}, json.dumps(vfio("disk", "0000:00:05.0")).encode()))
+    assert fault(same) == "The host PCI device 0000:00:05.0 is already assigned as gpu."
+    assert vmm.config.vfio_devices == (VfioConfig("0000:00:05.0", "gpu"), VfioConfig("0000:00:04.0", "nic"))
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        (
+            "/balloon",
+            {"amount_mib": 4, "deflate_on_oom": False},
+            "--balloon and --device vfio= do not go together",
+        ),
+        (
+            "/machine-config",
+            {"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": True},
+            "track_dirty_pages",
+        ),
+    ],
+)
+def test_vmconfig_checks_on_vfio_answer_400_at_instance_start(
+    real_vmm: tuple[Vmm, Path], path: str, body: dict, words: str
+) -> None:
+    vmm, kernel = real_vmm
+    router = Router(vmm.submit)
+    for method_path, sent in (
+        ("/boot-source", {"kernel_image_path": str(kernel)}),
+        ("/vfio/gpu", vfio("gpu", "00:04.0")),
+        (path, body),
+    ):
+        assert router.handle(Request("PUT", method_path, {}, json.dumps(sent).encode())).status == 204
+    start = router.handle(Request("PUT", "/actions", {}, b'{"action_type": "InstanceStart"}'))
+    assert start.status == 400 and words in fault(start)
+    assert vmm.state is a.VmState.NOT_STARTED and vmm.machine is None
+
+
+def test_a_snapshot_cannot_load_over_a_configured_vfio_device(vmm: FakeVmm) -> None:
+    call(vmm, "PUT", "/vfio/gpu", vfio("gpu", "00:04.0"))
+    body = {"snapshot_path": "/s", "mem_file_path": "/m"}
+    assert "not allowed after configuring boot-specific resources" in fault(
+        call(vmm, "PUT", "/snapshot/load", body)
+    )

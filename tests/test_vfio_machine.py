@@ -27,12 +27,13 @@ from kvmpy.testing.console import CapturedConsole
 from kvmpy.testing.fake_vfio import FakeVfioKernel, build_host_tree
 from kvmpy.vfio import assign
 from kvmpy.vmm import actions
-from kvmpy.vmm.config import BalloonConfig, SerialConfig, SerialMode, VmConfig
+from kvmpy.vmm.config import BalloonConfig, SerialConfig, SerialMode, VfioConfig, VmConfig
 from kvmpy.vmm.inspect import answer
 from kvmpy.vmm.machine import Machine
 from kvmpy.vmm.stop import StopKind
 
 BDF = "0000:00:04.0"
+DEVICE = VfioConfig(BDF)
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def _machine(guests: Path, fake: FakeVfioKernel, console: CapturedConsole, cmdli
         kernel=guests / "vfio_probe.elf",
         cmdline=cmdline,
         serial=SerialConfig(SerialMode.NONE),
-        vfio_devices=(BDF,),
+        vfio_devices=(DEVICE,),
     )
     config.validate()
     opener = functools.partial(assign, kernel=fake, paths=fake.paths)
@@ -101,13 +102,13 @@ def test_guest_drives_the_assigned_function_and_bar_writes_do_not_exit(
 
 
 def test_vfio_config_checks() -> None:
-    base = VmConfig(kernel=Path("/dev/null"), vfio_devices=(BDF, BDF))
+    base = VmConfig(kernel=Path("/dev/null"), vfio_devices=(DEVICE, VfioConfig(BDF, id="again")))
     with pytest.raises(ConfigError, match="names a device twice"):
         base._check_vfio()
     with pytest.raises(ConfigError, match="--balloon and --device vfio= do not go together"):
-        VmConfig(vfio_devices=(BDF,), balloon=BalloonConfig(amount_mib=4))._check_vfio()
+        VmConfig(vfio_devices=(DEVICE,), balloon=BalloonConfig(amount_mib=4))._check_vfio()
     with pytest.raises(ConfigError, match="track_dirty_pages and --device vfio="):
-        VmConfig(vfio_devices=(BDF,), track_dirty_pages=True)._check_vfio()
+        VmConfig(vfio_devices=(DEVICE,), track_dirty_pages=True)._check_vfio()
 
 
 def test_a_bar_moved_out_of_the_pci_window_gets_no_slot_and_its_accesses_exit(

@@ -25,6 +25,7 @@ from kvmpy.vmm.config import (
     OnReboot,
     SerialConfig,
     SerialMode,
+    VfioConfig,
     VmConfig,
     parse_size,
 )
@@ -191,7 +192,9 @@ def _config_from_args(args: argparse.Namespace) -> VmConfig:
         disks=tuple(DiskConfig.parse(text) for text in args.disk),
         rng=args.rng,
         vsock_cid=_vsock_option(args.vsock),
-        vfio_devices=tuple(_device_option(text) for text in args.device),
+        vfio_devices=tuple(
+            VfioConfig(_device_option(text), id=f"vfio{number}") for number, text in enumerate(args.device)
+        ),
         balloon=None if args.balloon is None else BalloonConfig.parse(args.balloon),
         nets=tuple(NetConfig.parse(text) for text in args.net),
         filesystems=tuple(FsConfig.parse(text) for text in args.fs),

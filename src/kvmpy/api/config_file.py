@@ -5,7 +5,8 @@ for exactly what a request would be refused for; the error is one line naming
 the file, where in it, and what is wrong (a :class:`~kvmpy.errors.ConfigError`).
 
 The actions come in Firecracker's order (logger, metrics, machine-config,
-boot-source, drives, network-interfaces, entropy) and then kvmpy's serial.
+boot-source, drives, network-interfaces, entropy, balloon), with kvmpy's vfio
+devices after the interfaces, and then kvmpy's serial.
 StartInstance is not among them: the caller submits it after these, as
 Firecracker boots a VM configured from a file.
 """
@@ -59,6 +60,8 @@ def config_actions(data: bytes, name: str = "<config>") -> list[Action]:
         _add(found, name, f"drives[{index}]", drive, parse.drive)
     for index, net in enumerate(config.network_interfaces):
         _add(found, name, f"network-interfaces[{index}]", net, parse.network_interface)
+    for index, device in enumerate(config.vfio):
+        _add(found, name, f"vfio[{index}]", device, parse.vfio_device)
     _add(found, name, "entropy", config.entropy, parse.entropy)
     _add(found, name, "balloon", config.balloon, parse.balloon)
     _add(found, name, "serial", config.serial, parse.serial)

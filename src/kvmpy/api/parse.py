@@ -17,6 +17,7 @@ import msgspec
 
 from kvmpy.api import schemas
 from kvmpy.api.errors import DESERIALIZE_PREFIX, RequestError, not_supported
+from kvmpy.errors import ConfigError
 from kvmpy.vmm.actions import (
     ConfigureBootSource,
     ConfigureLogger,
@@ -27,6 +28,7 @@ from kvmpy.vmm.actions import (
     FlushMetrics,
     InsertBlockDevice,
     InsertNetworkDevice,
+    InsertVfioDevice,
     LoadSnapshot,
     Migrate,
     Pause,
@@ -47,6 +49,7 @@ from kvmpy.vmm.config import (
     NetConfig,
     RateLimiterConfig,
     TokenBucketConfig,
+    VfioConfig,
 )
 
 Body = TypeVar("Body", bound=msgspec.Struct)
@@ -157,14 +160,15 @@ def machine_update(body: schemas.MachineConfigurationUpdate) -> ConfigureMachine
     )
 
 
-def _same_drive_id(path_id: str | None, body_id: str) -> None:
+def _same_id(path_id: str | None, body_id: str) -> None:
+    """Firecracker's words for a drive (and kvmpy's for a VFIO device) whose ids differ."""
     if path_id is not None and path_id != body_id:
         raise RequestError("The id from the path does not match the id from the body!")
 
 
 def drive(body: schemas.Drive, path_id: str | None = None) -> InsertBlockDevice:
     """PUT /drives/{id}; ``path_id`` is None for a drive from a config file."""
-    _same_drive_id(path_id, body.drive_id)
+    _same_id(path_id, body.drive_id)
     if body.socket is not None:
         return _vhost_user_drive(body, body.socket)
     if body.io_engine == "Async":
@@ -207,7 +211,7 @@ def _vhost_user_drive(body: schemas.Drive, socket: str) -> InsertBlockDevice:
 
 
 def drive_update(body: schemas.PartialDrive, path_id: str) -> UpdateBlockDevice:
-    _same_drive_id(path_id, body.drive_id)
+    _same_id(path_id, body.drive_id)
     path = _path(body.path_on_host, "path_on_host") if body.path_on_host is not None else None
     return UpdateBlockDevice(body.drive_id, path, rate_limiter(body.rate_limiter), reconnect=body.reconnect)
 
@@ -244,6 +248,20 @@ def network_interface_update(body: schemas.PartialNetworkInterface, path_id: str
     return UpdateNetworkDevice(
         body.iface_id, rate_limiter(body.rx_rate_limiter), rate_limiter(body.tx_rate_limiter)
     )
+
+
+def vfio_device(body: schemas.VfioDevice, path_id: str | None = None) -> InsertVfioDevice:
+    """PUT /vfio/{id}; ``path_id`` is None for a device from a config file, whose id is checked
+    by the path's rules, since it becomes the device's name on kvmpy's PCI bus."""
+    _same_id(path_id, body.vfio_id)
+    device_id = checked_id(body.vfio_id)
+    from kvmpy.vfio.sysfs import parse_bdf  # kvmpy.vfio loads with the first VFIO body only
+
+    try:
+        bdf = parse_bdf(body.host_bdf, field="host_bdf")
+    except ConfigError as error:
+        raise RequestError(f"{DESERIALIZE_PREFIX}{error}.") from None
+    return InsertVfioDevice(VfioConfig(bdf, id=device_id))
 
 
 def entropy(body: schemas.EntropyDevice) -> SetEntropyDevice:
@@ -381,5 +399,6 @@ __all__ = [
     "snapshot_create",
     "snapshot_load",
     "stop",
+    "vfio_device",
     "vm_state",
 ]

@@ -4,7 +4,7 @@ The full config has the layout ``--config-file`` takes (Firecracker's ``VmmConfi
 every key Firecracker writes is present, null or empty for what kvmpy does not
 have, so Firecracker's clients find what they expect and the output loads back
 through :func:`kvmpy.api.config_file.load_config_file`. kvmpy's extras are
-``drives[].direct`` and a ``serial`` object (docs/api.md).
+``drives[].direct``, a ``serial`` object and the ``vfio`` list (docs/api.md).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from kvmpy.vmm.config import (
     RateLimiterConfig,
     SerialMode,
     TokenBucketConfig,
+    VfioConfig,
     VmConfig,
 )
 
@@ -102,6 +103,11 @@ def network_interface(net: NetConfig) -> Json:
     }
 
 
+def vfio_device(device: VfioConfig) -> Json:
+    """A PUT /vfio/{id} body: the address is the canonical one, whatever form was given."""
+    return {"vfio_id": device.id, "host_bdf": device.bdf}
+
+
 def _logger(logger: LoggerConfig | None) -> Json | None:
     if logger is None:
         return None
@@ -148,6 +154,7 @@ def full_config(config: VmConfig) -> Json:
         "metrics": _metrics(config.metrics),
         "mmds-config": None,
         "network-interfaces": [network_interface(net) for net in config.nets],
+        "vfio": [vfio_device(device) for device in config.vfio_devices],
         "vsock": None,
         "entropy": {"rate_limiter": rate_limiter(config.rng_rate_limiter)} if config.rng else None,
         "pmem": [],
@@ -156,4 +163,12 @@ def full_config(config: VmConfig) -> Json:
     }
 
 
-__all__ = ["balloon", "full_config", "instance_info", "machine_config", "rate_limiter", "version"]
+__all__ = [
+    "balloon",
+    "full_config",
+    "instance_info",
+    "machine_config",
+    "rate_limiter",
+    "version",
+    "vfio_device",
+]

@@ -41,7 +41,7 @@ _UNSUPPORTED_METHODS = {
     "GET": {"mmds", "hotplug"},
     "PUT": {"cpu-config", "pmem", "mmds", "vsock", "hotplug"},
     "PATCH": {"mmds", "pmem", "hotplug"},
-    "DELETE": {"drives", "network-interfaces", "pmem"},
+    "DELETE": {"drives", "network-interfaces", "pmem", "vfio"},
 }
 _HOT_UNPLUG = "hot-unplugging devices: kvmpy's PCI bus has no hotplug."
 
@@ -159,7 +159,7 @@ class Router:
         from kvmpy.api import parse, schemas  # msgspec loads with the first body, not before GET /
 
         self._unsupported("PUT", resource)
-        if resource in ("drives", "network-interfaces"):
+        if resource in ("drives", "network-interfaces", "vfio"):
             return self._put_device(resource, rest, body), _no_content
         if resource == "snapshot":
             return self._put_snapshot(rest, body), _no_content
@@ -200,6 +200,8 @@ class Router:
         path_id = self._device_id("PUT", resource, rest)
         if resource == "drives":
             return parse.drive(parse.decode(body, schemas.Drive), path_id)
+        if resource == "vfio":
+            return parse.vfio_device(parse.decode(body, schemas.VfioDevice), path_id)
         return parse.network_interface(parse.decode(body, schemas.NetworkInterface), path_id)
 
     def _put_snapshot(self, rest: list[str], body: bytes) -> Action:

@@ -7,7 +7,8 @@ support) is checked in :mod:`kvmpy.api.parse`.
 
 Field names are Firecracker's. kvmpy's extensions are optional fields whose
 absence gives Firecracker's behaviour (docs/api.md lists them):
-``Drive.direct`` (O_DIRECT) and ``SerialDevice.console`` (serial or virtio).
+``Drive.direct`` (O_DIRECT) and ``SerialDevice.console`` (serial or virtio). One resource
+is kvmpy's alone, since Firecracker has no device assignment: :class:`VfioDevice`.
 """
 
 from __future__ import annotations
@@ -100,6 +101,14 @@ class PartialNetworkInterface(_Body):
     iface_id: str
     rx_rate_limiter: RateLimiter | None = None
     tx_rate_limiter: RateLimiter | None = None
+
+
+class VfioDevice(_Body):
+    """PUT /vfio/{id} (kvmpy's): a host PCI device, bound to vfio-pci, for the guest."""
+
+    vfio_id: str
+    #: DDDD:BB:DD.F, or BB:DD.F in domain 0000.
+    host_bdf: str
 
 
 class EntropyDevice(_Body):
@@ -212,6 +221,8 @@ class FullVmConfiguration(_Body):
     drives: list[Drive] = []
     machine_config: MachineConfiguration | None = msgspec.field(name="machine-config", default=None)
     network_interfaces: list[NetworkInterface] = msgspec.field(name="network-interfaces", default=[])
+    #: kvmpy: host PCI devices assigned through VFIO (PUT /vfio/{id} bodies).
+    vfio: list[VfioDevice] = []
     entropy: EntropyDevice | None = None
     logger: Logger | None = None
     metrics: Metrics | None = None
@@ -247,5 +258,6 @@ __all__ = [
     "SnapshotCreateParams",
     "SnapshotLoadParams",
     "TokenBucket",
+    "VfioDevice",
     "Vm",
 ]

@@ -34,6 +34,7 @@ from kvmpy.vmm.actions import (
     GetVmConfig,
     InsertBlockDevice,
     InsertNetworkDevice,
+    InsertVfioDevice,
     InstanceInfo,
     LoadSnapshot,
     Pause,
@@ -121,7 +122,8 @@ class FakeVmm:
             if self.state is not VmState.PAUSED:
                 raise ActionError("the VM must be paused to take a snapshot (PATCH /vm with Paused)")
             return
-        if self.config.kernel is not None or self.config.disks or self.config.nets:
+        config = self.config
+        if config.kernel is not None or config.disks or config.nets or config.vfio_devices:
             raise ActionError(SNAPSHOT_AFTER_CONFIG)
         self.state = VmState.RUNNING if action.resume_vm else VmState.PAUSED
 
@@ -139,6 +141,9 @@ def _configured(config: VmConfig, action: object) -> VmConfig:
     if isinstance(action, InsertNetworkDevice):
         nets = [n for n in config.nets if n.id != action.net.id] + [action.net]
         return replace(config, nets=tuple(nets))
+    if isinstance(action, InsertVfioDevice):
+        devices = [d for d in config.vfio_devices if d.id != action.device.id] + [action.device]
+        return replace(config, vfio_devices=tuple(devices))
     if isinstance(action, UpdateBlockDevice):
         return replace(config, disks=_update_disk(config, action))
     if isinstance(action, UpdateNetworkDevice):

@@ -16,14 +16,16 @@ _BDF = re.compile(r"^(?:([0-9a-fA-F]{4}):)?([0-9a-fA-F]{2}):([0-1][0-9a-fA-F])\.
 VFIO_DRIVER = "vfio-pci"
 
 
-def parse_bdf(text: str) -> str:
-    """``[DDDD:]BB:DD.F`` -> the canonical ``DDDD:BB:DD.F`` sysfs uses; ConfigError otherwise."""
+def parse_bdf(text: str, field: str = "vfio") -> str:
+    """``[DDDD:]BB:DD.F`` -> the canonical ``DDDD:BB:DD.F`` sysfs uses; ConfigError otherwise.
+
+    ``field`` names the value in the error: ``vfio`` for --device, ``host_bdf`` for the API."""
     match = _BDF.match(text.strip())
     if match is None:
-        raise ConfigError(f"vfio={text!r}: not a PCI address; give it as DDDD:BB:DD.F, e.g. 0000:00:04.0")
+        raise ConfigError(f"{field}={text!r}: not a PCI address; give it as DDDD:BB:DD.F, e.g. 0000:00:04.0")
     domain, bus, device, function = match.groups()
     if int(device, 16) > 0x1F:
-        raise ConfigError(f"vfio={text!r}: PCI device number {device} is above 1f")
+        raise ConfigError(f"{field}={text!r}: PCI device number {device} is above 1f")
     return f"{(domain or '0000').lower()}:{bus.lower()}:{device.lower()}.{function}"
 
 

@@ -27,6 +27,7 @@ from kvmpy.vmm.config import (
     MetricsConfig,
     NetConfig,
     RateLimiterConfig,
+    VfioConfig,
 )
 
 
@@ -89,6 +90,14 @@ class UpdateNetworkDevice(msgspec.Struct, frozen=True):
     iface_id: str
     rx_rate_limiter: RateLimiterConfig | None = None
     tx_rate_limiter: RateLimiterConfig | None = None
+
+
+class InsertVfioDevice(msgspec.Struct, frozen=True):
+    """PUT /vfio/{id} (kvmpy's): assign a host PCI device, or replace the entry with the same id.
+
+    Before the start only: kvmpy's PCI bus has no hotplug."""
+
+    device: VfioConfig
 
 
 class SetEntropyDevice(msgspec.Struct, frozen=True):
@@ -272,6 +281,7 @@ Action = (
     | UpdateBlockDevice
     | InsertNetworkDevice
     | UpdateNetworkDevice
+    | InsertVfioDevice
     | SetEntropyDevice
     | SetBalloon
     | UpdateBalloon
@@ -318,6 +328,7 @@ ALLOWED_BEFORE_START: frozenset[type] = frozenset(
         ConfigureMachine,
         InsertBlockDevice,
         InsertNetworkDevice,
+        InsertVfioDevice,
         SetEntropyDevice,
         SetBalloon,
         GetBalloon,
@@ -390,6 +401,7 @@ __all__ = [
     "GetVmConfig",
     "InsertBlockDevice",
     "InsertNetworkDevice",
+    "InsertVfioDevice",
     "IncomingMigration",
     "InstanceInfo",
     "LoadSnapshot",

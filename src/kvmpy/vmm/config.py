@@ -187,6 +187,15 @@ class DiskConfig(msgspec.Struct, frozen=True):
             )
 
 
+class VfioConfig(msgspec.Struct, frozen=True):
+    """A host PCI device assigned to the guest through VFIO (``--device vfio=`` or PUT /vfio/{id})."""
+
+    #: The canonical PCI address, DDDD:BB:DD.F (kvmpy.vfio.sysfs.parse_bdf gives it).
+    bdf: str
+    #: The device id: the API's vfio_id, or vfioN from the command line ("": named by position).
+    id: str = ""
+
+
 class BalloonConfig(msgspec.Struct, frozen=True):
     """A virtio-balloon (Firecracker's PUT /balloon fields, and free page reporting)."""
 
@@ -358,8 +367,8 @@ class VmConfig(msgspec.Struct, frozen=True):
     #: The guest's AF_VSOCK context id (a virtio-vsock device through vhost-vsock), or None.
     vsock_cid: int | None = None
     balloon: BalloonConfig | None = None
-    #: PCI addresses (DDDD:BB:DD.F) of host devices assigned to the guest through VFIO.
-    vfio_devices: tuple[str, ...] = ()
+    #: Host PCI devices assigned to the guest through VFIO.
+    vfio_devices: tuple[VfioConfig, ...] = ()
     logger: LoggerConfig | None = None
     metrics: MetricsConfig | None = None
     #: (device id, PCI slot) of virtio devices that must sit in a given slot: a restored
@@ -370,8 +379,9 @@ class VmConfig(msgspec.Struct, frozen=True):
         """Assigned devices DMA into pinned guest RAM: nothing may take pages away or track them."""
         if not self.vfio_devices:
             return
-        if len(set(self.vfio_devices)) != len(self.vfio_devices):
-            raise ConfigError(f"--device vfio= names a device twice: {', '.join(self.vfio_devices)}")
+        bdfs = [device.bdf for device in self.vfio_devices]
+        if len(set(bdfs)) != len(bdfs):
+            raise ConfigError(f"--device vfio= names a device twice: {', '.join(bdfs)}")
         if self.balloon is not None:
             raise ConfigError(
                 "--balloon and --device vfio= do not go together: the device may DMA into pages the"
@@ -461,6 +471,7 @@ __all__ = [
     "NetConfig",
     "RateLimiterConfig",
     "TokenBucketConfig",
+    "VfioConfig",
     "check_readable",
     "rate_limiter_option",
     "MIN_MEMORY",

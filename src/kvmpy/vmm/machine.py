@@ -404,14 +404,15 @@ class Machine:
 
         opener = self._assign_device or assign
         ram = [(region.gpa, region.size, region.host_address()) for region in self.memory]
-        for number, bdf in enumerate(self.config.vfio_devices):
-            assignment = opener(bdf, ram)
+        for number, configured in enumerate(self.config.vfio_devices):
+            name = configured.id or f"vfio{number}"
+            assignment = opener(configured.bdf, ram)
             self._resources.callback(assignment.close)
-            self.assigned[f"vfio{number}"] = assignment
-            function = self.pci.add_vfio(assignment.device, f"vfio{number}")
+            self.assigned[name] = assignment
+            function = self.pci.add_vfio(assignment.device, name)
             self._resources.callback(function.close)
             group = assignment.group.number
-            log.info("assigned %s as vfio%d (IOMMU group %d)", assignment.bdf, number, group)
+            log.info("assigned %s as %s (IOMMU group %d)", assignment.bdf, name, group)
 
     def _vhost_user_disk(self, disk: DiskConfig, name: str) -> VhostUserBlock:
         """A disk served by qemu-storage-daemon: the one kvmpy starts, or the user's."""

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from kvmpy.virtio.devices.balloon import VirtioBalloon
     from kvmpy.vmm.console import ConsoleSink, InputPump
     from kvmpy.vmm.console_socket import ConsoleSocket
-    from kvmpy.vmm.machine import Machine
+    from kvmpy.vmm.machine import AssignDevice, Machine
     from kvmpy.vmm.stats_report import MachineStats
 
 log = logging.getLogger("kvmpy.vmm")
@@ -104,7 +104,10 @@ class Vmm:
         vm_id: str = DEFAULT_ID,
         serial_sink: ConsoleSink | None = None,
         stdin_fd: int | None = None,
+        assign_device: AssignDevice | None = None,
     ) -> None:
+        """``assign_device`` opens each VFIO device for the machines this VMM builds
+        (None: kvmpy.vfio.assign on the host's kernel; tests give it a fake one)."""
         self.id = vm_id
         self.config = config if config is not None else VmConfig()
         self.lifecycle = Lifecycle()
@@ -112,6 +115,7 @@ class Vmm:
         self.boots = 0
         self._serial_sink = serial_sink
         self._stdin_fd = stdin_fd
+        self._assign_device = assign_device
         self._queue: queue.Queue[_Request | _MachineStopped] = queue.Queue()
         #: The thread that executes actions: the one that built the Vmm and then calls run().
         self._thread_ident = threading.get_ident()
@@ -257,6 +261,7 @@ class Vmm:
             a.UpdateBlockDevice: self._update_block_device,
             a.InsertNetworkDevice: self._insert_network_device,
             a.UpdateNetworkDevice: self._update_network_device,
+            a.InsertVfioDevice: self._insert_vfio_device,
             a.SetEntropyDevice: self._set_entropy_device,
             a.SetBalloon: lambda action: self._update(balloon=action.config),
             a.UpdateBalloon: self._update_balloon,
@@ -374,6 +379,18 @@ class Vmm:
                 changes[f"{side}_rate_limiter"] = limiter
         self._update(nets=_changed(self.config.nets, action.iface_id, **changes))
 
+    def _insert_vfio_device(self, action: a.InsertVfioDevice) -> None:
+        """Add the device, or replace the one with its id; a host device goes to one id only."""
+        device = action.device
+        for other in self.config.vfio_devices:
+            if other.id != device.id and other.bdf == device.bdf:
+                raise ActionError(f"The host PCI device {device.bdf} is already assigned as {other.id}.")
+        if any(d.id == device.id for d in self.config.vfio_devices):
+            devices = tuple(device if d.id == device.id else d for d in self.config.vfio_devices)
+        else:
+            devices = (*self.config.vfio_devices, device)
+        self._update(vfio_devices=devices)
+
     # the balloon
     def _balloon_config(self) -> BalloonConfig:
         if self.config.balloon is None:
@@ -442,7 +459,9 @@ class Vmm:
         """Build, boot and start a machine from the configuration (a failure leaves none)."""
         from kvmpy.vmm.machine import Machine
 
-        machine = Machine(_effective(self.config), serial_sink=self._serial_sink)
+        machine = Machine(
+            _effective(self.config), serial_sink=self._serial_sink, assign_device=self._assign_device
+        )
         try:
             machine.boot_kernel()
             machine.on_stop = lambda reason: self._queue.put(_MachineStopped(reason, machine))
@@ -477,6 +496,11 @@ class Vmm:
         self.lifecycle.state = next_state
 
     # snapshots
+    def _configured_for_boot(self) -> bool:
+        """Boot-specific resources were configured: a snapshot or a migration cannot take their place."""
+        config = self.config
+        return config.kernel is not None or bool(config.disks or config.nets or config.vfio_devices)
+
     def _create_snapshot(self, action: a.CreateSnapshot) -> None:
         from kvmpy.state.machine_state import save_machine, write_memory_file
         from kvmpy.state.snapshot_file import write_state_file
@@ -503,7 +527,7 @@ class Vmm:
 
     def _load_snapshot(self, action: a.LoadSnapshot) -> None:
         """Become the snapshotted VM; a load that fails ends this VMM (as Firecracker's does)."""
-        if self.config.kernel is not None or self.config.disks or self.config.nets:
+        if self._configured_for_boot():
             raise ActionError(SNAPSHOT_AFTER_CONFIG)
         next_state = self.lifecycle.next_state(Event.RESTORE)
         try:
@@ -612,7 +636,7 @@ class Vmm:
         """Become the VM a source sends; a failure ends this VMM (nothing half migrated runs)."""
         from kvmpy.state import migration_receiver
 
-        if self.config.kernel is not None or self.config.disks or self.config.nets:
+        if self._configured_for_boot():
             raise ActionError(SNAPSHOT_AFTER_CONFIG)
         next_state = self.lifecycle.next_state(Event.RESTORE)
         listener, text = migration_receiver.listen(action.address)

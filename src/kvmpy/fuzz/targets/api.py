@@ -31,7 +31,8 @@ METHODS = ("GET", "PUT", "PATCH", "DELETE", "POST")
 PATHS = ("/", "/version", "/machine-config", "/vm/config", "/actions", "/boot-source", "/drives",
          "/network-interfaces", "/entropy", "/serial", "/logger", "/metrics", "/vm", "/kvmpy/stop",
          "/kvmpy/regs", "/kvmpy/translate", "/kvmpy/memory", "/kvmpy/mtree", "/kvmpy/irq",
-         "/kvmpy/vcpus", "/kvmpy/stats", "/balloon", "/snapshot/create", "/mmds", "/cpu-config")  # fmt: skip
+         "/kvmpy/vcpus", "/kvmpy/stats", "/balloon", "/snapshot/create", "/mmds", "/cpu-config",
+         "/vfio")  # fmt: skip
 NO_BODY = 0xFFFF
 MAX_REQUESTS = 8
 
@@ -150,11 +151,13 @@ class ApiTarget:
                               is_read_only=False, rate_limiter=limiter)  # fmt: skip
         net = schemas.NetworkInterface(iface_id="eth0", host_dev_name="tap0", guest_mac="06:00:AC:10:00:02",
                                        rx_rate_limiter=limiter)  # fmt: skip
+        vfio = schemas.VfioDevice(vfio_id="gpu", host_bdf="01:00.0")
         configure = (
             request("PUT", "/boot-source", boot) + request("PUT", "/machine-config", machine)
             + request("PUT", "/drives", drive, "root") + request("PUT", "/network-interfaces", net, "eth0")
             + request("PUT", "/entropy", schemas.EntropyDevice())
             + request("PUT", "/serial", schemas.SerialDevice())
+            + request("PUT", "/vfio", vfio, "gpu")
         )  # fmt: skip
         start = request("PUT", "/actions", schemas.InstanceActionInfo(action_type="InstanceStart"))
         runtime = (
@@ -168,7 +171,7 @@ class ApiTarget:
         logging = request("PUT", "/logger", schemas.Logger(log_path="/tmp/log", level="Info"))
         logging += request("PUT", "/metrics", schemas.Metrics(metrics_path="/tmp/metrics"))
         full = schemas.FullVmConfiguration(boot_source=boot, drives=[drive], machine_config=machine,
-                                           network_interfaces=[net])  # fmt: skip
+                                           network_interfaces=[net], vfio=[vfio])  # fmt: skip
         return [
             b"\0" + request("GET", "/") + request("GET", "/version") + request("GET", "/machine-config"),
             b"\0" + configure + start,
