@@ -770,7 +770,7 @@ def test_put_vfio_again_replaces_it_and_one_address_takes_one_id(real_vmm: tuple
         (
             "/balloon",
             {"amount_mib": 4, "deflate_on_oom": False},
-            "--balloon and --device vfio= do not go together",
+            "a balloon and an assigned device (--device vfio=, PUT /vfio) do not go together",
         ),
         (
             "/machine-config",

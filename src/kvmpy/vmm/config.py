@@ -381,15 +381,17 @@ class VmConfig(msgspec.Struct, frozen=True):
             return
         bdfs = [device.bdf for device in self.vfio_devices]
         if len(set(bdfs)) != len(bdfs):
-            raise ConfigError(f"--device vfio= names a device twice: {', '.join(bdfs)}")
+            named = ", ".join(bdfs)
+            raise ConfigError(f"an assigned device (--device vfio=, PUT /vfio) is named twice: {named}")
         if self.balloon is not None:
             raise ConfigError(
-                "--balloon and --device vfio= do not go together: the device may DMA into pages the"
-                " balloon gives back (VFIO pins all of guest RAM)"
+                "a balloon and an assigned device (--device vfio=, PUT /vfio) do not go together: the"
+                " device may DMA into pages the balloon gives back (VFIO pins all of guest RAM)"
             )
         if self.track_dirty_pages:
             raise ConfigError(
-                "track_dirty_pages and --device vfio= do not go together: device DMA is not logged"
+                "track_dirty_pages and an assigned device (--device vfio=, PUT /vfio) do not go together:"
+                " device DMA is not logged"
             )
 
     @property
