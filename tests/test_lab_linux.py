@@ -354,7 +354,7 @@ def _scenarios(disk: Path) -> list[Scenario]:
     kernel, initrd = str(generic.kernel), str(generic.initrd)
     scenarios = [
         Scenario("smp1", kernel, initrd, PRINT_NPROC, cpus=1),
-        Scenario("smp2", kernel, initrd, PRINT_NPROC, cpus=2, args=("--stats",)),
+        Scenario("smp2", kernel, initrd, PRINT_NPROC, cpus=2, args=("--stats",), count_exits=True),
         Scenario("smp4", kernel, initrd, PRINT_NPROC, cpus=4),
         Scenario("cloud_no_mpparse", str(cloud.kernel), str(cloud.initrd), PRINT_NPROC, cpus=2),
         Scenario("reboot_exit", kernel, initrd, "reboot -f", args=("--on-reboot", "exit")),
@@ -687,6 +687,17 @@ def test_stats_after_a_linux_boot(lab_results: BatchResults) -> None:
     stderr = _result(lab_results, "smp2").stderr
     assert "kvmpy exit statistics" in stderr
     assert "serial (COM1)" in stderr and "acpi-pm" in stderr
+
+
+def test_kvmpy_counts_every_exit_the_lab_kernel_counts(lab_results: BatchResults) -> None:
+    """kvmpy's own count of returns from KVM_RUN equals the kernel's (the kvm_userspace_exit
+    tracepoint, kvmpy.lab.exit_trace), as the boot benchmark's exit rows assume (both 41,268 for
+    a 2-vCPU boot on 2026-12-02)."""
+    result = _result(lab_results, "smp2")
+    counted = re.search(r"exits to userspace: (\d+)", result.stderr)
+    assert counted is not None and result.exits, result.stderr + "\n".join(result.notes)
+    assert int(counted.group(1)) == sum(result.exits.values()), (counted.group(0), result.exits)
+
 
 
 def test_reboot_with_on_reboot_exit(lab_results: BatchResults) -> None:
