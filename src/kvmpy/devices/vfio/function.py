@@ -101,6 +101,9 @@ class AssignedFunction:
                 watch(eventfd.fd, _masked_handler(self, vector, eventfd))
         self._masks_before = self.msix.snapshot_masks() if self.msix else []
         self._maps: dict[int, list[tuple[mmap.mmap, int, int]]] = {}  # BAR -> (mapping, offset, size)
+        for index, bar in enumerate(self.config.bars):
+            if bar is not None:  # mapped now, at set-up: Python's mmap fstats its file, which a
+                self._mappings(index)  # vCPU thread's seccomp filter refuses (seen in the lab)
         self._slots: dict[int, list[object]] = {}
         self._enable_intx()
 
@@ -143,7 +146,7 @@ class AssignedFunction:
         return ranges
 
     def _mappings(self, index: int) -> list[tuple[mmap.mmap, int, int]]:
-        """kvmpy's mmaps of the mappable, untrapped parts of BAR ``index`` (made once)."""
+        """kvmpy's mmaps of the mappable, untrapped parts of BAR ``index`` (made once, at set-up)."""
         if index not in self._maps:
             region = self.device.regions[index]
             pieces = []
