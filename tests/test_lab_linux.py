@@ -1116,9 +1116,8 @@ echo "VFIO_NODES=$(ls /dev/vfio | tr '\n' ' ')"
 echo "GROUP=$(basename "$(readlink /sys/bus/pci/devices/$KVMPY_LAB_NVME/iommu_group)")"
 echo "DRIVER=$(basename "$(readlink /sys/bus/pci/devices/$KVMPY_LAB_NVME/driver)")"
 for run in 1 2; do
-    filters=$([ $run = 2 ] && echo --seccomp)  # the second run under the seccomp filters
     {python} -m kvmpy run --kernel guests/build/nvme_identify.elf --device vfio=$KVMPY_LAB_NVME --stats \
-        $filters > /run/tmp/kvmpy.out 2>&1
+        > /run/tmp/kvmpy.out 2>&1
     echo "KVMPY_STATUS_$run=$?"
     cat /run/tmp/kvmpy.out
 done
@@ -1187,9 +1186,9 @@ def test_an_assigned_nvme_controller_answers_identify_by_dma_under_kvmpy_and_qem
     print(text)
     assert status == 0, text
     assert "DRIVER=vfio-pci" in text
-    for run in (1, 2):  # the second run finds the device released and reset, under seccomp
+    for run in (1, 2):  # the second run finds the device released and reset
         assert f"KVMPY_STATUS_{run}=0" in text, text
-    assert "kvmpy: seccomp" not in text, text  # no call of the identify runs or of Linux's trapped
+    assert "kvmpy: seccomp" not in text, text  # Linux's run is under the filters: nothing trapped
     assert text.count("nvme_identify: serial kvmpy0\n") == 3, text  # kvmpy twice, QEMU once
     assert text.count("nvme_identify: model QEMU NVMe Ctrl\n") == 3, text
     assert "QEMU_STATUS=1" in text, text  # the guest's exit 0, as QEMU reports it
