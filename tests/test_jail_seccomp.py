@@ -224,3 +224,15 @@ def test_vfio_ioctls_belong_to_the_roles_that_issue_them() -> None:
     assert vfio.VFIO_IOMMU_MAP_DMA not in vmm.ioctls  # no new DMA mapping once the VM runs
     for role in ("event-loop", "api", "console"):
         assert not allowed(role).ioctls & every, role
+
+
+@pytest.mark.kvm
+def test_an_assigned_device_under_seccomp_is_a_one_line_error(guests: Path) -> None:
+    """Refused for now: in the passthrough lab a VMM with an assigned device under the filters
+    died of SIGSYS at its exit now and then, with no trap message (docs/security.md)."""
+    from kvmpy.testing.process import kvmpy
+
+    done = kvmpy("run", "--seccomp", "--kernel", str(guests / "hello.elf"), "--device", "vfio=0000:00:10.0")
+    assert done.returncode == 2, done.stderr
+    assert "--device vfio= cannot run under --seccomp or --jail yet" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
