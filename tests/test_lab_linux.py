@@ -574,9 +574,7 @@ def _run_batch(batch: str, scenarios: list[Scenario], deadline_seconds: float) -
     from kvmpy.lab.debian import cache_dir
     from kvmpy.lab.runner import LabEndedError, run_in_lab
 
-    only = os.environ.get("KVMPY_LAB_ONLY")  # e.g. "smp4,virtio_net" while working on those
-    if only:
-        scenarios = [s for s in scenarios if s.name in only.split(",")]
+    scenarios = [s for s in scenarios if _wanted(s.name)]
     batch_results = BatchResults(planned={s.name for s in scenarios})
     results, failures = batch_results.found, batch_results.why
     deadline = time.monotonic() + deadline_seconds
@@ -648,9 +646,15 @@ def distro_results() -> BatchResults:
     return _run_batch("distro", _distro_scenarios(), DISTRO_DEADLINE_SECONDS)
 
 
-def _result(results: BatchResults, name: str) -> ScenarioResult:
+def _wanted(name: str) -> bool:
+    """Whether scenario ``name`` runs: all do, unless KVMPY_LAB_ONLY names some (e.g.
+    "smp4,virtio_net" while working on those)."""
     only = os.environ.get("KVMPY_LAB_ONLY")
-    if only and name not in only.split(","):
+    return not only or name in only.split(",")
+
+
+def _result(results: BatchResults, name: str) -> ScenarioResult:
+    if not _wanted(name):
         pytest.skip(f"{name} is not in KVMPY_LAB_ONLY")
     if DISTRO_SCENARIOS.get(name) == "qemu" and not QEMU_PEER:
         pytest.skip("the QEMU peer of the Debian scenarios runs with KVMPY_LAB_QEMU_PEER=1")
@@ -1146,8 +1150,7 @@ NVME_LINUX_COMMAND = (
 
 def test_an_assigned_nvme_controller_answers_identify_by_dma_under_kvmpy_and_qemu() -> None:
     _skip_without_qemu()
-    only = os.environ.get("KVMPY_LAB_ONLY")
-    if only and "passthrough" not in only.split(","):
+    if not _wanted("passthrough"):
         pytest.skip("passthrough is not in KVMPY_LAB_ONLY")
     from kvmpy.lab import LabError
     from kvmpy.lab.image import DEFAULT_MODULES, build_image, encode_command

@@ -47,13 +47,10 @@ def boot_scenarios(base: Scenario, boots: int) -> list[Scenario]:
     return scenarios
 
 
-def _runs(results: dict[str, ScenarioResult], vmm: str, variant: str) -> list[tuple[str, ScenarioResult]]:
+def _runs(results: dict[str, ScenarioResult], vmm: str, variant: str) -> list[str]:
+    """The names of ``vmm``'s boots of ``variant`` among ``results``, whatever their number."""
     prefix = f"boot-{vmm}-{variant}-" if variant else f"boot-{vmm}-"
-    return [
-        (name, result)
-        for name, result in results.items()
-        if name.startswith(prefix) and name[len(prefix) :].isdigit()
-    ]
+    return [name for name in results if name.startswith(prefix) and name[len(prefix) :].isdigit()]
 
 
 def boot_metrics(results: dict[str, ScenarioResult], where: str, finished: Finished) -> list[Metric]:
@@ -68,7 +65,7 @@ def boot_metrics(results: dict[str, ScenarioResult], where: str, finished: Finis
             exits = Metric(f"boot_exits{suffix}", f"Exits to the VMM per Linux boot ({how})", "exits", where)
             by_reason: dict[str, dict[str, list[int]]] = {"kvmpy": {}, "qemu": {}}
             for column, vmm in (("kvmpy", "kvmpy"), ("qemu", peer)):
-                for name, _ in _runs(results, vmm, variant):
+                for name in _runs(results, vmm, variant):
                     result = finished(results, name, boot)
                     if result is None:
                         continue
