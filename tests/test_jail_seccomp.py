@@ -197,6 +197,35 @@ def test_the_filters_of_each_role_differ_where_they_must() -> None:
 
 
 #: A flat 64-bit guest that pulses the i8042's reset line: mov al, 0xfe; out 0x64, al; hlt.
+#: A daemon thread in a role that may not open files, still running when the main thread exits.
+_DAEMON_AT_EXIT = """
+import sys, threading, time
+from kvmpy.jail import seccomp
+seccomp.enable()
+
+def spin():
+    seccomp.enter_role(seccomp.Role.{role})
+    while True:
+        time.sleep(0.001)
+
+threading.Thread(target=spin, daemon=True).start()
+time.sleep(0.1)
+seccomp.enter_role(seccomp.Role.VMM)
+sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize("role", ["VCPU", "CONSOLE"])
+def test_a_daemon_thread_waking_during_the_exit_does_not_kill_the_process(role: str) -> None:
+    """Python ends such a thread with pthread_exit, and glibc's unwinder (libgcc_s) was
+    dlopened under the role's filter: its openat trapped while Python could no longer run the
+    handler, and the process died of SIGSYS (status 159) with no message. The passthrough lab's
+    VMM with an assigned device did this at its exit."""
+    done = _python(_DAEMON_AT_EXIT.format(role=role))
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert "seccomp" not in done.stderr, done.stderr
+
+
 _RESET_GUEST = b"\xb0\xfe\xe6\x64\xf4"
 
 
@@ -227,12 +256,10 @@ def test_vfio_ioctls_belong_to_the_roles_that_issue_them() -> None:
 
 
 @pytest.mark.kvm
-def test_an_assigned_device_under_seccomp_is_a_one_line_error(guests: Path) -> None:
-    """Refused for now: in the passthrough lab a VMM with an assigned device under the filters
-    died of SIGSYS at its exit now and then, with no trap message (docs/security.md)."""
-    from kvmpy.testing.process import kvmpy
-
+def test_an_assigned_device_under_seccomp_gets_the_ordinary_vfio_error(guests: Path) -> None:
+    """VFIO runs under the filters (refused while the exit-time SIGSYS was not found): on this
+    host, which has no such device, the set-up role reaches sysfs and says what is missing."""
     done = kvmpy("run", "--seccomp", "--kernel", str(guests / "hello.elf"), "--device", "vfio=0000:00:10.0")
     assert done.returncode == 2, done.stderr
-    assert "--device vfio= cannot run under --seccomp or --jail yet" in done.stderr, done.stderr
+    assert "vfio=0000:00:10.0: no such PCI device" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -1111,7 +1111,8 @@ def test_no_synced_write_is_lost_when_the_vmm_is_killed(
 
 
 #: Inside the passthrough lab (issue 16): the NVMe controller, bound to vfio-pci, assigned to
-#: the nvme_identify guest under kvmpy twice in a row (released and reset in between), then
+#: the nvme_identify guest under kvmpy twice in a row (released and reset in between; the second
+#: run and the Linux run under the seccomp filters), then
 #: under QEMU's vfio-pci, the peer; and a device that is not bound to vfio-pci.
 PASSTHROUGH_COMMAND = r"""
 set -u
@@ -1120,8 +1121,9 @@ echo "VFIO_NODES=$(ls /dev/vfio | tr '\n' ' ')"
 echo "GROUP=$(basename "$(readlink /sys/bus/pci/devices/$KVMPY_LAB_NVME/iommu_group)")"
 echo "DRIVER=$(basename "$(readlink /sys/bus/pci/devices/$KVMPY_LAB_NVME/driver)")"
 for run in 1 2; do
+    filters=$([ $run = 2 ] && echo --seccomp)
     {python} -m kvmpy run --kernel guests/build/nvme_identify.elf --device vfio=$KVMPY_LAB_NVME --stats \
-        > /run/tmp/kvmpy.out 2>&1
+        $filters > /run/tmp/kvmpy.out 2>&1
     echo "KVMPY_STATUS_$run=$?"
     cat /run/tmp/kvmpy.out
 done
@@ -1131,7 +1133,7 @@ qemu-system-x86_64 -accel kvm -M pc -cpu host -m 256 -display none -monitor none
 echo "QEMU_STATUS=$?"
 {python} -m kvmpy run --kernel guests/build/hello.elf --device vfio=0000:00:01.0 2>&1
 echo "UNBOUND_STATUS=$?"
-{python} -m kvmpy run --kernel {kernel} --initrd {initrd} --cpus 2 --memory 512M --stats \
+{python} -m kvmpy run --kernel {kernel} --initrd {initrd} --cpus 2 --memory 512M --stats --seccomp \
     --device vfio=$KVMPY_LAB_NVME --cmdline "console=ttyS0 {linux_cmd}" 2>&1
 echo "LINUX_STATUS=$?"
 """
@@ -1203,6 +1205,7 @@ def test_an_assigned_nvme_controller_answers_identify_by_dma_under_kvmpy_and_qem
     assert len(counts) >= 2 and all(counts), text  # the admin and first I/O queue's MSI-X vectors fired
     assert all("MSI" in " ".join(words) for words in queues), text
     assert "LINUX_STATUS=0" in text, text
+    assert "kvmpy: seccomp: disallowed" not in text, text  # the second identify run and Linux ran filtered
     # The identify guest touches registers and doorbells only: all in the memory slot, no exits.
     first = text.split("KVMPY_STATUS_1=")[1].split("KVMPY_STATUS_2=")[0]
     assert "nvme_identify: model QEMU NVMe Ctrl" in first and device_exits(first, "vfio0 BAR0") == 0, first

@@ -136,7 +136,7 @@ def jail_run(args: argparse.Namespace) -> None:
     if getattr(args, "device", None):
         raise ConfigError(
             "--device vfio= cannot run under --jail yet: the jail binds neither /dev/vfio nor the"
-            " device's sysfs, and VFIO is refused under seccomp for now (docs/security.md)"
+            " device's sysfs (--seccomp alone works; docs/security.md)"
         )
     options = options_from(
         args, vm_id=args.id, exec_file=Path(sys.executable), uid=args.jail_uid, gid=args.jail_gid,

@@ -155,6 +155,7 @@ def enable(metrics_flush: Callable[[], None] | None = None) -> None:
     state = _State(metrics_flush)
     state.filters = {role: _build(pyseccomp, seccomp_lists, role, state.wake_write) for role in Role}
     state.names = _syscall_names(pyseccomp)
+    _preload_unwinder()
     _install_handler()
     state.filters[Role.PROCESS].load()
     _state = state
@@ -215,6 +216,26 @@ def _syscall_names(pyseccomp: Any) -> dict[int, str]:
         if name:
             names[number] = name.decode()
     return names
+
+
+_unwinder: Any = None  # libgcc_s, kept loaded for glibc's pthread_exit
+
+
+def _preload_unwinder() -> None:
+    """Load libgcc_s now, while the filters still allow opening files.
+
+    glibc's pthread_exit unwinds the thread's stack with libgcc_s, which it
+    dlopens on first use. Python calls pthread_exit for a daemon thread that
+    wakes while the interpreter finalizes (the VMM's exit), so that dlopen ran
+    under a role's filter: its openat trapped, the handler (Python, which no
+    longer runs during finalization) could not report it, and the second trap
+    with SIGSYS blocked killed the process with status 159 and no message.
+    """
+    global _unwinder
+    try:
+        _unwinder = ctypes.CDLL("libgcc_s.so.1")
+    except OSError:  # a static or musl Python: then glibc's unwinder is not used either
+        _unwinder = None
 
 
 def _install_handler() -> None:
