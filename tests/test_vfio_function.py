@@ -121,7 +121,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     state["rig"] = rig
     rig.function = AssignedFunction(
         assignment.device,
-        lambda sizes: {0: BAR0_AT, 4: BAR4_AT},
+        lambda bars: {0: BAR0_AT, 4: BAR4_AT},
         sender,
         map_memory,
         unmap_memory,

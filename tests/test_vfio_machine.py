@@ -174,3 +174,24 @@ def test_an_assigned_device_runs_under_the_seccomp_filters(guests: Path, tmp_pat
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["DEBUG_EXIT", "0"], done.stdout + done.stderr
     assert "seccomp" not in done.stderr
+
+
+def test_assigned_io_bars_get_ports_and_memory_bars_the_assigned_window() -> None:
+    """An e1000e has a 32-port I/O BAR beside its memory BARs: it gets ports in the range the
+    root bridge's _CRS gives PCI, never an MMIO address (a port number above 0xffff)."""
+    from kvmpy.arch.x86 import layout
+    from kvmpy.devices.pci.config_space import Bar, BarKind
+    from kvmpy.errors import ConfigError
+    from kvmpy.vmm.pci_platform import AssignedBarAllocator
+
+    e1000e = [Bar(0, 128 << 10, BarKind.MEM32), Bar(1, 128 << 10, BarKind.MEM32), Bar(2, 32, BarKind.IO),
+              Bar(3, 16 << 10, BarKind.MEM32), None, None]  # fmt: skip
+    allocator = AssignedBarAllocator()
+    placed = allocator.place("0000:00:11.0", e1000e)
+    assert placed[2] == layout.PCI_ASSIGNED_IO_START
+    assert all(layout.PCI_ASSIGNED_BARS_START <= placed[i] < layout.PCI_ASSIGNED_BARS_END for i in (0, 1, 3))
+    assert all(placed[i] % e1000e[i].size == 0 for i in (0, 1, 2, 3))  # type: ignore[union-attr]
+    second = allocator.place("0000:00:12.0", [Bar(0, 8, BarKind.IO), None, None, None, None, None])
+    assert second[0] == layout.PCI_ASSIGNED_IO_START + 32  # after the first function's ports
+    with pytest.raises(ConfigError, match="does not fit in kvmpy's .* ports"):
+        allocator.place("0000:00:13.0", [Bar(0, 1 << 15, BarKind.IO), None, None, None, None, None])

@@ -33,6 +33,8 @@ LAB_MODULES = [
 #: back end (its dependencies, vfio, vfio_pci_core and vfio_virqfd where separate, follow).
 #: Its emulated NVMe controller gets no host driver: the nvme module is not in the initramfs.
 VFIO_MODULES = ["vfio_iommu_type1", "vfio_pci"]
+#: The SR-IOV lab's primary controller keeps a host driver: it hands out its functions' resources.
+SRIOV_MODULES = ["nvme"]
 
 LAB_INIT = r"""#!/bin/sh
 # kvmpy lab, first level: load modules, mount the host's / over 9p, run the command there.
@@ -90,10 +92,15 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def lab_assets(kernel_package: str = LAB_KERNEL_PACKAGE, *, passthrough: bool = False) -> LabAssets:
+def lab_assets(
+    kernel_package: str = LAB_KERNEL_PACKAGE, *, passthrough: bool = False, sriov: bool = False
+) -> LabAssets:
     """The first-level kernel and initramfs, rebuilt when any input changes (``passthrough``:
-    with the VFIO modules, for the lab with an IOMMU)."""
+    with the VFIO modules, for the lab with an IOMMU; ``sriov``: and the nvme driver, which
+    the SR-IOV lab's primary controller keeps)."""
     modules = LAB_MODULES + VFIO_MODULES if passthrough else LAB_MODULES
+    if sriov:
+        modules = [*modules, *SRIOV_MODULES]
     package = resolve_kernel_package(kernel_package)
     kernel_root = fetch_package(package)
     busybox_root = fetch_package(BUSYBOX_PACKAGE)
@@ -110,4 +117,4 @@ def lab_assets(kernel_package: str = LAB_KERNEL_PACKAGE, *, passthrough: bool = 
     return LabAssets(tree.vmlinuz, initrd)
 
 
-__all__ = ["LAB_INIT", "LAB_MODULES", "VFIO_MODULES", "LabAssets", "lab_assets"]
+__all__ = ["LAB_INIT", "LAB_MODULES", "SRIOV_MODULES", "VFIO_MODULES", "LabAssets", "lab_assets"]

@@ -29,6 +29,7 @@ def _lab_run(args: argparse.Namespace) -> int:
         memory_mib=_size_mib(args.memory),
         timeout=args.timeout,
         passthrough=args.passthrough,
+        sriov=args.sriov,
     )
 
 
@@ -62,6 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--passthrough",
         action="store_true",
         help="q35 with an Intel IOMMU and an NVMe controller bound to vfio-pci ($KVMPY_LAB_NVME)",
+    )
+    run.add_argument(
+        "--sriov",
+        action="store_true",
+        help="q35 with an Intel IOMMU and two NVMe virtual functions on vfio-pci ($KVMPY_LAB_VF1, _VF2)",
     )
     run.add_argument("lab_command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
     run.set_defaults(handler=_lab_run)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from kvmpy.abi import vfio as abi_vfio
 from kvmpy.arch.x86 import layout
 from kvmpy.bus import Bus
-from kvmpy.devices.pci.config_space import INTERRUPT_LINE, INTERRUPT_PIN
+from kvmpy.devices.pci.config_space import INTERRUPT_LINE, INTERRUPT_PIN, Bar
 from kvmpy.devices.pci.host_bridge import HostBridge
 from kvmpy.devices.pci.root import MAX_SLOTS, ConfigMechanism1, Ecam, PciRoot
 from kvmpy.errors import ConfigError
@@ -47,6 +47,44 @@ PAGE = 4096
 if TYPE_CHECKING:
     from kvmpy.devices.vfio import AssignedFunction
     from kvmpy.vfio import VfioDevice
+
+
+class AssignedBarAllocator:
+    """Addresses for assigned functions' BARs, largest first, naturally aligned: memory BARs
+    in the layout's window for them, I/O BARs in its port range for them."""
+
+    def __init__(self) -> None:
+        self._next_address = layout.PCI_ASSIGNED_BARS_START
+        self._next_port = layout.PCI_ASSIGNED_IO_START
+
+    def place(self, bdf: str, bars: list[Bar | None]) -> dict[int, int]:
+        placed = {}
+        for bar in sorted((bar for bar in bars if bar is not None), key=lambda bar: -bar.size):
+            placed[bar.index] = self._port(bdf, bar) if bar.is_io else self._address(bdf, bar)
+        return placed
+
+    def _address(self, bdf: str, bar: Bar) -> int:
+        alignment = max(bar.size, PAGE)
+        address = (self._next_address + alignment - 1) & ~(alignment - 1)
+        if address + bar.size > layout.PCI_ASSIGNED_BARS_END:
+            window = (layout.PCI_ASSIGNED_BARS_END - layout.PCI_ASSIGNED_BARS_START) >> 20
+            raise ConfigError(
+                f"vfio={bdf}: BAR{bar.index} ({bar.size >> 10} KiB) does not fit in kvmpy's {window} MiB"
+                " window for assigned devices' BARs"
+            )
+        self._next_address = address + max(bar.size, PAGE)
+        return address
+
+    def _port(self, bdf: str, bar: Bar) -> int:
+        port = (self._next_port + bar.size - 1) & ~(bar.size - 1)
+        if port + bar.size > layout.PCI_ASSIGNED_IO_END:
+            ports = layout.PCI_ASSIGNED_IO_END - layout.PCI_ASSIGNED_IO_START
+            raise ConfigError(
+                f"vfio={bdf}: BAR{bar.index} ({bar.size} ports) does not fit in kvmpy's {ports} ports"
+                " for assigned devices' I/O BARs"
+            )
+        self._next_port = port + bar.size
+        return port
 
 
 class PciPlatform:
@@ -72,7 +110,7 @@ class PciPlatform:
         self._intx_holders: dict[int, int] = {}  # GSI -> functions holding INTx high
         #: Device id -> assigned (VFIO) function.
         self.assigned: dict[str, AssignedFunction] = {}
-        self._assigned_next = layout.PCI_ASSIGNED_BARS_START
+        self._assigned_bars = AssignedBarAllocator()
         self._free_memory_slots: list[int] = []
         self._next_memory_slot = FIRST_DEVICE_MEMORY_SLOT
 
@@ -119,7 +157,7 @@ class PciPlatform:
         pin = device.read(abi_vfio.VFIO_PCI_CONFIG_REGION_INDEX, INTERRUPT_PIN, 1)[0]
         function = AssignedFunction(
             device,
-            functools.partial(self._place_assigned_bars, device.bdf),
+            functools.partial(self._assigned_bars.place, device.bdf),
             self._sender,
             self._map_device_memory,
             self._unmap_device_memory,
@@ -132,25 +170,6 @@ class PciPlatform:
         self.assigned[name] = function
         self.root.add(function, slot=slot, name=name)
         return function
-
-    def _place_assigned_bars(self, bdf: str, sizes: list[int]) -> dict[int, int]:
-        """Addresses in the layout's window for assigned BARs, largest first, naturally aligned."""
-        placed = {}
-        for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
-            size = sizes[index]
-            if not size:
-                continue
-            alignment = max(size, PAGE)
-            address = (self._assigned_next + alignment - 1) & ~(alignment - 1)
-            if address + size > layout.PCI_ASSIGNED_BARS_END:
-                window = (layout.PCI_ASSIGNED_BARS_END - layout.PCI_ASSIGNED_BARS_START) >> 20
-                raise ConfigError(
-                    f"vfio={bdf}: BAR{index} ({size >> 10} KiB) does not fit in kvmpy's {window} MiB"
-                    " window for assigned devices' BARs"
-                )
-            placed[index] = address
-            self._assigned_next = address + max(size, PAGE)
-        return placed
 
     def _sender(self, vectors: int) -> IrqfdMsiSender:
         sender = IrqfdMsiSender(self._router, vectors)

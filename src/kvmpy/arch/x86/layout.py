@@ -81,6 +81,10 @@ def pci_bar_window(slot: int) -> int:
 PCI_ASSIGNED_BARS_START = 0xD000_0000
 PCI_ASSIGNED_BARS_END = PCI_MMIO32_END
 PCI_SLOTS_WITH_SLICES = 32
+#: I/O BARs of assigned devices (an e1000e has one): ports the root bridge's _CRS gives PCI,
+#: above every legacy device kvmpy has.
+PCI_ASSIGNED_IO_START = 0xC000
+PCI_ASSIGNED_IO_END = 0x1_0000
 assert pci_bar_window(PCI_SLOTS_WITH_SLICES) <= PCI_ASSIGNED_BARS_START
 
 

@@ -27,7 +27,7 @@ from typing import Protocol
 
 from kvmpy.abi import vfio as abi
 from kvmpy.bus import BusDevice
-from kvmpy.devices.pci.config_space import PciConfigSpace
+from kvmpy.devices.pci.config_space import Bar, PciConfigSpace
 from kvmpy.devices.pci.msix import ENTRY_SIZE, PBA_OFFSET, MsiSender, MsixTable
 from kvmpy.devices.vfio.config import LEGACY_SIZE, AssignedConfigSpace, bar_layout
 from kvmpy.eventfd import EventFd
@@ -58,7 +58,7 @@ class AssignedFunction:
     def __init__(
         self,
         device: VfioDevice,
-        bar_addresses: Callable[[list[int]], dict[int, int]],
+        bar_addresses: Callable[[list[Bar | None]], dict[int, int]],
         sender: Callable[[int], IrqfdSender],
         map_memory: MapMemory,
         unmap_memory: UnmapMemory,
@@ -77,7 +77,7 @@ class AssignedFunction:
         self.space = AssignedConfigSpace(
             real,
             bars,
-            bar_addresses([bar.size if bar else 0 for bar in bars]),
+            bar_addresses(bars),
             lambda offset, size: device.read(config_index, offset, size),
             lambda offset, data: device.write(config_index, offset, data),
         )
