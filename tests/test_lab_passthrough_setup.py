@@ -34,3 +34,31 @@ def test_passthrough_script_binds_nvme_to_vfio_pci_before_the_command() -> None:
     assert "0x010802" in script and f"KVMPY_LAB_NVME={NVME_ADDRESS}" in script
     assert "driver_override" not in command_script(["true"], Path("/w"), {})
     assert VFIO_MODULES and not set(VFIO_MODULES) & set(LAB_MODULES)
+
+
+def test_sriov_lab_has_a_subsystem_with_two_functions_and_detached_private_namespaces() -> None:
+    from kvmpy.lab.runner import NIC_ADDRESS, SRIOV_NAMESPACE_SIZES
+
+    disks = [Path(f"/s/ns{n}.img") for n in (1, 2)]
+    args = qemu_command(Path("k"), Path("i"), Path("/s"), npt=True, cpus=2, memory_mib=3072,
+                        namespace_disks=disks)  # fmt: skip
+    devices = [args[i + 1] for i, arg in enumerate(args) if arg == "-device"]
+    assert args[args.index("-M") + 1] == "q35" and devices[0] == "intel-iommu"
+    controller = next(d for d in devices if d.startswith("nvme,"))
+    assert "subsys=kvmpy-subsys" in controller and "sriov_max_vfs=2" in controller
+    # Two queues and one interrupt per function, two queues left to the primary (QEMU's minimum).
+    assert "sriov_vq_flexible=4" in controller and "sriov_vi_flexible=2" in controller
+    assert "max_ioqpairs=6" in controller
+    namespaces = [d for d in devices if d.startswith("nvme-ns,")]
+    assert len(namespaces) == len(SRIOV_NAMESPACE_SIZES) == 2
+    assert all("shared=off,detached=on" in ns for ns in namespaces)
+    assert f"e1000e,netdev=lan,addr=0x{int(NIC_ADDRESS[8:10], 16):x}" in devices
+
+
+def test_sriov_script_gives_each_function_its_namespace_before_binding_it_to_vfio_pci() -> None:
+    script = command_script(["kvmpy", "run"], Path("/w"), {}, sriov=True)
+    assert script.index("sriov_numvfs") < script.index("-a 8") < script.index("-a 9")
+    assert script.index("-a 9") < script.index("attach-ns") < script.index("driver_override")
+    assert "export KVMPY_LAB_VF$n=$vf" in script and "export KVMPY_LAB_NIC=0000:00:11.0" in script
+    assert script.index("KVMPY_LAB_NIC") < script.index("exec kvmpy run")
+    assert "0x010802" not in script  # the primary controller keeps the lab's nvme driver
