@@ -48,7 +48,8 @@ SRIOV_NAMESPACE_SIZES = (32 << 20, 48 << 20)
 #: functions enabled, each given one interrupt and two queues (admin and one I/O), set online,
 #: given its namespace, and bound to vfio-pci; their addresses land in KVMPY_LAB_VF1 and _VF2,
 #: the e1000e's, also on vfio-pci, in KVMPY_LAB_NIC.
-SRIOV_SETUP = r"""sriov_fail() { echo "kvmpy-lab: SR-IOV set-up failed: $*"; exit 125; }
+SRIOV_SETUP = r"""PATH=$PATH:/usr/sbin:/sbin  # nvme-cli
+sriov_fail() { echo "kvmpy-lab: SR-IOV set-up failed: $*"; exit 125; }
 pf=/sys/bus/pci/devices/{pf}
 for _ in $(seq 100); do [ -c /dev/nvme0 ] && break; sleep 0.1; done
 [ -c /dev/nvme0 ] || sriov_fail "no /dev/nvme0 (the primary controller has no nvme driver)"
