@@ -1215,7 +1215,7 @@ echo "NIC_STATUS=$?"
 SLICE_COMMAND = (
     "for i in $(seq 30); do [ -b /dev/nvme0n1 ] && break; sleep 1; done; "
     "echo SLICE=$(cat /sys/block/nvme0n1/nsid):$(cat /sys/block/nvme0n1/size); "
-    "echo DISKS=$(ls /sys/block | grep -c nvme); "
+    "echo DISKS=$(ls /sys/block | grep -c -x 'nvme[0-9]*n[0-9]*'); "  # nvme0c0n1 is a path, not a disk
     "head -c 4194304 /dev/urandom > /tmp/a; echo WROTE=$(md5sum /tmp/a | cut -d' ' -f1); "
     "mke2fs -F /dev/nvme0n1 > /dev/null && mount /dev/nvme0n1 /mnt && cp /tmp/a /mnt/a && "
     "echo kvmpy-slice-marker-{n} > /mnt/marker && umount /mnt && echo 3 > /proc/sys/vm/drop_caches && "
