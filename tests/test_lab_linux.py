@@ -1194,9 +1194,21 @@ for vf in $KVMPY_LAB_VF1 $KVMPY_LAB_VF2; do
     echo "GROUP_$vf=$(ls /sys/bus/pci/devices/$vf/iommu_group/devices | tr '
 ' ' ')"
 done
-{run} --cmdline "console=ttyS0 quiet {slice1}" --device vfio=$KVMPY_LAB_VF1 > /run/tmp/vf1.out 2>&1 &
+# One more boot after a guest triple fault, the lab's own failure under every VMM (docs/lab.md).
+assigned() {{
+    out=$1
+    shift
+    for try in 1 2; do
+        {run} "$@" > $out 2>&1
+        status=$?
+        grep -q "guest triple fault" $out || break
+        echo "TRIPLE_FAULT_RETRY $out"
+    done
+    return $status
+}}
+assigned /run/tmp/vf1.out --cmdline "console=ttyS0 quiet {slice1}" --device vfio=$KVMPY_LAB_VF1 &
 first=$!
-{run} --cmdline "console=ttyS0 quiet {slice2}" --device vfio=$KVMPY_LAB_VF2 --seccomp > /run/tmp/vf2.out 2>&1
+assigned /run/tmp/vf2.out --cmdline "console=ttyS0 quiet {slice2}" --device vfio=$KVMPY_LAB_VF2 --seccomp
 echo "VF2_STATUS=$?"
 wait $first
 echo "VF1_STATUS=$?"
@@ -1207,8 +1219,9 @@ for n in 1 2; do
         echo "NS${{n}}_HOLDS_${{m}}=$(grep -c -a kvmpy-slice-marker-$m $KVMPY_LAB_SHARE/ns$n.img)"
     done
 done
-{run} --cmdline "console=ttyS0 quiet {nic}" --device vfio=$KVMPY_LAB_NIC
+assigned /run/tmp/nic.out --cmdline "console=ttyS0 quiet {nic}" --device vfio=$KVMPY_LAB_NIC
 echo "NIC_STATUS=$?"
+echo "==== nic"; cat /run/tmp/nic.out
 """
 #: A guest on one virtual function: which namespace it sees and how large, an ext2 file system
 #: made, written, read back after a remount with the page cache dropped, its marker left behind.
@@ -1305,7 +1318,7 @@ def test_two_virtual_functions_serve_two_guests_and_an_assigned_e1000e_carries_t
         print(f"VF{n}: {interrupts} interrupts, {device_exits(guest, 'vfio0 BAR0')} BAR0 exits")
         for m in (1, 2):  # each guest's marker is in its own namespace's image, not the other's
             assert f"NS{n}_HOLDS_{m}={1 if m == n else 0}" in text, text
-    nic = text.split("NIC_STATUS=")[0].split("NS2_HOLDS_2=")[1]
+    nic = text.split("==== nic")[1]
     assert "NIC_STATUS=0" in text, text
     assert "3 packets received" in nic, nic
     sent = re.search(r"SENT=([0-9a-f]{32})", nic)
