@@ -1194,15 +1194,18 @@ for vf in $KVMPY_LAB_VF1 $KVMPY_LAB_VF2; do
     echo "GROUP_$vf=$(ls /sys/bus/pci/devices/$vf/iommu_group/devices | tr '
 ' ' ')"
 done
-# One more boot after a guest triple fault, the lab's own failure under every VMM (docs/lab.md).
+(while sleep 60; do echo "sriov: alive"; done) &
+heartbeat=$!
+# One more boot after a guest triple fault or a guest gone silent (timeout's 124), the lab's own
+# failures under every VMM (docs/lab.md).
 assigned() {{
     out=$1
     shift
     for try in 1 2; do
-        {run} "$@" > $out 2>&1
+        timeout 240 {run} "$@" > $out 2>&1
         status=$?
-        grep -q "guest triple fault" $out || break
-        echo "TRIPLE_FAULT_RETRY $out"
+        [ $status = 124 ] || grep -q "guest triple fault" $out || break
+        echo "LAB_RETRY $out (status $status)"
     done
     return $status
 }}
@@ -1222,6 +1225,7 @@ done
 assigned /run/tmp/nic.out --cmdline "console=ttyS0 quiet {nic}" --device vfio=$KVMPY_LAB_NIC
 echo "NIC_STATUS=$?"
 echo "==== nic"; cat /run/tmp/nic.out
+kill $heartbeat
 """
 #: A guest on one virtual function: which namespace it sees and how large, an ext2 file system
 #: made, written, read back after a remount with the page cache dropped, its marker left behind.
