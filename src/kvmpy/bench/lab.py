@@ -69,12 +69,13 @@ class LabPlan:
         )
 
 
-def bench_initrd() -> tuple[Path, Path]:
-    """The default image's kernel, and its initramfs with kvmpy-bench appended (a second archive)."""
-    image = build_image()
+def bench_initrd(modules: list[str] | None = None, name: str = "") -> tuple[Path, Path]:
+    """The default image's kernel, and its initramfs (with ``modules`` instead of the default
+    ones, if given) with kvmpy-bench appended (a second archive)."""
+    image = build_image(modules=modules)
     tool = build_guests() / "kvmpy-bench"
     extra = cpio.gzipped([cpio.regular(TOOL.lstrip("/"), tool.read_bytes(), executable=True)])
-    initrd = cache_dir() / "bench" / "initrd-with-kvmpy-bench.cpio.gz"
+    initrd = cache_dir() / "bench" / f"initrd{'-' + name if name else ''}-with-kvmpy-bench.cpio.gz"
     initrd.parent.mkdir(parents=True, exist_ok=True)
     initrd.write_bytes(image.initrd.read_bytes() + extra)
     return image.kernel, initrd
