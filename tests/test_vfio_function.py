@@ -149,14 +149,42 @@ def test_identity_comes_from_the_device_and_bars_from_kvmpy(rig: Rig) -> None:
     assert rig.real_config(0x10, 4) == struct.pack("<I", 0x4)  # BAR writes stay in kvmpy
 
 
-def test_capability_chain_hides_msi_and_extended_space_is_empty(rig: Rig) -> None:
+def test_capability_chain_keeps_pm_msi_and_msix_and_extended_space_is_empty(rig: Rig) -> None:
     chain, offset = [], rig.cfg_read(0x34, 1)
     while offset:
         chain.append((offset, rig.cfg_read(offset, 1)))
         offset = rig.cfg_read(offset + 1, 1)
-    assert chain == [(fake_vfio.PM_CAP, 0x01), (fake_vfio.MSIX_CAP, 0x11)]
+    assert chain == [(fake_vfio.PM_CAP, 0x01), (fake_vfio.MSI_CAP, 0x05), (fake_vfio.MSIX_CAP, 0x11)]
     assert rig.cfg_read(fake_vfio.MSIX_CAP + 2, 2) == fake_vfio.MSIX_VECTORS - 1
+    assert rig.cfg_read(fake_vfio.MSI_CAP + 2, 2) == 0x0080  # one message, 64-bit, not maskable
     assert rig.cfg_read(0x100) == 0
+
+
+def test_msi_goes_to_one_irqfd_routed_to_the_guests_message_and_off_brings_intx_back(rig: Rig) -> None:
+    """The MSI capability is kvmpy's: the device never sees the guest's message; VFIO gets the
+    irqfd of the message's route when the guest enables MSI (INTx off), and INTx is back when
+    it disables it (e1000e's IntMode=1 in the SR-IOV lab is the real device)."""
+    rig.cfg_write(0x04, 2, 0x0002)
+    assert abi.VFIO_PCI_INTX_IRQ_INDEX in rig.kernel.function.irqs
+    cap = fake_vfio.MSI_CAP
+    rig.cfg_write(cap + 4, 4, 0xFEE0_1000)
+    rig.cfg_write(cap + 8, 4, 0)
+    rig.cfg_write(cap + 12, 2, 0x4041)
+    assert rig.real_config(cap + 4, 4) == bytes(4)  # answered by kvmpy, never forwarded
+    msi = rig.senders[-1]
+    assert abi.VFIO_PCI_MSI_IRQ_INDEX not in rig.kernel.function.irqs  # not before the enable
+    rig.cfg_write(cap + 2, 2, 0x0071)  # enable, and a multiple-message request kvmpy ignores
+    assert rig.cfg_read(cap + 2, 2) == 0x0081
+    assert msi.routes[0] == (0xFEE0_1000, 0x4041)
+    assert rig.kernel.function.irqs[abi.VFIO_PCI_MSI_IRQ_INDEX] == {0: msi.fds[0].fd}
+    assert abi.VFIO_PCI_INTX_IRQ_INDEX not in rig.kernel.function.irqs and rig.intx_unbound == 1
+    assert rig.kernel.function.fire(abi.VFIO_PCI_MSI_IRQ_INDEX, 0)
+    assert msi.count(0) == 1 and msi.sent == []  # straight into KVM, no Python on the way
+    rig.cfg_write(cap + 12, 2, 0x4042)  # the guest moves its message while MSI is on
+    assert msi.routes[0] == (0xFEE0_1000, 0x4042)
+    rig.cfg_write(cap + 2, 2, 0x0000)
+    assert abi.VFIO_PCI_MSI_IRQ_INDEX not in rig.kernel.function.irqs
+    assert rig.kernel.function.irqs[abi.VFIO_PCI_INTX_IRQ_INDEX] == {0: rig.intx[-1][0]}
 
 
 def test_capability_bodies_and_status_are_the_device_s(rig: Rig) -> None:

@@ -3,11 +3,11 @@
 Per byte, either kvmpy answers (from :class:`PciConfigSpace`'s data and write masks) or the
 device does (pread/pwrite on its VFIO config region). kvmpy answers for the header (the
 identity the device reported, the BARs it relocates into its own MMIO window, the ROM
-BAR it hides, the interrupt line), for every capability's ID and next pointer (the chain
-is rebuilt without the capabilities kvmpy does not emulate: MSI), for the whole MSI-X
-capability (the table is kvmpy's, see :mod:`.function`) and for the extended space
-(empty). The device answers for the status register and the other capabilities' bodies
-(power management, PCI Express), which vfio-pci itself already filters.
+BAR it hides, the interrupt line), for every capability's ID and next pointer, for the
+whole MSI-X capability (the table is kvmpy's, see :mod:`.function`), for the whole MSI
+capability (offered with one message and no per-vector masking, so one irqfd serves it)
+and for the extended space (empty). The device answers for the status register and the other
+capabilities' bodies (power management, PCI Express), which vfio-pci itself already filters.
 The command register is both: kvmpy keeps the guest's value, and the device gets it,
 so memory decoding and bus mastering (DMA) follow the guest.
 """
@@ -35,8 +35,13 @@ LEGACY_SIZE = 0x100
 HEADER_SIZE = 0x40
 ROM_BAR = 0x30
 CAP_ID_MSI = 0x05
-#: Capabilities kvmpy takes out of the chain: MSI (kvmpy gives the guest MSI-X or INTx).
-HIDDEN_CAPABILITIES = frozenset({CAP_ID_MSI})
+#: Capabilities kvmpy takes out of the chain (none today: MSI is emulated, see _emulate_msi).
+HIDDEN_CAPABILITIES: frozenset[int] = frozenset()
+MSI_ENABLE = 0x0001
+MSI_64BIT = 0x0080
+#: The MSI capability's bytes: ID, next, control, address (low, high if 64-bit), data, and the
+#: mask and pending words a maskable one adds; kvmpy answers for all of them.
+MSI_CAP_BYTES = 24
 MAX_CAPABILITIES = 48  # (256 - 64) / 4: a longer chain is a loop
 
 
@@ -107,6 +112,7 @@ class AssignedConfigSpace(PciConfigSpace):
                 self.add_bar(bar, addresses[bar.index])
         self.msix_offset: int | None = None
         self.msix_vectors = 0
+        self.msi_offset: int | None = None
         self._chain(real)
 
     def _chain(self, real: bytes) -> None:
@@ -122,6 +128,8 @@ class AssignedConfigSpace(PciConfigSpace):
             self._emulated[offset : offset + 2] = b"\1\1"
             if cap == CAP_ID_MSIX:
                 self._emulate_msix(offset, real)
+            elif cap == CAP_ID_MSI:
+                self._emulate_msi(offset, real)
 
     def _emulate_msix(self, offset: int, real: bytes) -> None:
         control, table, pba = struct.unpack_from("<HII", real, offset + 2)
@@ -129,6 +137,30 @@ class AssignedConfigSpace(PciConfigSpace):
         self.msix_offset = offset
         self.set_raw(offset + 2, struct.pack("<HII", self.msix_vectors - 1, table, pba))
         self._emulated[offset : offset + 12] = b"\1" * 12
+
+    def _emulate_msi(self, offset: int, real: bytes) -> None:
+        """MSI as one message (MMC 0) without per-vector masking; 64-bit if the device is."""
+        control = struct.unpack_from("<H", real, offset + 2)[0] & MSI_64BIT
+        self.msi_offset = offset
+        self.set_raw(offset + 2, struct.pack("<H", control) + bytes(12))
+        self._set_mask(offset + 2, 2, MSI_ENABLE)
+        self._set_mask(offset + 4, 4, 0xFFFF_FFFC)
+        data = offset + 8
+        if control & MSI_64BIT:
+            self._set_mask(offset + 8, 4, 0xFFFF_FFFF)
+            data = offset + 12
+        self._set_mask(data, 2, 0xFFFF)
+        end = min(offset + MSI_CAP_BYTES, LEGACY_SIZE)
+        self._emulated[offset:end] = b"\1" * (end - offset)
+
+    def msi_message(self) -> tuple[bool, int, int]:
+        """(enabled, address, data) of the MSI capability the guest programmed."""
+        assert self.msi_offset is not None
+        at = self.msi_offset
+        control, low = struct.unpack_from("<HI", self.raw(at + 2, 6))
+        high, data = (struct.unpack_from("<IH", self.raw(at + 8, 6)) if control & MSI_64BIT
+                      else (0, struct.unpack_from("<H", self.raw(at + 8, 2))[0]))  # fmt: skip
+        return bool(control & MSI_ENABLE), high << 32 | low, data
 
     def msix_location(self) -> tuple[int, int, int, int]:
         """(table BAR, table offset, PBA BAR, PBA offset) as the device places them."""

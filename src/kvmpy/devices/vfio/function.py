@@ -10,7 +10,8 @@
   VFIO_DEVICE_SET_IRQS to the eventfd of the vector's KVM irqfd (the ``sender``), so
   the device's interrupt goes from the host's handler into the guest without kvmpy;
   a masked vector is bound to an eventfd kvmpy watches (``watch``), which only sets the
-  pending bit. Without MSI-X, INTx goes through an irqfd with a resample fd
+  pending bit. MSI (one message) is bound the same way to one irqfd, routed to the address
+  and data the guest wrote. With neither on, INTx goes through an irqfd with a resample fd
   (``bind_intx``) that VFIO unmasks on.
 
 Nothing here imports KVM: slots, irqfds and the event loop are callbacks.
@@ -100,6 +101,10 @@ class AssignedFunction:
             for vector, eventfd in enumerate(self._masked_fds):
                 watch(eventfd.fd, _masked_handler(self, vector, eventfd))
         self._masks_before = self.msix.snapshot_masks() if self.msix else []
+        msi_irqs = device.irqs[abi.VFIO_PCI_MSI_IRQ_INDEX].count if len(device.irqs) > 1 else 0
+        #: One irqfd for MSI, if the function has it; whether VFIO has it bound now.
+        self._msi_sender = sender(1) if self.space.msi_offset is not None and msi_irqs else None
+        self._msi_bound = False
         self._maps: dict[int, list[tuple[mmap.mmap, int, int]]] = {}  # BAR -> (mapping, offset, size)
         for index, bar in enumerate(self.config.bars):
             if bar is not None:  # mapped now, at set-up: Python's mmap fstats its file, which a
@@ -125,6 +130,10 @@ class AssignedFunction:
             ]
 
     def config_written(self, offset: int, size: int) -> None:
+        msi = self.space.msi_offset
+        if self._msi_sender is not None and msi is not None and offset < msi + 16 and offset + size > msi:
+            with self._lock:
+                self._msi_written()
         if self.msix is None:
             return
         with self._lock:
@@ -209,6 +218,22 @@ class AssignedFunction:
                     self.device.set_irq_eventfds(abi.VFIO_PCI_MSIX_IRQ_INDEX, first, wanted[first : last + 1])
             self._bound = wanted
 
+    def _msi_written(self) -> None:
+        """The guest wrote the MSI capability: route its message, bind or unbind the irqfd."""
+        sender = self._msi_sender
+        assert sender is not None
+        enabled, address, data = self.space.msi_message()
+        sender.changed(0, address, data)
+        fd = sender.irqfd(0)
+        if enabled and address and fd is not None and not self._msi_bound:
+            self._disable_intx()  # the kernel has one interrupt type on at a time
+            self.device.set_irq_eventfds(abi.VFIO_PCI_MSI_IRQ_INDEX, 0, [fd])
+            self._msi_bound = True
+        elif not enabled and self._msi_bound:
+            self.device.disable_irqs(abi.VFIO_PCI_MSI_IRQ_INDEX)
+            self._msi_bound = False
+            self._enable_intx()
+
     def masked_interrupt(self, vector: int) -> None:
         """The device raised a masked vector: its pending bit is set (sent at unmask)."""
         with self._lock:
@@ -242,6 +267,9 @@ class AssignedFunction:
             if self._bound is not None and self.device.fd >= 0:
                 self.device.disable_irqs(abi.VFIO_PCI_MSIX_IRQ_INDEX)
                 self._bound = None
+            if self._msi_bound and self.device.fd >= 0:
+                self.device.disable_irqs(abi.VFIO_PCI_MSI_IRQ_INDEX)
+                self._msi_bound = False
             if self.device.fd >= 0:
                 self._disable_intx()
             for index in list(self._slots):
