@@ -1267,16 +1267,17 @@ MSI_RELOAD = (
 
 
 class _TcpSink:
-    """A listener on the host's loopback (QEMU's user network forwards 10.0.2.2 to it): the
-    md5 of the first ``size`` bytes the last client sent."""
+    """kvmpy.lab.tcp_sink's Sink on the host's loopback (QEMU's user network forwards 10.0.2.2
+    to it): what the last connection carried, checksummed."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, out: Path) -> None:
         import socket
         import threading
 
-        self.size = size
-        self.received = 0
-        self.md5: str | None = None
+        from kvmpy.lab.tcp_sink import Sink
+
+        self._out = out
+        self._sink = Sink(out)
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         threading.Thread(target=self._serve, daemon=True).start()
@@ -1284,15 +1285,12 @@ class _TcpSink:
     def _serve(self) -> None:
         while True:  # a guest booted again after a lab failure connects again: the last one counts
             connection, _ = self._listener.accept()
-            digest, received = hashlib.md5(), 0
-            with connection:
-                while received < self.size:
-                    chunk = connection.recv(1 << 16)
-                    if not chunk:
-                        break
-                    digest.update(chunk)
-                    received += len(chunk)
-            self.received, self.md5 = received, digest.hexdigest()
+            self._sink.receive(connection)
+
+    def last(self) -> tuple[str, int]:
+        """(md5, bytes) of the last connection that ended, or ("", 0)."""
+        lines = self._out.read_text().split() if self._out.exists() else []
+        return (lines[-3], int(lines[-2])) if len(lines) >= 4 else ("", 0)
 
 
 def _interrupt_counts(text: str, names: tuple[str, ...]) -> list[int]:
@@ -1300,7 +1298,7 @@ def _interrupt_counts(text: str, names: tuple[str, ...]) -> list[int]:
     return [sum(int(word) for word in words[1:] if word.isdigit()) for words in lines]
 
 
-def test_two_virtual_functions_serve_two_guests_and_an_assigned_e1000e_carries_tcp() -> None:
+def test_two_virtual_functions_serve_two_guests_and_an_assigned_e1000e_carries_tcp(tmp_path: Path) -> None:
     """Issue 16 in the SR-IOV lab: each guest's stock nvme driver sees only its function's
     namespace (by NSID and size, and its marker lands in that namespace's image only), both
     guests run at once (the second under --seccomp), and the e1000e guest's TCP transfer
@@ -1317,7 +1315,7 @@ def test_two_virtual_functions_serve_two_guests_and_an_assigned_e1000e_carries_t
 
     build_guests()
     image = build_image(modules=[*DEFAULT_MODULES, "nvme", "e1000e"])
-    sink, msi_sink = _TcpSink(NIC_TRANSFER), _TcpSink(NIC_TRANSFER)
+    sink, msi_sink = _TcpSink(tmp_path / "received"), _TcpSink(tmp_path / "received-msi")
     run = f"{sys.executable} -m kvmpy run --kernel {image.kernel} --initrd {image.initrd}"
     run += " --memory 384M --stats"
     command = SRIOV_COMMAND.format(
@@ -1355,7 +1353,7 @@ def _check_nic(nic: str, sink: _TcpSink, vectors: tuple[str, ...], kind: str) ->
     assert "3 packets received" in nic, nic
     sent = re.search(r"SENT=([0-9a-f]{32})", nic)
     assert sent is not None and "NC_STATUS=0" in nic, nic
-    assert sink.received == NIC_TRANSFER and sink.md5 == sent.group(1), (sink.received, nic)
+    assert sink.last() == (sent.group(1), NIC_TRANSFER), (sink.last(), nic)
     interrupts = sum(_interrupt_counts(nic, vectors))
     bar_exits = sum(device_exits(nic, f"vfio0 BAR{i}") for i in range(6))
     print(f"e1000e with {kind}: {interrupts} interrupts, {bar_exits} BAR exits")
@@ -1389,10 +1387,10 @@ def test_an_assigned_nvme_controller_answers_identify_by_dma_under_kvmpy_and_qem
     assert "NVME_MODEL=QEMU NVMe Ctrl" in text, text
     wrote = re.search(r"WROTE=([0-9a-f]{32})", text)
     assert wrote is not None and f"READ={wrote.group(1)}" in text, text
-    queues = [line.split() for line in text.splitlines() if line.rstrip().endswith(("nvme0q0", "nvme0q1"))]
-    counts = [sum(int(word) for word in words[1:] if word.isdigit()) for words in queues]
+    queues = [line for line in text.splitlines() if line.rstrip().endswith(("nvme0q0", "nvme0q1"))]
+    counts = _interrupt_counts(text, ("nvme0q0", "nvme0q1"))
     assert len(counts) >= 2 and all(counts), text  # the admin and first I/O queue's MSI-X vectors fired
-    assert all("MSI" in " ".join(words) for words in queues), text
+    assert all("MSI" in line for line in queues), text
     assert "LINUX_STATUS=0" in text, text
     assert "kvmpy: seccomp: disallowed" not in text, text  # the second identify run and Linux ran filtered
     # The identify guest touches registers and doorbells only: all in the memory slot, no exits.

@@ -35,8 +35,6 @@ LEGACY_SIZE = 0x100
 HEADER_SIZE = 0x40
 ROM_BAR = 0x30
 CAP_ID_MSI = 0x05
-#: Capabilities kvmpy takes out of the chain (none today: MSI is emulated, see _emulate_msi).
-HIDDEN_CAPABILITIES: frozenset[int] = frozenset()
 MSI_ENABLE = 0x0001
 MSI_64BIT = 0x0080
 #: The MSI capability's bytes: ID, next, control, address (low, high if 64-bit), data, and the
@@ -116,11 +114,8 @@ class AssignedConfigSpace(PciConfigSpace):
         self._chain(real)
 
     def _chain(self, real: bytes) -> None:
-        """Rebuild the capability list without the hidden ones; MSI-X is emulated whole."""
-        kept = [(offset, cap) for offset, cap in capability_chain(real) if cap not in HIDDEN_CAPABILITIES]
-        hidden = [(offset, cap) for offset, cap in capability_chain(real) if cap in HIDDEN_CAPABILITIES]
-        for offset, _ in hidden:  # out of the chain, and never read from the device
-            self._emulated[offset : offset + 2] = b"\1\1"
+        """Rebuild the capability list (loops and strays cut); MSI-X and MSI are emulated whole."""
+        kept = capability_chain(real)
         self.set_raw(CAPABILITIES_POINTER, bytes([kept[0][0] if kept else 0]))  # 0: none
         for number, (offset, cap) in enumerate(kept):
             following = kept[number + 1][0] if number + 1 < len(kept) else 0

@@ -30,7 +30,7 @@ from kvmpy.abi import vfio as abi
 from kvmpy.bus import BusDevice
 from kvmpy.devices.pci.config_space import Bar, PciConfigSpace
 from kvmpy.devices.pci.msix import ENTRY_SIZE, PBA_OFFSET, MsiSender, MsixTable
-from kvmpy.devices.vfio.config import LEGACY_SIZE, AssignedConfigSpace, bar_layout
+from kvmpy.devices.vfio.config import LEGACY_SIZE, MSI_CAP_BYTES, AssignedConfigSpace, bar_layout
 from kvmpy.eventfd import EventFd
 from kvmpy.vfio.device import VfioDevice
 
@@ -131,7 +131,8 @@ class AssignedFunction:
 
     def config_written(self, offset: int, size: int) -> None:
         msi = self.space.msi_offset
-        if self._msi_sender is not None and msi is not None and offset < msi + 16 and offset + size > msi:
+        touches_msi = msi is not None and offset < msi + MSI_CAP_BYTES and offset + size > msi
+        if self._msi_sender is not None and touches_msi:
             with self._lock:
                 self._msi_written()
         if self.msix is None:
